@@ -1,0 +1,283 @@
+"""KVM constants from `linux/kvm.h` and `asm/kvm.h`, as named enums and flags."""
+
+from __future__ import annotations
+
+import enum
+
+KVM_API_VERSION = 12
+KVMIO = 0xAE
+
+
+class ExitReason(enum.IntEnum):
+    """`kvm_run.exit_reason` (KVM_EXIT_*)."""
+
+    UNKNOWN = 0
+    EXCEPTION = 1
+    IO = 2
+    HYPERCALL = 3
+    DEBUG = 4
+    HLT = 5
+    MMIO = 6
+    IRQ_WINDOW_OPEN = 7
+    SHUTDOWN = 8
+    FAIL_ENTRY = 9
+    INTR = 10
+    SET_TPR = 11
+    TPR_ACCESS = 12
+    S390_SIEIC = 13
+    S390_RESET = 14
+    DCR = 15
+    NMI = 16
+    INTERNAL_ERROR = 17
+    OSI = 18
+    PAPR_HCALL = 19
+    S390_UCONTROL = 20
+    WATCHDOG = 21
+    S390_TSCH = 22
+    EPR = 23
+    SYSTEM_EVENT = 24
+    S390_STSI = 25
+    IOAPIC_EOI = 26
+    HYPERV = 27
+    ARM_NISV = 28
+    X86_RDMSR = 29
+    X86_WRMSR = 30
+    DIRTY_RING_FULL = 31
+    AP_RESET_HOLD = 32
+    X86_BUS_LOCK = 33
+    XEN = 34
+    RISCV_SBI = 35
+    RISCV_CSR = 36
+    NOTIFY = 37
+
+
+class Cap(enum.IntEnum):
+    """Capabilities for `KVM_CHECK_EXTENSION` / `KVM_ENABLE_CAP` (KVM_CAP_*)."""
+
+    IRQCHIP = 0
+    HLT = 1
+    MMU_SHADOW_CACHE_CONTROL = 2
+    USER_MEMORY = 3
+    SET_TSS_ADDR = 4
+    VAPIC = 6
+    EXT_CPUID = 7
+    CLOCKSOURCE = 8
+    NR_VCPUS = 9
+    NR_MEMSLOTS = 10
+    PIT = 11
+    NOP_IO_DELAY = 12
+    PV_MMU = 13
+    MP_STATE = 14
+    COALESCED_MMIO = 15
+    SYNC_MMU = 16
+    IOMMU = 18
+    DESTROY_MEMORY_REGION_WORKS = 21
+    USER_NMI = 22
+    SET_GUEST_DEBUG = 23
+    REINJECT_CONTROL = 24
+    IRQ_ROUTING = 25
+    IRQ_INJECT_STATUS = 26
+    ASSIGN_DEV_IRQ = 29
+    JOIN_MEMORY_REGIONS_WORKS = 30
+    MCE = 31
+    IRQFD = 32
+    PIT2 = 33
+    SET_BOOT_CPU_ID = 34
+    PIT_STATE2 = 35
+    IOEVENTFD = 36
+    SET_IDENTITY_MAP_ADDR = 37
+    XEN_HVM = 38
+    ADJUST_CLOCK = 39
+    INTERNAL_ERROR_DATA = 40
+    VCPU_EVENTS = 41
+    HYPERV = 44
+    HYPERV_VAPIC = 45
+    HYPERV_SPIN = 46
+    PCI_SEGMENT = 47
+    INTR_SHADOW = 49
+    DEBUGREGS = 50
+    X86_ROBUST_SINGLESTEP = 51
+    ENABLE_CAP = 54
+    XSAVE = 55
+    XCRS = 56
+    ASYNC_PF = 59
+    TSC_CONTROL = 60
+    GET_TSC_KHZ = 61
+    MAX_VCPUS = 66
+    ONE_REG = 70
+    TSC_DEADLINE_TIMER = 72
+    SYNC_REGS = 74
+    PCI_2_3 = 75
+    KVMCLOCK_CTRL = 76
+    SIGNAL_MSI = 77
+    READONLY_MEM = 81
+    IRQFD_RESAMPLE = 82
+    DEVICE_CTRL = 89
+    EXT_EMUL_CPUID = 95
+    HYPERV_TIME = 96
+    IOAPIC_POLARITY_IGNORED = 97
+    ENABLE_CAP_VM = 98
+    IOEVENTFD_NO_LENGTH = 100
+    VM_ATTRIBUTES = 101
+    CHECK_EXTENSION_VM = 105
+    DISABLE_QUIRKS = 116
+    X86_SMM = 117
+    MULTI_ADDRESS_SPACE = 118
+    GUEST_DEBUG_HW_BPS = 119
+    GUEST_DEBUG_HW_WPS = 120
+    SPLIT_IRQCHIP = 121
+    IOEVENTFD_ANY_LENGTH = 122
+    HYPERV_SYNIC = 123
+    VCPU_ATTRIBUTES = 127
+    MAX_VCPU_ID = 128
+    X2APIC_API = 129
+    MSI_DEVID = 131
+    IMMEDIATE_EXIT = 136
+    X86_DISABLE_EXITS = 143
+    HYPERV_SYNIC2 = 148
+    HYPERV_VP_INDEX = 149
+    GET_MSR_FEATURES = 153
+    HYPERV_EVENTFD = 154
+    HYPERV_TLBFLUSH = 155
+    NESTED_STATE = 157
+    MSR_PLATFORM_INFO = 159
+    HYPERV_SEND_IPI = 161
+    COALESCED_PIO = 162
+    HYPERV_ENLIGHTENED_VMCS = 163
+    EXCEPTION_PAYLOAD = 164
+    HYPERV_CPUID = 167
+    MANUAL_DIRTY_LOG_PROTECT2 = 168
+    PMU_EVENT_FILTER = 173
+    HYPERV_DIRECT_TLBFLUSH = 175
+    HALT_POLL = 182
+    ASYNC_PF_INT = 183
+    LAST_CPU = 184
+    SMALLER_MAXPHYADDR = 185
+    STEAL_TIME = 187
+    X86_USER_SPACE_MSR = 188
+    X86_MSR_FILTER = 189
+    ENFORCE_PV_FEATURE_CPUID = 190
+    SYS_HYPERV_CPUID = 191
+    DIRTY_LOG_RING = 192
+    X86_BUS_LOCK_EXIT = 193
+    SET_GUEST_DEBUG2 = 195
+    SGX_ATTRIBUTE = 196
+    PTP_KVM = 198
+    HYPERV_ENFORCE_CPUID = 199
+    SREGS2 = 200
+    EXIT_HYPERCALL = 201
+    BINARY_STATS_FD = 203
+    EXIT_ON_EMULATION_FAILURE = 204
+    VM_GPA_BITS = 207
+    XSAVE2 = 208
+    SYS_ATTRIBUTES = 209
+    PMU_CAPABILITY = 212
+    DISABLE_QUIRKS2 = 213
+    VM_TSC_CONTROL = 214
+    SYSTEM_EVENT_DATA = 215
+    X86_TRIPLE_FAULT_EVENT = 218
+    X86_NOTIFY_VMEXIT = 219
+    VM_DISABLE_NX_HUGE_PAGES = 220
+    DIRTY_LOG_RING_ACQ_REL = 223
+
+
+class MpState(enum.IntEnum):
+    RUNNABLE = 0
+    UNINITIALIZED = 1
+    INIT_RECEIVED = 2
+    HALTED = 3
+    SIPI_RECEIVED = 4
+    STOPPED = 5
+    CHECK_STOP = 6
+    OPERATING = 7
+    LOAD = 8
+    AP_RESET_HOLD = 9
+    SUSPENDED = 10
+
+
+class SystemEvent(enum.IntEnum):
+    SHUTDOWN = 1
+    RESET = 2
+    CRASH = 3
+    WAKEUP = 4
+    SUSPEND = 5
+    SEV_TERM = 6
+
+
+class InternalError(enum.IntEnum):
+    EMULATION = 1
+    SIMUL_EX = 2
+    DELIVERY_EV = 3
+    UNEXPECTED_EXIT_REASON = 4
+
+
+class GuestDebug(enum.IntFlag):
+    ENABLE = 0x00000001
+    SINGLESTEP = 0x00000002
+    USE_SW_BP = 0x00010000
+    USE_HW_BP = 0x00020000
+    INJECT_DB = 0x00040000
+    INJECT_BP = 0x00080000
+    BLOCKIRQ = 0x00100000
+
+
+class MemFlag(enum.IntFlag):
+    LOG_DIRTY_PAGES = 1 << 0
+    READONLY = 1 << 1
+
+
+class IoeventfdFlag(enum.IntFlag):
+    DATAMATCH = 1 << 0
+    PIO = 1 << 1
+    DEASSIGN = 1 << 2
+
+
+class IrqfdFlag(enum.IntFlag):
+    DEASSIGN = 1 << 0
+    RESAMPLE = 1 << 1
+
+
+class SyncRegs(enum.IntFlag):
+    REGS = 1 << 0
+    SREGS = 1 << 1
+    EVENTS = 1 << 2
+
+
+class VcpuEventValid(enum.IntFlag):
+    NMI_PENDING = 0x01
+    SIPI_VECTOR = 0x02
+    SHADOW = 0x04
+    SMM = 0x08
+    PAYLOAD = 0x10
+    TRIPLE_FAULT = 0x20
+
+
+class ClockFlag(enum.IntFlag):
+    TSC_STABLE = 2
+    REALTIME = 1 << 2
+    HOST_TSC = 1 << 3
+
+
+class IrqRoutingType(enum.IntEnum):
+    IRQCHIP = 1
+    MSI = 2
+    HV_SINT = 4
+    XEN_EVTCHN = 5
+
+
+class IrqchipId(enum.IntEnum):
+    PIC_MASTER = 0
+    PIC_SLAVE = 1
+    IOAPIC = 2
+
+
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+KVM_PIT_SPEAKER_DUMMY = 1
+KVM_MSI_VALID_DEVID = 1 << 0
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0
+KVM_STATE_NESTED_FORMAT_VMX = 0
+KVM_STATE_NESTED_FORMAT_SVM = 1
+KVM_MSR_EXIT_REASON_INVAL = 1 << 0
+KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
+KVM_MSR_EXIT_REASON_FILTER = 1 << 2

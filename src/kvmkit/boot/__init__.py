@@ -1,0 +1,1 @@
+"""Loading guest kernels and programs: ELF, bzImage (Linux boot protocol), PVH."""

@@ -1,0 +1,364 @@
+"""VM exits as small typed objects.
+
+Each vCPU owns one object per exit kind; `Vcpu.run()` returns the one matching the exit and
+reuses it on the next exit, so the run loop allocates nothing per exit (Firecracker's
+`VcpuExit` does the same with borrowed slices). The objects read their fields straight from
+the vCPU's shared `kvm_run` page: they are valid until the next `run()`, and an IO-in or
+MMIO-read handler answers in place with `set_value()` / `data[...] = ...`.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+from kvmkit.abi import structs
+from kvmkit.abi.constants import (
+    KVM_EXIT_IO_IN,
+    KVM_EXIT_IO_OUT,
+    ExitReason,
+    InternalError,
+    SystemEvent,
+)
+
+
+class VmExit:
+    """Base of all exits. `reason` is the `KVM_EXIT_*` value."""
+
+    reason: ExitReason = ExitReason.UNKNOWN
+
+    __slots__ = ("_mem", "_run")
+
+    def __init__(self, run: structs.kvm_run, mem: memoryview) -> None:
+        self._run = run
+        self._mem = mem
+
+    def describe(self) -> str:
+        return self.reason.name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+
+class IoExit(VmExit):
+    """KVM_EXIT_IO: a port I/O instruction. `data` is the kvm_run slice holding the bytes."""
+
+    reason = ExitReason.IO
+    __slots__ = ()
+
+    @property
+    def port(self) -> int:
+        return int(self._run.io.port)
+
+    @property
+    def size(self) -> int:
+        return int(self._run.io.size)
+
+    @property
+    def count(self) -> int:
+        return int(self._run.io.count)
+
+    @property
+    def is_in(self) -> bool:
+        return bool(self._run.io.direction == KVM_EXIT_IO_IN)
+
+    @property
+    def is_out(self) -> bool:
+        return bool(self._run.io.direction == KVM_EXIT_IO_OUT)
+
+    @property
+    def data(self) -> memoryview:
+        io = self._run.io
+        start = int(io.data_offset)
+        end = start + int(io.size) * int(io.count)
+        # The kernel places data inside the mmap'ed kvm_run area; check anyway so a broken
+        # kernel value cannot turn into an out-of-bounds slice silently.
+        if end > len(self._mem):
+            raise ValueError(f"KVM_EXIT_IO data {start:#x}..{end:#x} outside kvm_run mapping")
+        return self._mem[start:end]
+
+    @property
+    def value(self) -> int:
+        """The first (usually only) element written by an OUT."""
+        io = self._run.io
+        start = int(io.data_offset)
+        return int.from_bytes(self._mem[start : start + int(io.size)], "little")
+
+    def set_value(self, value: int) -> None:
+        """Answer an IN: every element of a string IN gets `value`."""
+        size = self.size
+        raw = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        data = self.data
+        for i in range(0, len(data), size):
+            data[i : i + size] = raw
+
+    def describe(self) -> str:
+        kind = "in" if self.is_in else "out"
+        return f"IO {kind} port={self.port:#x} size={self.size} count={self.count}"
+
+
+class MmioExit(VmExit):
+    """KVM_EXIT_MMIO: an access to guest-physical memory no slot backs."""
+
+    reason = ExitReason.MMIO
+    __slots__ = ()
+
+    @property
+    def phys_addr(self) -> int:
+        return int(self._run.mmio.phys_addr)
+
+    @property
+    def len(self) -> int:
+        return int(self._run.mmio.len)
+
+    @property
+    def is_write(self) -> bool:
+        return bool(self._run.mmio.is_write)
+
+    @property
+    def data(self) -> memoryview:
+        n = min(int(self._run.mmio.len), 8)
+        off = structs.kvm_run.mmio.offset + structs._run_mmio.data.offset
+        return self._mem[off : off + n]
+
+    @property
+    def value(self) -> int:
+        return int.from_bytes(self.data, "little")
+
+    def set_value(self, value: int) -> None:
+        n = len(self.data)
+        self.data[:] = (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
+
+    def describe(self) -> str:
+        kind = "write" if self.is_write else "read"
+        return f"MMIO {kind} addr={self.phys_addr:#x} len={self.len}"
+
+
+class HltExit(VmExit):
+    reason = ExitReason.HLT
+    __slots__ = ()
+
+
+class ShutdownExit(VmExit):
+    """KVM_EXIT_SHUTDOWN: the guest triple-faulted (or PVM reported a fatal fault)."""
+
+    reason = ExitReason.SHUTDOWN
+    __slots__ = ()
+
+
+class IntrExit(VmExit):
+    """KVM_RUN returned early: a signal (EINTR) or `immediate_exit` was set."""
+
+    reason = ExitReason.INTR
+    __slots__ = ()
+
+
+class DebugExit(VmExit):
+    reason = ExitReason.DEBUG
+    __slots__ = ()
+
+    @property
+    def exception(self) -> int:
+        return int(self._run.debug.arch.exception)
+
+    @property
+    def pc(self) -> int:
+        return int(self._run.debug.arch.pc)
+
+    @property
+    def dr6(self) -> int:
+        return int(self._run.debug.arch.dr6)
+
+    @property
+    def dr7(self) -> int:
+        return int(self._run.debug.arch.dr7)
+
+    def describe(self) -> str:
+        return f"DEBUG exception={self.exception} pc={self.pc:#x} dr6={self.dr6:#x}"
+
+
+class SystemEventExit(VmExit):
+    reason = ExitReason.SYSTEM_EVENT
+    __slots__ = ()
+
+    @property
+    def type(self) -> int:
+        return int(self._run.system_event.type)
+
+    @property
+    def data(self) -> list[int]:
+        ev = self._run.system_event
+        return [int(ev.data[i]) for i in range(min(int(ev.ndata), 16))]
+
+    def describe(self) -> str:
+        try:
+            name = SystemEvent(self.type).name
+        except ValueError:
+            name = str(self.type)
+        return f"SYSTEM_EVENT {name}"
+
+
+class InternalErrorExit(VmExit):
+    reason = ExitReason.INTERNAL_ERROR
+    __slots__ = ()
+
+    @property
+    def suberror(self) -> int:
+        return int(self._run.internal.suberror)
+
+    @property
+    def data(self) -> list[int]:
+        internal = self._run.internal
+        return [int(internal.data[i]) for i in range(min(int(internal.ndata), 16))]
+
+    def describe(self) -> str:
+        try:
+            name = InternalError(self.suberror).name
+        except ValueError:
+            name = str(self.suberror)
+        words = " ".join(f"{d:#x}" for d in self.data)
+        return f"INTERNAL_ERROR {name} data=[{words}]"
+
+
+class FailEntryExit(VmExit):
+    reason = ExitReason.FAIL_ENTRY
+    __slots__ = ()
+
+    @property
+    def hardware_entry_failure_reason(self) -> int:
+        return int(self._run.fail_entry.hardware_entry_failure_reason)
+
+    @property
+    def cpu(self) -> int:
+        return int(self._run.fail_entry.cpu)
+
+    def describe(self) -> str:
+        return f"FAIL_ENTRY reason={self.hardware_entry_failure_reason:#x} cpu={self.cpu}"
+
+
+class HypercallExit(VmExit):
+    reason = ExitReason.HYPERCALL
+    __slots__ = ()
+
+    @property
+    def nr(self) -> int:
+        return int(self._run.hypercall.nr)
+
+    @property
+    def args(self) -> list[int]:
+        return [int(a) for a in self._run.hypercall.args]
+
+    def set_ret(self, value: int) -> None:
+        self._run.hypercall.ret = value & (2**64 - 1)
+
+
+class MsrExit(VmExit):
+    """KVM_EXIT_X86_RDMSR / WRMSR (with KVM_CAP_X86_USER_SPACE_MSR)."""
+
+    __slots__ = ("_is_write",)
+
+    def __init__(self, run: structs.kvm_run, mem: memoryview, is_write: bool) -> None:
+        super().__init__(run, mem)
+        self._is_write = is_write
+
+    @property
+    def reason(self) -> ExitReason:  # type: ignore[override]
+        return ExitReason.X86_WRMSR if self._is_write else ExitReason.X86_RDMSR
+
+    @property
+    def is_write(self) -> bool:
+        return self._is_write
+
+    @property
+    def index(self) -> int:
+        return int(self._run.msr.index)
+
+    @property
+    def msr_reason(self) -> int:
+        return int(self._run.msr.reason)
+
+    @property
+    def data(self) -> int:
+        return int(self._run.msr.data)
+
+    def set_data(self, value: int) -> None:
+        self._run.msr.data = value & (2**64 - 1)
+
+    def set_error(self, error: bool = True) -> None:
+        """Make the guest's RDMSR/WRMSR raise #GP."""
+        self._run.msr.error = 1 if error else 0
+
+    def describe(self) -> str:
+        op = "WRMSR" if self._is_write else "RDMSR"
+        return f"{op} index={self.index:#x} data={self.data:#x}"
+
+
+class ExceptionExit(VmExit):
+    reason = ExitReason.EXCEPTION
+    __slots__ = ()
+
+    @property
+    def exception(self) -> int:
+        return int(self._run.ex.exception)
+
+    @property
+    def error_code(self) -> int:
+        return int(self._run.ex.error_code)
+
+
+class OtherExit(VmExit):
+    """Any exit kvmkit has no dedicated type for; `reason` says which."""
+
+    __slots__ = ("_reason",)
+
+    def __init__(self, run: structs.kvm_run, mem: memoryview) -> None:
+        super().__init__(run, mem)
+        self._reason = 0
+
+    @property
+    def reason(self) -> ExitReason | int:  # type: ignore[override]
+        try:
+            return ExitReason(self._reason)
+        except ValueError:
+            return self._reason
+
+    def describe(self) -> str:
+        r = self.reason
+        if isinstance(r, ExitReason):
+            return r.name
+        return f"exit reason {r}"
+
+
+class ExitTable:
+    """The per-vCPU exit objects, indexed by exit reason."""
+
+    def __init__(self, run: structs.kvm_run, mapping: mmap.mmap) -> None:
+        mem = memoryview(mapping)
+        self.mem = mem
+        self.intr = IntrExit(run, mem)
+        self.other = OtherExit(run, mem)
+        table: dict[int, VmExit] = {
+            ExitReason.IO: IoExit(run, mem),
+            ExitReason.MMIO: MmioExit(run, mem),
+            ExitReason.HLT: HltExit(run, mem),
+            ExitReason.SHUTDOWN: ShutdownExit(run, mem),
+            ExitReason.INTR: self.intr,
+            ExitReason.DEBUG: DebugExit(run, mem),
+            ExitReason.SYSTEM_EVENT: SystemEventExit(run, mem),
+            ExitReason.INTERNAL_ERROR: InternalErrorExit(run, mem),
+            ExitReason.FAIL_ENTRY: FailEntryExit(run, mem),
+            ExitReason.HYPERCALL: HypercallExit(run, mem),
+            ExitReason.X86_RDMSR: MsrExit(run, mem, is_write=False),
+            ExitReason.X86_WRMSR: MsrExit(run, mem, is_write=True),
+            ExitReason.EXCEPTION: ExceptionExit(run, mem),
+        }
+        self.table = table
+
+    def lookup(self, reason: int) -> VmExit:
+        found = self.table.get(reason)
+        if found is None:
+            self.other._reason = reason
+            return self.other
+        return found
+
+    def release(self) -> None:
+        self.mem.release()

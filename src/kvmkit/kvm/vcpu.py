@@ -1,0 +1,272 @@
+"""`Vcpu`: the handle on one virtual CPU (vCPU ioctls and its shared `kvm_run` page)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import threading
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from kvmkit.abi import ioctls, structs
+from kvmkit.abi.constants import Cap, GuestDebug, MpState, SyncRegs
+from kvmkit.kvm._ioctl import _ioctl, close_fd, ioctl_int, ioctl_ptr
+from kvmkit.kvm.cpuid import CpuidEntry, from_kvm_cpuid2, to_kvm_cpuid2
+from kvmkit.kvm.errors import KvmError
+from kvmkit.kvm.exits import ExitTable, VmExit
+from kvmkit.kvm.kick import kick_thread
+
+if TYPE_CHECKING:
+    from kvmkit.kvm.vm import Vm
+
+_NESTED_STATE_MAX = 1 << 20
+
+
+class Vcpu:
+    """One vCPU file descriptor. Each method is one ioctl; failures raise `KvmError`.
+
+    `run()` enters the guest and returns the exit (see `kvmkit.kvm.exits`).
+    """
+
+    def __init__(self, vm: Vm, fd: int, vcpu_id: int, run_size: int) -> None:
+        self.vm = vm
+        self.fd = fd
+        self.id = vcpu_id
+        self._mapping = mmap.mmap(fd, run_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run_page = structs.kvm_run.from_buffer(self._mapping)
+        self._exits = ExitTable(self.run_page, self._mapping)
+        self._run_request = ioctls.RUN
+        self._thread: int | None = None  # thread inside run(), for kick()
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self._exits.release()
+        del self.run_page
+        try:
+            self._mapping.close()
+        except BufferError:
+            pass  # an exit view is still referenced; the mapping goes with the last reference
+        close_fd(self.fd)
+        self.fd = -1
+
+    # -- running
+    def run(self) -> VmExit:
+        """KVM_RUN. A signal or `immediate_exit` gives an `IntrExit` instead of an error."""
+        self._thread = threading.get_ident()
+        # Called through ctypes, which drops the GIL: other vCPU threads keep running.
+        ret = _ioctl(self.fd, self._run_request, 0)
+        self._thread = None
+        if ret < 0:
+            err = ctypes.get_errno()
+            if err in (errno.EINTR, errno.EAGAIN):
+                return self._exits.intr
+            raise KvmError("KVM_RUN", err)
+        return self._exits.lookup(self.run_page.exit_reason)
+
+    def kick(self) -> None:
+        """Make the current or next run() return an IntrExit, from any thread. The caller
+        clears `immediate_exit` before running the vCPU again."""
+        self.run_page.immediate_exit = 1
+        thread = self._thread
+        if thread is not None:
+            kick_thread(thread)
+
+    @property
+    def immediate_exit(self) -> bool:
+        return bool(self.run_page.immediate_exit)
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None:
+        """Set from another thread (with a signal to kick KVM_RUN) to make run() return."""
+        self.run_page.immediate_exit = 1 if value else 0
+
+    # -- registers
+    def get_regs(self) -> structs.kvm_regs:
+        regs = structs.kvm_regs()
+        ioctl_ptr(self.fd, "KVM_GET_REGS", ioctls.GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: structs.kvm_regs) -> None:
+        ioctl_ptr(self.fd, "KVM_SET_REGS", ioctls.SET_REGS, regs)
+
+    def get_sregs(self) -> structs.kvm_sregs:
+        sregs = structs.kvm_sregs()
+        ioctl_ptr(self.fd, "KVM_GET_SREGS", ioctls.GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: structs.kvm_sregs) -> None:
+        ioctl_ptr(self.fd, "KVM_SET_SREGS", ioctls.SET_SREGS, sregs)
+
+    def get_fpu(self) -> structs.kvm_fpu:
+        fpu = structs.kvm_fpu()
+        ioctl_ptr(self.fd, "KVM_GET_FPU", ioctls.GET_FPU, fpu)
+        return fpu
+
+    def set_fpu(self, fpu: structs.kvm_fpu) -> None:
+        ioctl_ptr(self.fd, "KVM_SET_FPU", ioctls.SET_FPU, fpu)
+
+    def get_xsave(self) -> bytes:
+        """The XSAVE area: KVM_GET_XSAVE2 when the VM reports a larger area, else KVM_GET_XSAVE."""
+        size = self.vm.xsave_size()
+        buf = bytearray(size)
+        if size > structs.KVM_XSAVE_REGION_BYTES:
+            ioctl_ptr(self.fd, "KVM_GET_XSAVE2", ioctls.GET_XSAVE2, buf)
+        else:
+            ioctl_ptr(self.fd, "KVM_GET_XSAVE", ioctls.GET_XSAVE, buf)
+        return bytes(buf)
+
+    def set_xsave(self, data: bytes) -> None:
+        if len(data) < structs.KVM_XSAVE_REGION_BYTES:
+            raise ValueError(f"XSAVE area of {len(data)} bytes, need at least 4096")
+        ioctl_ptr(self.fd, "KVM_SET_XSAVE", ioctls.SET_XSAVE, bytearray(data))
+
+    def get_xcrs(self) -> structs.kvm_xcrs:
+        xcrs = structs.kvm_xcrs()
+        ioctl_ptr(self.fd, "KVM_GET_XCRS", ioctls.GET_XCRS, xcrs)
+        return xcrs
+
+    def set_xcrs(self, xcrs: structs.kvm_xcrs) -> None:
+        ioctl_ptr(self.fd, "KVM_SET_XCRS", ioctls.SET_XCRS, xcrs)
+
+    def get_debugregs(self) -> structs.kvm_debugregs:
+        dregs = structs.kvm_debugregs()
+        ioctl_ptr(self.fd, "KVM_GET_DEBUGREGS", ioctls.GET_DEBUGREGS, dregs)
+        return dregs
+
+    def set_debugregs(self, dregs: structs.kvm_debugregs) -> None:
+        ioctl_ptr(self.fd, "KVM_SET_DEBUGREGS", ioctls.SET_DEBUGREGS, dregs)
+
+    def get_lapic(self) -> structs.kvm_lapic_state:
+        lapic = structs.kvm_lapic_state()
+        ioctl_ptr(self.fd, "KVM_GET_LAPIC", ioctls.GET_LAPIC, lapic)
+        return lapic
+
+    def set_lapic(self, lapic: structs.kvm_lapic_state) -> None:
+        ioctl_ptr(self.fd, "KVM_SET_LAPIC", ioctls.SET_LAPIC, lapic)
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """Read MSRs; raises if the kernel read fewer than asked, naming the first it refused."""
+        wanted = list(indices)
+        buf = structs.msrs_type(len(wanted))()
+        buf.nmsrs = len(wanted)
+        for i, index in enumerate(wanted):
+            buf.entries[i].index = index  # type: ignore[attr-defined]
+        done = ioctl_ptr(self.fd, "KVM_GET_MSRS", ioctls.GET_MSRS, buf)
+        if done < len(wanted):
+            raise KvmError("KVM_GET_MSRS", errno.EINVAL, f"MSR {wanted[done]:#x} not readable")
+        return {int(e.index): int(e.data) for e in buf.entries}  # type: ignore[attr-defined]
+
+    def set_msrs(self, values: Mapping[int, int] | Iterable[tuple[int, int]]) -> None:
+        """Write MSRs in the given order (order matters: IA32_TSC before TSC_DEADLINE)."""
+        items = list(values.items()) if isinstance(values, Mapping) else list(values)
+        buf = structs.msrs_type(len(items))()
+        buf.nmsrs = len(items)
+        for i, (index, data) in enumerate(items):
+            buf.entries[i].index = index  # type: ignore[attr-defined]
+            buf.entries[i].data = data & (2**64 - 1)  # type: ignore[attr-defined]
+        done = ioctl_ptr(self.fd, "KVM_SET_MSRS", ioctls.SET_MSRS, buf)
+        if done < len(items):
+            index, data = items[done]
+            raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {index:#x} refused value {data:#x}")
+
+    def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
+        buf = to_kvm_cpuid2(entries)
+        ioctl_ptr(self.fd, "KVM_SET_CPUID2", ioctls.SET_CPUID2, buf)
+
+    def get_cpuid2(self, max_entries: int = 256) -> list[CpuidEntry]:
+        buf = structs.cpuid2_type(max_entries)()
+        buf.nent = max_entries
+        ioctl_ptr(self.fd, "KVM_GET_CPUID2", ioctls.GET_CPUID2, buf)
+        return from_kvm_cpuid2(buf)
+
+    def get_mp_state(self) -> MpState:
+        state = structs.kvm_mp_state()
+        ioctl_ptr(self.fd, "KVM_GET_MP_STATE", ioctls.GET_MP_STATE, state)
+        return MpState(state.mp_state)
+
+    def set_mp_state(self, mp_state: MpState | int) -> None:
+        state = structs.kvm_mp_state()
+        state.mp_state = int(mp_state)
+        ioctl_ptr(self.fd, "KVM_SET_MP_STATE", ioctls.SET_MP_STATE, state)
+
+    def get_vcpu_events(self) -> structs.kvm_vcpu_events:
+        events = structs.kvm_vcpu_events()
+        ioctl_ptr(self.fd, "KVM_GET_VCPU_EVENTS", ioctls.GET_VCPU_EVENTS, events)
+        return events
+
+    def set_vcpu_events(self, events: structs.kvm_vcpu_events) -> None:
+        ioctl_ptr(self.fd, "KVM_SET_VCPU_EVENTS", ioctls.SET_VCPU_EVENTS, events)
+
+    def translate(self, linear_address: int) -> structs.kvm_translation:
+        tr = structs.kvm_translation()
+        tr.linear_address = linear_address
+        ioctl_ptr(self.fd, "KVM_TRANSLATE", ioctls.TRANSLATE, tr)
+        return tr
+
+    def nmi(self) -> None:
+        ioctl_int(self.fd, "KVM_NMI", ioctls.NMI)
+
+    def set_guest_debug(
+        self, control: GuestDebug | int, debugreg: Iterable[int] | None = None
+    ) -> None:
+        """Enable single-step / breakpoints; `debugreg` gives DR0-DR7 for USE_HW_BP."""
+        dbg = structs.kvm_guest_debug()
+        dbg.control = int(control)
+        if debugreg is not None:
+            for i, value in enumerate(list(debugreg)[:8]):
+                dbg.arch.debugreg[i] = value
+        ioctl_ptr(self.fd, "KVM_SET_GUEST_DEBUG", ioctls.SET_GUEST_DEBUG, dbg)
+
+    def enable_cap(self, cap: Cap | int, *args: int, flags: int = 0) -> None:
+        ec = structs.kvm_enable_cap()
+        ec.cap, ec.flags = int(cap), flags
+        for i, a in enumerate(args[:4]):
+            ec.args[i] = a
+        ioctl_ptr(self.fd, "KVM_ENABLE_CAP(vcpu)", ioctls.ENABLE_CAP, ec)
+
+    def get_tsc_khz(self) -> int:
+        return ioctl_int(self.fd, "KVM_GET_TSC_KHZ", ioctls.GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        ioctl_int(self.fd, "KVM_SET_TSC_KHZ", ioctls.SET_TSC_KHZ, khz)
+
+    def kvmclock_ctrl(self) -> None:
+        """Tell the guest's kvmclock it was paused (avoids soft-lockup warnings on resume)."""
+        ioctl_int(self.fd, "KVM_KVMCLOCK_CTRL", ioctls.KVMCLOCK_CTRL)
+
+    def get_nested_state(self) -> bytes:
+        """Nested virtualization state: 128-byte header plus data (KVM_CAP_NESTED_STATE)."""
+        max_size = self.vm.kvm.check_extension(Cap.NESTED_STATE)
+        if max_size <= 0:
+            raise KvmError("KVM_GET_NESTED_STATE", errno.ENOTSUP, "KVM_CAP_NESTED_STATE is 0")
+        max_size = min(max_size, _NESTED_STATE_MAX)
+        buf = bytearray(max_size)
+        header = structs.kvm_nested_state.from_buffer(buf)
+        header.size = max_size
+        del header
+        ioctl_ptr(self.fd, "KVM_GET_NESTED_STATE", ioctls.GET_NESTED_STATE, buf)
+        size = int.from_bytes(buf[4:8], "little")
+        if not ctypes.sizeof(structs.kvm_nested_state) <= size <= max_size:
+            raise KvmError("KVM_GET_NESTED_STATE", errno.EOVERFLOW, f"size {size}")
+        return bytes(buf[:size])
+
+    def set_nested_state(self, data: bytes) -> None:
+        if len(data) < ctypes.sizeof(structs.kvm_nested_state):
+            raise ValueError("nested state shorter than its header")
+        ioctl_ptr(self.fd, "KVM_SET_NESTED_STATE", ioctls.SET_NESTED_STATE, bytearray(data))
+
+    # -- synchronized registers in kvm_run (KVM_CAP_SYNC_REGS)
+    def set_sync_valid(self, which: SyncRegs | int) -> None:
+        """Ask KVM to copy these register classes into kvm_run.s.regs at every exit."""
+        self.run_page.kvm_valid_regs = int(which)
+
+    def mark_sync_dirty(self, which: SyncRegs | int) -> None:
+        """Tell KVM to load these classes from kvm_run.s.regs at the next KVM_RUN."""
+        self.run_page.kvm_dirty_regs = int(which)
+
+    @property
+    def sync_regs(self) -> structs.kvm_sync_regs:
+        """The register copies in kvm_run (valid after an exit for the classes requested)."""
+        return self.run_page.s.regs

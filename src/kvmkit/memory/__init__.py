@@ -1,0 +1,21 @@
+"""Guest memory: regions (anonymous, memfd, file), bounds-checked access, dirty tracking."""
+
+from kvmkit.memory.guest import GuestMemory
+from kvmkit.memory.region import (
+    PAGE_SIZE,
+    GuestMemoryError,
+    MemoryRegion,
+    anonymous_region,
+    file_region,
+    memfd_region,
+)
+
+__all__ = [
+    "PAGE_SIZE",
+    "GuestMemory",
+    "GuestMemoryError",
+    "MemoryRegion",
+    "anonymous_region",
+    "file_region",
+    "memfd_region",
+]
