@@ -72,7 +72,8 @@ def expected_lines() -> dict[str, int]:
 
 
 def c_program(keys: list[str]) -> str:
-    out = ["#include <stddef.h>", "#include <stdio.h>", "#include <linux/kvm.h>", "int main(void) {"]
+    out = ["#include <stddef.h>", "#include <stdio.h>", "#include <linux/kvm.h>"]
+    out.append("int main(void) {")
     for key in keys:
         kind, rest = key.split(" ", 1)
         if kind == "ioctl":
@@ -108,7 +109,8 @@ def test_abi_matches_kernel_headers(tmp_path: Path) -> None:
     exe = tmp_path / "layout"
     subprocess.run(["gcc", "-O0", "-o", str(exe), str(src)], check=True)
     got: dict[str, int] = {}
-    for line in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines():
+    proc = subprocess.run([str(exe)], check=True, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
         key, value = line.rsplit(" ", 1)
         got[key] = int(value)
     mismatches = [

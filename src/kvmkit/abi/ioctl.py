@@ -33,17 +33,17 @@ def _ioc(direction: int, type_: int, nr: int, size: int) -> int:
     )
 
 
-def IO(type_: int, nr: int) -> int:  # noqa: N802 - named after the C macro
+def IO(type_: int, nr: int) -> int:
     return _ioc(IOC_NONE, type_, nr, 0)
 
 
-def IOR(type_: int, nr: int, arg: ArgType) -> int:  # noqa: N802
+def IOR(type_: int, nr: int, arg: ArgType) -> int:
     return _ioc(IOC_READ, type_, nr, ctypes.sizeof(arg))
 
 
-def IOW(type_: int, nr: int, arg: ArgType) -> int:  # noqa: N802
+def IOW(type_: int, nr: int, arg: ArgType) -> int:
     return _ioc(IOC_WRITE, type_, nr, ctypes.sizeof(arg))
 
 
-def IOWR(type_: int, nr: int, arg: ArgType) -> int:  # noqa: N802
+def IOWR(type_: int, nr: int, arg: ArgType) -> int:
     return _ioc(IOC_READ | IOC_WRITE, type_, nr, ctypes.sizeof(arg))

@@ -68,7 +68,7 @@ class KvmUnion(ctypes.Union):
 # --- registers (asm/kvm.h) -------------------------------------------------------------
 
 
-class kvm_regs(KvmStruct):  # noqa: N801 - C names are kept on purpose
+class kvm_regs(KvmStruct):
     _c_name_ = "struct kvm_regs"
     _fields_ = [
         (name, c_uint64)
@@ -80,7 +80,7 @@ class kvm_regs(KvmStruct):  # noqa: N801 - C names are kept on purpose
     ]  # fmt: skip
 
 
-class kvm_segment(KvmStruct):  # noqa: N801
+class kvm_segment(KvmStruct):
     _c_name_ = "struct kvm_segment"
     _fields_ = [
         ("base", c_uint64),
@@ -99,12 +99,12 @@ class kvm_segment(KvmStruct):  # noqa: N801
     ]
 
 
-class kvm_dtable(KvmStruct):  # noqa: N801
+class kvm_dtable(KvmStruct):
     _c_name_ = "struct kvm_dtable"
     _fields_ = [("base", c_uint64), ("limit", c_uint16), ("padding", c_uint16 * 3)]
 
 
-class kvm_sregs(KvmStruct):  # noqa: N801
+class kvm_sregs(KvmStruct):
     _c_name_ = "struct kvm_sregs"
     _fields_ = [
         ("cs", kvm_segment),
@@ -128,7 +128,7 @@ class kvm_sregs(KvmStruct):  # noqa: N801
     ]
 
 
-class kvm_fpu(KvmStruct):  # noqa: N801
+class kvm_fpu(KvmStruct):
     _c_name_ = "struct kvm_fpu"
     _fields_ = [
         ("fpr", (c_uint8 * 16) * 8),
@@ -145,19 +145,19 @@ class kvm_fpu(KvmStruct):  # noqa: N801
     ]
 
 
-class kvm_xsave(KvmStruct):  # noqa: N801
+class kvm_xsave(KvmStruct):
     """The legacy 4 KiB XSAVE area; `KVM_GET_XSAVE2` may need more (see `Vm.xsave_size`)."""
 
     _c_name_ = "struct kvm_xsave"
     _fields_ = [("region", c_uint32 * (KVM_XSAVE_REGION_BYTES // 4))]
 
 
-class kvm_xcr(KvmStruct):  # noqa: N801
+class kvm_xcr(KvmStruct):
     _c_name_ = "struct kvm_xcr"
     _fields_ = [("xcr", c_uint32), ("reserved", c_uint32), ("value", c_uint64)]
 
 
-class kvm_xcrs(KvmStruct):  # noqa: N801
+class kvm_xcrs(KvmStruct):
     _c_name_ = "struct kvm_xcrs"
     _fields_ = [
         ("nr_xcrs", c_uint32),
@@ -167,7 +167,7 @@ class kvm_xcrs(KvmStruct):  # noqa: N801
     ]
 
 
-class kvm_debugregs(KvmStruct):  # noqa: N801
+class kvm_debugregs(KvmStruct):
     _c_name_ = "struct kvm_debugregs"
     _fields_ = [
         ("db", c_uint64 * 4),
@@ -178,7 +178,7 @@ class kvm_debugregs(KvmStruct):  # noqa: N801
     ]
 
 
-class kvm_lapic_state(KvmStruct):  # noqa: N801
+class kvm_lapic_state(KvmStruct):
     """The 1 KiB local APIC register page; registers at 16-byte strides (SDM vol. 3, 11.4.1)."""
 
     _c_name_ = "struct kvm_lapic_state"
@@ -192,27 +192,28 @@ class kvm_lapic_state(KvmStruct):  # noqa: N801
     def set_reg(self, offset: int, value: int) -> None:
         if offset % 16 or not 0 <= offset < KVM_APIC_REG_SIZE:
             raise ValueError(f"bad APIC register offset {offset:#x}")
-        ctypes.memmove(ctypes.addressof(self) + offset, (value & 0xFFFFFFFF).to_bytes(4, "little"), 4)
+        raw = (value & 0xFFFFFFFF).to_bytes(4, "little")
+        ctypes.memmove(ctypes.addressof(self) + offset, raw, 4)
 
 
-class kvm_msr_entry(KvmStruct):  # noqa: N801
+class kvm_msr_entry(KvmStruct):
     _c_name_ = "struct kvm_msr_entry"
     _fields_ = [("index", c_uint32), ("reserved", c_uint32), ("data", c_uint64)]
 
 
-class kvm_msrs(KvmStruct):  # noqa: N801
+class kvm_msrs(KvmStruct):
     """Header of `struct kvm_msrs`; `msrs_type(n)` adds room for n entries."""
 
     _c_name_ = "struct kvm_msrs"
     _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32)]
 
 
-class kvm_msr_list(KvmStruct):  # noqa: N801
+class kvm_msr_list(KvmStruct):
     _c_name_ = "struct kvm_msr_list"
     _fields_ = [("nmsrs", c_uint32)]
 
 
-class kvm_cpuid_entry2(KvmStruct):  # noqa: N801
+class kvm_cpuid_entry2(KvmStruct):
     _c_name_ = "struct kvm_cpuid_entry2"
     _fields_ = [
         ("function", c_uint32),
@@ -226,7 +227,7 @@ class kvm_cpuid_entry2(KvmStruct):  # noqa: N801
     ]
 
 
-class kvm_cpuid2(KvmStruct):  # noqa: N801
+class kvm_cpuid2(KvmStruct):
     _c_name_ = "struct kvm_cpuid2"
     _fields_ = [("nent", c_uint32), ("padding", c_uint32)]
 
@@ -234,7 +235,7 @@ class kvm_cpuid2(KvmStruct):  # noqa: N801
 # --- interrupt controllers and timers -------------------------------------------------------
 
 
-class kvm_pic_state(KvmStruct):  # noqa: N801
+class kvm_pic_state(KvmStruct):
     _c_name_ = "struct kvm_pic_state"
     _fields_ = [
         (name, c_uint8)
@@ -246,7 +247,7 @@ class kvm_pic_state(KvmStruct):  # noqa: N801
     ]  # fmt: skip
 
 
-class _ioapic_redir_fields(KvmStruct):  # noqa: N801
+class _ioapic_redir_fields(KvmStruct):
     # Bit-fields; the layout test compares only the whole union's size and offset.
     _fields_ = [
         ("vector", c_uint8),
@@ -263,11 +264,11 @@ class _ioapic_redir_fields(KvmStruct):  # noqa: N801
     ]
 
 
-class _ioapic_redir(KvmUnion):  # noqa: N801
+class _ioapic_redir(KvmUnion):
     _fields_ = [("bits", c_uint64), ("fields", _ioapic_redir_fields)]
 
 
-class kvm_ioapic_state(KvmStruct):  # noqa: N801
+class kvm_ioapic_state(KvmStruct):
     _c_name_ = "struct kvm_ioapic_state"
     _fields_ = [
         ("base_address", c_uint64),
@@ -279,7 +280,7 @@ class kvm_ioapic_state(KvmStruct):  # noqa: N801
     ]
 
 
-class _irqchip_union(KvmUnion):  # noqa: N801
+class _irqchip_union(KvmUnion):
     _fields_ = [
         ("dummy", c_char * 512),
         ("pic", kvm_pic_state),
@@ -287,12 +288,12 @@ class _irqchip_union(KvmUnion):  # noqa: N801
     ]
 
 
-class kvm_irqchip(KvmStruct):  # noqa: N801
+class kvm_irqchip(KvmStruct):
     _c_name_ = "struct kvm_irqchip"
     _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", _irqchip_union)]
 
 
-class kvm_pit_channel_state(KvmStruct):  # noqa: N801
+class kvm_pit_channel_state(KvmStruct):
     _c_name_ = "struct kvm_pit_channel_state"
     _fields_ = [
         ("count", c_uint32),
@@ -311,7 +312,7 @@ class kvm_pit_channel_state(KvmStruct):  # noqa: N801
     ]
 
 
-class kvm_pit_state2(KvmStruct):  # noqa: N801
+class kvm_pit_state2(KvmStruct):
     _c_name_ = "struct kvm_pit_state2"
     _fields_ = [
         ("channels", kvm_pit_channel_state * 3),
@@ -320,12 +321,12 @@ class kvm_pit_state2(KvmStruct):  # noqa: N801
     ]
 
 
-class kvm_pit_config(KvmStruct):  # noqa: N801
+class kvm_pit_config(KvmStruct):
     _c_name_ = "struct kvm_pit_config"
     _fields_ = [("flags", c_uint32), ("pad", c_uint32 * 15)]
 
 
-class kvm_clock_data(KvmStruct):  # noqa: N801
+class kvm_clock_data(KvmStruct):
     _c_name_ = "struct kvm_clock_data"
     _fields_ = [
         ("clock", c_uint64),
@@ -337,26 +338,26 @@ class kvm_clock_data(KvmStruct):  # noqa: N801
     ]
 
 
-class _irq_level_union(KvmUnion):  # noqa: N801
+class _irq_level_union(KvmUnion):
     _fields_ = [("irq", c_uint32), ("status", c_int32)]
 
 
-class kvm_irq_level(KvmStruct):  # noqa: N801
+class kvm_irq_level(KvmStruct):
     _c_name_ = "struct kvm_irq_level"
     _anonymous_ = ("u",)
     _fields_ = [("u", _irq_level_union), ("level", c_uint32)]
 
 
-class kvm_irq_routing_irqchip(KvmStruct):  # noqa: N801
+class kvm_irq_routing_irqchip(KvmStruct):
     _c_name_ = "struct kvm_irq_routing_irqchip"
     _fields_ = [("irqchip", c_uint32), ("pin", c_uint32)]
 
 
-class _routing_msi_union(KvmUnion):  # noqa: N801
+class _routing_msi_union(KvmUnion):
     _fields_ = [("pad", c_uint32), ("devid", c_uint32)]
 
 
-class kvm_irq_routing_msi(KvmStruct):  # noqa: N801
+class kvm_irq_routing_msi(KvmStruct):
     _c_name_ = "struct kvm_irq_routing_msi"
     _anonymous_ = ("u",)
     _fields_ = [
@@ -367,7 +368,7 @@ class kvm_irq_routing_msi(KvmStruct):  # noqa: N801
     ]
 
 
-class _routing_entry_union(KvmUnion):  # noqa: N801
+class _routing_entry_union(KvmUnion):
     _fields_ = [
         ("irqchip", kvm_irq_routing_irqchip),
         ("msi", kvm_irq_routing_msi),
@@ -375,7 +376,7 @@ class _routing_entry_union(KvmUnion):  # noqa: N801
     ]
 
 
-class kvm_irq_routing_entry(KvmStruct):  # noqa: N801
+class kvm_irq_routing_entry(KvmStruct):
     _c_name_ = "struct kvm_irq_routing_entry"
     _fields_ = [
         ("gsi", c_uint32),
@@ -386,12 +387,12 @@ class kvm_irq_routing_entry(KvmStruct):  # noqa: N801
     ]
 
 
-class kvm_irq_routing(KvmStruct):  # noqa: N801
+class kvm_irq_routing(KvmStruct):
     _c_name_ = "struct kvm_irq_routing"
     _fields_ = [("nr", c_uint32), ("flags", c_uint32)]
 
 
-class kvm_msi(KvmStruct):  # noqa: N801
+class kvm_msi(KvmStruct):
     _c_name_ = "struct kvm_msi"
     _fields_ = [
         ("address_lo", c_uint32),
@@ -403,7 +404,7 @@ class kvm_msi(KvmStruct):  # noqa: N801
     ]
 
 
-class kvm_irqfd(KvmStruct):  # noqa: N801
+class kvm_irqfd(KvmStruct):
     _c_name_ = "struct kvm_irqfd"
     _fields_ = [
         ("fd", c_uint32),
@@ -414,7 +415,7 @@ class kvm_irqfd(KvmStruct):  # noqa: N801
     ]
 
 
-class kvm_ioeventfd(KvmStruct):  # noqa: N801
+class kvm_ioeventfd(KvmStruct):
     _c_name_ = "struct kvm_ioeventfd"
     _fields_ = [
         ("datamatch", c_uint64),
@@ -429,7 +430,7 @@ class kvm_ioeventfd(KvmStruct):  # noqa: N801
 # --- VM and vCPU control ---------------------------------------------------------------------
 
 
-class kvm_userspace_memory_region(KvmStruct):  # noqa: N801
+class kvm_userspace_memory_region(KvmStruct):
     _c_name_ = "struct kvm_userspace_memory_region"
     _fields_ = [
         ("slot", c_uint32),
@@ -440,17 +441,17 @@ class kvm_userspace_memory_region(KvmStruct):  # noqa: N801
     ]
 
 
-class _dirty_log_union(KvmUnion):  # noqa: N801
+class _dirty_log_union(KvmUnion):
     _fields_ = [("dirty_bitmap", ctypes.c_void_p), ("padding2", c_uint64)]
 
 
-class kvm_dirty_log(KvmStruct):  # noqa: N801
+class kvm_dirty_log(KvmStruct):
     _c_name_ = "struct kvm_dirty_log"
     _anonymous_ = ("u",)
     _fields_ = [("slot", c_uint32), ("padding1", c_uint32), ("u", _dirty_log_union)]
 
 
-class kvm_enable_cap(KvmStruct):  # noqa: N801
+class kvm_enable_cap(KvmStruct):
     _c_name_ = "struct kvm_enable_cap"
     _fields_ = [
         ("cap", c_uint32),
@@ -460,12 +461,12 @@ class kvm_enable_cap(KvmStruct):  # noqa: N801
     ]
 
 
-class kvm_mp_state(KvmStruct):  # noqa: N801
+class kvm_mp_state(KvmStruct):
     _c_name_ = "struct kvm_mp_state"
     _fields_ = [("mp_state", c_uint32)]
 
 
-class kvm_translation(KvmStruct):  # noqa: N801
+class kvm_translation(KvmStruct):
     _c_name_ = "struct kvm_translation"
     _fields_ = [
         ("linear_address", c_uint64),
@@ -477,17 +478,17 @@ class kvm_translation(KvmStruct):  # noqa: N801
     ]
 
 
-class kvm_guest_debug_arch(KvmStruct):  # noqa: N801
+class kvm_guest_debug_arch(KvmStruct):
     _c_name_ = "struct kvm_guest_debug_arch"
     _fields_ = [("debugreg", c_uint64 * 8)]
 
 
-class kvm_guest_debug(KvmStruct):  # noqa: N801
+class kvm_guest_debug(KvmStruct):
     _c_name_ = "struct kvm_guest_debug"
     _fields_ = [("control", c_uint32), ("pad", c_uint32), ("arch", kvm_guest_debug_arch)]
 
 
-class kvm_debug_exit_arch(KvmStruct):  # noqa: N801
+class kvm_debug_exit_arch(KvmStruct):
     _c_name_ = "struct kvm_debug_exit_arch"
     _fields_ = [
         ("exception", c_uint32),
@@ -498,7 +499,7 @@ class kvm_debug_exit_arch(KvmStruct):  # noqa: N801
     ]
 
 
-class _events_exception(KvmStruct):  # noqa: N801
+class _events_exception(KvmStruct):
     _fields_ = [
         ("injected", c_uint8),
         ("nr", c_uint8),
@@ -508,15 +509,15 @@ class _events_exception(KvmStruct):  # noqa: N801
     ]
 
 
-class _events_interrupt(KvmStruct):  # noqa: N801
+class _events_interrupt(KvmStruct):
     _fields_ = [("injected", c_uint8), ("nr", c_uint8), ("soft", c_uint8), ("shadow", c_uint8)]
 
 
-class _events_nmi(KvmStruct):  # noqa: N801
+class _events_nmi(KvmStruct):
     _fields_ = [("injected", c_uint8), ("pending", c_uint8), ("masked", c_uint8), ("pad", c_uint8)]
 
 
-class _events_smi(KvmStruct):  # noqa: N801
+class _events_smi(KvmStruct):
     _fields_ = [
         ("smm", c_uint8),
         ("pending", c_uint8),
@@ -525,11 +526,11 @@ class _events_smi(KvmStruct):  # noqa: N801
     ]
 
 
-class _events_triple_fault(KvmStruct):  # noqa: N801
+class _events_triple_fault(KvmStruct):
     _fields_ = [("pending", c_uint8)]
 
 
-class kvm_vcpu_events(KvmStruct):  # noqa: N801
+class kvm_vcpu_events(KvmStruct):
     _c_name_ = "struct kvm_vcpu_events"
     _fields_ = [
         ("exception", _events_exception),
@@ -545,15 +546,15 @@ class kvm_vcpu_events(KvmStruct):  # noqa: N801
     ]
 
 
-class kvm_sync_regs(KvmStruct):  # noqa: N801
+class kvm_sync_regs(KvmStruct):
     _c_name_ = "struct kvm_sync_regs"
     _fields_ = [("regs", kvm_regs), ("sregs", kvm_sregs), ("events", kvm_vcpu_events)]
 
 
-class kvm_vmx_nested_state_hdr(KvmStruct):  # noqa: N801
+class kvm_vmx_nested_state_hdr(KvmStruct):
     _c_name_ = "struct kvm_vmx_nested_state_hdr"
 
-    class _smm(KvmStruct):  # noqa: N801
+    class _smm(KvmStruct):
         _fields_ = [("flags", c_uint16)]
 
     _fields_ = [
@@ -566,12 +567,12 @@ class kvm_vmx_nested_state_hdr(KvmStruct):  # noqa: N801
     ]
 
 
-class kvm_svm_nested_state_hdr(KvmStruct):  # noqa: N801
+class kvm_svm_nested_state_hdr(KvmStruct):
     _c_name_ = "struct kvm_svm_nested_state_hdr"
     _fields_ = [("vmcb_pa", c_uint64)]
 
 
-class _nested_hdr_union(KvmUnion):  # noqa: N801
+class _nested_hdr_union(KvmUnion):
     _fields_ = [
         ("vmx", kvm_vmx_nested_state_hdr),
         ("svm", kvm_svm_nested_state_hdr),
@@ -579,7 +580,7 @@ class _nested_hdr_union(KvmUnion):  # noqa: N801
     ]
 
 
-class kvm_nested_state(KvmStruct):  # noqa: N801
+class kvm_nested_state(KvmStruct):
     """The 128-byte header of `struct kvm_nested_state`; the data area follows it."""
 
     _c_name_ = "struct kvm_nested_state"
@@ -594,19 +595,19 @@ class kvm_nested_state(KvmStruct):  # noqa: N801
 # --- struct kvm_run: the page shared with the kernel for each vCPU --------------------------
 
 
-class _run_hw(KvmStruct):  # noqa: N801
+class _run_hw(KvmStruct):
     _fields_ = [("hardware_exit_reason", c_uint64)]
 
 
-class _run_fail_entry(KvmStruct):  # noqa: N801
+class _run_fail_entry(KvmStruct):
     _fields_ = [("hardware_entry_failure_reason", c_uint64), ("cpu", c_uint32)]
 
 
-class _run_ex(KvmStruct):  # noqa: N801
+class _run_ex(KvmStruct):
     _fields_ = [("exception", c_uint32), ("error_code", c_uint32)]
 
 
-class _run_io(KvmStruct):  # noqa: N801
+class _run_io(KvmStruct):
     _fields_ = [
         ("direction", c_uint8),
         ("size", c_uint8),
@@ -616,11 +617,11 @@ class _run_io(KvmStruct):  # noqa: N801
     ]
 
 
-class _run_debug(KvmStruct):  # noqa: N801
+class _run_debug(KvmStruct):
     _fields_ = [("arch", kvm_debug_exit_arch)]
 
 
-class _run_mmio(KvmStruct):  # noqa: N801
+class _run_mmio(KvmStruct):
     _fields_ = [
         ("phys_addr", c_uint64),
         ("data", c_uint8 * 8),
@@ -629,7 +630,7 @@ class _run_mmio(KvmStruct):  # noqa: N801
     ]
 
 
-class _run_hypercall(KvmStruct):  # noqa: N801
+class _run_hypercall(KvmStruct):
     _fields_ = [
         ("nr", c_uint64),
         ("args", c_uint64 * 6),
@@ -639,28 +640,28 @@ class _run_hypercall(KvmStruct):  # noqa: N801
     ]
 
 
-class _run_tpr_access(KvmStruct):  # noqa: N801
+class _run_tpr_access(KvmStruct):
     _fields_ = [("rip", c_uint64), ("is_write", c_uint32), ("pad", c_uint32)]
 
 
-class _run_internal(KvmStruct):  # noqa: N801
+class _run_internal(KvmStruct):
     _fields_ = [("suberror", c_uint32), ("ndata", c_uint32), ("data", c_uint64 * 16)]
 
 
-class _system_event_union(KvmUnion):  # noqa: N801
+class _system_event_union(KvmUnion):
     _fields_ = [("flags", c_uint64), ("data", c_uint64 * 16)]
 
 
-class _run_system_event(KvmStruct):  # noqa: N801
+class _run_system_event(KvmStruct):
     _anonymous_ = ("u",)
     _fields_ = [("type", c_uint32), ("ndata", c_uint32), ("u", _system_event_union)]
 
 
-class _run_eoi(KvmStruct):  # noqa: N801
+class _run_eoi(KvmStruct):
     _fields_ = [("vector", c_uint8)]
 
 
-class _run_msr(KvmStruct):  # noqa: N801
+class _run_msr(KvmStruct):
     _fields_ = [
         ("error", c_uint8),
         ("pad", c_uint8 * 7),
@@ -670,11 +671,11 @@ class _run_msr(KvmStruct):  # noqa: N801
     ]
 
 
-class _run_notify(KvmStruct):  # noqa: N801
+class _run_notify(KvmStruct):
     _fields_ = [("flags", c_uint32)]
 
 
-class _run_exit_union(KvmUnion):  # noqa: N801
+class _run_exit_union(KvmUnion):
     _fields_ = [
         ("hw", _run_hw),
         ("fail_entry", _run_fail_entry),
@@ -693,11 +694,11 @@ class _run_exit_union(KvmUnion):  # noqa: N801
     ]
 
 
-class _run_sync_union(KvmUnion):  # noqa: N801
+class _run_sync_union(KvmUnion):
     _fields_ = [("regs", kvm_sync_regs), ("padding", c_char * SYNC_REGS_SIZE_BYTES)]
 
 
-class kvm_run(KvmStruct):  # noqa: N801
+class kvm_run(KvmStruct):
     _c_name_ = "struct kvm_run"
     _anonymous_ = ("u",)
     _fields_ = [
@@ -758,5 +759,5 @@ def irq_routing_type(n: int) -> type[KvmStruct]:
 ALL_STRUCTS: tuple[type[KvmStruct], ...] = tuple(
     obj
     for obj in list(globals().values())
-    if isinstance(obj, type) and issubclass(obj, KvmStruct) and obj._c_name_ and obj is not KvmStruct
+    if isinstance(obj, type) and issubclass(obj, KvmStruct) and obj._c_name_
 )

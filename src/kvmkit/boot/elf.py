@@ -131,7 +131,8 @@ class ElfFile:
                 desc_end = desc_start + descsz
                 if desc_end > len(blob) or name_end > len(blob):
                     raise ElfError("truncated ELF note")
-                notes.append(Note(blob[pos:name_end].rstrip(b"\0"), ntype, blob[desc_start:desc_end]))
+                name = blob[pos:name_end].rstrip(b"\0")
+                notes.append(Note(name, ntype, blob[desc_start:desc_end]))
                 pos = desc_start + ((descsz + 3) & ~3)
         return notes
 

@@ -39,14 +39,10 @@ def to_kvm_cpuid2(entries: list[CpuidEntry]) -> ctypes.Structure:
 
 def from_kvm_cpuid2(buf: ctypes.Structure) -> list[CpuidEntry]:
     result = []
-    for i in range(int(buf.nent)):  # type: ignore[attr-defined]
-        e = buf.entries[i]  # type: ignore[attr-defined]
-        result.append(
-            CpuidEntry(
-                int(e.function), int(e.index), int(e.flags),
-                int(e.eax), int(e.ebx), int(e.ecx), int(e.edx),
-            )  # fmt: skip
-        )
+    for i in range(int(buf.nent)):
+        e = buf.entries[i]
+        regs = (int(e.eax), int(e.ebx), int(e.ecx), int(e.edx))
+        result.append(CpuidEntry(int(e.function), int(e.index), int(e.flags), *regs))
     return result
 
 

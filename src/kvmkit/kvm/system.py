@@ -46,7 +46,11 @@ class Kvm:
         except OSError as err:
             raise KvmUnavailable(err.errno, _explain_open_error(path, err)) from err
         self.path = path
-        version = self.api_version()
+        try:
+            version = self.api_version()
+        except KvmError as err:
+            self.close()
+            raise KvmUnavailable(err.errno, f"{path} is not a KVM device ({err})") from err
         if version != KVM_API_VERSION:
             self.close()
             raise KvmUnavailable(
@@ -117,7 +121,7 @@ class Kvm:
         buf = structs.msr_list_type(n)()
         buf.nmsrs = n
         ioctl_ptr(self.fd, op, request, buf)
-        return [int(buf.indices[i]) for i in range(int(buf.nmsrs))]  # type: ignore[attr-defined]
+        return [int(buf.indices[i]) for i in range(int(buf.nmsrs))]
 
     def msr_index_list(self) -> list[int]:
         """MSRs that KVM_GET/SET_MSRS can save and restore for a vCPU."""

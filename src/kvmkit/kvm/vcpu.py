@@ -152,11 +152,11 @@ class Vcpu:
         buf = structs.msrs_type(len(wanted))()
         buf.nmsrs = len(wanted)
         for i, index in enumerate(wanted):
-            buf.entries[i].index = index  # type: ignore[attr-defined]
+            buf.entries[i].index = index
         done = ioctl_ptr(self.fd, "KVM_GET_MSRS", ioctls.GET_MSRS, buf)
         if done < len(wanted):
             raise KvmError("KVM_GET_MSRS", errno.EINVAL, f"MSR {wanted[done]:#x} not readable")
-        return {int(e.index): int(e.data) for e in buf.entries}  # type: ignore[attr-defined]
+        return {int(e.index): int(e.data) for e in buf.entries}
 
     def set_msrs(self, values: Mapping[int, int] | Iterable[tuple[int, int]]) -> None:
         """Write MSRs in the given order (order matters: IA32_TSC before TSC_DEADLINE)."""
@@ -164,8 +164,8 @@ class Vcpu:
         buf = structs.msrs_type(len(items))()
         buf.nmsrs = len(items)
         for i, (index, data) in enumerate(items):
-            buf.entries[i].index = index  # type: ignore[attr-defined]
-            buf.entries[i].data = data & (2**64 - 1)  # type: ignore[attr-defined]
+            buf.entries[i].index = index
+            buf.entries[i].data = data & (2**64 - 1)
         done = ioctl_ptr(self.fd, "KVM_SET_MSRS", ioctls.SET_MSRS, buf)
         if done < len(items):
             index, data = items[done]
@@ -269,4 +269,5 @@ class Vcpu:
     @property
     def sync_regs(self) -> structs.kvm_sync_regs:
         """The register copies in kvm_run (valid after an exit for the classes requested)."""
-        return self.run_page.s.regs
+        regs: structs.kvm_sync_regs = self.run_page.s.regs
+        return regs

@@ -208,9 +208,9 @@ class Vm:
         if len(entries) > MAX_IRQ_ROUTES:
             raise KvmError("KVM_SET_GSI_ROUTING", errno.EINVAL, f"{len(entries)} routes")
         table = structs.irq_routing_type(len(entries))()
-        table.nr = len(entries)  # type: ignore[attr-defined]
+        table.nr = len(entries)
         for i, e in enumerate(entries):
-            table.entries[i] = e  # type: ignore[attr-defined]
+            table.entries[i] = e
         ioctl_ptr(self.fd, "KVM_SET_GSI_ROUTING", ioctls.SET_GSI_ROUTING, table)
 
     # -- clock

@@ -1,0 +1,81 @@
+"""Test-suite policy shared by every test directory.
+
+- Tests under tests/kvm/ are marked `kvm`: they need a usable /dev/kvm. Without one they are
+  skipped with the reason; with one, any skipped `kvm` test fails the session, so a broken
+  feature cannot hide behind a skip.
+- Tests marked `hwvirt` need hardware-style virtualization (VMX/SVM). On a host without it
+  they are skipped here and `make test` runs them inside `kvmkit lane`; where they do run
+  (hardware host or inside the lane), a skip fails the session the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kvmkit.probe import detect_implementation
+
+_skipped_required: list[str] = []
+
+
+def kvm_usable() -> tuple[bool, str]:
+    device = os.environ.get("KVMKIT_DEVICE", "/dev/kvm")
+    try:
+        from kvmkit.kvm import Kvm
+
+        with Kvm(device) as kvm:
+            kvm.create_vm().close()
+    except OSError as err:
+        return False, f"{device} not usable: {err}"
+    return True, ""
+
+
+KVM_OK, KVM_WHY = kvm_usable()
+IMPLEMENTATION, _ = detect_implementation()
+HWVIRT_OK = KVM_OK and IMPLEMENTATION.startswith("hardware-")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [
+        f"kvmkit: /dev/kvm usable: {'yes' if KVM_OK else 'no (' + KVM_WHY + ')'}; "
+        f"implementation: {IMPLEMENTATION}; in lane: {os.environ.get('KVMKIT_IN_LANE') == '1'}"
+    ]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kvm_dir = Path(__file__).parent / "kvm"
+    for item in items:
+        if kvm_dir in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.kvm)
+        if item.get_closest_marker("kvm") and not KVM_OK:
+            item.add_marker(pytest.mark.skip(reason=KVM_WHY))
+        if item.get_closest_marker("hwvirt") and not HWVIRT_OK:
+            item.add_marker(
+                pytest.mark.skip(
+                    reason=f"needs VMX/SVM (host KVM is {IMPLEMENTATION}); "
+                    "`make test` runs these inside `kvmkit lane`"
+                )
+            )
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if not report.skipped:
+        return
+    keywords = report.keywords
+    if ("kvm" in keywords and KVM_OK) or ("hwvirt" in keywords and HWVIRT_OK):
+        _skipped_required.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _skipped_required:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [
+            "tests that need /dev/kvm or hardware virtualization were skipped although "
+            "it is usable here:",
+            *(f"  {nodeid}" for nodeid in _skipped_required),
+        ]
+        if reporter is not None:
+            reporter.write_line("\n".join(lines), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
