@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         started = time.monotonic()
         kernel, base = runner.prepare(args.module, refresh=args.refresh)
         print(f"kvmkit lane: kernel {kernel.package} {kernel.version} ({kernel.kver})")
-        print(f"kvmkit lane: vmlinuz {kernel.vmlinuz}")
+        print(f"kvmkit lane: boot image {kernel.boot_image}")
         print(f"kvmkit lane: initramfs {base} ({base.stat().st_size // 1024} KiB)")
         print(f"kvmkit lane: busybox {assets.ensure_busybox()}; qemu {_qemu_or_missing()}")
         print(f"kvmkit lane: prepared in {time.monotonic() - started:.1f} s")

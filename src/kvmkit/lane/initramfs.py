@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from kvmkit.image.cpio import CpioWriter
@@ -55,6 +56,7 @@ def base_initramfs(
     path = assets.lane_cache() / f"initramfs-{kernel.kver}-{_key(kernel, busybox, modules)}.cpio"
     if path.is_file():
         return path
+    _remove_stale(path)
     data = build_base(kernel, busybox, modules)
     # Write-then-rename: concurrent lanes may build the same file, and readers must never
     # see a partial archive.
@@ -67,6 +69,18 @@ def base_initramfs(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _remove_stale(keep: Path) -> None:
+    # Old bases (other init script or module set) are dead weight; leave young ones alone in
+    # case a lane started with them is about to copy one.
+    now = time.time()
+    for old in keep.parent.glob("initramfs-*.cpio"):
+        try:
+            if old != keep and now - old.stat().st_mtime > 3600:
+                old.unlink()
+        except OSError:
+            pass
 
 
 def run_archive(run_sh: str) -> bytes:
