@@ -1,0 +1,38 @@
+# kvmkit: the two commands of the README, and their parts.
+#   make demo   set up, then probe this host's KVM and run a tiny guest (the main job for now)
+#   make test   set up, then run every test: unit and /dev/kvm tests on the host, lane tests,
+#               and the hardware-virtualization tests (inside `kvmkit lane` when the host
+#               has no VMX/SVM)
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-host test-hwvirt lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+	bash scripts/setup-host.sh
+
+demo: setup
+	$(VENV)/bin/kvmkit probe
+	$(VENV)/bin/kvmkit demo
+
+test: setup test-host test-hwvirt
+
+test-host: $(VENV)/.installed
+	$(VPY) -m pytest -m "not hwvirt" tests
+
+test-hwvirt: $(VENV)/.installed
+	bash scripts/run-hwvirt-tests.sh $(VPY)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
