@@ -5,6 +5,7 @@
     0x0000_0500 | boot GDT                        |  BOOT_GDT_ADDR
     0x0000_0520 | boot IDT (empty)                |  BOOT_IDT_ADDR
     0x0000_6000 | PVH hvm_start_info + memmap     |  PVH_INFO_ADDR, PVH_MEMMAP_ADDR
+    0x0000_6400 | PVH module list (initrd)        |  PVH_MODLIST_ADDR
     0x0000_7000 | boot_params ("zero page")       |  ZERO_PAGE_ADDR
     0x0000_8ff0 | boot stack top                  |  BOOT_STACK_TOP
     0x0000_9000 | PML4, PDPT, PD (identity 1 GiB) |  PML4_ADDR ...
@@ -30,6 +31,9 @@ BOOT_IDT_ADDR = 0x520
 PVH_INFO_ADDR = 0x6000
 PVH_MEMMAP_ADDR = 0x6040
 PVH_MEMMAP_MAX = 32
+# hvm_modlist_entry array (the initrd), after the memmap (0x6040 + 32 * 24 = 0x6340).
+PVH_MODLIST_ADDR = 0x6400
+PVH_MODLIST_MAX = 8
 ZERO_PAGE_ADDR = 0x7000
 BOOT_STACK_TOP = 0x8FF0
 PML4_ADDR = 0x9000
