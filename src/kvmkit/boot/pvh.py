@@ -128,8 +128,7 @@ def write_start_info(
     start info's address (the guest's EBX)."""
     if len(memmap) > layout.PVH_MEMMAP_MAX:
         raise BootError(
-            f"too many memory map entries for PVH ({len(memmap)}, at most "
-            f"{layout.PVH_MEMMAP_MAX})"
+            f"too many memory map entries for PVH ({len(memmap)}, at most {layout.PVH_MEMMAP_MAX})"
         )
     info = hvm_start_info()
     info.magic = XEN_HVM_START_MAGIC_VALUE
