@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kvmkit.cache import cache_dir
 from kvmkit.errors import UserError
-from kvmkit.image import debian
+from kvmkit.image import busybox, debian
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
 
@@ -164,38 +164,19 @@ def ensure_vmlinux(kernel: LaneKernel) -> Path | None:
     return kernel.vmlinux
 
 
-def _is_static_elf(path: Path) -> bool:
-    """True for an ELF executable without a program interpreter (a static binary)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(64)
-            if head[:4] != b"\x7fELF" or head[4] != 2:
-                return False
-            phoff, = struct.unpack_from("<Q", head, 0x20)
-            phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
-            fh.seek(phoff)
-            table = fh.read(phentsize * phnum)
-    except OSError:
-        return False
-    pt_interp = 3
-    return all(
-        struct.unpack_from("<I", table, i * phentsize)[0] != pt_interp for i in range(phnum)
-    )
-
-
 def ensure_busybox() -> Path:
     """A statically linked busybox: the host's (Debian `busybox-static`) or one unpacked."""
-    for candidate in ("/bin/busybox", "/usr/bin/busybox", shutil.which("busybox")):
-        if candidate and _is_static_elf(Path(candidate)):
-            return Path(candidate)
     root = lane_cache() / "busybox-static"
-    if debian.unpacked(root) is None and shutil.which("apt-get") is None:
+    found = busybox.find_busybox(root)
+    if found is not None:
+        return found
+    if shutil.which("apt-get") is None:
         raise LaneAssetError("busybox missing: install busybox-static (scripts/setup-host.sh)")
     debian.fetch_unpacked("busybox-static", root)
-    for rel in ("bin/busybox", "usr/bin/busybox"):
-        if _is_static_elf(root / rel):
-            return root / rel
-    raise LaneAssetError(f"busybox missing: no static busybox in {root}")
+    found = busybox.find_busybox(root)
+    if found is None:
+        raise LaneAssetError(f"busybox missing: no static busybox in {root}")
+    return found
 
 
 def read_module(path: Path) -> bytes:
