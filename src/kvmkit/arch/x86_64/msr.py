@@ -32,3 +32,9 @@ MSR_KVM_PV_EOI_EN = 0x4B564D04
 # IA32_MISC_ENABLE bit 0: fast-string operations enabled (Linux expects it at reset).
 MISC_ENABLE_FAST_STRING = 1 << 0
 PAT_POWER_ON_VALUE = 0x0007_0406_0007_0406
+
+# Memory type range registers (SDM vol. 3A 12.11.2.1, IA32_MTRR_DEF_TYPE)
+IA32_MTRR_DEF_TYPE = 0x2FF
+MTRR_DEF_TYPE_E = 1 << 11  # MTRRs enabled
+MTRR_DEF_TYPE_FE = 1 << 10  # fixed-range MTRRs enabled
+MTRR_TYPE_WB = 0x6

@@ -1,0 +1,299 @@
+"""ACPI tables for a hardware-reduced microVM (ACPI 6.5), written into [ACPI_ADDR, ACPI_END).
+
+Like Cloud Hypervisor and Firecracker, kvmkit describes a *hardware-reduced* platform (ACPI
+6.5 section 4.1): no PM1 blocks, no PM timer, no SCI-driven fixed events. Linux then skips the
+legacy PIC and PIT timer set-up (acpi_generic_reduced_hw_init) and uses the local APIC timer
+and kvmclock. Power-off and reset go through three byte-wide I/O registers
+(kvmkit.devices.legacy.power).
+
+    layout.ACPI_ADDR  RSDP    (rev 2, 36 bytes; Linux scans 0xE0000-0xFFFFF for it, and the
+                               boot protocol's acpi_rsdp_addr / PVH rsdp_paddr point at it)
+                      XSDT    -> FADT, MADT
+                      FADT    (rev 6.5, HW_REDUCED_ACPI | RESET_REG_SUP, X_DSDT -> DSDT)
+                      DSDT    (AML: Name (_S5_, Package (4) {5, 5, 0, 0}))
+                      MADT    (local APIC per vCPU, IOAPIC, overrides, LAPIC NMI)
+
+Section numbers below are ACPI 6.5's.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from kvmkit.arch.x86_64 import layout
+from kvmkit.devices.legacy.power import RESET_VALUE, S5_SLEEP_TYPE
+from kvmkit.memory.guest import GuestMemory
+
+OEM_ID = b"KVMKIT"
+OEM_TABLE_ID = b"KVMKITVM"
+OEM_REVISION = 1
+CREATOR_ID = b"KVMK"
+CREATOR_REVISION = 1
+
+HEADER = struct.Struct("<4sIBB6s8sI4sI")  # 5.2.6, 36 bytes
+RSDP = struct.Struct("<8sB6sBIIQB3s")  # 5.2.5.3, 36 bytes
+assert HEADER.size == 36 and RSDP.size == 36
+
+# Generic Address Structure (5.2.3.2)
+GAS = struct.Struct("<BBBBQ")
+SPACE_SYSTEM_IO = 1
+ACCESS_BYTE = 1
+
+# FADT (5.2.9, table 5.9): offsets of the fields kvmkit sets; length 276 (revision 6).
+FADT_REVISION = 6
+FADT_MINOR_REVISION = 5
+FADT_LENGTH = 276
+FADT_DSDT = 40
+FADT_SCI_INT = 46
+FADT_CENTURY = 108
+FADT_IAPC_BOOT_ARCH = 109
+FADT_FLAGS = 112
+FADT_RESET_REG = 116
+FADT_RESET_VALUE = 128
+FADT_MINOR_VERSION = 131
+FADT_X_DSDT = 140
+FADT_SLEEP_CONTROL_REG = 244
+FADT_SLEEP_STATUS_REG = 256
+FADT_HYPERVISOR_VENDOR = 268
+# Fixed feature flags (table 5.10)
+FADT_F_RESET_REG_SUP = 1 << 10
+FADT_F_HW_REDUCED_ACPI = 1 << 20
+# IA-PC boot architecture flags (5.2.9.3, table 5.11)
+IAPC_LEGACY_DEVICES = 1 << 0
+IAPC_8042 = 1 << 1
+IAPC_VGA_NOT_PRESENT = 1 << 2
+CMOS_CENTURY_INDEX = 0x32  # the RTC's century register (kvmkit.devices.legacy.rtc)
+
+# MADT (5.2.12)
+MADT_REVISION = 5
+MADT_PCAT_COMPAT = 1 << 0
+MADT_LOCAL_APIC = 0  # 5.2.12.2
+MADT_IOAPIC = 1  # 5.2.12.3
+MADT_INTERRUPT_OVERRIDE = 2  # 5.2.12.5
+MADT_LOCAL_APIC_NMI = 4  # 5.2.12.7
+LAPIC_ENABLED = 1 << 0
+# MPS INTI flags (table 5.26): polarity bits 1:0, trigger mode bits 3:2
+INTI_CONFORMS = 0
+INTI_ACTIVE_HIGH = 0b01
+INTI_LEVEL = 0b11 << 2
+
+SCI_IRQ = 9
+DSDT_REVISION = 2  # 64-bit AML integers
+ALIGN = 16
+
+
+def checksum(data: bytes | bytearray) -> int:
+    """The byte that makes `data` (including it) sum to 0 modulo 256 (5.2.5.3, 5.2.6)."""
+    return (-sum(data)) & 0xFF
+
+
+def _pad(raw: bytes, width: int) -> bytes:
+    return raw[:width].ljust(width, b" ")
+
+
+def sdt(signature: bytes, revision: int, body: bytes) -> bytes:
+    """A system description table: the 36-byte header (5.2.6) with length and checksum."""
+    header = HEADER.pack(
+        signature, HEADER.size + len(body), revision, 0, _pad(OEM_ID, 6),
+        _pad(OEM_TABLE_ID, 8), OEM_REVISION, CREATOR_ID, CREATOR_REVISION,
+    )  # fmt: skip
+    table = bytearray(header + body)
+    table[9] = checksum(table)
+    return bytes(table)
+
+
+def gas_io8(port: int) -> bytes:
+    """A Generic Address Structure for one 8-bit I/O port."""
+    return GAS.pack(SPACE_SYSTEM_IO, 8, 0, ACCESS_BYTE, port)
+
+
+# -- AML (ACPI Machine Language, section 20) -- just what the DSDT needs.
+AML_ZERO = 0x00
+AML_ONE = 0x01
+AML_BYTE_PREFIX = 0x0A
+AML_WORD_PREFIX = 0x0B
+AML_DWORD_PREFIX = 0x0C
+AML_QWORD_PREFIX = 0x0E
+AML_NAME_OP = 0x08
+AML_PACKAGE_OP = 0x12
+
+
+def aml_pkg_length(length: int) -> bytes:
+    """PkgLength (20.2.4) for `length` bytes of content; the encoding counts itself."""
+    if length + 1 < 0x40:
+        return bytes([length + 1])
+    for extra in (1, 2, 3):
+        total = length + 1 + extra
+        if total < 1 << (4 + 8 * extra):
+            lead = (extra << 6) | (total & 0xF)
+            rest = (total >> 4).to_bytes(extra, "little")
+            return bytes([lead]) + rest
+    raise ValueError(f"AML package of {length} bytes is too long")
+
+
+def aml_name_seg(name: str) -> bytes:
+    """A NameSeg (20.2.2): 4 characters, lead A-Z or _, then A-Z, 0-9 or _; padded with _."""
+    raw = name.encode("ascii")
+    if not 1 <= len(raw) <= 4:
+        raise ValueError(f"bad AML name segment {name!r}")
+    raw = raw.ljust(4, b"_")
+    ok_lead = raw[:1].isupper() or raw[:1] == b"_"
+    if not ok_lead or not all(c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_" for c in raw):
+        raise ValueError(f"bad AML name segment {name!r}")
+    return raw
+
+
+def aml_integer(value: int) -> bytes:
+    """ComputationalData for an integer (20.2.3): ZeroOp, OneOp or the shortest prefix."""
+    if value == 0:
+        return bytes([AML_ZERO])
+    if value == 1:
+        return bytes([AML_ONE])
+    for prefix, size in (
+        (AML_BYTE_PREFIX, 1),
+        (AML_WORD_PREFIX, 2),
+        (AML_DWORD_PREFIX, 4),
+        (AML_QWORD_PREFIX, 8),
+    ):
+        if 0 <= value < 1 << (8 * size):
+            return bytes([prefix]) + value.to_bytes(size, "little")
+    raise ValueError(f"AML integer {value} out of range")
+
+
+def aml_package(elements: list[bytes]) -> bytes:
+    """DefPackage (20.2.5.4): PackageOp PkgLength NumElements PackageElementList."""
+    if len(elements) > 255:
+        raise ValueError("AML package with more than 255 elements")
+    content = bytes([len(elements)]) + b"".join(elements)
+    return bytes([AML_PACKAGE_OP]) + aml_pkg_length(len(content)) + content
+
+
+def aml_name(name: str, data: bytes) -> bytes:
+    """DefName (20.2.5.1): NameOp NameString DataRefObject."""
+    return bytes([AML_NAME_OP]) + aml_name_seg(name) + data
+
+
+def dsdt_aml(s5_sleep_type: int = S5_SLEEP_TYPE) -> bytes:
+    """The DSDT's definition block. \\_S5_ (7.4.2): Package {SLP_TYPa, SLP_TYPb, reserved,
+    reserved}; a hardware-reduced OS uses SLP_TYPa for the sleep control register."""
+    s5 = aml_package([aml_integer(s5_sleep_type)] * 2 + [aml_integer(0)] * 2)
+    return aml_name("_S5_", s5)
+
+
+def build_fadt(
+    dsdt_addr: int, *, pm_port: int, reset_port: int, reset_value: int, i8042: bool
+) -> bytes:
+    body = bytearray(FADT_LENGTH - HEADER.size)
+
+    def put(offset: int, fmt: str, *values: int | bytes) -> None:
+        struct.pack_into(fmt, body, offset - HEADER.size, *values)
+
+    put(FADT_DSDT, "<I", dsdt_addr if dsdt_addr < 1 << 32 else 0)
+    put(FADT_SCI_INT, "<H", SCI_IRQ)
+    put(FADT_CENTURY, "<B", CMOS_CENTURY_INDEX)
+    # No VGA; the 8042 flag tells Linux whether to probe the PS/2 controller at all.
+    put(FADT_IAPC_BOOT_ARCH, "<H", IAPC_VGA_NOT_PRESENT | (IAPC_8042 if i8042 else 0))
+    put(FADT_FLAGS, "<I", FADT_F_HW_REDUCED_ACPI | FADT_F_RESET_REG_SUP)
+    body[FADT_RESET_REG - HEADER.size : FADT_RESET_REG - HEADER.size + GAS.size] = gas_io8(
+        reset_port
+    )
+    put(FADT_RESET_VALUE, "<B", reset_value & 0xFF)
+    put(FADT_MINOR_VERSION, "<B", FADT_MINOR_REVISION)
+    put(FADT_X_DSDT, "<Q", dsdt_addr)
+    for offset, port in ((FADT_SLEEP_CONTROL_REG, pm_port), (FADT_SLEEP_STATUS_REG, pm_port + 1)):
+        body[offset - HEADER.size : offset - HEADER.size + GAS.size] = gas_io8(port)
+    put(FADT_HYPERVISOR_VENDOR, "<8s", b"KVMKIT")
+    return sdt(b"FACP", FADT_REVISION, bytes(body))
+
+
+def build_madt(nvcpus: int, *, sci_irq: int = SCI_IRQ) -> bytes:
+    body = bytearray(struct.pack("<II", layout.LAPIC_ADDR, MADT_PCAT_COMPAT))
+    for cpu in range(nvcpus):
+        # Processor Local APIC: type, length, ACPI processor UID, APIC ID, flags.
+        body += struct.pack("<BBBBI", MADT_LOCAL_APIC, 8, cpu, cpu, LAPIC_ENABLED)
+    # I/O APIC: type, length, id, reserved, address, global system interrupt base. Same id as
+    # the MP table (nvcpus): no clash with the local APIC IDs.
+    body += struct.pack("<BBBBII", MADT_IOAPIC, 12, nvcpus, 0, layout.IOAPIC_ADDR, 0)
+    # Interrupt source overrides: ISA IRQ 0 (PIT) is IOAPIC pin 2 (KVM's in-kernel routing);
+    # the SCI is level-triggered, active high (as QEMU describes it).
+    body += struct.pack("<BBBBIH", MADT_INTERRUPT_OVERRIDE, 10, 0, 0, 2, INTI_CONFORMS)
+    body += struct.pack(
+        "<BBBBIH", MADT_INTERRUPT_OVERRIDE, 10, 0, sci_irq, sci_irq, INTI_ACTIVE_HIGH | INTI_LEVEL
+    )
+    # Local APIC NMI: all processors (UID 0xFF), flags conform, LINT1.
+    body += struct.pack("<BBBHB", MADT_LOCAL_APIC_NMI, 6, 0xFF, INTI_CONFORMS, 1)
+    return sdt(b"APIC", MADT_REVISION, bytes(body))
+
+
+def build_rsdp(xsdt_addr: int) -> bytes:
+    raw = bytearray(
+        RSDP.pack(b"RSD PTR ", 0, _pad(OEM_ID, 6), 2, 0, RSDP.size, xsdt_addr, 0, bytes(3))
+    )
+    raw[8] = checksum(raw[:20])  # ACPI 1.0 checksum: first 20 bytes
+    raw[32] = checksum(raw)  # extended checksum: the whole structure
+    return bytes(raw)
+
+
+def _align(value: int) -> int:
+    return (value + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def write_acpi_tables(
+    mem: GuestMemory,
+    nvcpus: int,
+    *,
+    pm_port: int,
+    reset_port: int,
+    reset_value: int = RESET_VALUE,
+    s5_sleep_type: int = S5_SLEEP_TYPE,
+    i8042: bool = False,
+    addr: int = layout.ACPI_ADDR,
+) -> int:
+    """Write RSDP, XSDT, FADT, DSDT and MADT from `addr` (16-byte aligned, tables must end
+    below layout.ACPI_END) and return the RSDP's address (= addr).
+
+    `pm_port`: the sleep control register (sleep status is pm_port + 1); `reset_port` and
+    `reset_value`: the FADT reset register. `i8042=False` (the default) clears the FADT's
+    8042 flag so Linux does not probe a PS/2 controller (no i8042 driver delays); the i8042
+    device still serves the reset line (0xFE on port 0x64)."""
+    if not 1 <= nvcpus <= 254:
+        raise ValueError(f"ACPI tables for 1..254 vCPUs, not {nvcpus}")
+    if addr % ALIGN:
+        raise ValueError(f"ACPI tables address {addr:#x} is not {ALIGN}-byte aligned")
+    for name, port in (
+        ("pm_port", pm_port),
+        ("pm_port + 1", pm_port + 1),
+        ("reset_port", reset_port),
+    ):
+        if not 0 <= port <= 0xFFFF:
+            raise ValueError(f"{name} {port:#x} is not an I/O port")
+
+    rsdp_addr = addr
+    xsdt_addr = _align(rsdp_addr + RSDP.size)
+    # The XSDT lists two tables (FADT, MADT): its size is known before their addresses.
+    xsdt_size = HEADER.size + 2 * 8
+    fadt_addr = _align(xsdt_addr + xsdt_size)
+    dsdt_addr = _align(fadt_addr + FADT_LENGTH)
+    dsdt = sdt(b"DSDT", DSDT_REVISION, dsdt_aml(s5_sleep_type))
+    madt_addr = _align(dsdt_addr + len(dsdt))
+    madt = build_madt(nvcpus)
+    end = madt_addr + len(madt)
+    if end > layout.ACPI_END:
+        raise ValueError(f"ACPI tables end at {end:#x}, past {layout.ACPI_END:#x}")
+
+    fadt = build_fadt(
+        dsdt_addr, pm_port=pm_port, reset_port=reset_port, reset_value=reset_value, i8042=i8042
+    )
+    xsdt = sdt(b"XSDT", 1, struct.pack("<QQ", fadt_addr, madt_addr))
+    assert len(xsdt) == xsdt_size and len(fadt) == FADT_LENGTH
+
+    mem.fill(addr, end - addr)
+    for at, table in (
+        (rsdp_addr, build_rsdp(xsdt_addr)),
+        (xsdt_addr, xsdt),
+        (fadt_addr, fadt),
+        (dsdt_addr, dsdt),
+        (madt_addr, madt),
+    ):
+        mem.write(at, table)
+    return rsdp_addr
