@@ -1,0 +1,273 @@
+"""The 16550A UART driven the way Linux's 8250 driver drives it."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from kvmkit.devices.irq import NoIrq
+from kvmkit.devices.legacy.serial import Serial8250
+
+THR = RBR = DLL = 0
+IER = DLM = 1
+IIR = FCR = 2
+LCR, MCR, LSR, MSR, SCR = 3, 4, 5, 6, 7
+
+
+class Uart:
+    def __init__(self, **kw: int) -> None:
+        self.irq = NoIrq()
+        self.out: list[bytes] = []
+        self.dev = Serial8250(self.irq, self.out.append, **kw)
+
+    def inb(self, off: int) -> int:
+        buf = bytearray(1)
+        self.dev.read(off, memoryview(buf))
+        return buf[0]
+
+    def outb(self, off: int, value: int) -> None:
+        self.dev.write(off, memoryview(bytearray([value])))
+
+    @property
+    def output(self) -> bytes:
+        return b"".join(self.out)
+
+
+def test_idle_registers() -> None:
+    u = Uart()
+    assert u.inb(LSR) == 0x60
+    assert u.inb(IIR) == 0x01
+    assert u.inb(IER) == 0
+    assert u.inb(MSR) & 0xF0 == 0xB0
+    assert u.irq.count == 0
+
+
+def test_linux_autoconfig_probe_finds_a_16550a() -> None:
+    """The sequence of autoconfig() in drivers/tty/serial/8250/8250_port.c."""
+    u = Uart()
+    # Existence test on IER.
+    scratch = u.inb(IER)
+    u.outb(IER, 0)
+    assert u.inb(IER) & 0x0F == 0
+    u.outb(IER, 0x0F)
+    assert u.inb(IER) & 0x0F == 0x0F
+    u.outb(IER, scratch)
+    # Loopback test: MCR = LOOP | OUT2 | RTS -> MSR upper nibble 0x90.
+    save_mcr = u.inb(MCR)
+    u.outb(MCR, 0x10 | 0x0A)
+    assert u.inb(MSR) & 0xF0 == 0x90
+    u.outb(MCR, save_mcr)
+    # FIFO probe.
+    u.outb(LCR, 0xBF)
+    u.outb(2, 0)  # EFR on 16650s, FCR here
+    u.outb(LCR, 0)
+    u.outb(FCR, 0x01)
+    assert u.inb(IIR) >> 6 == 3
+    # autoconfig_16550a: no EFR with LCR=0x80 or 0xBF (IIR reads non-zero).
+    u.outb(LCR, 0x80)
+    assert u.inb(2) != 0
+    u.outb(LCR, 0xBF)
+    assert u.inb(2) != 0
+    # Not a 16750: IIR bit 5 stays clear with and without DLAB.
+    u.outb(LCR, 0)
+    u.outb(FCR, 0x01 | 0x20)
+    assert u.inb(IIR) & 0xE0 == 0xC0
+    u.outb(LCR, 0x80)
+    u.outb(FCR, 0x01 | 0x20)
+    assert u.inb(IIR) & 0xE0 == 0xC0
+    u.outb(LCR, 0)
+    # Not an XScale: IER bit 6 does not stick.
+    u.outb(IER, 0x40)
+    assert not u.inb(IER) & 0x40
+    # Scratch register.
+    for v in (0x55, 0xAA):
+        u.outb(SCR, v)
+        assert u.inb(SCR) == v
+    assert u.output == b""
+
+
+def test_divisor_latch() -> None:
+    u = Uart()
+    u.outb(LCR, 0x83)
+    u.outb(DLL, 0x01)
+    u.outb(DLM, 0x00)
+    assert (u.inb(DLL), u.inb(DLM)) == (1, 0)
+    u.outb(LCR, 0x03)
+    assert u.inb(IER) == 0
+    assert u.inb(LCR) == 0x03
+    assert u.output == b""
+
+
+def test_thre_interrupt_on_enable_and_reassert() -> None:
+    """serial8250_do_startup's THRE test: IIR must report THRE after enabling ETBEI, and again
+    after disabling and re-enabling it."""
+    u = Uart()
+    u.outb(FCR, 0x07)
+    u.outb(IER, 0x02)
+    assert u.irq.count == 1
+    assert u.inb(IIR) == 0xC2
+    assert u.inb(IIR) == 0xC1  # reading IIR cleared the THRE interrupt
+    u.outb(IER, 0)
+    u.outb(IER, 0x02)
+    assert u.irq.count == 2
+    assert u.inb(IIR) & 0x0F == 0x02
+    u.outb(IER, 0)
+
+
+def test_thre_interrupt_after_each_write() -> None:
+    u = Uart()
+    u.outb(IER, 0x02)
+    u.inb(IIR)
+    n = u.irq.count
+    for c in b"ok\n":
+        assert u.inb(LSR) & 0x20
+        u.outb(THR, c)
+        assert u.inb(LSR) == 0x60
+    assert u.output == b"ok\n" and u.out == [b"o", b"k", b"\n"]
+    assert u.irq.count == n + 3
+    assert u.inb(IIR) & 0x0F == 0x02
+
+
+def test_no_interrupt_without_ier() -> None:
+    u = Uart()
+    u.outb(THR, ord("x"))
+    u.dev.enqueue_input(b"y")
+    assert u.irq.count == 0
+    assert u.inb(IIR) & 0x0F == 0x01
+
+
+def test_input_raises_rda_and_reads_in_order() -> None:
+    u = Uart()
+    u.outb(IER, 0x01)
+    assert u.irq.count == 0
+    assert u.dev.enqueue_input(b"hi") == 2
+    assert u.irq.count == 1
+    assert u.inb(LSR) == 0x61
+    assert u.inb(IIR) & 0x0F == 0x04
+    assert u.inb(RBR) == ord("h")
+    u.dev.enqueue_input(b"!")  # RDA still pending: no new edge
+    assert u.irq.count == 1
+    assert bytes([u.inb(RBR), u.inb(RBR)]) == b"i!"
+    assert u.inb(LSR) == 0x60 and u.inb(IIR) & 0x0F == 0x01
+
+
+def test_rda_priority_over_thre_and_enable_with_data_waiting() -> None:
+    u = Uart()
+    u.dev.enqueue_input(b"a")
+    u.outb(IER, 0x03)
+    assert u.irq.count == 1
+    assert u.inb(IIR) & 0x0F == 0x04
+    u.inb(RBR)
+    assert u.inb(IIR) & 0x0F == 0x02
+
+
+def test_input_fifo_is_bounded() -> None:
+    u = Uart(fifo_size=4)
+    assert u.dev.enqueue_input(b"abcdef") == 4
+    assert u.dev.input_space() == 0
+    assert u.dev.enqueue_input(b"g") == 0
+    assert bytes(u.inb(RBR) for _ in range(4)) == b"abcd"
+    assert u.dev.input_space() == 4
+
+
+def test_fcr_clears_receive_fifo() -> None:
+    u = Uart()
+    u.dev.enqueue_input(b"junk")
+    u.outb(FCR, 0x01 | 0x02)
+    assert not u.inb(LSR) & 0x01
+
+
+def test_loopback_echoes_into_rbr_not_output() -> None:
+    u = Uart()
+    u.outb(MCR, 0x10)
+    u.outb(IER, 0x01)
+    u.outb(THR, 0x5A)
+    assert u.output == b""
+    assert u.irq.count == 1
+    assert u.inb(LSR) & 0x01 and u.inb(RBR) == 0x5A
+    assert u.dev.enqueue_input(b"x") == 0  # the line is disconnected in loopback
+
+
+def test_modem_status_deltas_in_loopback() -> None:
+    u = Uart()
+    u.outb(MCR, 0x10)  # loopback, all outputs off: CTS/DSR/DCD drop
+    msr = u.inb(MSR)
+    assert msr & 0xF0 == 0 and msr & 0x0B == 0x0B
+    assert u.inb(MSR) & 0x0F == 0  # deltas cleared by the read
+
+
+def test_bad_accesses_are_ignored() -> None:
+    u = Uart()
+    buf = bytearray(4)
+    u.dev.read(0, memoryview(buf))
+    assert buf == b"\xff" * 4
+    u.dev.write(0, memoryview(b"abcd"))
+    u.dev.write(8, memoryview(b"a"))
+    u.dev.read(-1, memoryview(bytearray(1)))
+    u.dev.read(100, memoryview(bytearray(1)))
+    assert u.output == b"" and u.inb(LSR) == 0x60
+
+
+def test_output_callback_failure_does_not_raise() -> None:
+    def broken(data: bytes) -> None:
+        raise BrokenPipeError
+
+    dev = Serial8250(NoIrq(), broken)
+    dev.write(0, memoryview(b"x"))
+
+
+def test_save_restore_round_trip_as_json() -> None:
+    u = Uart()
+    u.outb(LCR, 0x83)
+    u.outb(DLL, 3)
+    u.outb(LCR, 0x1B)
+    u.outb(IER, 0x03)
+    u.outb(FCR, 0xC1)
+    u.outb(SCR, 0x42)
+    u.outb(MCR, 0x0B)
+    u.dev.enqueue_input(b"xyz")
+    state = json.loads(json.dumps(u.dev.save()))
+    v = Uart()
+    v.dev.restore(state)
+    assert v.dev.save() == u.dev.save()
+    assert v.inb(LCR) == 0x1B and v.inb(SCR) == 0x42 and v.inb(IER) == 0x03
+    assert v.inb(IIR) == 0xC4
+    assert bytes(v.inb(RBR) for _ in range(3)) == b"xyz"
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [{"version": 99}, {"ier": 256}, {"rx": [1, 2, 300]}, {"rx": "abc"}, {"fifo_enabled": 1},
+     {"lcr": True}],
+)  # fmt: skip
+def test_restore_rejects_bad_state(patch: dict[str, object]) -> None:
+    u = Uart()
+    state = {**u.dev.save(), **patch}
+    before = u.dev.save()
+    with pytest.raises(ValueError):
+        u.dev.restore(state)
+    assert u.dev.save() == before
+
+
+def test_concurrent_writers_and_input() -> None:
+    u = Uart()
+    u.outb(IER, 0x03)
+
+    def writer(ch: int) -> None:
+        for _ in range(500):
+            u.outb(THR, ch)
+
+    def feeder() -> None:
+        for _ in range(500):
+            if u.dev.enqueue_input(b"i") == 0:
+                u.inb(RBR)
+
+    threads = [threading.Thread(target=writer, args=(c,)) for c in b"ab"]
+    threads.append(threading.Thread(target=feeder))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(u.output) == sorted(b"a" * 500 + b"b" * 500)
