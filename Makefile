@@ -1,5 +1,6 @@
 # kvmkit: the two commands of the README, and their parts.
-#   make demo   set up, then probe this host's KVM and run a tiny guest (the main job for now)
+#   make demo   set up, then boot the default Linux guest and run a command in it (in the
+#               lane when the host has no VMX/SVM)
 #   make test   set up, then run every test: unit and /dev/kvm tests on the host, lane tests,
 #               and the hardware-virtualization tests (inside `kvmkit lane` when the host
 #               has no VMX/SVM)
@@ -19,8 +20,7 @@ setup: $(VENV)/.installed
 	bash scripts/setup-host.sh
 
 demo: setup
-	$(VENV)/bin/kvmkit probe
-	$(VENV)/bin/kvmkit demo
+	bash scripts/demo.sh
 
 test: setup test-host test-hwvirt
 
@@ -31,7 +31,7 @@ test-hwvirt: $(VENV)/.installed
 	bash scripts/run-hwvirt-tests.sh $(VPY)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
 
 clean:

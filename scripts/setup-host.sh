@@ -4,13 +4,15 @@
 #   qemu-system-x86  runs the lane VM (QEMU/TCG with emulated AMD-V)
 #   busybox-static   the lane initramfs's shell and tools
 #   cpio             GNU cpio, which the unit tests use to check kvmkit's cpio writer
+#   acpica-tools     iasl, which the unit tests use to check kvmkit's ACPI tables
+#   gcc binutils make linux-libc-dev   tiny guests (as, ld, gcc) and the ABI test (linux/kvm.h)
 # The lane kernel (Debian's linux-image-<abi>-amd64-unsigned) is fetched with `apt-get download`
 # and unpacked into the cache, never installed. Needs root (or sudo) only to install packages;
 # only the package registries need to be reachable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(qemu-system-x86 busybox-static cpio)
+PACKAGES=(qemu-system-x86 busybox-static cpio acpica-tools gcc binutils make linux-libc-dev)
 
 say() { echo "setup-host: $*"; }
 

@@ -35,7 +35,7 @@ def table(mem: GuestMemory, addr: int) -> bytes:
 
 def write(mem: GuestMemory, nvcpus: int = 2, **kw: bool) -> int:
     return acpi.write_acpi_tables(
-        mem, nvcpus, pm_port=AcpiPower.SLEEP_CONTROL_PORT, reset_port=AcpiPower.RESET_PORT, **kw
+        mem, nvcpus, pm_port=AcpiPower.PM1_EVT_PORT, reset_port=AcpiPower.RESET_PORT, **kw
     )
 
 
@@ -65,23 +65,29 @@ def test_rsdp_at_acpi_addr_and_chain(mem: GuestMemory) -> None:
     assert rsdp == layout.ACPI_ADDR
     tables = chain(mem, rsdp)
     assert set(tables) == {b"XSDT", b"FACP", b"APIC", b"DSDT"}
+    facs_addr = struct.unpack_from("<I", tables[b"FACP"], 36)[0]
+    assert facs_addr % 64 == 0 and mem.read(facs_addr, 8) == b"FACS" + (64).to_bytes(4, "little")
     for t in tables.values():
         assert t[10:16] == b"KVMKIT"
 
 
-def test_fadt_hardware_reduced_with_sleep_and_reset_registers(mem: GuestMemory) -> None:
+def test_fadt_pm1_blocks_and_reset_register(mem: GuestMemory) -> None:
     fadt = chain(mem, write(mem))[b"FACP"]
     assert len(fadt) == 276 and fadt[8] == 6 and fadt[131] == 5
     flags = struct.unpack_from("<I", fadt, 112)[0]
-    assert flags == (1 << 20) | (1 << 10)  # HW_REDUCED_ACPI | RESET_REG_SUP
+    assert flags & (1 << 10)  # RESET_REG_SUP
+    assert not flags & (1 << 20)  # not hardware-reduced: Linux keeps the ISA IRQ mapping
+    assert struct.unpack_from("<H", fadt, 46)[0] == 9  # SCI_INT
+    assert struct.unpack_from("<I", fadt, 48)[0] == 0  # no SMI_CMD: always in ACPI mode
+    assert struct.unpack_from("<I", fadt, 56)[0] == AcpiPower.PM1_EVT_PORT
+    assert struct.unpack_from("<I", fadt, 64)[0] == AcpiPower.PM1_CNT_PORT
+    assert (fadt[88], fadt[89]) == (4, 2)
 
     def gas(offset: int) -> tuple[int, int, int, int, int]:
         return struct.unpack_from("<BBBBQ", fadt, offset)  # type: ignore[return-value]
 
     assert gas(116) == (1, 8, 0, 1, AcpiPower.RESET_PORT)
     assert fadt[128] == 0x01
-    assert gas(244) == (1, 8, 0, 1, AcpiPower.SLEEP_CONTROL_PORT)
-    assert gas(256) == (1, 8, 0, 1, AcpiPower.SLEEP_STATUS_PORT)
     assert struct.unpack_from("<H", fadt, 109)[0] & 0x2 == 0  # no 8042 by default
     assert fadt[108] == 0x32  # century register
 
@@ -131,7 +137,7 @@ def test_acpi_bad_arguments(mem: GuestMemory) -> None:
     with pytest.raises(ValueError):
         acpi.write_acpi_tables(mem, 1, pm_port=0xFFFF, reset_port=0x602)
     with pytest.raises(ValueError):
-        acpi.write_acpi_tables(mem, 1, pm_port=0x600, reset_port=0x602, addr=0xE0008)
+        acpi.write_acpi_tables(mem, 1, pm_port=0x600, reset_port=0x608, addr=0xE0008)
 
 
 def test_aml_pkg_length_encodings() -> None:
@@ -158,8 +164,9 @@ def test_iasl_disassembles_the_tables(mem: GuestMemory, tmp_path: Path) -> None:
     assert 'DefinitionBlock ("", "DSDT", 2, "KVMKIT"' in dsl
     assert "Name (_S5, Package (0x04)" in dsl
     facp = (tmp_path / "facp.dsl").read_text()
-    assert "Hardware Reduced (V5) : 1" in facp
-    assert "Address : 0000000000000600" in facp
+    assert "Hardware Reduced (V5) : 0" in facp
+    assert "PM1A Event Block Address : 00000600" in facp
+    assert "PM1A Control Block Address : 00000604" in facp
     # Re-assembling the disassembled DSDT proves the AML round-trips through the compiler.
     proc = subprocess.run(["iasl", str(tmp_path / "dsdt.dsl")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

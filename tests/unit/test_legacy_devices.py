@@ -132,23 +132,42 @@ def power() -> tuple[Ports, Counter, Counter]:
     return p, off, reset
 
 
-def test_power_s5_write_powers_off(power: tuple[Ports, Counter, Counter]) -> None:
+def outw(p: Ports, port: int, value: int) -> None:
+    p.bus.write(port, memoryview(value.to_bytes(2, "little")))
+
+
+def inw(p: Ports, port: int) -> int:
+    buf = bytearray(2)
+    p.bus.read(port, memoryview(buf))
+    return int.from_bytes(buf, "little")
+
+
+def test_power_s5_write_powers_off_as_linux_does(power: tuple[Ports, Counter, Counter]) -> None:
     p, off, reset = power
-    p.outb(AcpiPower.SLEEP_STATUS_PORT, 0x80)  # Linux clears WAK_STS first
-    assert p.inb(AcpiPower.SLEEP_STATUS_PORT) == 0
-    p.outb(AcpiPower.SLEEP_CONTROL_PORT, S5_SLEEP_TYPE << 2)  # SLP_EN not set: nothing
+    # The platform is always in ACPI mode: SCI_EN reads 1, so Linux needs no SMI_CMD.
+    assert inw(p, AcpiPower.PM1_CNT_PORT) & 1 == 1
+    outw(p, AcpiPower.PM1_EVT_PORT, 0x8000)  # acpi_hw_legacy_sleep clears WAK_STS first
+    assert inw(p, AcpiPower.PM1_EVT_PORT) == 0
+    # It writes SLP_TYP first, then SLP_TYP | SLP_EN (ACPI 6.5 7.4.2 / 16.1.6).
+    outw(p, AcpiPower.PM1_CNT_PORT, (S5_SLEEP_TYPE << 10) | 1)
     assert off.n == 0
-    p.outb(AcpiPower.SLEEP_CONTROL_PORT, (S5_SLEEP_TYPE << 2) | 0x20)
+    outw(p, AcpiPower.PM1_CNT_PORT, (S5_SLEEP_TYPE << 10) | (1 << 13) | 1)
     assert (off.n, reset.n) == (1, 0)
-    assert S5_SLEEP_TYPE << 2 | 0x20 == 0x34
 
 
 def test_power_other_sleep_states_ignored(power: tuple[Ports, Counter, Counter]) -> None:
     p, off, reset = power
     for typ in range(8):
         if typ != S5_SLEEP_TYPE:
-            p.outb(AcpiPower.SLEEP_CONTROL_PORT, (typ << 2) | 0x20)
+            outw(p, AcpiPower.PM1_CNT_PORT, (typ << 10) | (1 << 13))
     assert (off.n, reset.n) == (0, 0)
+
+
+def test_power_byte_writes_of_the_control_register(power: tuple[Ports, Counter, Counter]) -> None:
+    p, off, _ = power
+    p.outb(AcpiPower.PM1_CNT_PORT, 0x01)
+    p.outb(AcpiPower.PM1_CNT_PORT + 1, ((S5_SLEEP_TYPE << 10) | (1 << 13)) >> 8)
+    assert off.n == 1
 
 
 def test_power_reset_value(power: tuple[Ports, Counter, Counter]) -> None:
@@ -161,11 +180,10 @@ def test_power_reset_value(power: tuple[Ports, Counter, Counter]) -> None:
 
 def test_power_bad_sizes_ignored(power: tuple[Ports, Counter, Counter]) -> None:
     p, off, reset = power
-    p.bus.write(AcpiPower.BASE, memoryview(b"\x34\x00"))
-    p.bus.write(AcpiPower.BASE, memoryview(b"\x34\x00\x01\x00"))
-    buf = bytearray(b"\xaa\xaa")
+    p.bus.write(AcpiPower.PM1_CNT_PORT, memoryview(b"\x00\x34\x00"))
+    buf = bytearray(b"\xaa\xaa\xaa")
     p.bus.read(AcpiPower.BASE, memoryview(buf))
-    assert buf == b"\0\0"
+    assert buf == b"\xaa\xaa\xaa" or buf == b"\0\0\0"
     assert (off.n, reset.n) == (0, 0)
 
 

@@ -15,7 +15,7 @@ from kvmkit import __version__
 from kvmkit.errors import UserError
 
 # Subcommand modules, in the order `kvmkit --help` lists them.
-SUBCOMMANDS = ("probe", "demo", "lane", "image")
+SUBCOMMANDS = ("run", "probe", "demo", "lane", "image")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kvmkit", description="A virtual machine monitor and KVM toolkit."
     )
     parser.add_argument("--version", action="version", version=f"kvmkit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"kvmkit.cli.{name}")
         module.register(sub)
@@ -40,10 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = func(args)
     except UserError as exc:
-        print(f"kvmkit {args.command}: {exc}", file=sys.stderr)
+        print(f"kvmkit {args.subcommand}: {exc}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
-        print(f"kvmkit {args.command}: interrupted", file=sys.stderr)
+        print(f"kvmkit {args.subcommand}: interrupted", file=sys.stderr)
         return 130
     return status
 

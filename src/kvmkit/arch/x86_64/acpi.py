@@ -1,15 +1,16 @@
-"""ACPI tables for a hardware-reduced microVM (ACPI 6.5), written into [ACPI_ADDR, ACPI_END).
+"""ACPI tables for a microVM (ACPI 6.5), written into [ACPI_ADDR, ACPI_END).
 
-Like Cloud Hypervisor and Firecracker, kvmkit describes a *hardware-reduced* platform (ACPI
-6.5 section 4.1): no PM1 blocks, no PM timer, no SCI-driven fixed events. Linux then skips the
-legacy PIC and PIT timer set-up (acpi_generic_reduced_hw_init) and uses the local APIC timer
-and kvmclock. Power-off and reset go through three byte-wide I/O registers
-(kvmkit.devices.legacy.power).
+kvmkit describes a classic ACPI PC with PM1a event/control blocks (kvmkit.devices.legacy.power)
+rather than a hardware-reduced one: with HW_REDUCED_ACPI Linux installs no legacy PIC and maps
+no ISA IRQs (acpi_generic_reduced_hw_init), and the 8250 at IRQ 4 then fails to get its
+interrupt unless it is described in AML (seen booting Debian's 6.1 kernel: user-space console
+output never left the guest). No PM timer and no GPE blocks; the SCI (IRQ 9) is never raised.
 
     layout.ACPI_ADDR  RSDP    (rev 2, 36 bytes; Linux scans 0xE0000-0xFFFFF for it, and the
                                boot protocol's acpi_rsdp_addr / PVH rsdp_paddr point at it)
                       XSDT    -> FADT, MADT
-                      FADT    (rev 6.5, HW_REDUCED_ACPI | RESET_REG_SUP, X_DSDT -> DSDT)
+                      FADT    (rev 6.5, RESET_REG_SUP, PM1a blocks, FACS, X_DSDT -> DSDT)
+                      FACS    (64 bytes, 64-byte aligned; no firmware waking vector)
                       DSDT    (AML: Name (_S5_, Package (4) {5, 5, 0, 0}))
                       MADT    (local APIC per vCPU, IOAPIC, overrides, LAPIC NMI)
 
@@ -43,19 +44,28 @@ ACCESS_BYTE = 1
 FADT_REVISION = 6
 FADT_MINOR_REVISION = 5
 FADT_LENGTH = 276
+FADT_FIRMWARE_CTRL = 36
 FADT_DSDT = 40
 FADT_SCI_INT = 46
+FADT_PM1A_EVT_BLK = 56
+FADT_PM1A_CNT_BLK = 64
+FADT_PM1_EVT_LEN = 88
+FADT_PM1_CNT_LEN = 89
 FADT_CENTURY = 108
 FADT_IAPC_BOOT_ARCH = 109
 FADT_FLAGS = 112
 FADT_RESET_REG = 116
 FADT_RESET_VALUE = 128
 FADT_MINOR_VERSION = 131
+FADT_X_FIRMWARE_CTRL = 132
 FADT_X_DSDT = 140
 FADT_SLEEP_CONTROL_REG = 244
 FADT_SLEEP_STATUS_REG = 256
 FADT_HYPERVISOR_VENDOR = 268
 # Fixed feature flags (table 5.10)
+FADT_F_WBINVD = 1 << 0
+FADT_F_PWR_BUTTON = 1 << 4  # power button is a control-method device (there is none)
+FADT_F_SLP_BUTTON = 1 << 5
 FADT_F_RESET_REG_SUP = 1 << 10
 FADT_F_HW_REDUCED_ACPI = 1 << 20
 # IA-PC boot architecture flags (5.2.9.3, table 5.11)
@@ -175,33 +185,57 @@ def aml_name(name: str, data: bytes) -> bytes:
 
 def dsdt_aml(s5_sleep_type: int = S5_SLEEP_TYPE) -> bytes:
     """The DSDT's definition block. \\_S5_ (7.4.2): Package {SLP_TYPa, SLP_TYPb, reserved,
-    reserved}; a hardware-reduced OS uses SLP_TYPa for the sleep control register."""
+    reserved}; the OS writes SLP_TYPa into PM1a_CNT's SLP_TYP field."""
     s5 = aml_package([aml_integer(s5_sleep_type)] * 2 + [aml_integer(0)] * 2)
     return aml_name("_S5_", s5)
 
 
+FACS_LENGTH = 64
+
+
+def build_facs() -> bytes:
+    """Firmware ACPI Control Structure (5.2.10): no header checksum, version 2."""
+    raw = bytearray(FACS_LENGTH)
+    struct.pack_into("<4sI", raw, 0, b"FACS", FACS_LENGTH)
+    raw[32] = 2  # version
+    return bytes(raw)
+
+
 def build_fadt(
-    dsdt_addr: int, *, pm_port: int, reset_port: int, reset_value: int, i8042: bool
+    dsdt_addr: int,
+    *,
+    pm_port: int,
+    reset_port: int,
+    reset_value: int,
+    i8042: bool,
+    facs_addr: int = 0,
 ) -> bytes:
     body = bytearray(FADT_LENGTH - HEADER.size)
 
     def put(offset: int, fmt: str, *values: int | bytes) -> None:
         struct.pack_into(fmt, body, offset - HEADER.size, *values)
 
+    put(FADT_FIRMWARE_CTRL, "<I", facs_addr)
     put(FADT_DSDT, "<I", dsdt_addr if dsdt_addr < 1 << 32 else 0)
     put(FADT_SCI_INT, "<H", SCI_IRQ)
+    # PM1a event block (status + enable) at pm_port, control block at pm_port + 4; the
+    # 32-bit legacy fields with their lengths (ACPICA derives the X_ fields from them).
+    put(FADT_PM1A_EVT_BLK, "<I", pm_port)
+    put(FADT_PM1A_CNT_BLK, "<I", pm_port + 4)
+    put(FADT_PM1_EVT_LEN, "<B", 4)
+    put(FADT_PM1_CNT_LEN, "<B", 2)
     put(FADT_CENTURY, "<B", CMOS_CENTURY_INDEX)
     # No VGA; the 8042 flag tells Linux whether to probe the PS/2 controller at all.
     put(FADT_IAPC_BOOT_ARCH, "<H", IAPC_VGA_NOT_PRESENT | (IAPC_8042 if i8042 else 0))
-    put(FADT_FLAGS, "<I", FADT_F_HW_REDUCED_ACPI | FADT_F_RESET_REG_SUP)
+    flags = FADT_F_WBINVD | FADT_F_PWR_BUTTON | FADT_F_SLP_BUTTON | FADT_F_RESET_REG_SUP
+    put(FADT_FLAGS, "<I", flags)
     body[FADT_RESET_REG - HEADER.size : FADT_RESET_REG - HEADER.size + GAS.size] = gas_io8(
         reset_port
     )
     put(FADT_RESET_VALUE, "<B", reset_value & 0xFF)
     put(FADT_MINOR_VERSION, "<B", FADT_MINOR_REVISION)
+    put(FADT_X_FIRMWARE_CTRL, "<Q", facs_addr)
     put(FADT_X_DSDT, "<Q", dsdt_addr)
-    for offset, port in ((FADT_SLEEP_CONTROL_REG, pm_port), (FADT_SLEEP_STATUS_REG, pm_port + 1)):
-        body[offset - HEADER.size : offset - HEADER.size + GAS.size] = gas_io8(port)
     put(FADT_HYPERVISOR_VENDOR, "<8s", b"KVMKIT")
     return sdt(b"FACP", FADT_REVISION, bytes(body))
 
@@ -252,7 +286,7 @@ def write_acpi_tables(
     """Write RSDP, XSDT, FADT, DSDT and MADT from `addr` (16-byte aligned, tables must end
     below layout.ACPI_END) and return the RSDP's address (= addr).
 
-    `pm_port`: the sleep control register (sleep status is pm_port + 1); `reset_port` and
+    `pm_port`: the PM1a event block (4 ports; PM1a control at pm_port + 4); `reset_port` and
     `reset_value`: the FADT reset register. `i8042=False` (the default) clears the FADT's
     8042 flag so Linux does not probe a PS/2 controller (no i8042 driver delays); the i8042
     device still serves the reset line (0xFE on port 0x64)."""
@@ -262,7 +296,7 @@ def write_acpi_tables(
         raise ValueError(f"ACPI tables address {addr:#x} is not {ALIGN}-byte aligned")
     for name, port in (
         ("pm_port", pm_port),
-        ("pm_port + 1", pm_port + 1),
+        ("pm_port + 5", pm_port + 5),
         ("reset_port", reset_port),
     ):
         if not 0 <= port <= 0xFFFF:
@@ -273,7 +307,8 @@ def write_acpi_tables(
     # The XSDT lists two tables (FADT, MADT): its size is known before their addresses.
     xsdt_size = HEADER.size + 2 * 8
     fadt_addr = _align(xsdt_addr + xsdt_size)
-    dsdt_addr = _align(fadt_addr + FADT_LENGTH)
+    facs_addr = (fadt_addr + FADT_LENGTH + 63) & ~63  # the FACS must be 64-byte aligned
+    dsdt_addr = _align(facs_addr + FACS_LENGTH)
     dsdt = sdt(b"DSDT", DSDT_REVISION, dsdt_aml(s5_sleep_type))
     madt_addr = _align(dsdt_addr + len(dsdt))
     madt = build_madt(nvcpus)
@@ -282,8 +317,9 @@ def write_acpi_tables(
         raise ValueError(f"ACPI tables end at {end:#x}, past {layout.ACPI_END:#x}")
 
     fadt = build_fadt(
-        dsdt_addr, pm_port=pm_port, reset_port=reset_port, reset_value=reset_value, i8042=i8042
-    )
+        dsdt_addr, pm_port=pm_port, reset_port=reset_port, reset_value=reset_value,
+        i8042=i8042, facs_addr=facs_addr,
+    )  # fmt: skip
     xsdt = sdt(b"XSDT", 1, struct.pack("<QQ", fadt_addr, madt_addr))
     assert len(xsdt) == xsdt_size and len(fadt) == FADT_LENGTH
 
@@ -292,6 +328,7 @@ def write_acpi_tables(
         (rsdp_addr, build_rsdp(xsdt_addr)),
         (xsdt_addr, xsdt),
         (fadt_addr, fadt),
+        (facs_addr, build_facs()),
         (dsdt_addr, dsdt),
         (madt_addr, madt),
     ):

@@ -1,0 +1,140 @@
+"""`kvmkit run`: boot a Linux microVM, run a command in it or give an interactive console."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import select
+import sys
+import termios
+import threading
+import tty
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvmkit.errors import UserError
+from kvmkit.probe import detect_implementation
+from kvmkit.vmm.config import MachineConfig
+
+if TYPE_CHECKING:
+    from kvmkit.vmm.machine import Machine
+
+ESCAPE = 0x01  # Ctrl-A, then 'x' quits (as in QEMU's -nographic console)
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "run", help="boot a Linux microVM",
+        description="Boot a Linux guest (the default image unless --kernel is given). With a "
+        "COMMAND, run it in the guest, print its output and exit with its status; without, "
+        "open the serial console (Ctrl-A x quits).",
+    )  # fmt: skip
+    p.add_argument("--kernel", type=Path, help="bzImage or ELF vmlinux (PVH)")
+    p.add_argument("--initrd", type=Path, help="initramfs for --kernel")
+    p.add_argument(
+        "--cmdline", help="kernel command line (added to kvmkit's for the default image)"
+    )
+    p.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
+    p.add_argument("--mem-mib", type=int, default=256, help="guest memory in MiB (default 256)")
+    p.add_argument("--timeout", type=float, default=None, help="stop the VM after S seconds")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    p.set_defaults(func=run)
+
+
+def _progress(line: str) -> None:
+    print(f"kvmkit: {line}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _raw_terminal(fd: int) -> Iterator[None]:
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _forward_input(machine: Machine, fd: int, stop: threading.Event) -> None:
+    pending_escape = False
+    while not stop.is_set():
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if not ready:
+            continue
+        data = os.read(fd, 1024)
+        if not data:
+            return
+        out = bytearray()
+        for b in data:
+            if pending_escape:
+                pending_escape = False
+                if b in (ord("x"), ord("X")):
+                    machine.stop()
+                    return
+                if b != ESCAPE:
+                    out.append(ESCAPE)
+            elif b == ESCAPE:
+                pending_escape = True
+                continue
+            out.append(b)
+        if out:
+            machine.write_console(bytes(out))
+
+
+def run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    config = MachineConfig(
+        kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
+        vcpus=args.vcpus, mem_mib=args.mem_mib, command=command,
+    )  # fmt: skip
+    config.validate()
+    implementation, why = detect_implementation()
+    if not implementation.startswith("hardware-") and not os.environ.get("KVMKIT_FORCE_RUN"):
+        raise UserError(
+            f"this host's /dev/kvm is {implementation} ({why}): unmodified Linux guests cannot "
+            "run on it; run them in the emulated hardware-virtualization lane instead: "
+            f"kvmkit lane -- kvmkit run {' '.join(command) if command else ''}".rstrip()
+        )
+    stdout = sys.stdout.buffer
+
+    def write_out(data: bytes) -> None:
+        stdout.write(data)
+        stdout.flush()
+
+    if config.kernel is None:
+        from kvmkit.image.guest import default_image
+
+        default_image(progress=_progress)
+    from kvmkit.vmm.machine import Machine  # imported here: `kvmkit --help` stays light
+
+    with Machine(config, command_output=write_out) as machine:
+        machine.build()
+        interactive = not command
+        stop_input = threading.Event()
+        stdin_fd = sys.stdin.fileno() if sys.stdin is not None else -1
+        if interactive:
+            machine.console.add_listener(write_out)
+        with contextlib.ExitStack() as stack:
+            if interactive and stdin_fd >= 0 and os.isatty(stdin_fd):
+                stack.enter_context(_raw_terminal(stdin_fd))
+                _progress("console attached; Ctrl-A x quits\r")
+            if interactive and stdin_fd >= 0:
+                threading.Thread(
+                    target=_forward_input, args=(machine, stdin_fd, stop_input), daemon=True
+                ).start()
+            machine.start()
+            result = machine.wait(args.timeout)
+            stop_input.set()
+            if result is None:
+                machine.stop()
+                machine.wait(10)
+                print(f"\nkvmkit run: timed out after {args.timeout} s", file=sys.stderr)
+                return 124
+    if command and result.command_status is not None:
+        return result.command_status
+    print(f"kvmkit run: {result.message}", file=sys.stderr)
+    return result.exit_status

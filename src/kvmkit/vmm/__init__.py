@@ -1,0 +1,1 @@
+"""The VMM: machine configuration, building a VM from it, vCPU threads, the console."""

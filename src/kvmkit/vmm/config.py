@@ -1,0 +1,60 @@
+"""What a user asks for: one `MachineConfig`, the same whether it comes from the CLI, the
+Python API or (later) the REST API and config file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmkit.errors import UserError
+
+MIN_MEM_MIB = 32
+MAX_MEM_MIB = 1 << 20  # 1 TiB: anything above is a typo, not a microVM
+MAX_VCPUS = 255  # APIC IDs must fit the 8-bit xAPIC ID and the MP table
+
+
+@dataclass
+class MachineConfig:
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str | None = None  # None: kvmkit's default for the kernel it boots
+    vcpus: int = 1
+    mem_mib: int = 256
+    command: list[str] = field(default_factory=list)  # run in the default guest image
+    extra_cmdline: str = ""
+
+    def validate(self, host_max_vcpus: int | None = None) -> None:
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise UserError(f"--vcpus {self.vcpus}: must be between 1 and {MAX_VCPUS}")
+        if host_max_vcpus is not None and self.vcpus > host_max_vcpus:
+            raise UserError(f"--vcpus {self.vcpus}: this host's KVM allows {host_max_vcpus}")
+        if not MIN_MEM_MIB <= self.mem_mib <= MAX_MEM_MIB:
+            raise UserError(
+                f"--mem-mib {self.mem_mib}: must be between {MIN_MEM_MIB} and {MAX_MEM_MIB}"
+            )
+        total = _host_memory_mib()
+        if total is not None and self.mem_mib > total:
+            raise UserError(f"--mem-mib {self.mem_mib}: the host has only {total} MiB of memory")
+        for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
+            if path is None:
+                continue
+            if not path.exists():
+                raise UserError(f"{what} {path}: no such file")
+            if not path.is_file():
+                raise UserError(f"{what} {path}: not a regular file")
+            if not os.access(path, os.R_OK):
+                raise UserError(f"{what} {path}: not readable")
+        if self.initrd is not None and self.kernel is None:
+            raise UserError("--initrd needs --kernel (the default image brings its own)")
+
+
+def _host_memory_mib() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        return None
+    return None

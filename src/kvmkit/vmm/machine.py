@@ -1,0 +1,334 @@
+"""A Linux microVM: built from a `MachineConfig`, run by one thread per vCPU.
+
+    with Machine(MachineConfig(vcpus=2, command=["uname", "-r"])) as m:
+        m.start()
+        result = m.wait()
+        print(result.exit_status, m.console.tail())
+
+Building follows the order KVM requires: VM, TSS/identity-map addresses, in-kernel irqchip
+and PIT, memory slots, guest tables (kernel, boot params, ACPI, MP table), devices and their
+irqfds, then vCPUs (CPUID before anything else on the vCPU, then MSRs, LAPIC LINT pins, FPU,
+and the boot registers on vCPU 0; the others wait for INIT/SIPI in the in-kernel LAPIC).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from kvmkit.abi.constants import KVM_PIT_SPEAKER_DUMMY, Cap
+from kvmkit.arch.x86_64 import layout
+from kvmkit.arch.x86_64 import regs as x86
+from kvmkit.arch.x86_64.acpi import write_acpi_tables
+from kvmkit.arch.x86_64.cpuid import guest_cpuid
+from kvmkit.arch.x86_64.mptable import write_mptable
+from kvmkit.arch.x86_64.msrs import boot_msrs
+from kvmkit.boot.loader import load_linux, setup_boot_vcpu
+from kvmkit.devices.bus import Bus
+from kvmkit.devices.irq import EventFdIrq
+from kvmkit.devices.legacy.i8042 import I8042
+from kvmkit.devices.legacy.power import AcpiPower
+from kvmkit.devices.legacy.rtc import CmosRtc
+from kvmkit.devices.legacy.serial import Serial8250
+from kvmkit.errors import UserError
+from kvmkit.kvm import Kvm, KvmError, Vcpu, Vm
+from kvmkit.kvm.kick import install_kick_handler
+from kvmkit.memory import GuestMemory
+from kvmkit.vmm.config import MachineConfig
+from kvmkit.vmm.console import CommandOutput, ConsoleStream, new_nonce
+from kvmkit.vmm.vcpu import VcpuEvent, VcpuEventKind, VcpuThread
+
+log = logging.getLogger(__name__)
+
+SERIAL_PORT = 0x3F8
+SERIAL_IRQ = 4
+# Kernel options kvmkit always passes: the console on the 8250, reboot through the i8042
+# reset line (which kvmkit turns into "the guest rebooted"), reboot at once on panic, and
+# no probing of a PS/2 controller kvmkit does not fully emulate (Firecracker's choices).
+BASE_CMDLINE = (
+    "console=ttyS0 reboot=k panic=-1 pci=off "
+    "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+)
+PANIC_MARKER = b"Kernel panic - not syncing"
+# After the command reported its status the init powers off; if that takes longer than
+# this, the VM is stopped anyway (the status is already known).
+POWEROFF_GRACE = 10.0
+
+
+class EndReason(enum.Enum):
+    POWEROFF = "poweroff"
+    REBOOT = "reboot"
+    PANIC = "panic"
+    TRIPLE_FAULT = "triple-fault"
+    ERROR = "error"
+    STOPPED = "stopped"
+
+
+# `kvmkit run` exit statuses when no command status is available (documented in the README).
+EXIT_STATUS = {
+    EndReason.POWEROFF: 0,
+    EndReason.REBOOT: 3,
+    EndReason.PANIC: 4,
+    EndReason.TRIPLE_FAULT: 5,
+    EndReason.ERROR: 6,
+    EndReason.STOPPED: 130,
+}
+MESSAGES = {
+    EndReason.POWEROFF: "the guest powered off",
+    EndReason.REBOOT: "the guest rebooted",
+    EndReason.PANIC: "the guest kernel panicked",
+    EndReason.TRIPLE_FAULT: "the guest triple-faulted (CPU reset)",
+    EndReason.ERROR: "the VM stopped on an error",
+    EndReason.STOPPED: "the VM was stopped",
+}
+
+
+@dataclass
+class MachineResult:
+    reason: EndReason
+    command_status: int | None
+    detail: str = ""
+
+    @property
+    def exit_status(self) -> int:
+        if self.command_status is not None:
+            return self.command_status
+        return EXIT_STATUS[self.reason]
+
+    @property
+    def message(self) -> str:
+        text = MESSAGES[self.reason]
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+def _cmdline_quote(argv: list[str]) -> str:
+    import base64
+    import json
+
+    return base64.urlsafe_b64encode(json.dumps(argv).encode()).decode().rstrip("=")
+
+
+class Machine:
+    def __init__(
+        self,
+        config: MachineConfig,
+        *,
+        command_output: Callable[[bytes], None] | None = None,
+        kvm_device: str = "/dev/kvm",
+    ) -> None:
+        self.config = config
+        self.console = ConsoleStream()
+        self.nonce = new_nonce()
+        self._command_output = command_output
+        self._kvm_device = kvm_device
+        self.kvm: Kvm | None = None
+        self.vm: Vm | None = None
+        self.mem = GuestMemory()
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self.threads: list[VcpuThread] = []
+        self._irqs: list[EventFdIrq] = []
+        self._result: MachineResult | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self.command: CommandOutput | None = None
+        self.serial: Serial8250 | None = None
+        self.started_at = 0.0
+
+    # -- life cycle
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.stop()
+        for t in self.threads:
+            t.join(5)
+        if self.vm is not None:
+            self.vm.close()
+        for irq in self._irqs:
+            irq.close()
+        self.mem.close()
+        if self.kvm is not None:
+            self.kvm.close()
+
+    # -- building
+    def kernel_and_initrd(self) -> tuple[Path, Path | None, str]:
+        """The kernel, initrd and command line to boot (the default image when none given)."""
+        cfg = self.config
+        extra = f" {cfg.extra_cmdline}" if cfg.extra_cmdline else ""
+        if cfg.kernel is not None:
+            cmdline = cfg.cmdline if cfg.cmdline is not None else BASE_CMDLINE
+            if cfg.command:
+                cmdline += f" kvmkit.nonce={self.nonce} kvmkit.cmd={_cmdline_quote(cfg.command)}"
+            return cfg.kernel, cfg.initrd, cmdline + extra
+        from kvmkit.image.guest import default_image
+
+        image = default_image()
+        cmdline = f"{BASE_CMDLINE} quiet kvmkit.nonce={self.nonce}"
+        if cfg.command:
+            cmdline += f" kvmkit.cmd={_cmdline_quote(cfg.command)}"
+        if cfg.cmdline:
+            cmdline += f" {cfg.cmdline}"
+        return image.kernel, image.initrd, cmdline + extra
+
+    def build(self) -> None:
+        cfg = self.config
+        install_kick_handler()
+        kernel, initrd, cmdline = self.kernel_and_initrd()
+        try:
+            self.kvm = kvm = Kvm(self._kvm_device)
+        except OSError as err:
+            raise UserError(str(err.strerror or err)) from None
+        cfg.validate(kvm.check_extension(Cap.MAX_VCPUS) or kvm.check_extension(Cap.NR_VCPUS))
+        try:
+            self.vm = vm = kvm.create_vm()
+        except KvmError as err:
+            raise UserError(f"cannot create a VM: {err}") from None
+        # Intel needs three pages for real-mode emulation and an identity-map page below
+        # 4 GiB, outside RAM and device windows (KVM API doc, KVM_SET_TSS_ADDR).
+        vm.set_tss_addr(0xFFFB_D000)
+        vm.set_identity_map_addr(0xFFFB_C000)
+        vm.create_irqchip()
+        vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
+
+        mem_size = cfg.mem_mib << 20
+        for start, size in layout.ram_ranges(mem_size):
+            self.mem.add_memfd(start, size)
+        self.mem.register(vm)
+
+        rsdp = write_acpi_tables(
+            self.mem, cfg.vcpus, pm_port=AcpiPower.PM1_EVT_PORT,
+            reset_port=AcpiPower.RESET_PORT,
+        )  # fmt: skip
+        write_mptable(self.mem, cfg.vcpus)
+        self.boot = load_linux(
+            self.mem, kernel, initrd=initrd, cmdline=cmdline, mem_size=mem_size, rsdp_addr=rsdp
+        )
+
+        self._add_devices(vm)
+        supported = kvm.supported_cpuid()
+        # KVM emulates the TSC-deadline timer but reports it through a capability, not in
+        # KVM_GET_SUPPORTED_CPUID (KVM API doc). Without it Linux calibrates the LAPIC timer
+        # against the PIT, which fails under nested emulation ("APIC timer disabled due to
+        # verification failure") and leaves the guest without a working tick.
+        tsc_deadline = kvm.check_extension(Cap.TSC_DEADLINE_TIMER) > 0
+        msrs = boot_msrs()
+        for vcpu_id in range(cfg.vcpus):
+            vcpu = vm.create_vcpu(vcpu_id)
+            cpuid = guest_cpuid(supported, vcpu_id, cfg.vcpus, tsc_deadline=tsc_deadline)
+            vcpu.set_cpuid2(cpuid)
+            vcpu.set_msrs(msrs)
+            self._setup_lapic(vcpu)
+            self._setup_fpu(vcpu)
+            if vcpu_id == 0:
+                setup_boot_vcpu(vcpu, self.boot, self.mem)
+            self.threads.append(VcpuThread(vcpu, self.pio, self.mmio, self._on_vcpu_event))
+
+    def _add_devices(self, vm: Vm) -> None:
+        serial_irq = EventFdIrq(SERIAL_IRQ)
+        self._irqs.append(serial_irq)
+        vm.irqfd(serial_irq.fd, serial_irq.gsi)
+        self.serial = Serial8250(serial_irq, self.console.feed)
+        self.pio.insert(self.serial, SERIAL_PORT, 8, "serial0")
+        i8042 = I8042(on_reset=lambda: self._finish(EndReason.REBOOT, "i8042 reset"))
+        self.pio.insert(i8042, I8042.BASE, I8042.LENGTH, "i8042")
+        self.pio.insert(CmosRtc(), CmosRtc.BASE, CmosRtc.LENGTH, "rtc")
+        power = AcpiPower(
+            on_poweroff=lambda: self._finish(EndReason.POWEROFF),
+            on_reset=lambda: self._finish(EndReason.REBOOT, "ACPI reset"),
+        )
+        self.pio.insert(power, AcpiPower.BASE, AcpiPower.LENGTH, "acpi-power")
+
+    @staticmethod
+    def _setup_lapic(vcpu: Vcpu) -> None:
+        # LINT0 as ExtINT (the 8259 PIC's output) and LINT1 as NMI, as the MP spec's virtual
+        # wire mode has them at reset on a PC (MP spec 1.4, 3.6.2.2; Firecracker set_lint).
+        lapic = vcpu.get_lapic()
+        lapic.set_reg(x86.APIC_LVT0, 0x700)
+        lapic.set_reg(x86.APIC_LVT1, 0x400)
+        vcpu.set_lapic(lapic)
+
+    @staticmethod
+    def _setup_fpu(vcpu: Vcpu) -> None:
+        fpu = vcpu.get_fpu()
+        fpu.fcw = 0x37F  # x87 reset value (SDM vol. 1 8.1.5)
+        fpu.mxcsr = 0x1F80  # SSE reset value (SDM vol. 1 10.2.3)
+        vcpu.set_fpu(fpu)
+
+    # -- running
+    def start(self) -> None:
+        if self.vm is None:
+            self.build()
+        if self.config.command:
+            sink = self._command_output or (lambda data: None)
+            self.command = CommandOutput(self.nonce, sink)
+            self.console.add_listener(self.command.feed)
+            threading.Thread(target=self._watch_command, daemon=True).start()
+        self.started_at = time.monotonic()
+        for t in self.threads:
+            t.start()
+
+    def _watch_command(self) -> None:
+        assert self.command is not None
+        while not self._done.is_set():
+            if self.command.done.wait(0.2):
+                if not self._done.wait(POWEROFF_GRACE):
+                    self._finish(EndReason.POWEROFF, "stopped after the command finished")
+                return
+
+    def write_console(self, data: bytes) -> None:
+        if self.serial is not None:
+            self.serial.enqueue_input(data)
+
+    def _on_vcpu_event(self, event: VcpuEvent) -> None:
+        kinds = {
+            VcpuEventKind.SHUTDOWN: EndReason.TRIPLE_FAULT,
+            VcpuEventKind.SYSTEM_RESET: EndReason.REBOOT,
+            VcpuEventKind.SYSTEM_SHUTDOWN: EndReason.POWEROFF,
+            VcpuEventKind.SYSTEM_CRASH: EndReason.PANIC,
+            VcpuEventKind.ERROR: EndReason.ERROR,
+            VcpuEventKind.STOPPED: EndReason.STOPPED,
+        }
+        detail = f"vcpu{event.vcpu_id}: {event.detail}" if event.detail else ""
+        self._finish(kinds[event.kind], detail)
+
+    def _finish(self, reason: EndReason, detail: str = "") -> None:
+        with self._lock:
+            if self._result is not None:
+                return
+            if reason == EndReason.REBOOT and PANIC_MARKER in self.console.tail(64 * 1024):
+                reason = EndReason.PANIC  # panic=-1 reboots at once; the console says why
+            status = self.command.status if self.command is not None else None
+            self._result = MachineResult(reason, status, detail)
+        self._done.set()
+        for t in self.threads:
+            t.stop()
+
+    def stop(self) -> None:
+        self._finish(EndReason.STOPPED)
+
+    def wait(self, timeout: float | None = None) -> MachineResult | None:
+        """Block until the VM ends; None on timeout (the VM keeps running)."""
+        if not self._done.wait(timeout):
+            return None
+        for t in self.threads:
+            t.join(10)
+        if self.command is not None:
+            self.command.flush()
+        assert self._result is not None
+        return self._result
+
+    @property
+    def exits(self) -> int:
+        return sum(t.exits for t in self.threads)

@@ -1,0 +1,141 @@
+"""One thread per vCPU: run it, dispatch its exits, report how it ended.
+
+The loop is the hot path: exits are the per-vCPU objects from `kvmkit.kvm.exits` (nothing is
+allocated per exit), port I/O and MMIO go to the buses, and an unclaimed read returns all
+ones as on a PC bus. Anything that ends the VM is reported to the machine through
+`on_event(VcpuEvent)`; the machine then stops every vCPU (Firecracker's vCPU state machine,
+reduced to Running -> Stopping -> Finished for now).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvmkit.abi.constants import SystemEvent
+from kvmkit.devices.bus import Bus
+from kvmkit.kvm import (
+    FailEntryExit,
+    HltExit,
+    InternalErrorExit,
+    IntrExit,
+    IoExit,
+    MmioExit,
+    ShutdownExit,
+    SystemEventExit,
+    Vcpu,
+)
+from kvmkit.kvm.errors import KvmError
+
+log = logging.getLogger(__name__)
+
+
+class VcpuEventKind(enum.Enum):
+    SHUTDOWN = "shutdown"  # KVM_EXIT_SHUTDOWN: triple fault
+    SYSTEM_RESET = "reset"  # KVM_SYSTEM_EVENT_RESET
+    SYSTEM_SHUTDOWN = "poweroff"  # KVM_SYSTEM_EVENT_SHUTDOWN
+    SYSTEM_CRASH = "crash"  # KVM_SYSTEM_EVENT_CRASH
+    ERROR = "error"  # internal error, failed entry, unexpected exit, KVM_RUN failure
+    STOPPED = "stopped"  # asked to stop
+
+
+@dataclass
+class VcpuEvent:
+    kind: VcpuEventKind
+    vcpu_id: int
+    detail: str = ""
+
+
+class VcpuThread:
+    def __init__(
+        self,
+        vcpu: Vcpu,
+        pio: Bus,
+        mmio: Bus,
+        on_event: Callable[[VcpuEvent], None],
+    ) -> None:
+        self.vcpu = vcpu
+        self.pio = pio
+        self.mmio = mmio
+        self.on_event = on_event
+        self.exits = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._main, name=f"vcpu{vcpu.id}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to leave its loop (kicks it out of KVM_RUN)."""
+        self._stop.set()
+        if self.thread.is_alive():
+            self.vcpu.kick()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+
+    def _main(self) -> None:
+        try:
+            event = self._loop()
+        except KvmError as err:
+            event = VcpuEvent(VcpuEventKind.ERROR, self.vcpu.id, str(err))
+        except Exception as err:  # a device bug must end the VM cleanly, not hang it
+            log.exception("vcpu%d: unexpected error", self.vcpu.id)
+            event = VcpuEvent(VcpuEventKind.ERROR, self.vcpu.id, f"{type(err).__name__}: {err}")
+        self.on_event(event)
+
+    def _loop(self) -> VcpuEvent:
+        vcpu, pio, mmio, stop = self.vcpu, self.pio, self.mmio, self._stop
+        vid = vcpu.id
+        while True:
+            if stop.is_set():
+                return VcpuEvent(VcpuEventKind.STOPPED, vid)
+            exit_ = vcpu.run()
+            self.exits += 1
+            if isinstance(exit_, IoExit):
+                port, size, data = exit_.port, exit_.size, exit_.data
+                # String I/O (rep ins/outs) carries `count` elements; handle each in order.
+                for i in range(0, len(data), size):
+                    element = data[i : i + size]
+                    if exit_.is_in:
+                        if not pio.read(port, element):
+                            element[:] = b"\xff" * size
+                    else:
+                        pio.write(port, element)
+            elif isinstance(exit_, MmioExit):
+                data = exit_.data
+                if exit_.is_write:
+                    mmio.write(exit_.phys_addr, data)
+                elif not mmio.read(exit_.phys_addr, data):
+                    data[:] = b"\xff" * len(data)
+            elif isinstance(exit_, IntrExit):
+                vcpu.immediate_exit = False
+            elif isinstance(exit_, HltExit):
+                # Only without the in-kernel irqchip; kvmkit always has one, so a HLT exit
+                # means the guest stopped for good.
+                return VcpuEvent(VcpuEventKind.ERROR, vid, "guest halted with no irqchip")
+            elif isinstance(exit_, ShutdownExit):
+                return VcpuEvent(VcpuEventKind.SHUTDOWN, vid, "triple fault")
+            elif isinstance(exit_, SystemEventExit):
+                kinds = {
+                    SystemEvent.SHUTDOWN: VcpuEventKind.SYSTEM_SHUTDOWN,
+                    SystemEvent.RESET: VcpuEventKind.SYSTEM_RESET,
+                    SystemEvent.CRASH: VcpuEventKind.SYSTEM_CRASH,
+                }
+                kind = kinds.get(exit_.type)  # type: ignore[call-overload]
+                if kind is not None:
+                    return VcpuEvent(kind, vid, exit_.describe())
+                log.warning("vcpu%d: ignoring %s", vid, exit_.describe())
+            elif isinstance(exit_, InternalErrorExit | FailEntryExit):
+                regs = vcpu.get_regs()
+                return VcpuEvent(
+                    VcpuEventKind.ERROR, vid, f"{exit_.describe()} at rip={regs.rip:#x}"
+                )
+            else:
+                regs = vcpu.get_regs()
+                return VcpuEvent(
+                    VcpuEventKind.ERROR, vid, f"unexpected {exit_.describe()} at rip={regs.rip:#x}"
+                )

@@ -1,0 +1,102 @@
+"""Boot the default Linux guest image with `kvmkit run` (needs VMX/SVM: runs in the lane here)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from kvmkit.image.guest import default_image
+
+pytestmark = pytest.mark.hwvirt
+
+
+def kvmkit_run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvmkit", "run", *args], capture_output=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_nproc_matches_vcpus(vcpus: int) -> None:
+    proc = kvmkit_run("--vcpus", str(vcpus), "--", "nproc")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == f"{vcpus}\n".encode()
+
+
+def test_uname_and_meminfo() -> None:
+    proc = kvmkit_run("--mem-mib", "384", "--", "sh", "-c", "uname -r; cat /proc/meminfo")
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = proc.stdout.decode().splitlines()
+    assert lines[0] == default_image().kernel_release
+    total_kib = next(int(line.split()[1]) for line in lines if line.startswith("MemTotal:"))
+    # The kernel keeps part of RAM for itself: MemTotal is a bit below what was given.
+    assert 300 * 1024 < total_kib <= 384 * 1024
+
+
+def test_exit_status_propagates() -> None:
+    proc = kvmkit_run("--", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert proc.returncode == 3
+    assert proc.stdout == b"out\nerr\n"  # both go to the serial console, in order
+
+
+def test_arguments_pass_through_unchanged() -> None:
+    args = ["a b", "", "quote'\"", "back\\slash", "ünï", "$HOME", "*"]
+    proc = kvmkit_run("--", "sh", "-c", 'for a in "$@"; do printf "[%s]" "$a"; done', "sh", *args)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode() == "".join(f"[{a}]" for a in args)
+
+
+def test_megabytes_of_binary_output_arrive_intact() -> None:
+    repeats = 8000  # 2 MB
+    script = (
+        "i=0; while [ $i -lt 256 ]; do printf \"\\\\$(printf %o $i)\"; i=$((i+1)); done > /tmp/p;"
+        f" for i in $(seq {repeats}); do cat /tmp/p; done"
+    )
+    proc = kvmkit_run("--", "sh", "-c", script, timeout=1800)
+    assert proc.returncode == 0, proc.stderr.decode()
+    expected = bytes(range(256)) * repeats
+    assert len(proc.stdout) == len(expected)
+    assert hashlib.sha256(proc.stdout).hexdigest() == hashlib.sha256(expected).hexdigest()
+
+
+def test_pvh_vmlinux_boots() -> None:
+    image = default_image()
+    assert image.vmlinux is not None
+    proc = kvmkit_run(
+        "--kernel", str(image.vmlinux), "--initrd", str(image.initrd), "--", "cat", "/proc/cmdline"
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"console=ttyS0" in proc.stdout
+
+
+def test_bzimage_boots_with_explicit_kernel() -> None:
+    image = default_image()
+    proc = kvmkit_run("--kernel", str(image.kernel), "--initrd", str(image.initrd), "--", "true")
+    assert proc.returncode == 0, proc.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("command", "status", "message"),
+    [
+        (["poweroff", "-f"], 0, "the guest powered off"),
+        (["reboot", "-f"], 3, "the guest rebooted"),
+        (["sh", "-c", "echo c > /proc/sysrq-trigger"], 4, "the guest kernel panicked"),
+    ],
+)
+def test_guest_endings_are_distinct(command: list[str], status: int, message: str) -> None:
+    proc = kvmkit_run("--", *command)
+    assert proc.returncode == status, proc.stderr.decode()
+    assert message in proc.stderr.decode()
+
+
+def test_initrd_too_large_for_memory(tmp_path: Path) -> None:
+    big = tmp_path / "big.img"
+    with big.open("wb") as f:
+        f.truncate(100 << 20)
+    kernel = str(default_image().kernel)
+    proc = kvmkit_run("--kernel", kernel, "--initrd", str(big), "--mem-mib", "64", "--", "true")
+    assert proc.returncode == 2
+    assert b"Traceback" not in proc.stderr and proc.stderr.count(b"\n") == 1

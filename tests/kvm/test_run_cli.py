@@ -1,0 +1,55 @@
+"""`kvmkit run` refuses bad input with one line and exit status 2, before any guest runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def kvmkit_run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, KVMKIT_FORCE_RUN="1")
+    return subprocess.run(
+        [sys.executable, "-m", "kvmkit", "run", *args],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert needle in proc.stderr
+
+
+def test_missing_kernel(tmp_path: Path) -> None:
+    one_line_error(kvmkit_run("--kernel", str(tmp_path / "nope"), "--", "true"), "no such file")
+
+
+def test_not_a_kernel(tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.write_bytes(os.urandom(8192))
+    one_line_error(kvmkit_run("--kernel", str(junk), "--", "true"), "junk")
+
+
+def test_old_boot_protocol(tmp_path: Path) -> None:
+    image = bytearray(16384)
+    image[0x1FE:0x200] = b"\x55\xaa"
+    image[0x202:0x206] = b"HdrS"
+    image[0x206:0x208] = (0x0202).to_bytes(2, "little")  # protocol 2.02: no 64-bit entry
+    image[0x1F1] = 4
+    kernel = tmp_path / "old-bzImage"
+    kernel.write_bytes(bytes(image))
+    one_line_error(kvmkit_run("--kernel", str(kernel), "--", "true"), "2.02")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "needle"),
+    [("--vcpus", "0", "--vcpus 0"), ("--vcpus", "100000", "--vcpus 100000"),
+     ("--mem-mib", "0", "--mem-mib 0"), ("--mem-mib", "999999999", "--mem-mib 999999999")],
+)  # fmt: skip
+def test_absurd_sizes(option: str, value: str, needle: str) -> None:
+    one_line_error(kvmkit_run(option, value, "--", "true"), needle)

@@ -1,0 +1,57 @@
+"""The console protocol: command output between markers, exit status, markers split anywhere."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmkit.vmm.console import CommandOutput, ConsoleStream
+
+
+def run_stream(stream: bytes, cuts: list[int], nonce: str = "0123abcd") -> tuple[bytes, int | None]:
+    out = bytearray()
+    parser = CommandOutput(nonce, out.extend)
+    pos = 0
+    for cut in sorted(set(cuts)):
+        parser.feed(stream[pos:cut])
+        pos = cut
+    parser.feed(stream[pos:])
+    parser.flush()
+    return bytes(out), parser.status
+
+
+@settings(max_examples=300)
+@given(
+    payload=st.binary(max_size=400),
+    status=st.integers(0, 255),
+    cuts=st.lists(st.integers(0, 600), max_size=30),
+)
+def test_output_and_status_survive_any_split(payload: bytes, status: int, cuts: list[int]) -> None:
+    stream = (
+        b"[    0.1] kernel noise\ninit noise\nKVMKIT-0123abcd-BEGIN\n"
+        + payload
+        + f"\nKVMKIT-0123abcd-EXIT {status}\n".encode()
+        + b"reboot: Power down\n"
+    )
+    out, got = run_stream(stream, [c for c in cuts if c <= len(stream)])
+    assert (out, got) == (payload, status)
+
+
+def test_marker_with_another_nonce_is_output() -> None:
+    fake = b"\nKVMKIT-ffffffff-EXIT 3\n"
+    stream = b"KVMKIT-0123abcd-BEGIN\nhello" + fake + b"\nKVMKIT-0123abcd-EXIT 0\n"
+    assert run_stream(stream, []) == (b"hello" + fake, 0)
+
+
+def test_guest_dying_mid_command_flushes_output() -> None:
+    assert run_stream(b"KVMKIT-0123abcd-BEGIN\npartial\n", []) == (b"partial\n", None)
+
+
+def test_console_stream_keeps_a_tail_and_notifies() -> None:
+    seen = bytearray()
+    console = ConsoleStream(keep_bytes=8)
+    console.add_listener(seen.extend)
+    console.feed(b"0123456789")
+    assert console.tail() == b"23456789"
+    assert bytes(seen) == b"0123456789" and console.total == 10
+    assert console.wait_for(b"789", timeout=0)
