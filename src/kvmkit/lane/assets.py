@@ -19,6 +19,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmkit.boot.bootparams import BootError
+from kvmkit.boot.elf import ElfError, ElfFile
+from kvmkit.boot.pvh import pvh_entry
+from kvmkit.boot.vmlinux import extract_vmlinux
 from kvmkit.cache import cache_dir
 from kvmkit.errors import UserError
 from kvmkit.image import busybox, debian
@@ -142,21 +146,12 @@ def ensure_vmlinux(kernel: LaneKernel) -> Path | None:
     """
     if kernel.vmlinux.is_file():
         return kernel.vmlinux
-    config = kernel.root / "boot" / f"config-{kernel.kver}"
+    # The boot package's extractor: bounds-checked header parsing, every payload format.
     try:
-        if "\nCONFIG_PVH=y\n" not in config.read_text():
+        elf = extract_vmlinux(kernel.vmlinuz.read_bytes())
+        if pvh_entry(ElfFile(elf)) is None:
             return None
-        image = kernel.vmlinuz.read_bytes()
-        setup_sects = image[0x1F1] or 4
-        offset, length = struct.unpack_from("<II", image, 0x248)
-        start = (setup_sects + 1) * 512 + offset
-        payload = image[start : start + length]
-        if payload[:6] != b"\xfd7zXZ\0":
-            return None
-        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
-    except (OSError, struct.error, lzma.LZMAError, IndexError):
-        return None
-    if elf[:4] != b"\x7fELF":
+    except (OSError, BootError, ElfError):
         return None
     tmp = kernel.vmlinux.with_name(f".{kernel.vmlinux.name}.{os.getpid()}")
     tmp.write_bytes(elf)
