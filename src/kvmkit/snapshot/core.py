@@ -1,0 +1,191 @@
+"""Whole-VM snapshots: capture a paused VM into a state file and a memory file, and load
+them into a new VM (in this process or another).
+
+The state file (format.py) holds, as plain data:
+    setup     how the VM was built (irqchip, PIT and its flags, TSS/identity-map addresses)
+    vm        PIT, clock, PIC master/slave, IOAPIC (vm_state.py)
+    vcpus     one entry per vCPU (vcpu_state.py)
+    memory    the memory file's layout (memory.py)
+    devices   each device's save() data, restored by the VMM that owns the device
+    meta      free-form plain data of the VMM (machine configuration, console nonce, ...)
+
+`load` validates the whole state and the memory file's size before it creates anything, so
+a bad snapshot raises `SnapshotError` with nothing restored; then it builds the VM in the
+order KVM needs: VM, TSS, irqchip and PIT, memory, vCPUs (each restored, vcpu_state.py),
+then the VM state (PIT -> clock -> irqchip). The caller runs the vCPUs after `resume()`,
+which issues KVM_KVMCLOCK_CTRL on each.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmkit.abi.constants import Cap
+from kvmkit.kvm import Kvm, Vcpu, Vm
+from kvmkit.memory import GuestMemory
+from kvmkit.snapshot.format import Fields, SnapshotError, read_state, write_state
+from kvmkit.snapshot.memory import MemoryState, restore_memory, write_memory
+from kvmkit.snapshot.vcpu_state import (
+    VcpuState,
+    restore_vcpu,
+    resume_vcpu,
+    save_vcpu,
+    saveable_msrs,
+)
+from kvmkit.snapshot.vm_state import VmState, restore_vm, save_vm
+
+KIND = "kvmkit-vm"
+MAX_VCPUS = 1024
+DEFAULT_TSS_ADDR = 0xFFFB_D000
+
+
+@dataclass
+class VmSetup:
+    irqchip: bool = True
+    pit: bool = False
+    pit_flags: int = 0
+    tss_addr: int = DEFAULT_TSS_ADDR
+    identity_map_addr: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"irqchip": self.irqchip, "pit": self.pit, "pit_flags": self.pit_flags,
+                "tss_addr": self.tss_addr,
+                "identity_map_addr": self.identity_map_addr}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> VmSetup:
+        f = Fields(obj, "setup")
+        ident = None if f.obj.get("identity_map_addr") is None else f.get_int(
+            "identity_map_addr", 0, 2**32 - 1)  # fmt: skip
+        return cls(
+            irqchip=f.get_bool("irqchip"),
+            pit=f.get_bool("pit"),
+            pit_flags=f.get_int("pit_flags", 0, 2**32 - 1),
+            tss_addr=f.get_int("tss_addr", 0, 2**32 - 1),
+            identity_map_addr=ident,
+        )
+
+
+@dataclass
+class Snapshot:
+    setup: VmSetup
+    vm: VmState
+    vcpus: list[VcpuState]
+    memory: MemoryState
+    devices: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": KIND,
+            "setup": self.setup.to_dict(),
+            "vm": self.vm.to_dict(),
+            "vcpus": [v.to_dict() for v in self.vcpus],
+            "memory": self.memory.to_dict(),
+            "devices": self.devices,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> Snapshot:
+        f = Fields(state, "state")
+        if f.get_str("kind", 64) != KIND:
+            raise SnapshotError(f"snapshot state: not a {KIND} snapshot")
+        raw_vcpus = f.get_list("vcpus", MAX_VCPUS)
+        if not raw_vcpus:
+            raise SnapshotError("snapshot state: no vCPUs")
+        vcpus = [VcpuState.from_dict(v, f"vcpus[{i}]") for i, v in enumerate(raw_vcpus)]
+        if len({v.id for v in vcpus}) != len(vcpus):
+            raise SnapshotError("snapshot state: duplicate vCPU ids")
+        setup = VmSetup.from_dict(f.obj.get("setup"))
+        vm = VmState.from_dict(f.obj.get("vm"))
+        if (vm.irqchips is None) == setup.irqchip or (vm.pit2 is not None) != setup.pit:
+            raise SnapshotError("snapshot state: VM state does not match its setup")
+        if setup.irqchip and any(v.lapic is None for v in vcpus):
+            raise SnapshotError("snapshot state: vCPU without LAPIC state in an irqchip VM")
+        memory = MemoryState.from_dict(f.obj.get("memory"))
+        devices = f.get_obj("devices").obj
+        meta = f.get_obj("meta").obj
+        return cls(setup, vm, vcpus, memory, devices, meta)
+
+
+def capture(
+    kvm: Kvm, vm: Vm, vcpus: list[Vcpu], mem: GuestMemory, mem_path: str | os.PathLike[str],
+    setup: VmSetup, *, diff: bool = False, devices: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Snapshot:  # fmt: skip
+    """Snapshot a VM whose vCPUs are all paused (outside KVM_RUN): writes the memory file and
+    returns the state (write it with `save`)."""
+    msrs = saveable_msrs(kvm, vcpus[0])
+    vcpu_states = [save_vcpu(v, msrs, irqchip=setup.irqchip) for v in vcpus]
+    vm_state = save_vm(vm, irqchip=setup.irqchip, pit=setup.pit)
+    memory = write_memory(mem, mem_path, vm=vm, diff=diff)
+    return Snapshot(setup, vm_state, vcpu_states, memory, dict(devices or {}), dict(meta or {}))
+
+
+def save(state_path: str | os.PathLike[str], snapshot: Snapshot) -> None:
+    write_state(state_path, snapshot.to_dict())
+
+
+def read(state_path: str | os.PathLike[str]) -> Snapshot:
+    """Read and validate a state file completely; only SnapshotError escapes."""
+    return Snapshot.from_dict(read_state(state_path))
+
+
+@dataclass
+class Restored:
+    vm: Vm
+    mem: GuestMemory
+    vcpus: list[Vcpu]
+    snapshot: Snapshot
+
+    def resume(self) -> None:
+        """KVM_KVMCLOCK_CTRL on every vCPU: call right before running them."""
+        for vcpu in self.vcpus:
+            resume_vcpu(vcpu)
+
+    def close(self) -> None:
+        self.vm.close()
+        self.mem.close()
+
+
+def load(
+    kvm: Kvm, snapshot: Snapshot, mem_path: str | os.PathLike[str], *,
+    base_mem: str | os.PathLike[str] | None = None,
+) -> Restored:  # fmt: skip
+    """Build a new VM from a validated snapshot (see the module docstring for the order)."""
+    memory = snapshot.memory
+    memory.check_file(base_mem if memory.diff and base_mem is not None else mem_path)
+    if memory.diff and base_mem is None:
+        raise SnapshotError("a diff snapshot restores on top of its base memory file")
+    setup = snapshot.setup
+    vm = kvm.create_vm()
+    mem: GuestMemory | None = None
+    try:
+        vm.set_tss_addr(setup.tss_addr)
+        if setup.identity_map_addr is not None:
+            vm.set_identity_map_addr(setup.identity_map_addr)
+        if setup.irqchip:
+            vm.create_irqchip()
+        if setup.pit:
+            vm.create_pit2(setup.pit_flags)
+        mem = restore_memory(memory, mem_path, base=base_mem)
+        mem.register(vm)
+        if vm.check_extension(Cap.MAX_VCPU_ID) and any(
+            v.id >= max(vm.check_extension(Cap.MAX_VCPU_ID), 1) for v in snapshot.vcpus
+        ):
+            raise SnapshotError("snapshot state: vCPU id beyond this host's KVM_CAP_MAX_VCPU_ID")
+        vcpus = []
+        for state in snapshot.vcpus:
+            vcpu = vm.create_vcpu(state.id)
+            restore_vcpu(vcpu, state)
+            vcpus.append(vcpu)
+        restore_vm(vm, snapshot.vm)
+    except BaseException:
+        vm.close()
+        if mem is not None:
+            mem.close()
+        raise
+    return Restored(vm, mem, vcpus, snapshot)

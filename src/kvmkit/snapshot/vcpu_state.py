@@ -1,0 +1,241 @@
+"""Per-vCPU state as plain data: save, fix up the timers, restore in the proven order.
+
+Restore order (Firecracker's, KVM-BEHAVIOURS.md section 2), and why:
+  CPUID        first: it decides which other state is valid (XSAVE features, LAPIC timer
+               modes: without it periodic and TSC-deadline LVT modes are dropped)
+  MP state     before registers (setting INIT/SIPI state may reset them)
+  regs, sregs  sregs after regs; EFER/CR0/CR4 decide which MSRs and XSAVE parts apply
+  xsave, xcrs  XCR0 is checked against CPUID
+  debug regs
+  LAPIC        before MSRs: IA32_TSC_DEADLINE is dropped unless the LVT timer is already
+               in TSC-deadline mode
+  MSRs         IA32_TSC first, IA32_TSC_DEADLINE last (the deadline is an absolute TSC value)
+  vCPU events  last: pending exceptions/NMIs/interrupts go on top of the restored state
+`KVM_KVMCLOCK_CTRL` is issued separately, just before the vCPU runs again (`resume_vcpu`).
+
+The LAPIC timer rules (KVM-BEHAVIOURS.md section 1), applied when saving:
+  - KVM_GET_LAPIC gives the live current count (TMCCT) and KVM_SET_LAPIC restarts from it,
+    so an armed timer continues with its remaining time;
+  - an expired one-shot timer keeps its initial count (TMICT) and TMCCT is 0, which a restore
+    would turn into an immediate (spurious) interrupt: kvmkit saves TMICT = 0 for it;
+  - the TSC deadline is saved as 0 unless the LVT timer is in TSC-deadline mode, so a stale
+    value can never become a deadline that fires.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmkit.abi import ioctls, structs
+from kvmkit.arch.x86_64 import msr
+from kvmkit.arch.x86_64 import regs as x86
+from kvmkit.kvm import Kvm, KvmError, Vcpu
+from kvmkit.kvm._ioctl import ioctl_ptr
+from kvmkit.kvm.cpuid import CpuidEntry
+from kvmkit.snapshot.format import Fields, SnapshotError, b64
+
+MAX_CPUID_ENTRIES = 4096
+MAX_MSRS = 65536
+MAX_XSAVE = 1 << 20
+LVT_TIMER_MODE_MASK = 3 << 17
+_SIZES = {
+    "regs": ctypes.sizeof(structs.kvm_regs),
+    "sregs": ctypes.sizeof(structs.kvm_sregs),
+    "xcrs": ctypes.sizeof(structs.kvm_xcrs),
+    "debugregs": ctypes.sizeof(structs.kvm_debugregs),
+    "lapic": ctypes.sizeof(structs.kvm_lapic_state),
+    "events": ctypes.sizeof(structs.kvm_vcpu_events),
+}
+
+
+@dataclass
+class VcpuState:
+    id: int
+    cpuid: list[CpuidEntry]
+    mp_state: int
+    regs: bytes
+    sregs: bytes
+    xsave: bytes
+    xcrs: bytes
+    debugregs: bytes
+    lapic: bytes | None  # None without an in-kernel irqchip
+    msrs: list[tuple[int, int]] = field(default_factory=list)  # in restore order
+    events: bytes = b""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "cpuid": [
+                [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] for e in self.cpuid
+            ],
+            "mp_state": self.mp_state,
+            "regs": b64(self.regs),
+            "sregs": b64(self.sregs),
+            "xsave": b64(self.xsave),
+            "xcrs": b64(self.xcrs),
+            "debugregs": b64(self.debugregs),
+            "lapic": None if self.lapic is None else b64(self.lapic),
+            "msrs": [[i, v] for i, v in self.msrs],
+            "events": b64(self.events),
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Any, path: str = "vcpu") -> VcpuState:
+        """Validate every field (types, ranges, blob sizes); raises SnapshotError."""
+        f = Fields(obj, path)
+        cpuid = []
+        for raw in f.get_list("cpuid", MAX_CPUID_ENTRIES):
+            if (not isinstance(raw, list) or len(raw) != 7
+                    or not all(type(v) is int and 0 <= v < 2**32 for v in raw)):  # fmt: skip
+                raise SnapshotError(f"snapshot state: {path}.cpuid entries must be 7 u32 values")
+            cpuid.append(CpuidEntry(*raw))
+        msrs = []
+        for raw in f.get_list("msrs", MAX_MSRS):
+            if (not isinstance(raw, list) or len(raw) != 2 or type(raw[0]) is not int
+                    or type(raw[1]) is not int or not 0 <= raw[0] < 2**32
+                    or not 0 <= raw[1] < 2**64):  # fmt: skip
+                raise SnapshotError(f"snapshot state: {path}.msrs entries must be [u32, u64]")
+            msrs.append((raw[0], raw[1]))
+        xsave = f.get_blob("xsave", max_size=MAX_XSAVE)
+        if len(xsave) < structs.KVM_XSAVE_REGION_BYTES:
+            raise SnapshotError(f"snapshot state: {path}.xsave shorter than 4096 bytes")
+        lapic = None if f.obj.get("lapic") is None else f.get_blob("lapic", _SIZES["lapic"])
+        return cls(
+            id=f.get_int("id", 0, 4095),
+            cpuid=cpuid,
+            mp_state=f.get_int("mp_state", 0, 255),
+            regs=f.get_blob("regs", _SIZES["regs"]),
+            sregs=f.get_blob("sregs", _SIZES["sregs"]),
+            xsave=xsave,
+            xcrs=f.get_blob("xcrs", _SIZES["xcrs"]),
+            debugregs=f.get_blob("debugregs", _SIZES["debugregs"]),
+            lapic=lapic,
+            msrs=msrs,
+            events=f.get_blob("events", _SIZES["events"]),
+        )
+
+
+# -- MSRs
+
+
+def _get_msrs_partial(vcpu: Vcpu, indices: list[int]) -> tuple[int, list[int]]:
+    """KVM_GET_MSRS of `indices`: (how many the kernel read, their values)."""
+    buf = structs.msrs_type(len(indices))()
+    buf.nmsrs = len(indices)
+    for i, index in enumerate(indices):
+        buf.entries[i].index = index
+    done = ioctl_ptr(vcpu.fd, "KVM_GET_MSRS", ioctls.GET_MSRS, buf)
+    return done, [int(buf.entries[i].data) for i in range(done)]
+
+
+def saveable_msrs(kvm: Kvm, vcpu: Vcpu) -> list[int]:
+    """The MSRs of KVM_GET_MSR_INDEX_LIST that KVM_GET_MSRS accepts for this vCPU (the list
+    can name MSRs the vCPU's CPUID does not enable); KVM stops at the first refused one."""
+    remaining = kvm.msr_index_list()
+    readable: list[int] = []
+    while remaining:
+        done, _ = _get_msrs_partial(vcpu, remaining)
+        readable.extend(remaining[:done])
+        remaining = remaining[done + 1 :]  # skip the refused one
+    return readable
+
+
+def order_msrs(values: dict[int, int]) -> list[tuple[int, int]]:
+    """IA32_TSC first, IA32_TSC_DEADLINE last, the rest in index order."""
+    first = [(msr.IA32_TSC, values[msr.IA32_TSC])] if msr.IA32_TSC in values else []
+    last = (
+        [(msr.IA32_TSC_DEADLINE, values[msr.IA32_TSC_DEADLINE])]
+        if msr.IA32_TSC_DEADLINE in values
+        else []
+    )
+    rest = sorted(
+        (i, v) for i, v in values.items() if i not in (msr.IA32_TSC, msr.IA32_TSC_DEADLINE)
+    )
+    return first + rest + last
+
+
+# -- LAPIC timer
+
+
+def lapic_reg(page: bytes, offset: int) -> int:
+    return int.from_bytes(page[offset : offset + 4], "little")
+
+
+def timer_mode(page: bytes) -> int:
+    """LVT timer mode bits 18:17: 0 one-shot, 1 periodic, 2 TSC-deadline."""
+    return (lapic_reg(page, x86.APIC_LVTT) & LVT_TIMER_MODE_MASK) >> 17
+
+
+def neutralize_expired_oneshot(page: bytes) -> bytes:
+    """An expired one-shot timer (TMCCT 0, TMICT kept by KVM) is saved with TMICT = 0, so
+    KVM_SET_LAPIC does not re-arm it (KVM-BEHAVIOURS.md section 1)."""
+    if timer_mode(page) != 0:
+        return page
+    if lapic_reg(page, x86.APIC_TMICT) != 0 and lapic_reg(page, x86.APIC_TMCCT) == 0:
+        fixed = bytearray(page)
+        fixed[x86.APIC_TMICT : x86.APIC_TMICT + 4] = bytes(4)
+        return bytes(fixed)
+    return page
+
+
+# -- save / restore
+
+
+def save_vcpu(vcpu: Vcpu, msr_indices: list[int], *, irqchip: bool = True) -> VcpuState:
+    """Read the state of a vCPU that is outside KVM_RUN (paused after an EINTR exit, so any
+    pending I/O completion is done)."""
+    lapic: bytes | None = None
+    if irqchip:
+        lapic = neutralize_expired_oneshot(bytes(vcpu.get_lapic()))
+    done, data = _get_msrs_partial(vcpu, msr_indices)
+    if done < len(msr_indices):
+        raise KvmError("KVM_GET_MSRS", errno.EINVAL, f"MSR {msr_indices[done]:#x} not readable")
+    values = dict(zip(msr_indices, data, strict=True))
+    if msr.IA32_TSC_DEADLINE in values and (lapic is None or timer_mode(lapic) != 2):
+        values[msr.IA32_TSC_DEADLINE] = 0
+    return VcpuState(
+        id=vcpu.id,
+        cpuid=vcpu.get_cpuid2(MAX_CPUID_ENTRIES),
+        mp_state=int(vcpu.get_mp_state()),
+        regs=bytes(vcpu.get_regs()),
+        sregs=bytes(vcpu.get_sregs()),
+        xsave=vcpu.get_xsave(),
+        xcrs=bytes(vcpu.get_xcrs()),
+        debugregs=bytes(vcpu.get_debugregs()),
+        lapic=lapic,
+        msrs=order_msrs(values),
+        events=bytes(vcpu.get_vcpu_events()),
+    )
+
+
+def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
+    """Load `state` into a freshly created vCPU, in the order of the module docstring."""
+    vcpu.set_cpuid2(state.cpuid)
+    vcpu.set_mp_state(state.mp_state)
+    vcpu.set_regs(structs.kvm_regs.from_bytes(state.regs))
+    vcpu.set_sregs(structs.kvm_sregs.from_bytes(state.sregs))
+    xsave = state.xsave
+    size = vcpu.vm.xsave_size()
+    if len(xsave) < size:  # KVM_SET_XSAVE reads the kernel's full area size from our buffer
+        xsave = xsave + bytes(size - len(xsave))
+    vcpu.set_xsave(xsave)
+    vcpu.set_xcrs(structs.kvm_xcrs.from_bytes(state.xcrs))
+    vcpu.set_debugregs(structs.kvm_debugregs.from_bytes(state.debugregs))
+    if state.lapic is not None:
+        vcpu.set_lapic(structs.kvm_lapic_state.from_bytes(state.lapic))
+    vcpu.set_msrs(order_msrs(dict(state.msrs)))
+    events = structs.kvm_vcpu_events.from_bytes(state.events)
+    vcpu.set_vcpu_events(events)
+
+
+def resume_vcpu(vcpu: Vcpu) -> None:
+    """KVM_KVMCLOCK_CTRL: tell a kvmclock guest it was paused (no soft-lockup warnings).
+    EINVAL means the guest never enabled kvmclock, which is fine."""
+    try:
+        vcpu.kvmclock_ctrl()
+    except KvmError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTTY):
+            raise
