@@ -137,3 +137,15 @@ def test_fuzz_schema_of_well_formed_files(payload: dict[str, Any]) -> None:
         Snapshot.from_dict(decode(encode(payload)))
     except SnapshotError:
         pass
+
+
+def test_kvmkit_restore_rejects_a_bad_state_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvmkit.cli.main import main
+
+    (tmp_path / "s").write_bytes(encode(STATE)[:-1])
+    status = main(["restore", "--state", str(tmp_path / "s"), "--mem", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("kvmkit restore: ") and "truncated" in err and err.count("\n") == 1

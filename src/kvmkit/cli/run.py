@@ -39,6 +39,13 @@ def register(sub: Any) -> None:
     p.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
     p.add_argument("--mem-mib", type=int, default=256, help="guest memory in MiB (default 256)")
     p.add_argument("--timeout", type=float, default=None, help="stop the VM after S seconds")
+    p.add_argument(
+        "--snapshot-after", type=float, metavar="S",
+        help="after S seconds pause the VM, write a snapshot (--snapshot-state/--snapshot-mem) "
+        "and stop it; `kvmkit restore` resumes it",
+    )  # fmt: skip
+    p.add_argument("--snapshot-state", type=Path, default=Path("kvmkit.state"))
+    p.add_argument("--snapshot-mem", type=Path, default=Path("kvmkit.mem"))
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=run)
 
@@ -127,6 +134,14 @@ def run(args: argparse.Namespace) -> int:
                     target=_forward_input, args=(machine, stdin_fd, stop_input), daemon=True
                 ).start()
             machine.start()
+            if args.snapshot_after is not None:
+                from kvmkit.vmm.snapshot import snapshot_after
+
+                status = snapshot_after(
+                    machine, args.snapshot_after, args.snapshot_state, args.snapshot_mem
+                )
+                if status is not None:
+                    return status
             result = machine.wait(args.timeout)
             stop_input.set()
             if result is None:

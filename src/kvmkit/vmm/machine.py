@@ -271,8 +271,9 @@ class Machine:
         if self.vm is None:
             self.build()
         if self.config.command:
-            sink = self._command_output or (lambda data: None)
-            self.command = CommandOutput(self.nonce, sink)
+            if self.command is None:  # a restored machine brings its own (vmm/snapshot.py)
+                sink = self._command_output or (lambda data: None)
+                self.command = CommandOutput(self.nonce, sink)
             self.console.add_listener(self.command.feed)
             threading.Thread(target=self._watch_command, daemon=True).start()
         self.started_at = time.monotonic()
@@ -328,6 +329,34 @@ class Machine:
             self.command.flush()
         assert self._result is not None
         return self._result
+
+    # -- snapshots (kvmkit.vmm.snapshot)
+    def pause(self) -> None:
+        """Stop every vCPU outside KVM_RUN, at a consistent point."""
+        from kvmkit.vmm.snapshot import pause_machine
+
+        pause_machine(self)
+
+    def resume(self) -> None:
+        from kvmkit.vmm.snapshot import resume_machine
+
+        resume_machine(self)
+
+    def snapshot(self, path_state: str | Path, path_mem: str | Path, diff: bool = False) -> None:
+        """Write a snapshot of the paused machine (diff: pages dirtied since the last one)."""
+        from kvmkit.vmm.snapshot import snapshot_machine
+
+        snapshot_machine(self, path_state, path_mem, diff=diff)
+
+    @classmethod
+    def restore(
+        cls, state_path: str | Path, mem_path: str | Path, *,
+        command_output: Callable[[bytes], None] | None = None,
+    ) -> Machine:  # fmt: skip
+        """A machine rebuilt from a snapshot; `start()` resumes the guest where it was."""
+        from kvmkit.vmm.snapshot import restore_machine
+
+        return restore_machine(state_path, mem_path, command_output=command_output)
 
     @property
     def exits(self) -> int:

@@ -29,6 +29,7 @@ from kvmkit.kvm import (
     Vcpu,
 )
 from kvmkit.kvm.errors import KvmError
+from kvmkit.snapshot.pause import PausePoint
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class VcpuThread:
         self.on_event = on_event
         self.exits = 0
         self._stop = threading.Event()
+        self.pause_point = PausePoint()  # Running -> Paused -> Running (vmm/snapshot.py)
         self.thread = threading.Thread(target=self._main, name=f"vcpu{vcpu.id}", daemon=True)
 
     def start(self) -> None:
@@ -71,6 +73,7 @@ class VcpuThread:
     def stop(self) -> None:
         """Ask the thread to leave its loop (kicks it out of KVM_RUN)."""
         self._stop.set()
+        self.pause_point.release()
         if self.thread.is_alive():
             self.vcpu.kick()
 
@@ -113,6 +116,7 @@ class VcpuThread:
                     data[:] = b"\xff" * len(data)
             elif isinstance(exit_, IntrExit):
                 vcpu.immediate_exit = False
+                self.pause_point.park_if_requested(vcpu)
             elif isinstance(exit_, HltExit):
                 # Only without the in-kernel irqchip; kvmkit always has one, so a HLT exit
                 # means the guest stopped for good.
