@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from kvmkit.abi.constants import SystemEvent
 from kvmkit.devices.bus import Bus
 from kvmkit.kvm import (
+    DebugExit,
     FailEntryExit,
     HltExit,
     InternalErrorExit,
@@ -27,6 +28,7 @@ from kvmkit.kvm import (
     ShutdownExit,
     SystemEventExit,
     Vcpu,
+    VmExit,
 )
 from kvmkit.kvm.errors import KvmError
 from kvmkit.snapshot.pause import PausePoint
@@ -62,6 +64,9 @@ class VcpuThread:
         self.pio = pio
         self.mmio = mmio
         self.on_event = on_event
+        # Debugger hook (kvmkit.gdb): consulted on DebugExit and IntrExit; True when it
+        # consumed the exit (it may block while the debugger keeps the vCPU stopped).
+        self.on_debug: Callable[[Vcpu, VmExit], bool] | None = None
         self.exits = 0
         self._stop = threading.Event()
         self.pause_point = PausePoint()  # Running -> Paused -> Running (vmm/snapshot.py)
@@ -115,8 +120,12 @@ class VcpuThread:
                 elif not mmio.read(exit_.phys_addr, data):
                     data[:] = b"\xff" * len(data)
             elif isinstance(exit_, IntrExit):
-                vcpu.immediate_exit = False
+                if self.on_debug is None or not self.on_debug(vcpu, exit_):
+                    vcpu.immediate_exit = False
                 self.pause_point.park_if_requested(vcpu)
+            elif isinstance(exit_, DebugExit) and self.on_debug is not None:
+                if not self.on_debug(vcpu, exit_):
+                    return VcpuEvent(VcpuEventKind.ERROR, vid, f"unexpected {exit_.describe()}")
             elif isinstance(exit_, HltExit):
                 # Only without the in-kernel irqchip; kvmkit always has one, so a HLT exit
                 # means the guest stopped for good.
