@@ -38,6 +38,7 @@ from kvmkit.kvm.cpuid import CpuidEntry
 from kvmkit.snapshot.format import Fields, SnapshotError, b64
 
 MAX_CPUID_ENTRIES = 4096
+KVM_MAX_CPUID_ENTRIES = 256  # KVM_SET_CPUID2 refuses more (arch/x86/include/asm/kvm_host.h)
 MAX_MSRS = 65536
 MAX_XSAVE = 1 << 20
 LVT_TIMER_MODE_MASK = 3 << 17
@@ -184,6 +185,26 @@ def neutralize_expired_oneshot(page: bytes) -> bytes:
 # -- save / restore
 
 
+def _get_cpuid(vcpu: Vcpu) -> list[CpuidEntry]:
+    """The vCPU's CPUID, with the right entry count on old and new kernels. Before 6.2
+    KVM_GET_CPUID2 writes the count back only with E2BIG (a large buffer came back as that
+    many entries, most of them zero); since, only on success. So ask for 0 entries first."""
+    probe = structs.cpuid2_type(1)()
+    probe.nent = 0
+    try:
+        ioctl_ptr(vcpu.fd, "KVM_GET_CPUID2", ioctls.GET_CPUID2, probe)
+        return []
+    except KvmError as err:
+        if err.errno != errno.E2BIG:
+            raise
+    n = int(probe.nent)
+    if n == 0:  # a newer kernel: it reports the count when the call succeeds
+        return vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+    if n > KVM_MAX_CPUID_ENTRIES:
+        raise KvmError("KVM_GET_CPUID2", errno.EOVERFLOW, f"kernel reported {n} entries")
+    return vcpu.get_cpuid2(n)
+
+
 def save_vcpu(vcpu: Vcpu, msr_indices: list[int], *, irqchip: bool = True) -> VcpuState:
     """Read the state of a vCPU that is outside KVM_RUN (paused after an EINTR exit, so any
     pending I/O completion is done)."""
@@ -198,7 +219,7 @@ def save_vcpu(vcpu: Vcpu, msr_indices: list[int], *, irqchip: bool = True) -> Vc
         values[msr.IA32_TSC_DEADLINE] = 0
     return VcpuState(
         id=vcpu.id,
-        cpuid=vcpu.get_cpuid2(MAX_CPUID_ENTRIES),
+        cpuid=_get_cpuid(vcpu),
         mp_state=int(vcpu.get_mp_state()),
         regs=bytes(vcpu.get_regs()),
         sregs=bytes(vcpu.get_sregs()),
