@@ -19,6 +19,7 @@ from kvmkit.probe import detect_implementation
 from kvmkit.vmm.config import MachineConfig
 
 if TYPE_CHECKING:
+    from kvmkit.gdb import GdbStub
     from kvmkit.vmm.machine import Machine
 
 ESCAPE = 0x01  # Ctrl-A, then 'x' quits (as in QEMU's -nographic console)
@@ -39,6 +40,13 @@ def register(sub: Any) -> None:
     p.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
     p.add_argument("--mem-mib", type=int, default=256, help="guest memory in MiB (default 256)")
     p.add_argument("--timeout", type=float, default=None, help="stop the VM after S seconds")
+    p.add_argument(
+        "--gdb", metavar="tcp:HOST:PORT|unix:PATH", help="serve GDB's remote protocol there"
+    )
+    p.add_argument(
+        "--gdb-wait", choices=("yes", "no"), default="yes",
+        help="with --gdb: start stopped and wait for gdb (yes, default) or run at once (no)",
+    )  # fmt: skip
     p.add_argument(
         "--snapshot-after", type=float, metavar="S",
         help="after S seconds pause the VM, write a snapshot (--snapshot-state/--snapshot-mem) "
@@ -120,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
     with Machine(config, command_output=write_out) as machine:
         machine.build()
+        gdb_stub = _start_gdb(machine, args) if getattr(args, "gdb", None) else None
         interactive = not command
         stop_input = threading.Event()
         stdin_fd = sys.stdin.fileno() if sys.stdin is not None else -1
@@ -143,6 +152,9 @@ def run(args: argparse.Namespace) -> int:
                 if status is not None:
                     return status
             result = machine.wait(args.timeout)
+            if gdb_stub is not None:
+                gdb_stub.vm_exited(result.exit_status if result is not None else 0)
+                gdb_stub.close()
             stop_input.set()
             if result is None:
                 machine.stop()
@@ -153,3 +165,20 @@ def run(args: argparse.Namespace) -> int:
         return result.command_status
     print(f"kvmkit run: {result.message}", file=sys.stderr)
     return result.exit_status
+
+
+def _start_gdb(machine: Machine, args: argparse.Namespace) -> GdbStub:
+    """`--gdb`: hook the GDB stub into the machine's vCPU threads and start listening."""
+    from kvmkit.gdb import GdbStub
+
+    wait = args.gdb_wait == "yes"
+    stub = GdbStub.for_machine(machine, wait=wait)
+    try:
+        address = stub.listen(args.gdb)
+    except (ValueError, OSError) as err:
+        stub.close()
+        raise UserError(f"--gdb {args.gdb}: {err}") from None
+    note = "the VM waits for it" if wait else "the VM runs until it attaches"
+    where = address.split(":", 1)[1]
+    _progress(f"gdb stub on {address} ({note}): gdb -ex 'target remote {where}'")
+    return stub

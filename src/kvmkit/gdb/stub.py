@@ -391,6 +391,7 @@ class GdbStub:
         if exc == 3:
             bp = self._sw.get(pc)
             if bp is None or self._read_phys_u8(bp.phys) != 0xCC:
+                log.debug("vcpu%d: guest-owned int3 at %#x", c.index, pc)
                 self._reinject(c, GuestDebug.INJECT_BP)
                 return None
             if self._filtered_out(cr3):
