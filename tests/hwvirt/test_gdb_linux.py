@@ -12,6 +12,7 @@ through the guest's page tables and running to completion, not a kernel breakpoi
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import struct
@@ -47,6 +48,9 @@ int main(void) {
     return 0;
 }
 """
+
+# Inside `kvmkit lane` the debug exits below never reach KVM (see docs/gdb.md).
+IN_LANE = os.environ.get("KVMKIT_IN_LANE") == "1"
 
 
 def gdb_batch(script: str, tmp: Path) -> subprocess.Popen[str]:
@@ -84,7 +88,11 @@ def run_tiny(tmp_path: Path, script: str) -> tuple[list[int], str]:
     return out.reports, text + err
 
 
-@pytest.mark.xfail(reason="no debug exit reached KVM in the lane (nested SVM under QEMU/TCG)")
+@pytest.mark.xfail(
+    IN_LANE, strict=True,
+    reason="no debug exit reached KVM in the lane (nested SVM under QEMU/TCG); must pass on "
+    "hosts with real VMX/SVM",
+)  # fmt: skip
 def test_hardware_breakpoint_and_watchpoint(tmp_path: Path) -> None:
     reports, text = run_tiny(
         tmp_path,
@@ -106,7 +114,11 @@ def test_hardware_breakpoint_and_watchpoint(tmp_path: Path) -> None:
     assert reports == [1, 3]  # the guest's own int3 reached its handler
 
 
-@pytest.mark.xfail(reason="QEMU/TCG's SVM does not intercept int3 as #BP (see module doc)")
+@pytest.mark.xfail(
+    IN_LANE, strict=True,
+    reason="QEMU/TCG's SVM does not intercept int3 as #BP (see module doc); must pass on hosts "
+    "with real VMX/SVM",
+)  # fmt: skip
 def test_software_breakpoint_and_guest_int3(tmp_path: Path) -> None:
     reports, text = run_tiny(
         tmp_path,

@@ -159,7 +159,9 @@ def run(args: argparse.Namespace) -> int:
             if result is None:
                 machine.stop()
                 machine.wait(10)
-                print(f"\nkvmkit run: timed out after {args.timeout} s", file=sys.stderr)
+                tail = machine.console.tail(2000).decode("utf-8", "replace")
+                print(f"\n--- last console output ---\n{tail}\n---", file=sys.stderr)
+                print(f"kvmkit run: timed out after {args.timeout} s", file=sys.stderr)
                 return 124
     if command and result.command_status is not None:
         return result.command_status
