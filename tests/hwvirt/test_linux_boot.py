@@ -8,15 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from kvmkit.image.guest import default_image
 
 pytestmark = pytest.mark.hwvirt
 
 
 def kvmkit_run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[bytes]:
+    # kvmkit's own --timeout stops a stuck guest and prints its console tail (stderr, shown
+    # on failure); the subprocess timeout is the last resort.
+    vm_timeout = ["--timeout", str(timeout - 60)]
     return subprocess.run(
-        [sys.executable, "-m", "kvmkit", "run", *args], capture_output=True, timeout=timeout
-    )
+        [sys.executable, "-m", "kvmkit", "run", *vm_timeout, *args],
+        capture_output=True, timeout=timeout,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("vcpus", [1, 2])
