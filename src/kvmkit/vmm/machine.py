@@ -159,6 +159,7 @@ class Machine:
         for irq in self._irqs:
             irq.close()
         self.mem.close()
+        self.console.close()
         if self.kvm is not None:
             self.kvm.close()
 
@@ -325,6 +326,7 @@ class Machine:
             return None
         for t in self.threads:
             t.join(10)
+        self.console.flush()  # the guest's last bytes reach the listeners before the result
         if self.command is not None:
             self.command.flush()
         assert self._result is not None

@@ -80,6 +80,7 @@ def snapshot_machine(
         raise UserError("pause the machine before taking a snapshot")
     if diff and not all(r.log_dirty for r in machine.mem.regions):
         raise UserError("a diff snapshot needs a full snapshot of this machine first")
+    machine.console.flush()  # the parser state below must include every byte printed so far
     cfg = machine.config
     meta: dict[str, Any] = {
         "config": {"vcpus": cfg.vcpus, "mem_mib": cfg.mem_mib, "command": list(cfg.command)},
