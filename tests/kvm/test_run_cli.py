@@ -53,3 +53,36 @@ def test_old_boot_protocol(tmp_path: Path) -> None:
 )  # fmt: skip
 def test_absurd_sizes(option: str, value: str, needle: str) -> None:
     one_line_error(kvmkit_run(option, value, "--", "true"), needle)
+
+
+TRIPLE_FAULT_KERNEL = """
+	.section .note.Xen, "", @note
+	.balign 4
+	.long 4, 4, 18
+	.asciz "Xen"
+	.long _start
+	.text
+	.code32
+	.globl _start
+_start:
+	lidt idtr
+	ud2
+idtr:	.word 0
+	.long 0
+"""
+
+
+def test_triple_fault_ends_the_run_with_status_5(tmp_path: Path) -> None:
+    # A PVH "kernel" that loads an empty IDT and faults: #UD -> #DF -> triple fault. It runs
+    # on any KVM, PVM included (the machine set-up is the same as for Linux).
+    src, obj, elf = tmp_path / "tf.S", tmp_path / "tf.o", tmp_path / "tf.elf"
+    src.write_text(TRIPLE_FAULT_KERNEL)
+    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
+    subprocess.run(
+        ["ld", "-m", "elf_x86_64", "-N", "-Ttext=0x100000", "-e", "_start", "-o", str(elf),
+         str(obj)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    proc = kvmkit_run("--kernel", str(elf), "--mem-mib", "128", "--timeout", "60", "--", "true")
+    assert proc.returncode == 5, proc.stderr
+    assert "the guest triple-faulted" in proc.stderr
