@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmkit.image.guest import default_image
-
 from kvmkit.vmm.console import CommandOutput, new_nonce
 from kvmkit.vmm.machine import BASE_CMDLINE, _cmdline_quote
 
