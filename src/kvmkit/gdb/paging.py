@@ -60,21 +60,10 @@ class Translation:
         return self.page_size - (self.phys % self.page_size)
 
 
-def _entry64(mem: GuestMemory, addr: int, what: str, va: int) -> int:
+def _entry(mem: GuestMemory, addr: int, what: str, va: int, *, wide: bool = True) -> int:
+    """A present page-table entry (64-bit, or 32-bit for non-PAE paging), else an error."""
     try:
-        entry = mem.read_u64(addr)
-    except GuestMemoryError:
-        raise TranslationError(
-            f"{what} at {addr:#x} (for {va:#x}) is outside guest memory"
-        ) from None
-    if not entry & _PRESENT:
-        raise TranslationError(f"{va:#x} is not mapped ({what} not present)")
-    return entry
-
-
-def _entry32(mem: GuestMemory, addr: int, what: str, va: int) -> int:
-    try:
-        entry = mem.read_u32(addr)
+        entry = mem.read_u64(addr) if wide else mem.read_u32(addr)
     except GuestMemoryError:
         raise TranslationError(
             f"{what} at {addr:#x} (for {va:#x}) is outside guest memory"
@@ -96,16 +85,18 @@ def translate(mem: GuestMemory, state: PagingState, va: int) -> Translation:
     if mode == "32bit":
         if va >= 1 << 32:
             raise TranslationError(f"{va:#x} is beyond 4 GiB in 32-bit paging")
-        pde = _entry32(mem, (state.cr3 & 0xFFFFF000) + ((va >> 22) & 0x3FF) * 4, "PDE", va)
+        pde = _entry(
+            mem, (state.cr3 & 0xFFFFF000) + ((va >> 22) & 0x3FF) * 4, "PDE", va, wide=False
+        )
         if pde & _PS and state.cr4 & CR4_PSE:
             base = (pde & 0xFFC00000) | (((pde >> 13) & 0xFF) << 32)  # PSE-36/40 bits
             return Translation(base | (va & 0x3FFFFF), 4 << 20)
-        pte = _entry32(mem, (pde & 0xFFFFF000) + ((va >> 12) & 0x3FF) * 4, "PTE", va)
+        pte = _entry(mem, (pde & 0xFFFFF000) + ((va >> 12) & 0x3FF) * 4, "PTE", va, wide=False)
         return Translation((pte & 0xFFFFF000) | (va & 0xFFF), PAGE_SIZE)
     if mode == "pae":
         if va >= 1 << 32:
             raise TranslationError(f"{va:#x} is beyond 4 GiB in PAE paging")
-        pdpte = _entry64(mem, (state.cr3 & 0xFFFFFFE0) + ((va >> 30) & 3) * 8, "PDPTE", va)
+        pdpte = _entry(mem, (state.cr3 & 0xFFFFFFE0) + ((va >> 30) & 3) * 8, "PDPTE", va)
         table = pdpte & _ADDR_52
         levels = [(21, "PDE"), (12, "PTE")]
     else:
@@ -118,7 +109,7 @@ def translate(mem: GuestMemory, state: PagingState, va: int) -> Translation:
         if mode == "5level":
             levels.insert(0, (48, "PML5E"))
     for shift, what in levels:
-        entry = _entry64(mem, table + ((va >> shift) & 0x1FF) * 8, what, va)
+        entry = _entry(mem, table + ((va >> shift) & 0x1FF) * 8, what, va)
         if shift in (30, 21) and entry & _PS:
             size = 1 << shift
             base = entry & _ADDR_52 & ~(size - 1)
