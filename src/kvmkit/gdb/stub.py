@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from kvmkit.abi.constants import Cap, GuestDebug, SyncRegs
 from kvmkit.gdb import rsp, target
 from kvmkit.gdb.paging import PagingState, TranslationError, read_virtual, translate, write_virtual
-from kvmkit.kvm import DebugExit, IntrExit, IoExit, Vcpu, VmExit
+from kvmkit.kvm import DebugExit, IntrExit, Vcpu, VmExit
 from kvmkit.kvm.errors import KvmError
 from kvmkit.memory.guest import GuestMemory
 from kvmkit.memory.region import GuestMemoryError
@@ -978,44 +978,27 @@ class _Session:
 
 # ---------------------------------------------------------------------- tiny guests
 def run_tiny_guest(guest: TinyGuest, stub: GdbStub, *, timeout: float | None = 60.0) -> GuestOutput:
-    """Run vCPU 0 of `guest` like `TinyGuest.run`, with `stub` consulted on debug exits and
-    kicks. Returns the guest's output when it reports DONE; tells GDB the VM exited."""
-    from kvmkit.testing.ucall import GuestError, GuestTimeout
+    """Run vCPU 0 of `guest` with `TinyGuest.run`, `stub` consulted on debug exits and kicks.
+    Returns the guest's output when it reports DONE; tells GDB the VM exited."""
+    from kvmkit.testing.ucall import GuestError
 
     cpu = guest.vcpu
-    timed_out = threading.Event()
-    timer: threading.Timer | None = None
-    if timeout is not None:
 
-        def expire() -> None:
-            timed_out.set()
-            cpu.kick()
+    def consult(exit_: VmExit) -> bool:
+        consumed = stub.on_debug(cpu, exit_)
+        if stub.killed:
+            raise GuestError("the debugger killed the VM")
+        return consumed
 
-        timer = threading.Timer(timeout, expire)
-        timer.daemon = True
-        timer.start()
     status = 0
     try:
-        while True:
-            if stub.killed:
-                raise GuestError("the debugger killed the VM")
-            if timed_out.is_set():
-                raise GuestTimeout(f"tiny guest did not finish within {timeout} s")
-            exit_ = cpu.run()
-            if isinstance(exit_, IoExit) and guest._handle_io(cpu, exit_):
-                if guest.output.status is not None:
-                    status = guest.output.status
-                    return guest.output
-                continue
-            if isinstance(exit_, IntrExit):
-                if not stub.on_debug(cpu, exit_):
-                    cpu.immediate_exit = False
-                continue
-            if isinstance(exit_, DebugExit) and stub.on_debug(cpu, exit_):
-                continue
-            raise GuestError(f"unexpected exit {exit_.describe()} at rip={cpu.get_regs().rip:#x}")
+        if stub.killed:
+            raise GuestError("the debugger killed the VM")
+        output = guest.run(
+            vcpu=cpu, timeout=timeout, on_intr=consult,
+            on_exit=lambda exit_: isinstance(exit_, DebugExit) and consult(exit_),
+        )  # fmt: skip
+        status = output.status or 0
+        return output
     finally:
-        if timer is not None:
-            timer.cancel()
-        cpu.immediate_exit = False
         stub.vm_exited(status)

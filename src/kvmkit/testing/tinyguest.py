@@ -380,6 +380,7 @@ class TinyGuest:
         vcpu: Vcpu | None = None,
         timeout: float | None = 60.0,
         on_exit: Callable[[VmExit], bool] | None = None,
+        on_intr: Callable[[VmExit], bool] | None = None,
         stop_on_hlt: bool = False,
     ) -> GuestOutput:
         """Run until the guest signals DONE (ucall) and return what it reported.
@@ -387,6 +388,8 @@ class TinyGuest:
         `on_exit` sees every exit the ucall channel does not consume and returns True when it
         handled it. A guest assertion raises GuestAssertionError; any other unexpected exit,
         an exception in the guest, or `timeout` seconds without DONE raise GuestError.
+        `on_intr` sees kicks (IntrExit) other than the timeout's and returns True when it
+        consumed one (a debugger holding the vCPU); `immediate_exit` is then its business.
         """
         cpu = vcpu or self.vcpu
         timed_out = threading.Event()
@@ -413,7 +416,8 @@ class TinyGuest:
                             f"tiny guest did not finish within {timeout} s "
                             f"(rip={cpu.get_regs().rip:#x})"
                         )
-                    cpu.immediate_exit = False
+                    if on_intr is None or not on_intr(exit_):
+                        cpu.immediate_exit = False
                     continue
                 if on_exit is not None and on_exit(exit_):
                     continue
