@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         from kvmkit.image.guest import default_image
 
         default_image(progress=_progress)
-    from kvmkit.vmm.machine import Machine  # imported here: `kvmkit --help` stays light
+    from kvmkit.vmm.machine import EndReason, Machine  # here: `kvmkit --help` stays light
 
     with Machine(config, command_output=write_out) as machine:
         machine.build()
@@ -164,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"kvmkit run: timed out after {args.timeout} s", file=sys.stderr)
                 return 124
     if command and result.command_status is not None:
+        if result.reason not in (EndReason.POWEROFF, EndReason.STOPPED):
+            print(f"kvmkit run: after the command, {result.message}", file=sys.stderr)
         return result.command_status
     print(f"kvmkit run: {result.message}", file=sys.stderr)
     return result.exit_status

@@ -327,9 +327,13 @@ class Machine:
         for t in self.threads:
             t.join(10)
         self.console.flush()  # the guest's last bytes reach the listeners before the result
+        assert self._result is not None
         if self.command is not None:
             self.command.flush()
-        assert self._result is not None
+            # The EXIT marker may still have been in the console's delivery buffer when the
+            # VM ended: take the status the parser has now.
+            if self._result.command_status is None:
+                self._result.command_status = self.command.status
         return self._result
 
     # -- snapshots (kvmkit.vmm.snapshot)
