@@ -392,6 +392,41 @@ class kvm_irq_routing(KvmStruct):
     _fields_ = [("nr", c_uint32), ("flags", c_uint32)]
 
 
+class kvm_coalesced_mmio_zone(KvmStruct):
+    """A guest range whose writes KVM queues in the coalesced ring instead of exiting
+    (KVM_REGISTER_COALESCED_MMIO; `pio` = 1 for port I/O, KVM_CAP_COALESCED_PIO)."""
+
+    _c_name_ = "struct kvm_coalesced_mmio_zone"
+    _fields_ = [
+        ("addr", c_uint64),
+        ("size", c_uint32),
+        ("pio", c_uint32),  # union { pad; pio; }
+    ]
+
+
+class kvm_coalesced_mmio(KvmStruct):
+    """One queued write in the coalesced ring."""
+
+    _c_name_ = "struct kvm_coalesced_mmio"
+    _fields_ = [
+        ("phys_addr", c_uint64),
+        ("len", c_uint32),
+        ("pio", c_uint32),  # union { pad; pio; }
+        ("data", c_uint8 * 8),
+    ]
+
+
+class kvm_coalesced_mmio_ring(KvmStruct):
+    """The ring's header; the entries follow it to the end of the page
+    (KVM_COALESCED_MMIO_PAGE_OFFSET pages into the vCPU mapping: 2 on x86)."""
+
+    _c_name_ = "struct kvm_coalesced_mmio_ring"
+    _fields_ = [
+        ("first", c_uint32),  # next entry for userspace to take
+        ("last", c_uint32),  # next entry KVM fills
+    ]
+
+
 class kvm_msi(KvmStruct):
     _c_name_ = "struct kvm_msi"
     _fields_ = [

@@ -10,7 +10,13 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from kvmkit.abi import ioctls, structs
-from kvmkit.abi.constants import Cap, GuestDebug, MpState, SyncRegs
+from kvmkit.abi.constants import (
+    KVM_COALESCED_MMIO_PAGE_OFFSET,
+    Cap,
+    GuestDebug,
+    MpState,
+    SyncRegs,
+)
 from kvmkit.kvm._ioctl import _ioctl, close_fd, ioctl_int, ioctl_ptr
 from kvmkit.kvm.cpuid import CpuidEntry, from_kvm_cpuid2, to_kvm_cpuid2
 from kvmkit.kvm.errors import KvmError
@@ -64,6 +70,14 @@ class Vcpu:
                 return self._exits.intr
             raise KvmError("KVM_RUN", err)
         return self._exits.lookup(self.run_page.exit_reason)
+
+    def coalesced_ring_page(self) -> memoryview:
+        """The coalesced MMIO/PIO ring page of this vCPU's mapping (shared by all vCPUs of
+        the VM); see `kvmkit.kvm.coalesced`."""
+        start = KVM_COALESCED_MMIO_PAGE_OFFSET * mmap.PAGESIZE
+        if len(self._mapping) < start + mmap.PAGESIZE:
+            raise KvmError("KVM_COALESCED_MMIO_PAGE_OFFSET", errno.ENODEV)
+        return memoryview(self._mapping)[start : start + mmap.PAGESIZE]
 
     def kick(self) -> None:
         """Make the current or next run() return an IntrExit, from any thread. The caller

@@ -196,6 +196,21 @@ class Vm:
         req.flags = int(flags)
         ioctl_ptr(self.fd, "KVM_IOEVENTFD", ioctls.IOEVENTFD, req)
 
+    def register_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
+        """KVM_REGISTER_COALESCED_MMIO: guest writes to [addr, addr+size) (ports if `pio`)
+        go to the coalesced ring instead of exiting; reads still exit. Userspace must drain
+        the ring before it handles any other exit (see `kvmkit.kvm.coalesced`)."""
+        zone = structs.kvm_coalesced_mmio_zone()
+        zone.addr, zone.size, zone.pio = addr, size, int(pio)
+        ioctl_ptr(self.fd, "KVM_REGISTER_COALESCED_MMIO", ioctls.REGISTER_COALESCED_MMIO, zone)
+
+    def unregister_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
+        zone = structs.kvm_coalesced_mmio_zone()
+        zone.addr, zone.size, zone.pio = addr, size, int(pio)
+        ioctl_ptr(
+            self.fd, "KVM_UNREGISTER_COALESCED_MMIO", ioctls.UNREGISTER_COALESCED_MMIO, zone
+        )
+
     def signal_msi(self, address: int, data: int, devid: int | None = None) -> int:
         msi = structs.kvm_msi()
         msi.address_lo, msi.address_hi, msi.data = address & 0xFFFFFFFF, address >> 32, data
