@@ -44,9 +44,9 @@ def test_idle_registers() -> None:
     assert u.irq.count == 0
 
 
-def test_linux_autoconfig_probe_finds_a_16550a() -> None:
-    """The sequence of autoconfig() in drivers/tty/serial/8250/8250_port.c."""
-    u = Uart()
+def autoconfig(u: Uart) -> str:
+    """The probe sequence of autoconfig() and autoconfig_16550a() in Linux 6.1's
+    drivers/tty/serial/8250/8250_port.c; returns the port type it settles on."""
     # Existence test on IER.
     scratch = u.inb(IER)
     u.outb(IER, 0)
@@ -64,28 +64,99 @@ def test_linux_autoconfig_probe_finds_a_16550a() -> None:
     u.outb(2, 0)  # EFR on 16650s, FCR here
     u.outb(LCR, 0)
     u.outb(FCR, 0x01)
-    assert u.inb(IIR) >> 6 == 3
-    # autoconfig_16550a: no EFR with LCR=0x80 or 0xBF (IIR reads non-zero).
+    if u.inb(IIR) >> 6 != 3:
+        return "not a 16550A"
+    # autoconfig_16550a: EFR with LCR=0x80 or 0xBF would read 0.
     u.outb(LCR, 0x80)
-    assert u.inb(2) != 0
+    if u.inb(2) == 0:
+        return "ST16650"
     u.outb(LCR, 0xBF)
-    assert u.inb(2) != 0
-    # Not a 16750: IIR bit 5 stays clear with and without DLAB.
+    if u.inb(2) == 0:
+        return "EFRv2"
+    # NS16550A: MCR bit 4 visible at offset 2 with LCR=0xE0.
+    u.outb(LCR, 0)
+    status1 = u.inb(MCR)
+    u.outb(LCR, 0xE0)
+    if not (u.inb(2) ^ status1) & 0x10:
+        u.outb(LCR, 0)
+        u.outb(MCR, status1 ^ 0x10)
+        u.outb(LCR, 0xE0)
+        status2 = u.inb(2)
+        u.outb(LCR, 0)
+        u.outb(MCR, status1)
+        if (status2 ^ status1) & 0x10:
+            return "NS16550A"
+    # TI16750: IIR bit 5 follows FCR bit 5 only when it was written with DLAB set.
     u.outb(LCR, 0)
     u.outb(FCR, 0x01 | 0x20)
-    assert u.inb(IIR) & 0xE0 == 0xC0
+    status1 = u.inb(IIR) >> 5
+    u.outb(FCR, 0x01)
     u.outb(LCR, 0x80)
     u.outb(FCR, 0x01 | 0x20)
-    assert u.inb(IIR) & 0xE0 == 0xC0
+    status2 = u.inb(IIR) >> 5
+    u.outb(FCR, 0x01)
     u.outb(LCR, 0)
+    if status1 == 6 and status2 == 7:
+        return "TI16750"
     # Not an XScale: IER bit 6 does not stick.
     u.outb(IER, 0x40)
-    assert not u.inb(IER) & 0x40
-    # Scratch register.
+    if u.inb(IER) & 0x40:
+        return "XScale"
+    return "16550A"
+
+
+def test_linux_autoconfig_finds_a_ti16750_by_default() -> None:
+    u = Uart()
+    assert autoconfig(u) == "TI16750"
+    # serial8250_do_set_termios for a 16750: FCR (64-byte mode) written with DLAB set.
+    u.outb(LCR, 0x83)
+    u.outb(FCR, 0xA1)
+    u.outb(LCR, 0x03)
+    assert u.inb(IIR) == 0xE1  # FIFOs on, 64-byte mode, no interrupt
+    # Written without DLAB, bit 5 cannot change (TL16C750 datasheet, FCR bit 5).
+    u.outb(FCR, 0x01)
+    assert u.inb(IIR) == 0xE1
+    u.outb(FCR, 0x00)  # FIFOs off: no FIFO bits at all
+    assert u.inb(IIR) == 0x01
     for v in (0x55, 0xAA):
         u.outb(SCR, v)
         assert u.inb(SCR) == v
     assert u.output == b""
+
+
+def test_linux_autoconfig_finds_a_16550a_without_fifo64() -> None:
+    u = Uart(fifo64=False)
+    assert autoconfig(u) == "16550A"
+    u.outb(LCR, 0x83)
+    u.outb(FCR, 0xA1)
+    u.outb(LCR, 0x03)
+    assert u.inb(IIR) == 0xC1
+    assert u.output == b""
+
+
+def test_write_burst_is_many_thr_writes_with_one_interrupt() -> None:
+    u = Uart()
+    u.outb(IER, 0x02)  # THRE interrupt on
+    assert u.inb(IIR) & 0x0F == 0x02  # (raised by enabling it, cleared by this read)
+    before = u.irq.count
+    u.dev.write_burst(THR, bytes(range(200)))
+    assert u.output == bytes(range(200))
+    assert u.irq.count == before + 1
+    assert u.inb(IIR) & 0x0F == 0x02  # THR empty again, reported once
+    assert u.inb(IIR) & 0x0F == 0x01
+
+
+def test_write_burst_with_dlab_sets_the_divisor_and_prints_nothing() -> None:
+    u = Uart()
+    u.outb(LCR, 0x83)
+    u.dev.write_burst(DLL, b"\x05\x01")  # the last write wins, as byte by byte
+    assert u.inb(DLL) == 0x01
+    u.outb(LCR, 0x03)
+    assert u.output == b""
+    u.outb(MCR, 0x10)  # loopback: the bytes come back in RBR, not out
+    u.dev.write_burst(THR, b"ab")
+    assert u.output == b""
+    assert (u.inb(RBR), u.inb(RBR)) == (ord("a"), ord("b"))
 
 
 def test_divisor_latch() -> None:

@@ -89,5 +89,22 @@ class Bus:
         hit[0].write(hit[1], data)
         return True
 
+    def write_burst(self, addr: int, size: int, data: bytes) -> bool:
+        """`len(data) // size` writes of `size` bytes to `addr`, in order (from the coalesced
+        ring). A device with a `write_burst(offset, data)` method takes one-byte runs at
+        once; others see each write."""
+        hit = self.find(addr, size)
+        if hit is None or size <= 0:
+            return False
+        device, offset = hit
+        burst = getattr(device, "write_burst", None)
+        if size == 1 and burst is not None:
+            burst(offset, data)
+            return True
+        view = memoryview(data)
+        for i in range(0, len(data) - size + 1, size):
+            device.write(offset, view[i : i + size])
+        return True
+
     def devices(self) -> list[tuple[int, int, str]]:
         return [(r.base, r.length, r.name) for r in self._ranges]

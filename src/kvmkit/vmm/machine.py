@@ -38,6 +38,7 @@ from kvmkit.devices.legacy.rtc import CmosRtc
 from kvmkit.devices.legacy.serial import Serial8250
 from kvmkit.errors import UserError
 from kvmkit.kvm import Kvm, KvmError, Vcpu, Vm
+from kvmkit.kvm.coalesced import CoalescedRing, RingDrainer
 from kvmkit.kvm.kick import install_kick_handler
 from kvmkit.memory import GuestMemory
 from kvmkit.vmm.config import MachineConfig
@@ -139,6 +140,8 @@ class Machine:
         self._lock = threading.Lock()
         self.command: CommandOutput | None = None
         self.serial: Serial8250 | None = None
+        self.ring: RingDrainer | None = None  # the coalesced PIO ring, when KVM has one
+        self._coalesced_ports: list[tuple[int, int]] = []
         self.started_at = 0.0
 
     # -- life cycle
@@ -154,6 +157,10 @@ class Machine:
         self.stop()
         for t in self.threads:
             t.join(5)
+        if self.ring is not None:
+            self.ring.stop()
+            self.ring.ring.release()
+            self.ring = None
         if self.vm is not None:
             self.vm.close()
         for irq in self._irqs:
@@ -240,8 +247,13 @@ class Machine:
         serial_irq = EventFdIrq(SERIAL_IRQ)
         self._irqs.append(serial_irq)
         vm.irqfd(serial_irq.fd, serial_irq.gsi)
-        self.serial = Serial8250(serial_irq, self.console.feed)
+        self.serial = Serial8250(serial_irq, self.console.feed, fifo64=self.config.serial_fifo64)
         self.pio.insert(self.serial, SERIAL_PORT, 8, "serial0")
+        if self.config.coalesce_serial and vm.check_extension(Cap.COALESCED_PIO) > 0:
+            # THR writes queue in KVM's ring instead of exiting one by one: with nested
+            # virtualization each exit costs about a millisecond (see kvm/coalesced.py).
+            vm.register_coalesced_mmio(SERIAL_PORT, 1, pio=True)
+            self._coalesced_ports.append((SERIAL_PORT, 1))
         i8042 = I8042(on_reset=lambda: self._finish(EndReason.REBOOT, "i8042 reset"))
         self.pio.insert(i8042, I8042.BASE, I8042.LENGTH, "i8042")
         self.pio.insert(CmosRtc(), CmosRtc.BASE, CmosRtc.LENGTH, "rtc")
@@ -277,9 +289,27 @@ class Machine:
                 self.command = CommandOutput(self.nonce, sink)
             self.console.add_listener(self.command.feed)
             threading.Thread(target=self._watch_command, daemon=True).start()
+        self._attach_ring()
         self.started_at = time.monotonic()
         for t in self.threads:
             t.start()
+
+    def _attach_ring(self) -> None:
+        if not self._coalesced_ports or not self.threads or self.ring is not None:
+            return
+        ring = CoalescedRing(self.threads[0].vcpu.coalesced_ring_page())
+        self.ring = RingDrainer(ring, self._coalesced_write)
+        for t in self.threads:
+            t.drain = self.ring.drain
+        self.ring.start()
+
+    def _coalesced_write(self, pio: bool, addr: int, size: int, data: bytes) -> None:
+        (self.pio if pio else self.mmio).write_burst(addr, size, data)
+
+    def drain_coalesced(self) -> None:
+        """Hand every write still queued in the coalesced ring to its device."""
+        if self.ring is not None:
+            self.ring.drain()
 
     def _watch_command(self) -> None:
         assert self.command is not None
@@ -326,6 +356,7 @@ class Machine:
             return None
         for t in self.threads:
             t.join(10)
+        self.drain_coalesced()
         self.console.flush()  # the guest's last bytes reach the listeners before the result
         assert self._result is not None
         if self.command is not None:

@@ -53,6 +53,7 @@ def pause_machine(machine: Machine, timeout: float = PAUSE_TIMEOUT) -> None:
         if not t.pause_point.wait_parked(timeout, t.thread.is_alive):
             resume_machine(machine)
             raise UserError(f"vcpu{t.vcpu.id} did not pause within {timeout} s")
+    machine.drain_coalesced()  # device state below includes every write the guest made
 
 
 def resume_machine(machine: Machine) -> None:

@@ -68,6 +68,9 @@ class VcpuThread:
         # consumed the exit (it may block while the debugger keeps the vCPU stopped).
         self.on_debug: Callable[[Vcpu, VmExit], bool] | None = None
         self.exits = 0
+        # Drains the coalesced MMIO/PIO ring (kvmkit.kvm.coalesced) before each exit is
+        # handled, so devices see queued writes in order with every other access.
+        self.drain: Callable[[], None] | None = None
         self._stop = threading.Event()
         self.pause_point = PausePoint()  # Running -> Paused -> Running (vmm/snapshot.py)
         self.thread = threading.Thread(target=self._main, name=f"vcpu{vcpu.id}", daemon=True)
@@ -96,13 +99,15 @@ class VcpuThread:
         self.on_event(event)
 
     def _loop(self) -> VcpuEvent:
-        vcpu, pio, mmio, stop = self.vcpu, self.pio, self.mmio, self._stop
+        vcpu, pio, mmio, stop, drain = self.vcpu, self.pio, self.mmio, self._stop, self.drain
         vid = vcpu.id
         while True:
             if stop.is_set():
                 return VcpuEvent(VcpuEventKind.STOPPED, vid)
             exit_ = vcpu.run()
             self.exits += 1
+            if drain is not None:
+                drain()
             if isinstance(exit_, IoExit):
                 port, size, data = exit_.port, exit_.size, exit_.data
                 # String I/O (rep ins/outs) carries `count` elements; handle each in order.

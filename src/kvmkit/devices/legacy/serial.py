@@ -16,8 +16,13 @@ Linux's include/uapi/linux/serial_reg.h):
 
 Behaviour that Linux's 8250 driver depends on (drivers/tty/serial/8250/8250_port.c):
 - autoconfig: IER keeps only its low 4 bits; loopback (MCR bit 4) feeds MCR's RTS/DTR/OUT1/
-  OUT2 back as CTS/DSR/RI/DCD in MSR; IIR bits 7:6 read 11 once FCR enabled the FIFOs, bit 5
-  stays 0 (a 16550A, not a 16750); reads of offset 2 with LCR=0xBF are IIR (no EFR).
+  OUT2 back as CTS/DSR/RI/DCD in MSR; IIR bits 7:6 read 11 once FCR enabled the FIFOs; reads
+  of offset 2 with LCR=0xBF are IIR (no EFR).
+- 64-byte FIFO mode (TI TL16C750): FCR bit 5 takes effect only while LCR.DLAB is set and IIR
+  bit 5 reports it, which is how autoconfig_16550a tells a 16750 (status1 6, status2 7). Linux
+  then loads 64 bytes per THRE interrupt instead of 16 (uart_config[PORT_16750].tx_loadsz),
+  a quarter of the IIR/LSR/MSR reads per byte of output. With `fifo64=False` the device is a
+  plain 16550A.
 - LSR reads 0x60 (THRE | TEMT) when idle: characters leave at once, the transmitter is never
   busy; DR (bit 0) while received data waits.
 - THRE interrupt: raised when ETBEI (IER bit 1) is turned on while THR is empty and after each
@@ -33,6 +38,9 @@ triggers when a new interrupt condition appears. The MCR OUT2 gate of PC boards 
 
 Output: each THR write (outside loopback) calls `out(bytes([c]))` under the device lock, so
 bytes from several vCPUs keep their order; `out` must not block for long (queue it).
+`write_burst` takes many writes to one register at once (the coalesced PIO ring hands THR
+writes over that way, `kvmkit.kvm.coalesced`): same effect as writing them one by one, one
+`out` call and at most one interrupt edge.
 """
 
 from __future__ import annotations
@@ -75,10 +83,12 @@ IIR_THRI = 0x02
 IIR_RDI = 0x04
 IIR_RLSI = 0x06
 IIR_FIFO_ENABLED = 0xC0
+IIR_64BYTE_FIFO = 0x20
 # FCR
 FCR_ENABLE_FIFO = 0x01
 FCR_CLEAR_RCVR = 0x02
 FCR_CLEAR_XMIT = 0x04
+FCR_64BYTE = 0x20  # TL16C750: 64-byte FIFO mode, writable only while LCR.DLAB is set
 FCR_TRIGGER_MASK = 0xC0
 # LCR
 LCR_DLAB = 0x80
@@ -110,17 +120,19 @@ DEFAULT_DIVISOR = 12  # 9600 baud from the 1.8432 MHz clock
 DEFAULT_LCR = 0x03  # 8N1
 DEFAULT_MCR = MCR_OUT2
 DEFAULT_MSR = MSR_DCD | MSR_DSR | MSR_CTS  # a terminal is attached and ready
-SAVE_VERSION = 1
+SAVE_VERSION = 2  # 2 added fifo64_mode; version 1 states load with it off
 
 
 class Serial8250:
     """A 16550A at some base port (offsets 0..7), see the module docstring."""
 
     def __init__(
-        self, irq: IrqLine, out: Callable[[bytes], None], *, fifo_size: int = FIFO_SIZE
-    ) -> None:
+        self, irq: IrqLine, out: Callable[[bytes], None], *, fifo_size: int = FIFO_SIZE,
+        fifo64: bool = True,
+    ) -> None:  # fmt: skip
         if fifo_size < 1:
             raise ValueError("fifo_size must be at least 1")
+        self.fifo64 = fifo64  # a TL16C750 with its 64-byte mode; False: a 16550A
         self._irq = irq
         self._out = out
         self._lock = threading.Lock()
@@ -136,6 +148,7 @@ class Serial8250:
         self._dlm = DEFAULT_DIVISOR >> 8
         self._fifo_enabled = False
         self._fcr_trigger = 0
+        self._fifo64_mode = False  # FCR bit 5 as last set with DLAB on (TL16C750)
         self._thre_pending = False  # THR-empty interrupt latched, until IIR read or THR write
 
     # -- state helpers (called with the lock held)
@@ -159,7 +172,9 @@ class Serial8250:
         return IIR_NO_INT
 
     def _fifo_bits(self) -> int:
-        return IIR_FIFO_ENABLED if self._fifo_enabled else 0
+        if not self._fifo_enabled:
+            return 0
+        return IIR_FIFO_ENABLED | (IIR_64BYTE_FIFO if self._fifo64_mode else 0)
 
     def _loopback_msr(self) -> int:
         """MSR status bits in loopback mode: CTS=RTS, DSR=DTR, RI=OUT1, DCD=OUT2."""
@@ -260,6 +275,10 @@ class Serial8250:
                 if value & FCR_CLEAR_RCVR:
                     self._rx.clear()
                 self._fcr_trigger = value & FCR_TRIGGER_MASK
+                if self.fifo64 and self._lcr & LCR_DLAB:
+                    self._fifo64_mode = bool(value & FCR_64BYTE)
+                if not enable:
+                    self._fifo64_mode = False
             elif offset == LCR:
                 self._lcr = value
             elif offset == MCR:
@@ -270,6 +289,29 @@ class Serial8250:
             elif offset == SCR:
                 self._scr = value
             # LSR and MSR writes (factory test) are ignored.
+        if fire:
+            self._irq.trigger()
+
+    def write_burst(self, offset: int, data: bytes) -> None:
+        """`len(data)` one-byte writes to `offset`, in order (see the module docstring)."""
+        if offset != RBR_THR_DLL or len(data) <= 1:
+            for i in range(len(data)):
+                self.write(offset, memoryview(data)[i : i + 1])
+            return
+        fire = False
+        with self._lock:
+            transmit = not self._lcr & LCR_DLAB and not self._mcr & MCR_LOOP
+            if transmit:
+                try:
+                    self._out(data)
+                except Exception:  # a broken console must not take the vCPU thread down
+                    log.exception("serial: output callback failed")
+                self._thre_pending = True
+                fire = bool(self._ier & IER_THRE)
+        if not transmit:
+            for i in range(len(data)):
+                self.write(offset, memoryview(data)[i : i + 1])
+            return
         if fire:
             self._irq.trigger()
 
@@ -329,13 +371,16 @@ class Serial8250:
                 "dlm": self._dlm,
                 "fifo_enabled": self._fifo_enabled,
                 "fcr_trigger": self._fcr_trigger,
+                "fifo64_mode": self._fifo64_mode,
                 "thre_pending": self._thre_pending,
                 "rx": list(self._rx),
             }
 
     def restore(self, state: dict[str, Any]) -> None:
         """Load state from `save()`; raises ValueError on malformed data (nothing changed)."""
-        if state.get("version") != SAVE_VERSION:
+        if state.get("version") == 1:
+            state = {**state, "fifo64_mode": False}
+        elif state.get("version") != SAVE_VERSION:
             raise ValueError(f"serial state version {state.get('version')!r} unsupported")
 
         def byte(key: str) -> int:
@@ -357,7 +402,7 @@ class Serial8250:
             raise ValueError("serial state: rx must hold bytes")
         values = {k: byte(k) for k in ("ier", "lcr", "mcr", "lsr_errors", "msr", "scr", "dll",
                                        "dlm", "fcr_trigger")}  # fmt: skip
-        flags = {k: flag(k) for k in ("fifo_enabled", "thre_pending")}
+        flags = {k: flag(k) for k in ("fifo_enabled", "thre_pending", "fifo64_mode")}
         with self._lock:
             self._ier = values["ier"] & IER_MASK
             self._lcr = values["lcr"]
@@ -370,4 +415,5 @@ class Serial8250:
             self._fcr_trigger = values["fcr_trigger"] & FCR_TRIGGER_MASK
             self._fifo_enabled = flags["fifo_enabled"]
             self._thre_pending = flags["thre_pending"]
+            self._fifo64_mode = flags["fifo64_mode"] and self.fifo64
             self._rx = deque(rx)
