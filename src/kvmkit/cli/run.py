@@ -9,6 +9,7 @@ import select
 import sys
 import termios
 import threading
+import time
 import tty
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +55,10 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     p.add_argument("--snapshot-state", type=Path, default=Path("kvmkit.state"))
     p.add_argument("--snapshot-mem", type=Path, default=Path("kvmkit.mem"))
+    p.add_argument(
+        "--stats", action="store_true",
+        help="at the end, print to stderr the run time, vCPU exits and console bytes",
+    )  # fmt: skip
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=run)
 
@@ -152,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
                 if status is not None:
                     return status
             result = machine.wait(args.timeout)
+            if getattr(args, "stats", False):
+                _print_stats(machine)
             if gdb_stub is not None:
                 gdb_stub.vm_exited(result.exit_status if result is not None else 0)
                 gdb_stub.close()
@@ -169,6 +176,15 @@ def run(args: argparse.Namespace) -> int:
         return result.command_status
     print(f"kvmkit run: {result.message}", file=sys.stderr)
     return result.exit_status
+
+
+def _print_stats(machine: Machine) -> None:
+    ring = machine.ring.ring.drained if machine.ring is not None else 0
+    print(
+        f"kvmkit run: {time.monotonic() - machine.started_at:.1f} s, {machine.exits} vCPU "
+        f"exits, {machine.console.total} console bytes ({ring} serial writes without an exit)",
+        file=sys.stderr,
+    )
 
 
 def _start_gdb(machine: Machine, args: argparse.Namespace) -> GdbStub:

@@ -178,7 +178,13 @@ def _virtfs(path: Path, tag: str, readonly: bool) -> str:
 
 def qemu_argv(qemu: str, opts: LaneOptions, kernel: assets.LaneKernel, initrd: Path,
               shares: Sequence[Path], fds: Mapping[str, int]) -> list[str]:
-    append = "console=ttyS0 rdinit=/init panic=-1 random.trust_cpu=on mitigations=off"
+    # nohz=off highres=off: a periodic tick. Under QEMU/TCG with nested SVM the lane kernel
+    # sometimes lost its one-shot timer interrupt and then idled for good (QEMU at 0% CPU, no
+    # timeout inside firing); with a periodic tick a lost interrupt costs one tick.
+    append = (
+        "console=ttyS0 rdinit=/init panic=-1 random.trust_cpu=on mitigations=off"
+        " nohz=off highres=off"
+    )
     if not opts.verbose:
         append += " quiet"
     argv = [

@@ -21,8 +21,9 @@ Behaviour that Linux's 8250 driver depends on (drivers/tty/serial/8250/8250_port
 - 64-byte FIFO mode (TI TL16C750): FCR bit 5 takes effect only while LCR.DLAB is set and IIR
   bit 5 reports it, which is how autoconfig_16550a tells a 16750 (status1 6, status2 7). Linux
   then loads 64 bytes per THRE interrupt instead of 16 (uart_config[PORT_16750].tx_loadsz),
-  a quarter of the IIR/LSR/MSR reads per byte of output. With `fifo64=False` the device is a
-  plain 16550A.
+  a quarter of the IIR/LSR/MSR reads per byte of output. Linux probes for it only when built
+  with CONFIG_SERIAL_8250_16550A_VARIANTS (Debian's 6.1 kernel is not: it reports a 16550A
+  and loads 16 bytes). With `fifo64=False` the device is a plain 16550A.
 - LSR reads 0x60 (THRE | TEMT) when idle: characters leave at once, the transmitter is never
   busy; DR (bit 0) while received data waits.
 - THRE interrupt: raised when ETBEI (IER bit 1) is turned on while THR is empty and after each
