@@ -31,7 +31,7 @@ test-hwvirt: $(VENV)/.installed
 	bash scripts/run-hwvirt-tests.sh $(VPY)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench scripts
 	$(VENV)/bin/mypy
 
 clean:

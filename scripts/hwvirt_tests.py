@@ -1,0 +1,151 @@
+"""Run the `hwvirt` tests inside one `kvmkit lane` boot, resuming after a lane wedge.
+
+Used by scripts/run-hwvirt-tests.sh on hosts without VMX/SVM. All selected tests run in a
+single lane boot (one pytest session). The nested KVM under QEMU/TCG has been seen to wedge:
+the whole lane VM goes idle and no timeout inside it fires. So each test has a time limit
+watched from outside (the conftest hook writes a line per finished test to
+KVMKIT_TEST_PROGRESS); when the running test exceeds it, the lane is stopped and a new lane
+runs the tests not yet finished. A test that wedges the lane twice counts as failed.
+
+Prints pytest's own output as it streams, then one summary line:
+``hwvirt: N passed, N failed`` (xfailed counts as passed: a strict xfail that passes fails).
+Exit status 0 only when every test passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_LIMIT = 600.0  # seconds one test may take inside the lane before it counts as wedged
+LIMITS = {"megabytes": 2400.0}  # tests known to be long, by a word in their id
+GOOD = {"passed", "xfailed"}
+RANK = {"passed": 0, "xfailed": 0, "skipped": 1, "xpassed": 2, "failed": 3, "error": 4}
+
+
+def collect(python: str) -> list[str]:
+    proc = subprocess.run(
+        [python, "-m", "pytest", "-p", "no:cacheprovider", "-m", "hwvirt", "--collect-only",
+         "-q", "tests"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    ids = [line.strip() for line in proc.stdout.splitlines() if "::" in line]
+    if proc.returncode not in (0, 5) or (not ids and proc.returncode != 5):
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit("hwvirt tests: collection failed")
+    return ids
+
+
+def limit_for(nodeid: str) -> float:
+    for word, limit in LIMITS.items():
+        if word in nodeid:
+            return limit
+    return DEFAULT_LIMIT
+
+
+def read_progress(path: Path) -> list[tuple[str, str]]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        outcome, _, nodeid = line.partition(" ")
+        if nodeid:
+            rows.append((outcome, nodeid))
+    return rows
+
+
+def run_lane(python: str, ids: list[str], progress: Path, outcomes: dict[str, str]) -> str | None:
+    """One lane boot running `ids` in order. Returns the id of the test that wedged the
+    lane, or None when the pytest session ended by itself."""
+    argv = [
+        python, "-m", "kvmkit", "lane", "--timeout", str(int(sum(map(limit_for, ids)) + 600)),
+        "--", str(REPO / python) if not os.path.isabs(python) else python,
+        "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfExX", *ids,
+    ]  # fmt: skip
+    env = dict(os.environ, KVMKIT_TEST_PROGRESS=str(progress))
+    proc = subprocess.Popen(argv, cwd=REPO, env=env)
+    seen = len(read_progress(progress))
+    started = time.monotonic()
+    while True:
+        try:
+            proc.wait(5)
+            return None
+        except subprocess.TimeoutExpired:
+            pass
+        rows = read_progress(progress)
+        for outcome, nodeid in rows[seen:]:
+            old = outcomes.get(nodeid)
+            if old is None or RANK.get(outcome, 4) > RANK.get(old, 4):
+                outcomes[nodeid] = outcome
+        if len(rows) > seen:
+            seen, started = len(rows), time.monotonic()
+        current = next((i for i in ids if i not in outcomes), None)
+        if current is None:
+            continue  # all reported; the session is finishing
+        if time.monotonic() - started > limit_for(current):
+            print(f"hwvirt tests: no progress for {limit_for(current):.0f} s in {current}; "
+                  "stopping the lane", flush=True)  # fmt: skip
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            return current
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("python", nargs="?", default=".venv/bin/python")
+    args = ap.parse_args()
+    ids = collect(args.python)
+    if not ids:
+        print("hwvirt: 0 passed, 0 failed (no test selected)")
+        return 0
+    outcomes: dict[str, str] = {}
+    wedges: dict[str, int] = {}
+    boots = 0
+    with tempfile.TemporaryDirectory(prefix="hwvirt-", dir=REPO / "build") as tmp:
+        progress = Path(tmp) / "progress"
+        while True:
+            remaining = [i for i in ids if i not in outcomes]
+            if not remaining:
+                break
+            boots += 1
+            wedged = run_lane(args.python, remaining, progress, outcomes)
+            # Take any line written after the last poll.
+            for outcome, nodeid in read_progress(progress):
+                old = outcomes.get(nodeid)
+                if old is None or RANK.get(outcome, 4) > RANK.get(old, 4):
+                    outcomes[nodeid] = outcome
+            if wedged is None:
+                for nodeid in remaining:
+                    # Ended without a report: the session died under it.
+                    outcomes.setdefault(nodeid, "error")
+                break
+            wedges[wedged] = wedges.get(wedged, 0) + 1
+            if wedges[wedged] >= 2:
+                outcomes[wedged] = "error"
+                print(f"hwvirt tests: {wedged} wedged the lane twice: counted as failed")
+    passed = sum(1 for i in ids if outcomes.get(i) in GOOD)
+    failed = len(ids) - passed
+    print(f"hwvirt tests: {len(ids)} tests, {boots} lane boot(s), "
+          f"{sum(wedges.values())} wedge(s) resumed")  # fmt: skip
+    for nodeid in ids:
+        if outcomes.get(nodeid) not in GOOD:
+            print(f"FAILED {nodeid} ({outcomes.get(nodeid, 'not run')})")
+    print(f"hwvirt: {passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
