@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvmkit.devices.virtio.blk import DriveConfig
 from kvmkit.errors import UserError
 from kvmkit.probe import detect_implementation
 from kvmkit.vmm.config import MachineConfig
@@ -54,6 +55,12 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     p.add_argument("--snapshot-state", type=Path, default=Path("kvmkit.state"))
     p.add_argument("--snapshot-mem", type=Path, default=Path("kvmkit.mem"))
+    p.add_argument(
+        "--drive", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
+        help="a raw disk image as a virtio-blk drive (/dev/vda, vdb, ... in order); "
+        "ro: read-only (guest writes fail)",
+    )
+    p.add_argument("--rng", action="store_true", help="a virtio-rng device (/dev/hwrng)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=run)
 
@@ -106,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
         vcpus=args.vcpus, mem_mib=args.mem_mib, command=command,
     )  # fmt: skip
+    try:
+        config.drives = [DriveConfig.parse(spec) for spec in args.drive]
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    config.rng = args.rng
     config.validate()
     implementation, why = detect_implementation()
     if not implementation.startswith("hardware-") and not os.environ.get("KVMKIT_FORCE_RUN"):
