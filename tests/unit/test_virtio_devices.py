@@ -239,3 +239,17 @@ def test_drive_option_parsing() -> None:
     assert (str(d.path), d.read_only, d.serial) == ("/tmp/x.img", True, "abc")
     with pytest.raises(ValueError, match="unknown option"):
         DriveConfig.parse("/tmp/x.img,rw")
+
+
+def test_dsdt_describes_virtio_mmio_devices_for_linux() -> None:
+    from kvmkit.arch.x86_64.acpi import dsdt_aml
+
+    aml = dsdt_aml(5, [(0xD000_0000, 0x1000, 5), (0xD000_1000, 0x1000, 6)])
+    assert aml.count(b"\x0dLNRO0005\x00") == 2  # _HID strings Linux's virtio_mmio matches
+    assert b"\\_SB_" in aml  # the devices live in Scope (\_SB_)
+    # _CRS: Memory32Fixed(RW, base, 4 KiB) then Interrupt(consumer, edge, high) {irq}
+    for base, irq in ((0xD000_0000, 5), (0xD000_1000, 6)):
+        crs = struct.pack("<BHBII", 0x86, 9, 1, base, 0x1000)
+        crs += struct.pack("<BHBBI", 0x89, 6, 3, 1, irq) + b"\x79\x00"
+        assert crs in aml
+    assert b"LNRO" not in dsdt_aml(5)
