@@ -3,7 +3,7 @@
 One boot checks several things: two virtio-blk drives appear (found from the ACPI DSDT), the
 read-only one is read-only in the guest and refuses writes, its serial (GET_ID) shows, data
 the guest wrote and fsync'ed to the other survives a SIGKILL of the VMM right after the guest
-reported the sync, and /dev/hwrng (virtio-rng) yields data.
+reported the sync, a discard punches a hole in the image, and /dev/hwrng (virtio-rng) yields data.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ echo "RODATA $(head -c 24 /dev/vdb)"
 if dd if=/dev/zero of=/dev/vdb bs=512 count=1 conv=fsync 2>/dev/null; then
     echo ROWRITE ok; else echo ROWRITE refused; fi
 echo "RNG $(head -c 4096 /dev/hwrng | wc -c) $(cat /sys/class/misc/hw_random/rng_current)"
+blkdiscard -o 1048576 -l 65536 /dev/vda; echo "DISCARD $?"
 printf 'kvmkit-virtio-blk-survives-sigkill\n' | dd of=/dev/vda bs=512 seek=8 conv=fsync 2>/dev/null
 echo "SYNCED $?"
 sleep 600
@@ -38,7 +39,7 @@ sleep 600
 
 def test_blk_two_drives_readonly_flush_survives_kill_and_rng(tmp_path: Path) -> None:
     rw = tmp_path / "rw.img"
-    rw.write_bytes(bytes(1 << 20))
+    rw.write_bytes(b"\xff" * (2 << 20))
     ro = tmp_path / "ro.img"
     ro.write_bytes(RO_CONTENT.ljust(1 << 20, b"\0"))
     ro.chmod(0o444)
@@ -72,8 +73,13 @@ def test_blk_two_drives_readonly_flush_survives_kill_and_rng(tmp_path: Path) -> 
     assert lines["SERIAL"] == "kvmkit-ro-1"
     assert lines["RODATA"] == RO_CONTENT.decode().strip()
     assert lines["ROWRITE"] == "refused"
+    assert lines["DISCARD"] == "0"
     assert lines["RNG"].split()[0] == "4096"
     assert lines["RNG"].split()[1].startswith("virtio_rng")
     # The data the guest fsync'ed (FLUSH -> fdatasync) is in the image after the kill.
     assert rw.read_bytes()[8 * 512 : 8 * 512 + len(PATTERN)] == PATTERN
     assert ro.read_bytes().startswith(RO_CONTENT)
+    # The discarded range is a hole in the image now (reads as zeros); the rest is intact.
+    image = rw.read_bytes()
+    assert image[1 << 20 : (1 << 20) + 65536] == bytes(65536)
+    assert image[(1 << 20) + 65536 :] == b"\xff" * ((1 << 20) - 65536)

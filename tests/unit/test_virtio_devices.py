@@ -253,3 +253,28 @@ def test_dsdt_describes_virtio_mmio_devices_for_linux() -> None:
         crs += struct.pack("<BHBBI", 0x89, 6, 3, 1, irq) + b"\x79\x00"
         assert crs in aml
     assert b"LNRO" not in dsdt_aml(5)
+
+
+def test_blk_discard_punches_a_hole(tmp_path: Path, worker: VirtioWorker) -> None:
+    from kvmkit.devices.virtio.blk import VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_T_DISCARD
+
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\xff" * (1 << 20))
+    drv = attach(VirtioBlk(img), worker)
+    drv.init()
+    assert drv.offered & VIRTIO_BLK_F_DISCARD
+    assert drv.rd(r.CONFIG + 40) == 16  # max_discard_seg
+    seg = struct.pack("<QII", 256, 512, 0)  # 256 KiB from 128 KiB
+    _, bufs = drv.request([blk_header(VIRTIO_BLK_T_DISCARD), seg], [1])
+    assert drv.mem.read(bufs[0][0], 1) == bytes([VIRTIO_BLK_S_OK])
+    data = img.read_bytes()
+    assert len(data) == 1 << 20
+    assert data[128 * 1024 : 384 * 1024] == bytes(256 * 1024)  # a hole reads as zeros
+    assert data[: 128 * 1024] == b"\xff" * (128 * 1024)
+    assert data[384 * 1024 :] == b"\xff" * (640 * 1024)
+    bad = struct.pack("<QII", 2040, 16, 0)  # past the end
+    _, bufs = drv.request([blk_header(VIRTIO_BLK_T_DISCARD), bad], [1])
+    assert drv.mem.read(bufs[0][0], 1) == bytes([VIRTIO_BLK_S_IOERR])
+    flags = struct.pack("<QII", 0, 8, 2)  # an unknown flag
+    _, bufs = drv.request([blk_header(VIRTIO_BLK_T_DISCARD), flags], [1])
+    assert drv.mem.read(bufs[0][0], 1) == bytes([VIRTIO_BLK_S_UNSUPP])

@@ -36,17 +36,24 @@ VIRTIO_BLK_F_SEG_MAX = 1 << 2
 VIRTIO_BLK_F_RO = 1 << 5
 VIRTIO_BLK_F_BLK_SIZE = 1 << 6
 VIRTIO_BLK_F_FLUSH = 1 << 9
+VIRTIO_BLK_F_DISCARD = 1 << 13
 
 # §5.2.6 request types and status
 VIRTIO_BLK_T_IN = 0
 VIRTIO_BLK_T_OUT = 1
 VIRTIO_BLK_T_FLUSH = 4
 VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
 VIRTIO_BLK_S_OK = 0
 VIRTIO_BLK_S_IOERR = 1
 VIRTIO_BLK_S_UNSUPP = 2
 
 _HEADER = struct.Struct("<IIQ")
+_DISCARD_SEG = struct.Struct("<QII")  # struct virtio_blk_discard_write_zeroes
+MAX_DISCARD_SEG = 16
+MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
 
 
 @dataclass
@@ -86,12 +93,18 @@ class VirtioBlk(VirtioDevice):
         features |= VIRTIO_BLK_F_FLUSH
         if read_only:
             features |= VIRTIO_BLK_F_RO
+        else:
+            features |= VIRTIO_BLK_F_DISCARD
         super().__init__(name, [QUEUE_SIZE], features)
 
     def config_bytes(self) -> bytes:
         # struct virtio_blk_config (§5.2.4): capacity, size_max, seg_max, geometry,
-        # blk_size.
-        return struct.pack("<QIIHBBI", self.capacity, SIZE_MAX, SEG_MAX, 0, 0, 0, SECTOR_SIZE)
+        # blk_size, topology, writeback, unused0, num_queues, then the discard limits
+        # (max_discard_sectors, max_discard_seg, discard_sector_alignment).
+        return struct.pack(
+            "<QIIHBBI8sBBHIII", self.capacity, SIZE_MAX, SEG_MAX, 0, 0, 0, SECTOR_SIZE,
+            b"", 0, 0, 1, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1,
+        )  # fmt: skip
 
     def close(self) -> None:
         super().close()
@@ -135,6 +148,8 @@ class VirtioBlk(VirtioDevice):
                 status = VIRTIO_BLK_S_OK
                 if not self.read_only:
                     os.fdatasync(self.fd)
+            elif rtype == VIRTIO_BLK_T_DISCARD and not self.read_only:
+                status = self._discard(data_out)
             elif rtype == VIRTIO_BLK_T_GET_ID:
                 status, written = self._get_id(data_in)
             else:
@@ -179,6 +194,25 @@ class VirtioBlk(VirtioDevice):
             done += n
         return VIRTIO_BLK_S_OK
 
+    def _discard(self, bufs: list[Buffer]) -> int:
+        """§5.2.6: an array of {sector, num_sectors, flags}; the range is deallocated in the
+        image (a hole) where the host file system can, which reads back as zeros."""
+        total = sum(b.length for b in bufs)
+        if total == 0 or total % _DISCARD_SEG.size or total // _DISCARD_SEG.size > MAX_DISCARD_SEG:
+            return VIRTIO_BLK_S_IOERR
+        raw = self._gather(bufs, total)
+        segments = [_DISCARD_SEG.unpack_from(raw, i) for i in range(0, total, _DISCARD_SEG.size)]
+        for sector, count, flags in segments:
+            # §5.2.6.2: unknown flags make the command unsupported; ranges must be inside
+            # the disk and within max_discard_sectors.
+            if flags & ~1:
+                return VIRTIO_BLK_S_UNSUPP
+            if count > MAX_DISCARD_SECTORS or not self._in_range(sector, count * SECTOR_SIZE):
+                return VIRTIO_BLK_S_IOERR
+        for sector, count, _ in segments:
+            _punch_hole(self.fd, sector * SECTOR_SIZE, count * SECTOR_SIZE)
+        return VIRTIO_BLK_S_OK
+
     def _get_id(self, bufs: list[Buffer]) -> tuple[int, int]:
         assert self.mem is not None
         # §5.2.6: the ID is up to 20 bytes, NUL-padded when shorter.
@@ -200,6 +234,18 @@ class VirtioBlk(VirtioDevice):
                 break
             out += self.mem.read(b.addr, min(b.length, length - len(out)))
         return out
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """fallocate(PUNCH_HOLE | KEEP_SIZE); a file system without holes keeps the data (a
+    discard is a hint, §5.2.6.2)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    if libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
+        err = ctypes.get_errno()
+        log.debug("discard: fallocate: %s", os.strerror(err))
 
 
 def _skip(bufs: list[Buffer], length: int) -> list[Buffer]:
