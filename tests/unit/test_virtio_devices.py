@@ -278,3 +278,21 @@ def test_blk_discard_punches_a_hole(tmp_path: Path, worker: VirtioWorker) -> Non
     flags = struct.pack("<QII", 0, 8, 2)  # an unknown flag
     _, bufs = drv.request([blk_header(VIRTIO_BLK_T_DISCARD), flags], [1])
     assert drv.mem.read(bufs[0][0], 1) == bytes([VIRTIO_BLK_S_UNSUPP])
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("/nonexistent.img", "not a regular file"), ("{img},bogus", "unknown option 'bogus'")],
+)
+def test_run_cli_rejects_bad_drives(tmp_path: Path, spec: str, message: str) -> None:
+    import subprocess
+    import sys
+
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(4096))
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvmkit", "run", "--drive", spec.format(img=img), "--", "true"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
