@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvmkit.devices.virtio.blk import DriveConfig
 from kvmkit.errors import UserError
 from kvmkit.probe import detect_implementation
 from kvmkit.vmm.config import MachineConfig
@@ -59,6 +60,12 @@ def register(sub: Any) -> None:
         "--stats", action="store_true",
         help="at the end, print to stderr the run time, vCPU exits and console bytes",
     )  # fmt: skip
+    p.add_argument(
+        "--drive", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
+        help="a raw disk image as a virtio-blk drive (/dev/vda, vdb, ... in order); "
+        "ro: read-only (guest writes fail)",
+    )
+    p.add_argument("--rng", action="store_true", help="a virtio-rng device (/dev/hwrng)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=run)
 
@@ -111,7 +118,14 @@ def run(args: argparse.Namespace) -> int:
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
         vcpus=args.vcpus, mem_mib=args.mem_mib, command=command,
     )  # fmt: skip
+    try:
+        config.drives = [DriveConfig.parse(spec) for spec in args.drive]
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    config.rng = args.rng
     config.validate()
+    if args.snapshot_after is not None and (config.drives or config.rng):
+        raise UserError("--snapshot-after: snapshots do not carry virtio device state yet")
     implementation, why = detect_implementation()
     if not implementation.startswith("hardware-") and not os.environ.get("KVMKIT_FORCE_RUN"):
         raise UserError(

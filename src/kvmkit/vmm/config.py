@@ -7,10 +7,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmkit.devices.virtio.blk import DriveConfig
 from kvmkit.errors import UserError
 
 MIN_MEM_MIB = 32
 MAX_MEM_MIB = 1 << 20  # 1 TiB: anything above is a typo, not a microVM
+MAX_VIRTIO_DEVICES = 10  # one ISA IRQ each (arch/x86_64/layout.py VIRTIO_MMIO_IRQS)
 MAX_VCPUS = 255  # APIC IDs must fit the 8-bit xAPIC ID and the MP table
 
 
@@ -28,6 +30,10 @@ class MachineConfig:
     # TL16C750's 64-byte FIFO so that Linux writes 64 bytes per interrupt, not 16.
     coalesce_serial: bool = True
     serial_fifo64: bool = True
+    # virtio devices (virtio-mmio): block drives in order (/dev/vda, vdb, ...) and the
+    # entropy device (/dev/hwrng). Off by default: snapshots do not carry virtio state yet.
+    drives: list[DriveConfig] = field(default_factory=list)
+    rng: bool = False
 
     def validate(self, host_max_vcpus: int | None = None) -> None:
         if not 1 <= self.vcpus <= MAX_VCPUS:
@@ -50,6 +56,13 @@ class MachineConfig:
                 raise UserError(f"{what} {path}: not a regular file")
             if not os.access(path, os.R_OK):
                 raise UserError(f"{what} {path}: not readable")
+        for drive in self.drives:
+            if not drive.path.is_file():
+                raise UserError(f"--drive {drive.path}: not a regular file")
+            if not os.access(drive.path, os.R_OK if drive.read_only else os.R_OK | os.W_OK):
+                raise UserError(f"--drive {drive.path}: not readable/writable")
+        if len(self.drives) + int(self.rng) > MAX_VIRTIO_DEVICES:
+            raise UserError(f"at most {MAX_VIRTIO_DEVICES} virtio devices")
         if self.initrd is not None and self.kernel is None:
             raise UserError("--initrd needs --kernel (the default image brings its own)")
 

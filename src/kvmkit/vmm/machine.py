@@ -36,6 +36,11 @@ from kvmkit.devices.legacy.i8042 import I8042
 from kvmkit.devices.legacy.power import AcpiPower
 from kvmkit.devices.legacy.rtc import CmosRtc
 from kvmkit.devices.legacy.serial import Serial8250
+from kvmkit.devices.virtio.blk import VirtioBlk
+from kvmkit.devices.virtio.device import VirtioDevice, VirtioWorker
+from kvmkit.devices.virtio.mmio import VirtioMmio
+from kvmkit.devices.virtio.mmio import cmdline_entry as virtio_cmdline_entry
+from kvmkit.devices.virtio.rng import VirtioRng
 from kvmkit.errors import UserError
 from kvmkit.kvm import Kvm, KvmError, Vcpu, Vm
 from kvmkit.kvm.coalesced import CoalescedRing, RingDrainer
@@ -143,6 +148,8 @@ class Machine:
         self.ring: RingDrainer | None = None  # the coalesced PIO ring, when KVM has one
         self._coalesced_ports: list[tuple[int, int]] = []
         self.started_at = 0.0
+        self.virtio: list[tuple[int, int, VirtioDevice]] = []  # (base, irq, device)
+        self._virtio_worker: VirtioWorker | None = None
 
     # -- life cycle
     def __enter__(self) -> Machine:
@@ -163,6 +170,10 @@ class Machine:
             self.ring = None
         if self.vm is not None:
             self.vm.close()
+        if self._virtio_worker is not None:
+            self._virtio_worker.close()
+        for _, _, dev in self.virtio:
+            dev.close()
         for irq in self._irqs:
             irq.close()
         self.mem.close()
@@ -179,6 +190,10 @@ class Machine:
             cmdline = cfg.cmdline if cfg.cmdline is not None else BASE_CMDLINE
             if cfg.command:
                 cmdline += f" kvmkit.nonce={self.nonce} kvmkit.cmd={_cmdline_quote(cfg.command)}"
+            # Kernels built the Firecracker way find virtio-mmio devices on the command
+            # line (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES); others from the ACPI DSDT.
+            for base, irq in self.virtio_slots():
+                cmdline += " " + virtio_cmdline_entry(base, irq)
             return cfg.kernel, cfg.initrd, cmdline + extra
         from kvmkit.image.guest import default_image
 
@@ -218,6 +233,7 @@ class Machine:
         rsdp = write_acpi_tables(
             self.mem, cfg.vcpus, pm_port=AcpiPower.PM1_EVT_PORT,
             reset_port=AcpiPower.RESET_PORT,
+            virtio_mmio=[(b, layout.VIRTIO_MMIO_SIZE, irq) for b, irq in self.virtio_slots()],
         )  # fmt: skip
         write_mptable(self.mem, cfg.vcpus)
         self.boot = load_linux(
@@ -262,6 +278,35 @@ class Machine:
             on_reset=lambda: self._finish(EndReason.REBOOT, "ACPI reset"),
         )
         self.pio.insert(power, AcpiPower.BASE, AcpiPower.LENGTH, "acpi-power")
+        self._add_virtio(vm)
+
+    def virtio_slots(self) -> list[tuple[int, int]]:
+        """(MMIO base, IRQ) of each virtio device, in order: drives, then the rng."""
+        count = len(self.config.drives) + int(self.config.rng)
+        return [
+            (layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_MMIO_IRQS[i])
+            for i in range(count)
+        ]
+
+    def _add_virtio(self, vm: Vm) -> None:
+        devices: list[VirtioDevice] = [
+            VirtioBlk(d.path, read_only=d.read_only, serial=d.serial, name=f"vd{chr(97 + i)}")
+            for i, d in enumerate(self.config.drives)
+        ]
+        if self.config.rng:
+            devices.append(VirtioRng())
+        if not devices:
+            return
+        self._virtio_worker = worker = VirtioWorker()
+        for (base, irq_no), dev in zip(self.virtio_slots(), devices, strict=True):
+            irq = EventFdIrq(irq_no)
+            self._irqs.append(irq)
+            vm.irqfd(irq.fd, irq.gsi)
+            transport = VirtioMmio(dev, self.mem, irq)
+            transport.attach(vm, base)
+            self.mmio.insert(transport, base, layout.VIRTIO_MMIO_SIZE, f"virtio-{dev.name}")
+            worker.add(dev)
+            self.virtio.append((base, irq_no, dev))
 
     @staticmethod
     def _setup_lapic(vcpu: Vcpu) -> None:
@@ -291,6 +336,8 @@ class Machine:
             threading.Thread(target=self._watch_command, daemon=True).start()
         self._attach_ring()
         self.started_at = time.monotonic()
+        if self._virtio_worker is not None:
+            self._virtio_worker.start()
         for t in self.threads:
             t.start()
 
@@ -383,6 +430,8 @@ class Machine:
         """Write a snapshot of the paused machine (diff: pages dirtied since the last one)."""
         from kvmkit.vmm.snapshot import snapshot_machine
 
+        if self.virtio:
+            raise UserError("snapshots of machines with virtio devices are not supported yet")
         snapshot_machine(self, path_state, path_mem, diff=diff)
 
     @classmethod

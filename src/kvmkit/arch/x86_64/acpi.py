@@ -183,11 +183,59 @@ def aml_name(name: str, data: bytes) -> bytes:
     return bytes([AML_NAME_OP]) + aml_name_seg(name) + data
 
 
-def dsdt_aml(s5_sleep_type: int = S5_SLEEP_TYPE) -> bytes:
+def aml_string(text: str) -> bytes:
+    """String (20.2.3): StringPrefix AsciiCharList NullChar."""
+    return b"\x0d" + text.encode("ascii") + b"\0"
+
+
+def aml_buffer(data: bytes) -> bytes:
+    """DefBuffer (20.2.5.4): BufferOp PkgLength BufferSize ByteList."""
+    content = aml_integer(len(data)) + data
+    return b"\x11" + aml_pkg_length(len(content)) + content
+
+
+def aml_device(name: str, body: bytes) -> bytes:
+    """DefDevice (20.2.5.2): ExtOpPrefix DeviceOp PkgLength NameString TermList."""
+    content = aml_name_seg(name) + body
+    return b"\x5b\x82" + aml_pkg_length(len(content)) + content
+
+
+def aml_scope(path: bytes, body: bytes) -> bytes:
+    """DefScope (20.2.5.1): ScopeOp PkgLength NameString TermList."""
+    content = path + body
+    return b"\x10" + aml_pkg_length(len(content)) + content
+
+
+def virtio_mmio_device_aml(index: int, base: int, size: int, irq: int) -> bytes:
+    """A virtio-mmio device as Linux's virtio_mmio driver matches it from ACPI: _HID
+    "LNRO0005" with a _CRS of Memory32Fixed (6.4.3.4) and an edge, active-high Extended
+    Interrupt (6.4.3.6) (what QEMU's and Firecracker's DSDTs describe)."""
+    mem32 = struct.pack("<BHBII", 0x86, 9, 1, base, size)  # read-write
+    intr = struct.pack("<BHBBI", 0x89, 6, 0x03, 1, irq)  # consumer, edge, active high
+    crs = mem32 + intr + b"\x79\x00"  # End Tag, checksum 0 (treated as valid)
+    body = (
+        aml_name("_HID", aml_string("LNRO0005"))
+        + aml_name("_UID", aml_integer(index))
+        + aml_name("_CRS", aml_buffer(crs))
+    )
+    return aml_device(f"VR{index:02X}", body)
+
+
+def dsdt_aml(
+    s5_sleep_type: int = S5_SLEEP_TYPE, virtio_mmio: list[tuple[int, int, int]] | None = None
+) -> bytes:
     """The DSDT's definition block. \\_S5_ (7.4.2): Package {SLP_TYPa, SLP_TYPb, reserved,
-    reserved}; the OS writes SLP_TYPa into PM1a_CNT's SLP_TYP field."""
+    reserved}; the OS writes SLP_TYPa into PM1a_CNT's SLP_TYP field. `virtio_mmio`: (base,
+    size, irq) of virtio-mmio devices, described under \\_SB_."""
     s5 = aml_package([aml_integer(s5_sleep_type)] * 2 + [aml_integer(0)] * 2)
-    return aml_name("_S5_", s5)
+    aml = aml_name("_S5_", s5)
+    if virtio_mmio:
+        devices = b"".join(
+            virtio_mmio_device_aml(i, base, size, irq)
+            for i, (base, size, irq) in enumerate(virtio_mmio)
+        )
+        aml += aml_scope(b"\\_SB_", devices)
+    return aml
 
 
 FACS_LENGTH = 64
@@ -282,6 +330,7 @@ def write_acpi_tables(
     s5_sleep_type: int = S5_SLEEP_TYPE,
     i8042: bool = False,
     addr: int = layout.ACPI_ADDR,
+    virtio_mmio: list[tuple[int, int, int]] | None = None,
 ) -> int:
     """Write RSDP, XSDT, FADT, DSDT and MADT from `addr` (16-byte aligned, tables must end
     below layout.ACPI_END) and return the RSDP's address (= addr).
@@ -309,7 +358,7 @@ def write_acpi_tables(
     fadt_addr = _align(xsdt_addr + xsdt_size)
     facs_addr = (fadt_addr + FADT_LENGTH + 63) & ~63  # the FACS must be 64-byte aligned
     dsdt_addr = _align(facs_addr + FACS_LENGTH)
-    dsdt = sdt(b"DSDT", DSDT_REVISION, dsdt_aml(s5_sleep_type))
+    dsdt = sdt(b"DSDT", DSDT_REVISION, dsdt_aml(s5_sleep_type, virtio_mmio))
     madt_addr = _align(dsdt_addr + len(dsdt))
     madt = build_madt(nvcpus)
     end = madt_addr + len(madt)

@@ -1,0 +1,281 @@
+"""Split virtqueues (virtio 1.2 §2.7), device side, as pure code over `GuestMemory`.
+
+    descriptor table  16 bytes each: addr u64, len u32, flags u16, next u16      (§2.7.5)
+    driver area       flags u16, idx u16, ring[size] u16, used_event u16         (§2.7.6)
+    device area       flags u16, idx u16, ring[size] {id u32, len u32},
+                      avail_event u16                                             (§2.7.8)
+
+Everything in these structures is written by the guest, which may be hostile: every index,
+length, address and chain is checked before it is used, and a violation raises `QueueError`.
+A device that sees one sets NEEDS_RESET (§2.1.2) and stops using the queue; the VMM keeps
+running. Guest memory is only ever reached through `GuestMemory`'s bounds-checked accessors,
+so no guest value can reach host memory outside guest RAM.
+
+Ordering: the driver writes ring entries before the index that publishes them and reads the
+used index before the used entries; on x86 (TSO) plain loads and stores keep that order. The
+two places that need a store-load barrier (publishing used.idx then reading used_event, and
+writing avail_event then re-reading avail.idx) go through `full_fence()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from kvmkit.memory import GuestMemory
+from kvmkit.memory.region import GuestMemoryError
+
+log = logging.getLogger(__name__)
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+DESC_SIZE = 16
+MAX_QUEUE_SIZE = 32768  # §2.7: "The maximum Queue Size value is 32768"
+# The longest indirect table accepted (a 64 KiB table). Linux makes one per request with
+# one entry per segment, far fewer than this.
+MAX_INDIRECT_ENTRIES = 4096
+
+_DESC = struct.Struct("<QIHH")
+_USED_ELEM = struct.Struct("<II")
+
+_fence_lock = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier: taking a lock executes a locked instruction (x86: a full
+    fence), so a store before this call is visible before any load after it."""
+    with _fence_lock:
+        pass
+
+
+class QueueError(Exception):
+    """The driver broke a rule of §2.7; the device must enter NEEDS_RESET (§2.1.2)."""
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """One guest buffer of a chain: `length` bytes at guest-physical `addr`."""
+
+    addr: int
+    length: int
+    writable: bool
+
+
+@dataclass
+class DescriptorChain:
+    """A request the driver made available: device-readable buffers then device-writable
+    ones (§2.7.4.2), and the head index to give back in the used ring."""
+
+    head: int
+    readable: list[Buffer] = field(default_factory=list)
+    writable: list[Buffer] = field(default_factory=list)
+
+    @property
+    def readable_length(self) -> int:
+        return sum(b.length for b in self.readable)
+
+    @property
+    def writable_length(self) -> int:
+        return sum(b.length for b in self.writable)
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """§2.7.10 / 2.7.7.2: notify when `event_idx` lies in [old_idx, new_idx) modulo 2^16."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+class SplitQueue:
+    """One split virtqueue as configured by the driver through a transport."""
+
+    def __init__(self, max_size: int) -> None:
+        if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"queue size {max_size}: must be a power of 2 up to 32768")
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.ready = False
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.event_idx = False  # VIRTIO_F_EVENT_IDX negotiated
+        self.indirect = False  # VIRTIO_F_INDIRECT_DESC negotiated
+        self.last_avail = 0  # next avail ring slot the device reads (free-running u16)
+        self.next_used = 0  # used.idx the device publishes next (free-running u16)
+        self._signalled_used: int | None = None  # used.idx at the last interrupt decision
+
+    # -- activation checks
+    def validate(self, mem: GuestMemory) -> None:
+        """The checks a device makes before using the queue (§2.7, §2.7.5-2.7.8)."""
+        size = self.size
+        # §2.7: "Queue Size value is always a power of 2"; the driver may only lower it
+        # (§4.2.2.2 QueueNum <= QueueNumMax, §4.1.4.3.2 queue_size).
+        if not 1 <= size <= self.max_size or size & (size - 1):
+            raise QueueError(f"queue size {size} is not a power of 2 <= {self.max_size}")
+        # §2.7 table "Virtqueue Part, Alignment": descriptor table 16, driver area 2,
+        # device area 4.
+        for name, addr, align, length in (
+            ("descriptor table", self.desc_addr, 16, DESC_SIZE * size),
+            ("driver area", self.avail_addr, 2, 6 + 2 * size),
+            ("device area", self.used_addr, 4, 6 + 8 * size),
+        ):
+            if addr % align:
+                raise QueueError(f"{name} at {addr:#x} is not {align}-byte aligned")
+            if not mem.is_valid(addr, length):
+                raise QueueError(f"{name} {addr:#x}+{length:#x} is outside guest memory")
+
+    # -- the driver area
+    def _avail_idx(self, mem: GuestMemory) -> int:
+        return mem.read_u16(self.avail_addr + 2)
+
+    def _used_event(self, mem: GuestMemory) -> int:
+        return mem.read_u16(self.avail_addr + 4 + 2 * self.size)
+
+    def pending(self, mem: GuestMemory) -> int:
+        """How many chains the driver made available and the device has not taken yet."""
+        try:
+            avail = self._avail_idx(mem)
+        except GuestMemoryError as err:
+            raise QueueError(str(err)) from None
+        count = (avail - self.last_avail) & 0xFFFF
+        # §2.7.13.3: the driver adds at most Queue Size entries before the device uses them;
+        # an index further ahead is corrupt (QEMU: "Guest moved index from .. to ..").
+        if count > self.size:
+            raise QueueError(
+                f"avail.idx {avail} is {count} entries ahead of the device's {self.last_avail} "
+                f"(queue size {self.size})"
+            )
+        return count
+
+    def pop(self, mem: GuestMemory) -> DescriptorChain | None:
+        """The next available chain, or None when the driver has made none available.
+
+        With VIRTIO_F_EVENT_IDX, an empty queue re-arms the driver's notifications: the
+        device writes avail_event (§2.7.10) and looks again, so a chain added in between
+        is not missed."""
+        if not self.ready:
+            return None
+        if self.pending(mem) == 0:
+            if not self.event_idx:
+                return None
+            self._set_avail_event(mem, self.last_avail)
+            full_fence()
+            if self.pending(mem) == 0:
+                return None
+        try:
+            head = mem.read_u16(self.avail_addr + 4 + 2 * (self.last_avail % self.size))
+        except GuestMemoryError as err:
+            raise QueueError(str(err)) from None
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return self._walk(mem, head)
+
+    def _set_avail_event(self, mem: GuestMemory, value: int) -> None:
+        try:
+            mem.write_u16(self.used_addr + 4 + 8 * self.size, value)
+        except GuestMemoryError as err:
+            raise QueueError(str(err)) from None
+
+    # -- descriptor chains
+    def _read_desc(self, mem: GuestMemory, table: int, index: int) -> tuple[int, int, int, int]:
+        try:
+            raw = mem.read(table + DESC_SIZE * index, DESC_SIZE)
+        except GuestMemoryError as err:
+            raise QueueError(str(err)) from None
+        addr, length, flags, nxt = _DESC.unpack(raw)
+        return addr, length, flags, nxt
+
+    def _walk(self, mem: GuestMemory, head: int) -> DescriptorChain:
+        # §2.7.13.2 / §2.7.6: a ring entry is the index of a chain's head in the table.
+        if head >= self.size:
+            raise QueueError(f"chain head {head} is outside the table of {self.size}")
+        chain = DescriptorChain(head)
+        table, table_size, index = self.desc_addr, self.size, head
+        # §2.7.5.3.1: "A driver MUST NOT create a descriptor chain longer than the Queue
+        # Size of the device": counting descriptors also ends any loop.
+        budget = self.size
+        in_indirect = False
+        while True:
+            if budget == 0:
+                raise QueueError(f"descriptor chain from {head} is longer than its table (loop?)")
+            budget -= 1
+            addr, length, flags, nxt = self._read_desc(mem, table, index)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                # §2.7.5.3.1: "The driver MUST NOT set the VIRTQ_DESC_F_INDIRECT flag within
+                # an indirect descriptor" and "MUST NOT set both VIRTQ_DESC_F_INDIRECT and
+                # VIRTQ_DESC_F_NEXT in flags".
+                if in_indirect:
+                    raise QueueError("indirect descriptor inside an indirect table")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise QueueError("descriptor with both INDIRECT and NEXT")
+                if not self.indirect:
+                    raise QueueError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+                # §2.7.5.3.1: the table is len/16 descriptors; a partial one is an error.
+                if length == 0 or length % DESC_SIZE:
+                    raise QueueError(f"indirect table length {length} is not a multiple of 16")
+                entries = length // DESC_SIZE
+                if entries > MAX_INDIRECT_ENTRIES:
+                    raise QueueError(f"indirect table of {entries} descriptors is too long")
+                if not mem.is_valid(addr, length):
+                    raise QueueError(f"indirect table {addr:#x}+{length:#x} is outside memory")
+                # §2.7.5.3.2: the device ignores WRITE on the descriptor of the table itself.
+                table, table_size, index = addr, entries, 0
+                budget = entries
+                in_indirect = True
+                continue
+            self._add_buffer(mem, chain, addr, length, bool(flags & VIRTQ_DESC_F_WRITE))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return chain
+            if nxt >= table_size:
+                raise QueueError(f"descriptor next {nxt} is outside the table of {table_size}")
+            index = nxt
+
+    @staticmethod
+    def _add_buffer(
+        mem: GuestMemory, chain: DescriptorChain, addr: int, length: int, writable: bool
+    ) -> None:
+        # The buffer must lie in guest RAM (one region): the device touches it through
+        # GuestMemory views only.
+        if length and not mem.is_valid(addr, length):
+            raise QueueError(f"buffer {addr:#x}+{length:#x} is outside guest memory")
+        if writable:
+            chain.writable.append(Buffer(addr, length, True))
+        else:
+            # §2.7.4.2: "The driver MUST place any device-writable descriptor elements
+            # after any device-readable descriptor elements."
+            if chain.writable:
+                raise QueueError("device-readable buffer after a device-writable one")
+            chain.readable.append(Buffer(addr, length, False))
+
+    # -- the device area
+    def push(self, mem: GuestMemory, head: int, written: int) -> None:
+        """Return chain `head` to the driver with `written` bytes written into it (§2.7.8):
+        the element first, then used.idx that publishes it."""
+        slot = self.next_used % self.size
+        try:
+            mem.write(self.used_addr + 4 + 8 * slot, _USED_ELEM.pack(head, written))
+            self.next_used = (self.next_used + 1) & 0xFFFF
+            mem.write_u16(self.used_addr + 2, self.next_used)
+        except GuestMemoryError as err:
+            raise QueueError(str(err)) from None
+
+    def needs_interrupt(self, mem: GuestMemory) -> bool:
+        """Whether the driver wants an interrupt for the chains pushed since the last call
+        (§2.7.7.2: avail.flags NO_INTERRUPT, or used_event with VIRTIO_F_EVENT_IDX)."""
+        full_fence()  # used.idx is visible before the driver's suppression is read
+        try:
+            if not self.event_idx:
+                return not mem.read_u16(self.avail_addr) & VIRTQ_AVAIL_F_NO_INTERRUPT
+            old, new = self._signalled_used, self.next_used
+            self._signalled_used = new
+            if old is None:
+                return True
+            return vring_need_event(self._used_event(mem), new, old)
+        except GuestMemoryError as err:
+            raise QueueError(str(err)) from None

@@ -1,0 +1,104 @@
+"""A mock virtio driver (the guest side, tests only): it lays out a split virtqueue in a
+GuestMemory and makes descriptor chains available the way a driver does (virtio 1.2 §2.7.13),
+and can also write arbitrary (hostile) descriptors."""
+
+from __future__ import annotations
+
+import struct
+
+from kvmkit.devices.virtio.queue import (
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    SplitQueue,
+)
+from kvmkit.memory import GuestMemory
+
+MEM_SIZE = 1 << 20
+DESC_BASE = 0x1000
+AVAIL_BASE = 0x9000
+USED_BASE = 0xA000
+DATA_BASE = 0x20000
+
+
+def new_memory() -> GuestMemory:
+    mem = GuestMemory()
+    mem.add_anonymous(0, MEM_SIZE)
+    return mem
+
+
+class MockDriver:
+    def __init__(self, mem: GuestMemory, size: int = 16) -> None:
+        self.mem = mem
+        self.size = size
+        self.avail_idx = 0
+        self.free_head = 0
+        self.next_data = DATA_BASE
+        self.used_seen = 0
+
+    def setup(self, queue: SplitQueue, *, event_idx: bool = False, indirect: bool = True) -> None:
+        queue.size = self.size
+        queue.desc_addr, queue.avail_addr, queue.used_addr = DESC_BASE, AVAIL_BASE, USED_BASE
+        queue.event_idx, queue.indirect = event_idx, indirect
+        queue.validate(self.mem)
+        queue.ready = True
+
+    def alloc(self, data: bytes | int) -> tuple[int, int]:
+        """Guest memory holding `data` (or int: that many zero bytes): (addr, len)."""
+        raw = bytes(data) if isinstance(data, int) else data
+        addr = self.next_data
+        self.mem.write(addr, raw)
+        self.next_data += (len(raw) + 15) & ~15 or 16
+        return addr, len(raw)
+
+    def write_desc(
+        self, table: int, index: int, addr: int, length: int, flags: int, nxt: int
+    ) -> None:
+        self.mem.write(table + 16 * index, struct.pack("<QIHH", addr, length, flags, nxt))
+
+    def publish(self, head: int) -> None:
+        self.mem.write_u16(AVAIL_BASE + 4 + 2 * (self.avail_idx % self.size), head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.mem.write_u16(AVAIL_BASE + 2, self.avail_idx)
+
+    def add_chain(
+        self, readable: list[bytes], writable: list[int], *, indirect: bool = False
+    ) -> int:
+        """Make a chain available: device-readable buffers then device-writable ones of the
+        given sizes. Returns the head index."""
+        bufs = [(*self.alloc(r), 0) for r in readable]
+        bufs += [(*self.alloc(w), VIRTQ_DESC_F_WRITE) for w in writable]
+        head = self.free_head
+        if indirect:
+            table, _ = self.alloc(16 * len(bufs))
+            for i, (addr, length, flags) in enumerate(bufs):
+                more = VIRTQ_DESC_F_NEXT if i + 1 < len(bufs) else 0
+                self.write_desc(table, i, addr, length, flags | more, i + 1)
+            self.write_desc(DESC_BASE, head, table, 16 * len(bufs), VIRTQ_DESC_F_INDIRECT, 0)
+            self.free_head = (head + 1) % self.size
+        else:
+            for i, (addr, length, flags) in enumerate(bufs):
+                index = (head + i) % self.size
+                more = VIRTQ_DESC_F_NEXT if i + 1 < len(bufs) else 0
+                self.write_desc(
+                    DESC_BASE, index, addr, length, flags | more, (index + 1) % self.size
+                )
+            self.free_head = (head + len(bufs)) % self.size
+        self.publish(head)
+        return head
+
+    def used(self) -> list[tuple[int, int]]:
+        """New used-ring entries (id, len) since the last call."""
+        idx = self.mem.read_u16(USED_BASE + 2)
+        out = []
+        while self.used_seen != idx:
+            slot = self.used_seen % self.size
+            out.append(struct.unpack("<II", self.mem.read(USED_BASE + 4 + 8 * slot, 8)))
+            self.used_seen = (self.used_seen + 1) & 0xFFFF
+        return out
+
+    def set_used_event(self, value: int) -> None:
+        self.mem.write_u16(AVAIL_BASE + 4 + 2 * self.size, value)
+
+    def avail_event(self) -> int:
+        return self.mem.read_u16(USED_BASE + 4 + 8 * self.size)
