@@ -137,6 +137,11 @@ class Serial8250:
         self._fifo_enabled = False
         self._fcr_trigger = 0
         self._thre_pending = False  # THR-empty interrupt latched, until IIR read or THR write
+        # Firecracker's uart metrics: bytes the guest read and wrote, and writes whose
+        # output callback failed.
+        self.read_count = 0
+        self.write_count = 0
+        self.missed_write_count = 0
 
     # -- state helpers (called with the lock held)
     def _lsr(self) -> int:
@@ -200,6 +205,7 @@ class Serial8250:
                     # No new edge while more data waits: Linux's handler reads on while
                     # LSR.DR is set (serial8250_rx_chars).
                     value = self._rx.popleft() if self._rx else 0
+                    self.read_count += 1
             elif offset == IER_DLM:
                 value = self._dlm if self._lcr & LCR_DLAB else self._ier
             elif offset == IIR_FCR:
@@ -277,9 +283,11 @@ class Serial8250:
         if self._mcr & MCR_LOOP:
             self._receive_locked(bytes([byte]))
             return
+        self.write_count += 1
         try:
             self._out(bytes([byte]))
         except Exception:  # a broken console must not take the vCPU thread down
+            self.missed_write_count += 1
             log.exception("serial: output callback failed")
 
     def _receive_locked(self, data: bytes) -> int:
