@@ -29,7 +29,8 @@ from kvmkit.api.actions import ApiError, Vmm
 log = logging.getLogger("kvmkit.api")
 
 MAX_BODY = 51200  # Firecracker's default --http-api-max-payload-size
-READ_TIMEOUT = 10.0  # seconds a client may take for each read of its request
+# Seconds a client may take for each read of its request (tests shorten it).
+READ_TIMEOUT = float(os.environ.get("KVMKIT_API_READ_TIMEOUT", "10"))
 MAX_CONNECTIONS = 128
 ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 MAX_ID = 64
@@ -177,8 +178,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         log.debug("api: " + format, *args)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        # Malformed request lines and headers (http.server's own checks): JSON too.
+        # Malformed request lines and headers (http.server's own checks): JSON too, with a
+        # status line even when the request line could not be parsed (no HTTP/0.9 replies).
         self.close_connection = True
+        self.request_version = "HTTP/1.1"
         self._reply(code if 400 <= code < 500 else 400, {"fault_message": message or "bad request"})
 
     def _reply(self, status: int, value: Any) -> None:
@@ -233,6 +236,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = MAX_CONNECTIONS
     router: Router
 
     def __init__(self, path: str, router: Router) -> None:
