@@ -68,6 +68,8 @@ def validate(value: Any, schema: dict[str, Any] | str, where: str = "") -> None:
         if "maximum" in schema and value > schema["maximum"]:
             raise SchemaError(f"{where}: {value} is above the maximum {schema['maximum']}")
     if isinstance(value, str):
+        if "minLength" in schema and len(value) < schema["minLength"]:
+            raise SchemaError(f"{where}: must not be empty")
         if "maxLength" in schema and len(value) > schema["maxLength"]:
             raise SchemaError(f"{where}: longer than {schema['maxLength']} characters")
         if "pattern" in schema and not re.search(schema["pattern"], value):
