@@ -283,7 +283,8 @@ class Vmm:
                         module=body.get("module"),
                     )  # fmt: skip
                 except OSError as err:
-                    raise ApiError(f"log_path {body['log_path']!r}: {err.strerror or err}") from None
+                    why = err.strerror or err
+                    raise ApiError(f"log_path {body['log_path']!r}: {why}") from None
             if self._log_handler is not None:
                 logging.getLogger("kvmkit").removeHandler(self._log_handler)
                 self._log_handler.close()

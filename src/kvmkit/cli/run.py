@@ -115,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
         from kvmkit.cli.api_run import run_api
 
         if args.gdb or args.snapshot_after is not None:
-            raise UserError("--gdb and --snapshot-after do not combine with --api-sock/--config-file")
+            raise UserError(
+                "--gdb and --snapshot-after do not combine with --api-sock/--config-file"
+            )
         return run_api(
             api_sock=args.api_sock, config_file=args.config_file, kernel=args.kernel,
             initrd=args.initrd, cmdline=args.cmdline, vcpus=args.vcpus, mem_mib=args.mem_mib,
