@@ -1,10 +1,10 @@
 """Property-based requests generated from kvmkit's own OpenAPI spec (schemathesis), valid
-and invalid ones, against a real `kvmkit run --api-sock` process: no 5xx, no hang, every
+and invalid ones, against real `kvmkit run --api-sock` processes: no 5xx, no hang, every
 answer matches the spec (status, content type, body schema), and the VMM keeps serving.
 
-The VMM is never started here (no kernel in the generated boot sources exists), so snapshot
-creation and logger/metrics paths cannot touch files outside the test's directory beyond
-opening existing ones for append.
+Two runs: against a VMM waiting for configuration (no generated kernel path exists, so it is
+never started by them), and against one running the tiny serial-loop kernel, where the
+snapshot endpoints are left out (generated paths could name any file on the host).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 import schemathesis
-from api_proc import VmmProcess
+from api_proc import VmmProcess, grows
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.transport import Response
@@ -30,12 +30,27 @@ from kvmkit.api.client import request
 from kvmkit.api.schema import spec
 
 schema = schemathesis.openapi.from_dict(spec())
+running_schema = schemathesis.openapi.from_dict(spec()).exclude(path_regex="^/snapshot/")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmmProcess]:
     proc = VmmProcess(tmp_path_factory.mktemp("schema"))
     yield proc
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmmProcess]:
+    from kvmkit.testing.pvh import serial_loop_kernel
+
+    work = tmp_path_factory.mktemp("running")
+    proc = VmmProcess(work)
+    proc.ok("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 64})
+    proc.ok("PUT", "/boot-source", {"kernel_image_path": str(serial_loop_kernel(work / "k"))})
+    proc.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+    yield proc
+    assert grows(proc) or proc.ok("GET", "/")["state"] == "Paused"
     proc.close()
 
 
@@ -49,6 +64,17 @@ def _body(case: Any) -> Any:
 @schema.parametrize()
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 def test_generated_requests(server: VmmProcess, case: Any) -> None:
+    check_case(server, case)
+
+
+@running_schema.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_generated_requests_running_vm(running: VmmProcess, case: Any) -> None:
+    check_case(running, case)
+    assert running.ok("GET", "/")["state"] in ("Running", "Paused")
+
+
+def check_case(server: VmmProcess, case: Any) -> None:
     body = _body(case)
     data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
     path = case.formatted_path
