@@ -539,6 +539,8 @@ class Vmm:
                     machine.resume()
                     self.state = State.RUNNING
             except UserError as err:
+                machine.close()
+                self.machine, self.state = None, State.NOT_STARTED
                 raise ApiError(f"Cannot load the snapshot: {err}") from None
             self._latency("load_snapshot", t0)
             log.info("snapshot %s loaded (%s)", body["snapshot_path"], self.state.value)

@@ -46,7 +46,8 @@ def register(sub: Any) -> None:
     load.add_argument("--mem", required=True)
     load.add_argument("--resume", action="store_true", help="resume the VM once loaded")
     for verb in ("get", "put", "patch"):
-        raw = acts.add_parser(verb, help=f"{verb.upper()} PATH [JSON]: any request")
+        usage = "PATH" if verb == "get" else "PATH JSON"
+        raw = acts.add_parser(verb, help=f"{verb.upper()} {usage}: any request")
         raw.add_argument("path")
         if verb != "get":
             raw.add_argument("body", help="JSON body")
