@@ -66,6 +66,15 @@ def register(sub: Any) -> None:
         "ro: read-only (guest writes fail)",
     )
     p.add_argument("--rng", action="store_true", help="a virtio-rng device (/dev/hwrng)")
+    p.add_argument(
+        "--api-sock", metavar="PATH",
+        help="serve kvmkit's Firecracker-compatible API on this Unix socket (docs/api.md); "
+        "without a kernel, command or config file, wait for InstanceStart",
+    )  # fmt: skip
+    p.add_argument(
+        "--config-file", type=Path, metavar="F",
+        help="boot from a JSON file in Firecracker's --config-file shape",
+    )  # fmt: skip
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=run)
 
@@ -114,6 +123,18 @@ def run(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
+    if getattr(args, "api_sock", None) or getattr(args, "config_file", None):
+        from kvmkit.cli.api_run import run_api
+
+        if args.gdb or args.snapshot_after is not None:
+            raise UserError(
+                "--gdb and --snapshot-after do not combine with --api-sock/--config-file"
+            )
+        return run_api(
+            api_sock=args.api_sock, config_file=args.config_file, kernel=args.kernel,
+            initrd=args.initrd, cmdline=args.cmdline, vcpus=args.vcpus, mem_mib=args.mem_mib,
+            command=command, timeout=args.timeout,
+        )  # fmt: skip
     config = MachineConfig(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
         vcpus=args.vcpus, mem_mib=args.mem_mib, command=command,

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 SERIAL_PORT = 0x3F8
 SERIAL_IRQ = 4
+KEYBOARD_IRQ = 1
 # Kernel options kvmkit always passes: the console on the 8250, reboot through the i8042
 # reset line (which kvmkit turns into "the guest rebooted"), reboot at once on panic, and
 # no probing of a PS/2 controller kvmkit does not fully emulate (Firecracker's choices).
@@ -147,6 +148,7 @@ class Machine:
         self.serial: Serial8250 | None = None
         self.ring: RingDrainer | None = None  # the coalesced PIO ring, when KVM has one
         self._coalesced_ports: list[tuple[int, int]] = []
+        self.i8042: I8042 | None = None
         self.started_at = 0.0
         self.virtio: list[tuple[int, int, VirtioDevice]] = []  # (base, irq, device)
         self._virtio_worker: VirtioWorker | None = None
@@ -270,7 +272,12 @@ class Machine:
             # virtualization each exit costs about a millisecond (see kvm/coalesced.py).
             vm.register_coalesced_mmio(SERIAL_PORT, 1, pio=True)
             self._coalesced_ports.append((SERIAL_PORT, 1))
-        i8042 = I8042(on_reset=lambda: self._finish(EndReason.REBOOT, "i8042 reset"))
+        kbd_irq = EventFdIrq(KEYBOARD_IRQ)
+        self._irqs.append(kbd_irq)
+        vm.irqfd(kbd_irq.fd, kbd_irq.gsi)
+        self.i8042 = i8042 = I8042(
+            on_reset=lambda: self._finish(EndReason.REBOOT, "i8042 reset"), irq=kbd_irq.trigger
+        )
         self.pio.insert(i8042, I8042.BASE, I8042.LENGTH, "i8042")
         self.pio.insert(CmosRtc(), CmosRtc.BASE, CmosRtc.LENGTH, "rtc")
         power = AcpiPower(
@@ -365,6 +372,10 @@ class Machine:
                 if not self._done.wait(POWEROFF_GRACE):
                     self._finish(EndReason.POWEROFF, "stopped after the command finished")
                 return
+
+    def send_ctrl_alt_del(self) -> bool:
+        """Ctrl+Alt+Del on the i8042 keyboard; False if the guest does not listen to it."""
+        return self.i8042 is not None and self.i8042.send_ctrl_alt_del()
 
     def write_console(self, data: bytes) -> None:
         if self.serial is not None:

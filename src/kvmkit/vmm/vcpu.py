@@ -71,6 +71,11 @@ class VcpuThread:
         # Drains the coalesced MMIO/PIO ring (kvmkit.kvm.coalesced) before each exit is
         # handled, so devices see queued writes in order with every other access.
         self.drain: Callable[[], None] | None = None
+        # Firecracker's vcpu metrics (exits by kind)
+        self.exit_io_in = 0
+        self.exit_io_out = 0
+        self.exit_mmio_read = 0
+        self.exit_mmio_write = 0
         self._stop = threading.Event()
         self.pause_point = PausePoint()  # Running -> Paused -> Running (vmm/snapshot.py)
         self.thread = threading.Thread(target=self._main, name=f"vcpu{vcpu.id}", daemon=True)
@@ -110,6 +115,10 @@ class VcpuThread:
                 drain()
             if isinstance(exit_, IoExit):
                 port, size, data = exit_.port, exit_.size, exit_.data
+                if exit_.is_in:
+                    self.exit_io_in += 1
+                else:
+                    self.exit_io_out += 1
                 # String I/O (rep ins/outs) carries `count` elements; handle each in order.
                 for i in range(0, len(data), size):
                     element = data[i : i + size]
@@ -121,9 +130,12 @@ class VcpuThread:
             elif isinstance(exit_, MmioExit):
                 data = exit_.data
                 if exit_.is_write:
+                    self.exit_mmio_write += 1
                     mmio.write(exit_.phys_addr, data)
-                elif not mmio.read(exit_.phys_addr, data):
-                    data[:] = b"\xff" * len(data)
+                else:
+                    self.exit_mmio_read += 1
+                    if not mmio.read(exit_.phys_addr, data):
+                        data[:] = b"\xff" * len(data)
             elif isinstance(exit_, IntrExit):
                 if self.on_debug is None or not self.on_debug(vcpu, exit_):
                     vcpu.immediate_exit = False

@@ -94,6 +94,8 @@ KBD_TEST_OK = 0x00
 AUX_TEST_CLOCK_LOW = 0x01
 OUTPUT_PORT_DEFAULT = 0x03  # bit 0: reset line inactive, bit 1: A20 gate on
 OUTBUF_SIZE = 16
+# Ctrl, Alt, Delete down, then up (set 1: E0-prefixed Delete, release = code | 0x80).
+CTRL_ALT_DEL = (0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D)
 
 
 class I8042:
@@ -103,8 +105,11 @@ class I8042:
     BASE = BASE
     LENGTH = LENGTH
 
-    def __init__(self, on_reset: Callable[[], None]) -> None:
+    def __init__(
+        self, on_reset: Callable[[], None], irq: Callable[[], None] | None = None
+    ) -> None:
         self._on_reset = on_reset
+        self._irq = irq  # raises the keyboard interrupt (IRQ 1), when the machine wires it
         self._lock = threading.Lock()
         self._ctr = CTR_DEFAULT
         self._outbuf: deque[int] = deque()
@@ -128,12 +133,16 @@ class I8042:
             log.debug("i8042: ignored %d-byte read at offset %d", len(data), offset)
             data[:] = b"\xff" * len(data)
             return
+        more = False
         with self._lock:
             if offset == COMMAND_OFFSET:
                 data[0] = self._status()
             else:
                 # An empty output buffer reads as the last value on real hardware; 0 here.
                 data[0] = self._outbuf.popleft() if self._outbuf else 0
+                more = bool(self._outbuf)
+        if offset == DATA_OFFSET and more:
+            self._data_read_done()
 
     def write(self, offset: int, data: memoryview) -> None:
         if len(data) != 1 or offset not in (DATA_OFFSET, COMMAND_OFFSET):
@@ -197,6 +206,23 @@ class I8042:
         elif cmd == CMD_WRITE_OUTPUT_PORT:
             return not value & 0x01  # RESET line driven low
         return False
+
+    def send_ctrl_alt_del(self) -> bool:
+        """Press and release Ctrl+Alt+Del on the keyboard (Firecracker's SendCtrlAltDel).
+        The codes are scan code set 1, what the guest reads with translation on (CTR_XLATE,
+        the default). False when the guest has not enabled the keyboard interrupt."""
+        with self._lock:
+            if self._irq is None or not self._ctr & CTR_KBDINT or self._ctr & CTR_KBDDIS:
+                return False
+            for code in CTRL_ALT_DEL:
+                self._outbuf.append(code)
+        self._irq()
+        return True
+
+    def _data_read_done(self) -> None:
+        # More keyboard bytes wait: raise the interrupt again for the next one.
+        if self._irq is not None and self._outbuf and self._ctr & CTR_KBDINT:
+            self._irq()
 
     @property
     def ctr(self) -> int:

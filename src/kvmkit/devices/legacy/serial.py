@@ -151,6 +151,11 @@ class Serial8250:
         self._fcr_trigger = 0
         self._fifo64_mode = False  # FCR bit 5 as last set with DLAB on (TL16C750)
         self._thre_pending = False  # THR-empty interrupt latched, until IIR read or THR write
+        # Firecracker's uart metrics: bytes the guest read and wrote, and writes whose
+        # output callback failed.
+        self.read_count = 0
+        self.write_count = 0
+        self.missed_write_count = 0
 
     # -- state helpers (called with the lock held)
     def _lsr(self) -> int:
@@ -216,6 +221,7 @@ class Serial8250:
                     # No new edge while more data waits: Linux's handler reads on while
                     # LSR.DR is set (serial8250_rx_chars).
                     value = self._rx.popleft() if self._rx else 0
+                    self.read_count += 1
             elif offset == IER_DLM:
                 value = self._dlm if self._lcr & LCR_DLAB else self._ier
             elif offset == IIR_FCR:
@@ -303,9 +309,11 @@ class Serial8250:
         with self._lock:
             transmit = not self._lcr & LCR_DLAB and not self._mcr & MCR_LOOP
             if transmit:
+                self.write_count += len(data)
                 try:
                     self._out(data)
                 except Exception:  # a broken console must not take the vCPU thread down
+                    self.missed_write_count += len(data)
                     log.exception("serial: output callback failed")
                 self._thre_pending = True
                 fire = bool(self._ier & IER_THRE)
@@ -320,9 +328,11 @@ class Serial8250:
         if self._mcr & MCR_LOOP:
             self._receive_locked(bytes([byte]))
             return
+        self.write_count += 1
         try:
             self._out(bytes([byte]))
         except Exception:  # a broken console must not take the vCPU thread down
+            self.missed_write_count += 1
             log.exception("serial: output callback failed")
 
     def _receive_locked(self, data: bytes) -> int:

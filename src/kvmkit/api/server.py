@@ -1,0 +1,310 @@
+"""HTTP/1.1 over a Unix socket (Firecracker's API transport), standard library only.
+
+One thread per connection (at most MAX_CONNECTIONS at once; more are closed at accept),
+keep-alive, a time limit on every read from a client (a slow or silent client is dropped, a
+client that disconnects mid-request only ends its own thread), bodies up to MAX_BODY bytes
+(Firecracker's default payload limit). Requests that change the VM are serialized by the
+action layer. Every answer is JSON: 200 with a body, 204 on success without one, 4xx with
+`{"fault_message": ...}`; an unexpected error becomes a 400 naming it (logged with its
+traceback), never a 5xx.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import logging
+import os
+import socket
+import socketserver
+import stat
+import threading
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from kvmkit.api.actions import ApiError, Vmm
+
+log = logging.getLogger("kvmkit.api")
+
+MAX_BODY = 51200  # Firecracker's default --http-api-max-payload-size
+# Seconds a client may take for each read of its request (tests shorten it).
+READ_TIMEOUT = float(os.environ.get("KVMKIT_API_READ_TIMEOUT", "10"))
+MAX_CONNECTIONS = 128
+ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+MAX_ID = 64
+
+# Firecracker endpoints kvmkit does not implement: named in the 400 they get.
+NOT_IMPLEMENTED = (
+    "/balloon", "/cpu-config", "/mmds", "/entropy", "/serial", "/hotplug", "/pmem",
+)  # fmt: skip
+
+Reply = tuple[int, Any]
+
+
+def _parse_body(raw: bytes) -> Any:
+    if not raw.strip():
+        raise ApiError("The request body is empty; a JSON object is required.")
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ApiError(f"The request body is not valid JSON: {err}") from None
+
+
+def _id(segment: str, what: str) -> str:
+    value = urllib.parse.unquote(segment)
+    if not value or len(value) > MAX_ID or not set(value) <= ID_CHARS:
+        raise ApiError(
+            f"Invalid {what} {value[:80]!r}: 1 to {MAX_ID} characters, alphanumeric or '_'"
+        )
+    return value
+
+
+class Router:
+    """(method, path, body bytes) -> (status, JSON value or None), over a `Vmm`."""
+
+    def __init__(self, vmm: Vmm) -> None:
+        self.vmm = vmm
+
+    def handle(self, method: str, target: str, body: bytes) -> Reply:
+        path = urllib.parse.urlsplit(target).path or "/"
+        if len(path) > 1:
+            path = path.rstrip("/")
+        group, counter = self._counter(method, path)
+        try:
+            reply = self._route(method, path, body)
+        except ApiError as err:
+            self._count(group, counter, fail=True)
+            log.info("%s %s: %d %s", method, path, err.status, err.message)
+            return err.status, {"fault_message": err.message}
+        except Exception as err:  # never a 5xx: report what went wrong as bad input
+            self._count(group, counter, fail=True)
+            log.exception("%s %s: unexpected error", method, path)
+            return 400, {"fault_message": f"{method} {path} failed: {type(err).__name__}: {err}"}
+        self._count(group, counter)
+        log.info("%s %s: %d", method, path, reply[0])
+        return reply
+
+    def _counter(self, method: str, path: str) -> tuple[str, str]:
+        name = {
+            "/": "instance_info", "/version": "vmm_version", "/machine-config": "machine_cfg",
+            "/vm/config": "vm_config", "/actions": "actions", "/boot-source": "boot_source",
+            "/logger": "logger", "/metrics": "metrics", "/vsock": "vsock", "/vm": "vm",
+            "/snapshot/create": "snapshot_create", "/snapshot/load": "snapshot_load",
+        }.get(path)  # fmt: skip
+        if path.startswith("/drives/"):
+            name = "drive"
+        elif path.startswith("/network-interfaces/"):
+            name = "network"
+        group = {"GET": "get_api_requests", "PUT": "put_api_requests",
+                 "PATCH": "patch_api_requests"}.get(method, "")  # fmt: skip
+        return group, name or ""
+
+    def _count(self, group: str, name: str, fail: bool = False) -> None:
+        values = self.vmm.metrics.values.get(group)
+        if values is None or not name:
+            return
+        if f"{name}_count" in values:
+            self.vmm.metrics.inc(group, f"{name}_count")
+        if fail and f"{name}_fails" in values:
+            self.vmm.metrics.inc(group, f"{name}_fails")
+
+    def _route(self, method: str, path: str, raw: bytes) -> Reply:
+        vmm = self.vmm
+        parts = path.split("/")[1:]
+        if method == "GET":
+            getters: dict[str, Callable[[], dict[str, Any]]] = {
+                "/": vmm.describe, "/version": vmm.version,
+                "/machine-config": vmm.get_machine_config, "/vm/config": vmm.vm_config,
+            }  # fmt: skip
+            if path in getters:
+                return 200, getters[path]()
+        elif method in ("PUT", "PATCH"):
+            puts: dict[tuple[str, str], Callable[[Any], None]] = {
+                ("PUT", "/actions"): vmm.action,
+                ("PUT", "/boot-source"): vmm.put_boot_source,
+                ("PUT", "/machine-config"): vmm.put_machine_config,
+                ("PATCH", "/machine-config"): vmm.patch_machine_config,
+                ("PUT", "/vsock"): vmm.put_vsock,
+                ("PUT", "/logger"): vmm.put_logger,
+                ("PUT", "/metrics"): vmm.put_metrics,
+                ("PATCH", "/vm"): vmm.patch_vm,
+                ("PUT", "/snapshot/create"): vmm.snapshot_create,
+                ("PUT", "/snapshot/load"): vmm.snapshot_load,
+            }
+            fn = puts.get((method, path))
+            if fn is not None:
+                fn(_parse_body(raw))
+                return 204, None
+            if len(parts) == 2 and parts[0] in ("drives", "network-interfaces"):
+                what = "drive_id" if parts[0] == "drives" else "iface_id"
+                ident = _id(parts[1], what)
+                body = _parse_body(raw)
+                by_id: dict[tuple[str, str], Callable[[str, Any], None]] = {
+                    ("PUT", "drives"): vmm.put_drive,
+                    ("PATCH", "drives"): vmm.patch_drive,
+                    ("PUT", "network-interfaces"): vmm.put_network_interface,
+                    ("PATCH", "network-interfaces"): vmm.patch_network_interface,
+                }
+                by_id[(method, parts[0])](ident, body)
+                return 204, None
+        for prefix in NOT_IMPLEMENTED:
+            if path == prefix or path.startswith(prefix + "/"):
+                raise ApiError(f"kvmkit does not implement {method} {path}")
+        raise ApiError(f"Invalid request method and/or path: {method} {path}")
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "kvmkit"
+    sys_version = ""
+    timeout = READ_TIMEOUT
+    server: _UnixServer
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("do_"):  # every method reaches the router (POST, DELETE...: 400)
+            return self._dispatch
+        raise AttributeError(name)
+
+    def address_string(self) -> str:
+        return "unix"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("api: " + format, *args)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # Malformed request lines and headers (http.server's own checks): JSON too, with a
+        # status line even when the request line could not be parsed (no HTTP/0.9 replies).
+        self.close_connection = True
+        self.request_version = "HTTP/1.1"
+        self._reply(code if 400 <= code < 500 else 400, {"fault_message": message or "bad request"})
+
+    def _reply(self, status: int, value: Any) -> None:
+        try:
+            self.send_response(status)
+            if value is None:
+                if status != 204:
+                    self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                data = json.dumps(value).encode()
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                if self.close_connection:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True
+
+    def _dispatch(self) -> None:
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            self._reply(400, {"fault_message": "Transfer-Encoding is not supported; send "
+                              "Content-Length"})  # fmt: skip
+            return
+        length_text = self.headers.get("Content-Length", "0").strip() or "0"
+        if not length_text.isdigit():
+            self.close_connection = True
+            self._reply(400, {"fault_message": f"Invalid Content-Length {length_text[:40]!r}"})
+            return
+        length = int(length_text)
+        if length > MAX_BODY:
+            self.close_connection = True
+            self._reply(413, {"fault_message": f"Request payload with size {length} is larger "
+                              f"than the limit of {MAX_BODY} allowed by server."})  # fmt: skip
+            return
+        try:
+            body = self.rfile.read(length) if length else b""
+        except OSError:  # timeout or reset mid-body: drop the client
+            self.close_connection = True
+            return
+        if len(body) < length:  # the client went away mid-body
+            self.close_connection = True
+            return
+        status, value = self.server.router.handle(self.command, self.path, body)
+        self._reply(status, value)
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = MAX_CONNECTIONS
+    router: Router
+
+    def __init__(self, path: str, router: Router) -> None:
+        self.router = router
+        self.active = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(path, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.active.acquire(blocking=False):
+            self.shutdown_request(request)  # too many clients: drop this one
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self.active.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.active.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("api: connection ended with an error", exc_info=True)
+
+
+class ApiServer:
+    """Serve `vmm` on the Unix socket `path` from a background thread."""
+
+    def __init__(self, vmm: Vmm, path: str) -> None:
+        self.path = path
+        _remove_stale_socket(path)
+        try:
+            self._server = _UnixServer(path, Router(vmm))
+        except OSError as err:
+            raise OSError(err.errno, f"cannot listen on {path}: {err.strerror}") from None
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+            name="api-server", daemon=True,
+        )  # fmt: skip
+
+    def start(self) -> ApiServer:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file left by a process that is gone is removed; a live one is an error."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(17, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(98, f"{path}: another process is serving this socket")
