@@ -347,8 +347,7 @@ def test_metrics_and_logger(vmm: VmmProcess, kernel: Path, tmp_path: Path) -> No
     assert first["put_api_requests"]["machine_cfg_count"] == 2
     assert first["put_api_requests"]["machine_cfg_fails"] == 1
     assert first["put_api_requests"]["metrics_fails"] == 1
-    assert first["vcpu"]["exit_io_out"] > 0
-    assert first["uart"]["write_count"] > 0
+    assert first["uart"]["write_count"] > 0  # THR writes, through the coalesced ring or not
     assert first["block"]["read_bytes"] == 0 and "net" in first
     assert lines[1]["put_api_requests"]["machine_cfg_count"] == 0  # deltas, as Firecracker
     entries = [json.loads(line) for line in log_file.read_text().splitlines()]
