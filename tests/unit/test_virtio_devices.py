@@ -184,6 +184,9 @@ def test_blk_write_read_flush_get_id(tmp_path: Path, worker: VirtioWorker, event
     assert drv.mem.read(bufs[0][0], 20) == b"disk-42".ljust(20, b"\0")
     assert drv.irq.count >= 1  # the device interrupted for used buffers
     assert dev.errors == []
+    # Firecracker's block metrics (GET_ID is none of them)
+    assert (dev.write_count, dev.write_bytes, dev.read_count, dev.read_bytes) == (1, 1024, 1, 1024)
+    assert dev.flush_count == 1
 
 
 def test_blk_out_of_range_unsupported_and_read_only(tmp_path: Path, worker: VirtioWorker) -> None:
@@ -196,6 +199,8 @@ def test_blk_out_of_range_unsupported_and_read_only(tmp_path: Path, worker: Virt
     _, bufs = drv.request([blk_header(VIRTIO_BLK_T_OUT, 0), b"B" * 512], [1])
     assert drv.mem.read(bufs[0][0], 1) == bytes([VIRTIO_BLK_S_IOERR])
     assert img.read_bytes() == b"A" * 4096
+    blk = drv.dev
+    assert isinstance(blk, VirtioBlk) and blk.write_count == 0 and blk.write_bytes == 0
     _, bufs = drv.request([blk_header(VIRTIO_BLK_T_IN, 7)], [1024, 1])  # past the end
     assert drv.mem.read(bufs[1][0], 1) == bytes([VIRTIO_BLK_S_IOERR])
     _, bufs = drv.request([blk_header(99)], [1])

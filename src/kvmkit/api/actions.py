@@ -35,7 +35,7 @@ from kvmkit import __version__
 from kvmkit.api import logger as api_logger
 from kvmkit.api.metrics import Metrics
 from kvmkit.api.schema import SchemaError, validate
-from kvmkit.devices.virtio.blk import DriveConfig
+from kvmkit.devices.virtio.blk import DriveConfig, VirtioBlk
 from kvmkit.errors import UserError
 from kvmkit.vmm.config import MachineConfig
 
@@ -597,6 +597,14 @@ class Vmm:
             metrics.set("uart", "read_count", serial.read_count)
             metrics.set("uart", "write_count", serial.write_count)
             metrics.set("uart", "missed_write_count", serial.missed_write_count)
+        block = {"read_bytes": 0, "write_bytes": 0, "read_count": 0, "write_count": 0,
+                 "flush_count": 0}  # fmt: skip
+        for _, _, device in machine.virtio:
+            if isinstance(device, VirtioBlk):
+                for name in block:
+                    block[name] += getattr(device, name)
+        for name, value in block.items():
+            metrics.set("block", name, value)
 
     def close(self) -> None:
         if self.machine is not None:

@@ -3,8 +3,8 @@ Firecracker groups them (`api_server`, `get_api_requests`, `put_api_requests`,
 `patch_api_requests`, `vcpu`, `uart`, `block`, `net`, `latencies_us`). Counters are written
 as the change since the previous flush, as Firecracker's `SharedIncMetric`s are.
 
-The `block` and `net` groups are there with Firecracker's names and stay 0 until kvmkit has
-virtio devices.
+The `block` group sums every virtio-blk drive; the `net` group is there with Firecracker's
+names and stays 0 until kvmkit has virtio-net.
 """
 
 from __future__ import annotations

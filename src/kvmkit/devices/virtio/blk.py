@@ -96,6 +96,13 @@ class VirtioBlk(VirtioDevice):
         else:
             features |= VIRTIO_BLK_F_DISCARD
         super().__init__(name, [QUEUE_SIZE], features)
+        # Firecracker's block metrics (read by kvmkit.api.metrics): bytes and requests that
+        # completed with VIRTIO_BLK_S_OK, flushes served.
+        self.read_bytes = 0
+        self.write_bytes = 0
+        self.read_count = 0
+        self.write_count = 0
+        self.flush_count = 0
 
     def config_bytes(self) -> bytes:
         # struct virtio_blk_config (§5.2.4): capacity, size_max, seg_max, geometry,
@@ -142,12 +149,19 @@ class VirtioBlk(VirtioDevice):
         try:
             if rtype == VIRTIO_BLK_T_IN:
                 status, written = self._read(sector, data_in)
+                if status == VIRTIO_BLK_S_OK:
+                    self.read_count += 1
+                    self.read_bytes += written
             elif rtype == VIRTIO_BLK_T_OUT:
                 status = self._write(sector, data_out)
+                if status == VIRTIO_BLK_S_OK:
+                    self.write_count += 1
+                    self.write_bytes += sum(b.length for b in data_out)
             elif rtype == VIRTIO_BLK_T_FLUSH:
                 status = VIRTIO_BLK_S_OK
                 if not self.read_only:
                     os.fdatasync(self.fd)
+                self.flush_count += 1
             elif rtype == VIRTIO_BLK_T_DISCARD and not self.read_only:
                 status = self._discard(data_out)
             elif rtype == VIRTIO_BLK_T_GET_ID:
