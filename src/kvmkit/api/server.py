@@ -20,6 +20,7 @@ import socket
 import socketserver
 import stat
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,8 @@ from kvmkit.api.actions import ApiError, Vmm
 log = logging.getLogger("kvmkit.api")
 
 MAX_BODY = 51200  # Firecracker's default --http-api-max-payload-size
+DISCARD_LIMIT = 1 << 20  # of an oversized body, bytes read and dropped after the 413
+DISCARD_SECONDS = 2.0
 # Seconds a client may take for each read of its request (tests shorten it).
 READ_TIMEOUT = float(os.environ.get("KVMKIT_API_READ_TIMEOUT", "10"))
 MAX_CONNECTIONS = 128
@@ -204,6 +207,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
 
+    def _discard(self, length: int) -> None:
+        """Read and drop up to `length` bytes the client is still sending (for at most
+        DISCARD_SECONDS), so that a client writing its whole body before it reads gets the
+        answer already sent instead of a broken pipe."""
+        deadline = time.monotonic() + DISCARD_SECONDS
+        try:
+            while length > 0 and time.monotonic() < deadline:
+                self.connection.settimeout(max(0.05, deadline - time.monotonic()))
+                chunk = self.connection.recv(min(length, 65536))
+                if not chunk:
+                    return
+                length -= len(chunk)
+        except OSError:
+            return
+
     def _dispatch(self) -> None:
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
@@ -220,6 +238,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self._reply(413, {"fault_message": f"Request payload with size {length} is larger "
                               f"than the limit of {MAX_BODY} allowed by server."})  # fmt: skip
+            self._discard(min(length, DISCARD_LIMIT))
             return
         try:
             body = self.rfile.read(length) if length else b""
