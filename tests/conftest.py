@@ -86,6 +86,11 @@ def _record_progress(report: pytest.TestReport) -> None:
         outcome = "error"
     else:
         return
+    if outcome in ("failed", "error", "xpassed"):
+        # The reason, for the runner to print even if the lane is stopped before pytest's
+        # own summary (written first: the progress line is what the runner waits for).
+        with open(path + ".log", "a") as f:
+            f.write(f"=== {outcome} {report.nodeid} ({report.when})\n{report.longreprtext}\n")
     with open(path, "a") as f:
         f.write(f"{outcome} {report.nodeid}\n")
 
