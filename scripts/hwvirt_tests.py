@@ -5,7 +5,9 @@ single lane boot (one pytest session). The nested KVM under QEMU/TCG has been se
 the whole lane VM goes idle and no timeout inside it fires. So each test has a time limit
 watched from outside (the conftest hook writes a line per finished test to
 KVMKIT_TEST_PROGRESS); when the running test exceeds it, the lane is stopped and a new lane
-runs the tests not yet finished. A test that wedges the lane twice counts as failed.
+runs the tests not yet finished. A lane that ends before its pytest session does (the lane
+kernel was seen to reboot mid-run) is handled the same way. A test that wedges or ends the
+lane twice counts as failed.
 
 A test that fails is run once more, in a new lane, after the others: the nested guests
 under QEMU/TCG have been seen to fail now and then in ways the same code does not repeat
@@ -169,14 +171,17 @@ def run_all(python: str, ids: list[str], progress: Path, wedges: dict[str, int])
             if old is None or RANK.get(outcome, 4) > RANK.get(old, 4):
                 outcomes[nodeid] = outcome
         if wedged is None:
-            for nodeid in remaining:
-                # Ended without a report: the session died under it.
-                outcomes.setdefault(nodeid, "error")
-            break
+            # The session ended. Tests without a report: the lane VM itself went down under
+            # the first of them (seen: the lane kernel rebooting mid-run, QEMU exit 0).
+            wedged = next((i for i in remaining if i not in outcomes), None)
+            if wedged is None:
+                break
+            print(f"hwvirt tests: the lane ended during {wedged}; resuming in a new lane",
+                  flush=True)  # fmt: skip
         wedges[wedged] = wedges.get(wedged, 0) + 1
         if wedges[wedged] >= 2:
             outcomes[wedged] = "error"
-            print(f"hwvirt tests: {wedged} wedged the lane twice: counted as failed")
+            print(f"hwvirt tests: {wedged} wedged or ended the lane twice: counted as failed")
     log_path = Path(str(progress) + ".log")
     log = log_path.read_text(errors="replace") if log_path.exists() else ""
     return Round(outcomes, boots, log)
