@@ -86,3 +86,6 @@ def test_triple_fault_ends_the_run_with_status_5(tmp_path: Path) -> None:
     proc = kvmkit_run("--kernel", str(elf), "--mem-mib", "128", "--timeout", "60", "--", "true")
     assert proc.returncode == 5, proc.stderr
     assert "the guest triple-faulted" in proc.stderr
+    # The report shows the state the fault left: the empty IDT the kernel loaded, and where.
+    assert "idt=0x0/0x0" in proc.stderr, proc.stderr
+    assert "rip=0x100007" in proc.stderr, proc.stderr  # the ud2 after the 7-byte lidt

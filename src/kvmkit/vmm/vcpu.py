@@ -52,6 +52,29 @@ class VcpuEvent:
     detail: str = ""
 
 
+def shutdown_detail(vcpu: Vcpu) -> str:
+    """What the vCPU looked like when it triple-faulted: the registers QEMU's `-d cpu_reset`
+    would show first (where it was, its stack, the tables a fault is delivered through) and
+    any exception KVM still had pending, so a report says more than "triple fault"."""
+    try:
+        regs, sregs, ev = vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_vcpu_events()
+    except KvmError as err:
+        return f"triple fault (state unreadable: {err})"
+    exc = ev.exception
+    pending = (
+        f" exception={exc.nr}{f'/{exc.error_code:#x}' if exc.has_error_code else ''}"
+        f"{' injected' if exc.injected else ''}{' pending' if exc.pending else ''}"
+        if exc.injected or exc.pending
+        else ""
+    )
+    return (
+        f"triple fault at rip={regs.rip:#x} rsp={regs.rsp:#x} rflags={regs.rflags:#x} "
+        f"cs={sregs.cs.selector:#x} cr0={sregs.cr0:#x} cr2={sregs.cr2:#x} cr3={sregs.cr3:#x} "
+        f"cr4={sregs.cr4:#x} efer={sregs.efer:#x} idt={sregs.idt.base:#x}/{sregs.idt.limit:#x} "
+        f"gdt={sregs.gdt.base:#x}/{sregs.gdt.limit:#x} tr={sregs.tr.base:#x}{pending}"
+    )
+
+
 class VcpuThread:
     def __init__(
         self,
@@ -148,7 +171,7 @@ class VcpuThread:
                 # means the guest stopped for good.
                 return VcpuEvent(VcpuEventKind.ERROR, vid, "guest halted with no irqchip")
             elif isinstance(exit_, ShutdownExit):
-                return VcpuEvent(VcpuEventKind.SHUTDOWN, vid, "triple fault")
+                return VcpuEvent(VcpuEventKind.SHUTDOWN, vid, shutdown_detail(vcpu))
             elif isinstance(exit_, SystemEventExit):
                 kinds = {
                     SystemEvent.SHUTDOWN: VcpuEventKind.SYSTEM_SHUTDOWN,
