@@ -60,6 +60,11 @@ def shutdown_detail(vcpu: Vcpu) -> str:
         regs, sregs, ev = vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_vcpu_events()
     except KvmError as err:
         return f"triple fault (state unreadable: {err})"
+    if regs.rip == 0xFFF0 and sregs.cs.selector == 0xF000 and not sregs.efer & 0x400:
+        # KVM on AMD SVM INITs the vCPU at a SHUTDOWN intercept (the VMCB is undefined
+        # after it: arch/x86/kvm/svm/svm.c shutdown_interception), so the registers are
+        # the reset state, not the guest's: say so instead of printing misleading values.
+        return "triple fault (registers lost: KVM reset the vCPU at the shutdown, as on AMD)"
     exc = ev.exception
     pending = (
         f" exception={exc.nr}{f'/{exc.error_code:#x}' if exc.has_error_code else ''}"
