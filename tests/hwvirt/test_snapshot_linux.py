@@ -61,7 +61,7 @@ def test_bad_state_file_is_one_line_and_status_2(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "kvmkit", "restore", "--state", str(tmp_path / "s"),
          "--mem", str(tmp_path / "m")],
-        capture_output=True, timeout=60,
+        capture_output=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.count(b"\n") == 1 and b"kvmkit restore:" in proc.stderr
