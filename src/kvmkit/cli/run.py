@@ -145,8 +145,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
     config.rng = args.rng
     config.validate()
-    if args.snapshot_after is not None and (config.drives or config.rng):
-        raise UserError("--snapshot-after: snapshots do not carry virtio device state yet")
     implementation, why = detect_implementation()
     if not implementation.startswith("hardware-") and not os.environ.get("KVMKIT_FORCE_RUN"):
         raise UserError(

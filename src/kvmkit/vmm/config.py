@@ -31,7 +31,7 @@ class MachineConfig:
     coalesce_serial: bool = True
     serial_fifo64: bool = True
     # virtio devices (virtio-mmio): block drives in order (/dev/vda, vdb, ...) and the
-    # entropy device (/dev/hwrng). Off by default: snapshots do not carry virtio state yet.
+    # entropy device (/dev/hwrng). Snapshots carry their state (docs/snapshot.md).
     drives: list[DriveConfig] = field(default_factory=list)
     rng: bool = False
 

@@ -37,7 +37,7 @@ from kvmkit.devices.legacy.power import AcpiPower
 from kvmkit.devices.legacy.rtc import CmosRtc
 from kvmkit.devices.legacy.serial import Serial8250
 from kvmkit.devices.virtio.blk import VirtioBlk
-from kvmkit.devices.virtio.device import VirtioDevice, VirtioWorker
+from kvmkit.devices.virtio.device import TransportState, VirtioDevice, VirtioWorker
 from kvmkit.devices.virtio.mmio import VirtioMmio
 from kvmkit.devices.virtio.mmio import cmdline_entry as virtio_cmdline_entry
 from kvmkit.devices.virtio.rng import VirtioRng
@@ -151,6 +151,7 @@ class Machine:
         self.i8042: I8042 | None = None
         self.started_at = 0.0
         self.virtio: list[tuple[int, int, VirtioDevice]] = []  # (base, irq, device)
+        self.virtio_transports: list[TransportState] = []  # in the order of self.virtio
         self._virtio_worker: VirtioWorker | None = None
 
     # -- life cycle
@@ -314,6 +315,7 @@ class Machine:
             self.mmio.insert(transport, base, layout.VIRTIO_MMIO_SIZE, f"virtio-{dev.name}")
             worker.add(dev)
             self.virtio.append((base, irq_no, dev))
+            self.virtio_transports.append(transport)
 
     @staticmethod
     def _setup_lapic(vcpu: Vcpu) -> None:
@@ -441,8 +443,6 @@ class Machine:
         """Write a snapshot of the paused machine (diff: pages dirtied since the last one)."""
         from kvmkit.vmm.snapshot import snapshot_machine
 
-        if self.virtio:
-            raise UserError("snapshots of machines with virtio devices are not supported yet")
         snapshot_machine(self, path_state, path_mem, diff=diff)
 
     @classmethod

@@ -7,9 +7,16 @@
     m.start(); m.wait()
 
 What a Machine adds to the generic snapshot: its configuration and console nonce (meta), the
-serial port's registers (devices), and where the console protocol parser was (a command run
-under `kvmkit run -- COMMAND` keeps reporting its output and exit status to the restoring
-process). The i8042, RTC and ACPI power devices hold no state that outlives an access.
+serial port's registers and every virtio device with its transport (devices), and where the
+console protocol parser was (a command run under `kvmkit run -- COMMAND` keeps reporting its
+output and exit status to the restoring process). The i8042, RTC and ACPI power devices hold
+no state that outlives an access.
+
+Virtio devices are quiesced by the pause: the worker thread parks between requests (never
+inside a chain) and block devices fdatasync their images. A restore rebuilds them from the
+saved configuration (same MMIO slots, IRQs, ioeventfds and irqfds), takes over their queue
+state without a reset and kicks every ready queue once, so a request the guest queued just
+before the pause is served.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmkit.abi.constants import KVM_PIT_SPEAKER_DUMMY
+from kvmkit.devices.virtio.blk import VIRTIO_ID_BLOCK, DriveConfig
+from kvmkit.devices.virtio.device import VirtioState, parse_state
+from kvmkit.devices.virtio.rng import VIRTIO_ID_RNG
 from kvmkit.errors import UserError
 from kvmkit.kvm import Kvm, KvmError
 from kvmkit.kvm.kick import install_kick_handler
@@ -43,6 +53,21 @@ SETUP = core.VmSetup(
 )  # fmt: skip
 # SETUP: the addresses and devices Machine.build creates
 MAX_COMMAND_BUF = 1 << 16
+MAX_VIRTIO = 64  # caps the device list read from a state file
+
+
+def _pause_virtio(machine: Machine, timeout: float) -> None:
+    """Park the virtio worker between requests and make the devices' effects durable."""
+    worker = machine._virtio_worker
+    if worker is None:
+        return
+    if not worker.pause(timeout):
+        raise UserError(f"the virtio worker did not pause within {timeout} s")
+    for _, _, dev in machine.virtio:
+        try:
+            dev.quiesce()
+        except OSError as err:
+            raise UserError(f"virtio {dev.name}: {err}") from None
 
 
 def pause_machine(machine: Machine, timeout: float = PAUSE_TIMEOUT) -> None:
@@ -53,11 +78,18 @@ def pause_machine(machine: Machine, timeout: float = PAUSE_TIMEOUT) -> None:
         if not t.pause_point.wait_parked(timeout, t.thread.is_alive):
             resume_machine(machine)
             raise UserError(f"vcpu{t.vcpu.id} did not pause within {timeout} s")
+    try:
+        _pause_virtio(machine, timeout)  # after the vCPUs: no new notification arrives
+    except UserError:
+        resume_machine(machine)
+        raise
     machine.drain_coalesced()  # device state below includes every write the guest made
 
 
 def resume_machine(machine: Machine) -> None:
     """KVM_KVMCLOCK_CTRL on each vCPU (the guest learns it was paused), then run them."""
+    if machine._virtio_worker is not None:
+        machine._virtio_worker.resume()
     for t in machine.threads:
         if t.pause_point.parked:
             resume_vcpu(t.vcpu)
@@ -66,7 +98,19 @@ def resume_machine(machine: Machine) -> None:
 
 
 def _is_paused(machine: Machine) -> bool:
+    worker = machine._virtio_worker
+    if worker is not None and not worker.paused:
+        return False
     return all(t.pause_point.parked or not t.thread.is_alive() for t in machine.threads)
+
+
+def _save_virtio(machine: Machine) -> list[dict[str, Any]]:
+    return [
+        {"base": base, "irq": irq, "transport": transport.KIND,
+         "transport_state": transport.save(), "device": dev.save()}
+        for (base, irq, dev), transport in zip(machine.virtio, machine.virtio_transports,
+                                               strict=True)
+    ]  # fmt: skip
 
 
 def snapshot_machine(
@@ -83,16 +127,25 @@ def snapshot_machine(
         raise UserError("a diff snapshot needs a full snapshot of this machine first")
     machine.console.flush()  # the parser state below must include every byte printed so far
     cfg = machine.config
+    drives = [
+        {"path": str(d.path.absolute()), "read_only": d.read_only, "serial": d.serial,
+         "size": d.path.stat().st_size}
+        for d in cfg.drives
+    ]  # fmt: skip
     meta: dict[str, Any] = {
-        "config": {"vcpus": cfg.vcpus, "mem_mib": cfg.mem_mib, "command": list(cfg.command)},
+        "config": {"vcpus": cfg.vcpus, "mem_mib": cfg.mem_mib, "command": list(cfg.command),
+                   "drives": drives, "rng": cfg.rng},
         "nonce": machine.nonce,
-    }
+    }  # fmt: skip
     if machine.command is not None:
         meta["command"] = {
             "started": machine.command.started,
             "buf": base64.b64encode(bytes(machine.command._buf[-MAX_COMMAND_BUF:])).decode(),
         }
-    devices = {"serial0": machine.serial.save()} if machine.serial is not None else {}
+    devices: dict[str, Any] = {}
+    if machine.serial is not None:
+        devices["serial0"] = machine.serial.save()
+    devices["virtio"] = _save_virtio(machine)
     snap = core.capture(
         machine.kvm, machine.vm, [t.vcpu for t in machine.threads], machine.mem, mem_path,
         SETUP, diff=diff, devices=devices, meta=meta,
@@ -108,10 +161,61 @@ def _config_from(meta: Fields) -> MachineConfig:
     command = cfg.get_list("command", 4096)
     if not all(isinstance(a, str) and len(a) < 65536 for a in command):
         raise SnapshotError("snapshot state: meta.config.command must be strings")
+    drives = []
+    for i, raw in enumerate(cfg.get_list("drives", MAX_VIRTIO) if cfg.has("drives") else []):
+        d = Fields(raw, f"meta.config.drives[{i}]")
+        path = Path(d.get_str("path", 4096))
+        size = d.get_int("size", 0, 2**63 - 1)
+        # The image is not part of the snapshot: it must still be there, unchanged in size.
+        try:
+            now = path.stat().st_size if path.is_file() else None
+        except OSError:
+            now = None
+        if now is None:
+            raise SnapshotError(f"drive {path}: missing (the snapshot needs its disk image)")
+        if now != size:
+            raise SnapshotError(
+                f"drive {path}: the image is {now} bytes, it was {size} when the snapshot was "
+                "taken (another image?)"
+            )
+        drives.append(DriveConfig(path, d.get_bool("read_only"), d.get_str("serial", 4096)))
     return MachineConfig(
         vcpus=cfg.get_int("vcpus", 1, 255), mem_mib=cfg.get_int("mem_mib", 1, 1 << 20),
-        command=command,
+        command=command, drives=drives, rng=cfg.get_bool("rng") if cfg.has("rng") else False,
     )  # fmt: skip
+
+
+def _check_virtio(devices: Fields, config: MachineConfig) -> list[tuple[Fields, VirtioState]]:
+    """Every saved virtio device, checked before a VM exists: one per configured device, in
+    the order Machine builds them (drives, then the rng)."""
+    raw = devices.get_list("virtio", MAX_VIRTIO) if devices.has("virtio") else []
+    want = [VIRTIO_ID_BLOCK] * len(config.drives) + [VIRTIO_ID_RNG] * int(config.rng)
+    if len(raw) != len(want):
+        raise SnapshotError(
+            f"snapshot state: {len(raw)} virtio devices saved, the configuration has {len(want)}"
+        )
+    out = []
+    for i, (entry, device_id) in enumerate(zip(raw, want, strict=True)):
+        f = Fields(entry, f"devices.virtio[{i}]")
+        state = parse_state(f.obj.get("device"), f"{f.path}.device")
+        if state.device_id != device_id:
+            raise SnapshotError(f"snapshot state: {f.path} is not the configured device")
+        out.append((f, state))
+    return out
+
+
+def _restore_virtio(machine: Machine, saved: list[tuple[Fields, VirtioState]]) -> None:
+    """Take over each device's and transport's state (no reset), then kick the ready queues."""
+    entries = zip(machine.virtio, machine.virtio_transports, saved, strict=True)
+    for (base, irq, dev), transport, (f, _) in entries:
+        if (f.get_int("base"), f.get_int("irq", 0, 255)) != (base, irq):
+            raise SnapshotError(f"snapshot state: {f.path}: not at this machine's slot")
+        if f.get_str("transport", 64) != transport.KIND:
+            raise SnapshotError(f"snapshot state: {f.path}: not a {transport.KIND} device")
+        dev.restore(f.obj["device"], f"{f.path}.device")
+        transport.restore(f.obj.get("transport_state"), f"{f.path}.transport_state")
+    for _, _, dev in machine.virtio:
+        dev.kick_ready_queues()
 
 
 def restore_machine(
@@ -134,6 +238,7 @@ def restore_machine(
         raise SnapshotError("snapshot state: devices.serial0 is missing")
     if len(snap.vcpus) != config.vcpus:
         raise SnapshotError("snapshot state: vCPU count does not match the configuration")
+    virtio_saved = _check_virtio(Fields(snap.devices, "devices"), config)
     snap.memory.check_file(base_mem if snap.memory.diff and base_mem is not None else mem_path)
 
     install_kick_handler()
@@ -152,6 +257,7 @@ def restore_machine(
             machine.serial.restore(serial_state)
         except ValueError as err:
             raise SnapshotError(f"snapshot state: {err}") from None
+        _restore_virtio(machine, virtio_saved)
         if config.command:
             sink = command_output or (lambda data: None)
             machine.command = CommandOutput(nonce, sink)

@@ -12,7 +12,15 @@ see docs/virtio.md) maps its registers onto the state kept here:
 
 A subclass sets DEVICE_ID, `queue_sizes`, `features` and implements `process_queue(index)`
 (runs on the worker thread, holding `self.lock`) and optionally `config_bytes`,
-`config_write`, `activate` and `reset_device`.
+`config_write`, `activate`, `reset_device`, and for snapshots `quiesce`, `save_device` and
+`restore_device`.
+
+Snapshots (docs/snapshot.md): `save()` returns the device's state as versioned plain data
+(status, features, config generation, every queue's registers and indexes, and the
+subclass's own part); `parse_state()` checks such data from a file without touching
+anything, and `restore()` takes it over as is, without a reset: the driver in the restored
+guest carries on with its rings. The state is transport-independent; a transport saves its
+own registers (selectors, interrupt status) beside it.
 """
 
 from __future__ import annotations
@@ -21,10 +29,12 @@ import logging
 import os
 import selectors
 import threading
-from typing import ClassVar, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
-from kvmkit.devices.virtio.queue import QueueError, SplitQueue
+from kvmkit.devices.virtio.queue import QueueError, QueueState, SplitQueue
 from kvmkit.memory import GuestMemory
+from kvmkit.snapshot.format import Fields, SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +57,81 @@ INT_VRING = 1
 INT_CONFIG = 2
 
 
+# Version of the plain data `VirtioDevice.save()` returns; restore refuses any other.
+STATE_VERSION = 1
+MAX_QUEUES = 64  # more queues than any kvmkit device has; caps a list read from a file
+
+
 class Interrupt(Protocol):
     def signal(self, cause: int, queue: int = 0) -> None:
         """Raise a used-buffer (INT_VRING, for `queue`) or configuration-change interrupt."""
+
+
+class TransportState(Protocol):
+    """What a transport (virtio-mmio, virtio-pci) adds to a snapshot: its own registers."""
+
+    KIND: ClassVar[str]
+
+    def save(self) -> dict[str, Any]: ...
+
+    def restore(self, state: Any, path: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class VirtioState:
+    """The transport-independent state of a device, checked; `device` is the subclass's
+    part, checked by its `restore_device`."""
+
+    device_id: int
+    status: int
+    device_features: int
+    driver_features: int
+    config_generation: int
+    activated: bool
+    queues: list[QueueState]
+    device: dict[str, Any]
+
+
+def parse_state(obj: Any, path: str) -> VirtioState:
+    """Check a device's saved state (types, ranges, consistency) without a device: a restore
+    runs this over every device before it creates a VM."""
+    f = Fields(obj, path)
+    version = f.get_int("version", 0, 2**32 - 1)
+    if version != STATE_VERSION:
+        raise SnapshotError(
+            f"snapshot state: {path} has virtio state version {version}, this kvmkit reads "
+            f"{STATE_VERSION}"
+        )
+    status = f.get_int("status", 0, 0xFF)  # §2.1: the device status is one byte
+    device_features = f.get_int("device_features")
+    driver_features = f.get_int("driver_features")
+    # §2.2: the driver accepts a subset of the offered features (set_status checks it at
+    # FEATURES_OK; a file claiming otherwise is not one kvmkit wrote).
+    if driver_features & ~device_features:
+        raise SnapshotError(f"snapshot state: {path}: driver features the device did not offer")
+    activated = f.get_bool("activated")
+    # A device serves its queues only after DRIVER_OK with FEATURES_OK (§3.1.1) and never
+    # while it needs a reset (§2.1.2).
+    live = STATUS_DRIVER_OK | STATUS_FEATURES_OK
+    if activated and (status & live != live or status & (STATUS_NEEDS_RESET | STATUS_FAILED)):
+        raise SnapshotError(f"snapshot state: {path}: active device with status {status:#x}")
+    raw_queues = f.get_list("queues", MAX_QUEUES)
+    queues = [QueueState.parse(q, f"{path}.queues[{i}]") for i, q in enumerate(raw_queues)]
+    if activated:
+        event_idx = bool(driver_features & VIRTIO_F_EVENT_IDX)
+        indirect = bool(driver_features & VIRTIO_F_INDIRECT_DESC)
+        for i, q in enumerate(queues):
+            if (q.event_idx, q.indirect) != (event_idx, indirect):
+                raise SnapshotError(
+                    f"snapshot state: {path}.queues[{i}]: ring features differ from the "
+                    "negotiated ones"
+                )
+    return VirtioState(
+        device_id=f.get_int("device_id", 0, 0xFFFF), status=status,
+        device_features=device_features, driver_features=driver_features,
+        config_generation=f.get_int("config_generation", 0, 0xFFFFFFFF), activated=activated,
+        queues=queues, device=f.get_obj("device").obj,
+    )  # fmt: skip
 
 
 class VirtioDevice:
@@ -92,6 +174,88 @@ class VirtioDevice:
 
     def reset_device(self) -> None:
         """Device-specific part of a reset (§2.4)."""
+
+    def quiesce(self) -> None:
+        """The VM is pausing and the worker is parked: make what the device did durable
+        (virtio-blk: fdatasync of its image)."""
+
+    def save_device(self) -> dict[str, Any]:
+        """The device-specific part of a snapshot, as plain data."""
+        return {}
+
+    def restore_device(self, state: dict[str, Any], path: str) -> None:
+        """Check and take over `save_device()` data (raise SnapshotError on anything wrong)."""
+
+    # -- snapshots
+    def save(self) -> dict[str, Any]:
+        """The device's state as plain data. Call with the worker paused (no chain in
+        progress): then the queues' indexes match the rings in guest memory."""
+        with self.lock:
+            return {
+                "version": STATE_VERSION, "device_id": self.DEVICE_ID, "status": self.status,
+                "device_features": self.device_features,
+                "driver_features": self.driver_features,
+                "config_generation": self.config_generation, "activated": self.activated,
+                "queues": [q.save() for q in self.queues], "device": self.save_device(),
+            }  # fmt: skip
+
+    def restore(self, state: Any, path: str = "virtio") -> None:
+        """Take over saved state without a reset (the driver keeps its rings). Checks that it
+        belongs to this kind of device, and that the ready queues of an active device lie in
+        guest memory (so `mem` must be set), before anything changes; SnapshotError if not."""
+        st = parse_state(state, path)
+        if st.device_id != self.DEVICE_ID:
+            raise SnapshotError(
+                f"snapshot state: {path} is virtio device {st.device_id}, not {self.DEVICE_ID}"
+            )
+        # The rebuilt device must offer what the saved one did, or the negotiated features
+        # could name something this device does not do.
+        if st.device_features != self.device_features:
+            raise SnapshotError(
+                f"snapshot state: {path}: the device offered features {st.device_features:#x}, "
+                f"this one offers {self.device_features:#x} (other drive options?)"
+            )
+        if len(st.queues) != len(self.queues):
+            raise SnapshotError(
+                f"snapshot state: {path} has {len(st.queues)} queues, the device has "
+                f"{len(self.queues)}"
+            )
+        for i, (q, qs) in enumerate(zip(self.queues, st.queues, strict=True)):
+            if qs.size > q.max_size:
+                raise SnapshotError(
+                    f"snapshot state: {path}.queues[{i}].size {qs.size} exceeds {q.max_size}"
+                )
+        if st.activated:
+            # §2.7: the layout checks a device makes at DRIVER_OK, now against this guest
+            # memory, on scratch queues so that a failure changes nothing.
+            for i, (q, qs) in enumerate(zip(self.queues, st.queues, strict=True)):
+                if not qs.ready:
+                    continue
+                scratch = SplitQueue(q.max_size)
+                scratch.restore(qs)
+                try:
+                    if self.mem is None:
+                        raise QueueError("no guest memory")
+                    scratch.validate(self.mem)
+                except QueueError as err:
+                    raise SnapshotError(f"snapshot state: {path}.queues[{i}]: {err}") from None
+        with self.lock:
+            self.restore_device(st.device, f"{path}.device")
+            for q, qs in zip(self.queues, st.queues, strict=True):
+                q.restore(qs)
+            self.status = st.status
+            self.driver_features = st.driver_features
+            self.config_generation = st.config_generation
+            self.activated = st.activated
+
+    def kick_ready_queues(self) -> None:
+        """After a restore: serve each ready queue once, so chains the driver made available
+        (and notified) before the pause are not lost with the old process's eventfds."""
+        if not self.activated:
+            return
+        for q, fd in zip(self.queues, self.notify_fds, strict=True):
+            if q.ready:
+                os.eventfd_write(fd, 1)
 
     # -- used by transports
     def has_feature(self, bit: int) -> bool:
@@ -209,6 +373,44 @@ class VirtioWorker:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread: threading.Thread | None = None
         self._stop = False
+        # Pausing (snapshots): the thread parks between requests, never inside a chain.
+        self._cond = threading.Condition()
+        self._pause_requested = False
+        self._parked = False
+
+    @property
+    def paused(self) -> bool:
+        """Parked (or not running): no device code runs until `resume()`."""
+        with self._cond:
+            thread = self._thread
+            return self._parked or thread is None or not thread.is_alive()
+
+    def pause(self, timeout: float = 10.0) -> bool:
+        """Ask the thread to park after the request it is serving; wait until it did.
+        Notifications arriving meanwhile stay counted in their eventfds."""
+        with self._cond:
+            self._pause_requested = True
+        os.write(self._wake_w, b"p")
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._parked or self._thread is None or not self._thread.is_alive(),
+                timeout,
+            )
+
+    def resume(self) -> None:
+        with self._cond:
+            self._pause_requested = False
+            self._cond.notify_all()
+
+    def _park_if_asked(self) -> None:
+        with self._cond:
+            if not self._pause_requested:
+                return
+            self._parked = True
+            self._cond.notify_all()
+            while self._pause_requested and not self._stop:
+                self._cond.wait()
+            self._parked = False
 
     def add(self, device: VirtioDevice) -> None:
         for index, fd in enumerate(device.notify_fds):
@@ -221,9 +423,16 @@ class VirtioWorker:
 
     def _run(self) -> None:
         while not self._stop:
+            self._park_if_asked()
             for key, _ in self._sel.select():
                 if key.data is None:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
                     continue
+                if self._pause_requested or self._stop:
+                    break  # park first; the eventfd stays readable and is served after
                 try:
                     os.eventfd_read(key.fd)
                 except BlockingIOError:
@@ -232,7 +441,9 @@ class VirtioWorker:
                 _run_guarded(device, index)
 
     def stop(self) -> None:
-        self._stop = True
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
         os.write(self._wake_w, b"x")
         if self._thread is not None:
             self._thread.join(5)

@@ -23,9 +23,11 @@ import logging
 import struct
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvmkit.memory import GuestMemory
 from kvmkit.memory.region import GuestMemoryError
+from kvmkit.snapshot.format import Fields, SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,30 @@ class SplitQueue:
         self.last_avail = 0  # next avail ring slot the device reads (free-running u16)
         self.next_used = 0  # used.idx the device publishes next (free-running u16)
         self._signalled_used: int | None = None  # used.idx at the last interrupt decision
+
+    # -- snapshots: the device-side queue state as plain data (docs/snapshot.md)
+    def save(self) -> dict[str, Any]:
+        return {
+            "size": self.size, "ready": self.ready, "desc_addr": self.desc_addr,
+            "avail_addr": self.avail_addr, "used_addr": self.used_addr,
+            "event_idx": self.event_idx, "indirect": self.indirect,
+            "last_avail": self.last_avail, "next_used": self.next_used,
+            "signalled_used": self._signalled_used,
+        }  # fmt: skip
+
+    def restore(self, state: QueueState) -> None:
+        """Take over a checked `QueueState` as is: no reset, the indexes continue."""
+        if state.size > self.max_size:
+            raise SnapshotError(
+                f"snapshot state: queue size {state.size} exceeds this device's {self.max_size}"
+            )
+        self.size, self.ready = state.size, state.ready
+        self.desc_addr, self.avail_addr, self.used_addr = (
+            state.desc_addr, state.avail_addr, state.used_addr,
+        )  # fmt: skip
+        self.event_idx, self.indirect = state.event_idx, state.indirect
+        self.last_avail, self.next_used = state.last_avail, state.next_used
+        self._signalled_used = state.signalled_used
 
     # -- activation checks
     def validate(self, mem: GuestMemory) -> None:
@@ -279,3 +305,55 @@ class SplitQueue:
             return vring_need_event(self._used_event(mem), new, old)
         except GuestMemoryError as err:
             raise QueueError(str(err)) from None
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """A queue's saved state, checked (`parse`) before anything is restored: a snapshot file
+    is hostile input like the guest's rings, and gets the same checks."""
+
+    size: int
+    ready: bool
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
+    event_idx: bool
+    indirect: bool
+    last_avail: int
+    next_used: int
+    signalled_used: int | None
+
+    @classmethod
+    def parse(cls, obj: Any, path: str) -> QueueState:
+        f = Fields(obj, path)
+        size = f.get_int("size", 1, MAX_QUEUE_SIZE)
+        # §2.7: "Queue Size value is always a power of 2. The maximum Queue Size value is
+        # 32768."
+        if size & (size - 1):
+            raise SnapshotError(f"snapshot state: {path}.size {size} is not a power of 2")
+        addrs = [f.get_int(k) for k in ("desc_addr", "avail_addr", "used_addr")]
+        # §2.7 table "Virtqueue Part, Alignment": descriptor table 16, driver area 2, device
+        # area 4 bytes (a ready queue passed these checks when the driver enabled it).
+        ready = f.get_bool("ready")
+        for name, addr, align in zip(("desc_addr", "avail_addr", "used_addr"), addrs,
+                                     (16, 2, 4), strict=True):  # fmt: skip
+            if ready and addr % align:
+                raise SnapshotError(f"snapshot state: {path}.{name} is not {align}-byte aligned")
+        # The indexes are free-running u16 (§2.7.6, §2.7.8).
+        last_avail = f.get_int("last_avail", 0, 0xFFFF)
+        next_used = f.get_int("next_used", 0, 0xFFFF)
+        # The device cannot hold more chains than the ring has entries (§2.7.13.3: the driver
+        # adds at most Queue Size entries before the device uses them).
+        if (last_avail - next_used) & 0xFFFF > size:
+            raise SnapshotError(
+                f"snapshot state: {path}: {(last_avail - next_used) & 0xFFFF} chains in flight "
+                f"in a queue of {size}"
+            )
+        signalled = None
+        if f.obj.get("signalled_used") is not None:
+            signalled = f.get_int("signalled_used", 0, 0xFFFF)
+        return cls(
+            size=size, ready=ready, desc_addr=addrs[0], avail_addr=addrs[1], used_addr=addrs[2],
+            event_idx=f.get_bool("event_idx"), indirect=f.get_bool("indirect"),
+            last_avail=last_avail, next_used=next_used, signalled_used=signalled,
+        )  # fmt: skip
