@@ -23,10 +23,12 @@ GUEST_SCRIPT = r"""
 echo "CMDLINE $(cat /proc/cmdline)"
 echo "VDA $(readlink -f /sys/block/vda/device)"
 for d in /sys/bus/pci/devices/*; do
-    echo "PCIDEV ${d##*/} $(cat $d/vendor) $(cat $d/device) $(cat $d/class) $(basename "$(readlink -f $d/driver)")"
+    drv=$(readlink -f $d/driver)
+    echo "PCIDEV ${d##*/} $(cat $d/vendor) $(cat $d/device) $(cat $d/class) ${drv##*/}"
 done
 echo "READ $(head -c 23 /dev/vda)"
-printf 'written by the guest over virtio-pci\n' | dd of=/dev/vda bs=512 seek=4 conv=fsync 2>/dev/null
+printf 'written by the guest over virtio-pci\n' |
+    dd of=/dev/vda bs=512 seek=4 conv=fsync 2>/dev/null
 echo "WROTE $?"
 echo "RNG $(head -c 4096 /dev/hwrng | wc -c) $(cat /sys/class/misc/hw_random/rng_current)"
 grep -c 'PCI-MSIX' /proc/interrupts | sed 's/^/MSIX /'

@@ -38,8 +38,9 @@ __asm__(".globl isr\nisr:\n"
 	"	pop %rax\n"
 	"	iretq\n");
 
-static u32 cfg_read(u32 reg) { outl(0xCF8, 0x80000000u | SLOT << 11 | reg); return inl(0xCFC); }
-static void cfg_write(u32 reg, u32 v) { outl(0xCF8, 0x80000000u | SLOT << 11 | reg); outl(0xCFC, v); }
+#define ADDR(reg) (0x80000000u | SLOT << 11 | (reg))
+static u32 cfg_read(u32 reg) { outl(0xCF8, ADDR(reg)); return inl(0xCFC); }
+static void cfg_write(u32 reg, u32 v) { outl(0xCF8, ADDR(reg)); outl(0xCFC, v); }
 
 static void wait_irq(u32 n)
 {
