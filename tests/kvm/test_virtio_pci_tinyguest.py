@@ -175,3 +175,45 @@ def test_tiny_guest_drives_virtio_pci_with_msix_and_ioeventfd() -> None:
     assert function.bar_address == MOVED
     # The route the guest programmed: its GSI carries the entry's message.
     assert pci.router.msi[function.msix.gsis[1]] == (0xFEE0_0000, VECTOR)
+
+
+def test_guest_stacking_two_bars_is_survived() -> None:
+    """A hostile guest moves one function's BAR onto another's: KVM refuses the duplicate
+    notify ioeventfds (EEXIST); the VMM keeps running, the first function keeps its own and
+    the second falls back to notify exits."""
+    with TinyGuest("long64", irqchip=True) as g:
+        pio, mmio = Bus("pio"), Bus("mmio")
+        pci = MachinePci(g.vm, g.mem, pio, mmio)
+        first, second = VirtioRng(), VirtioRng()
+        try:
+            f1 = pci.add_virtio(first)
+            f2 = pci.add_virtio(second)
+            assert f2.bar_address != f1.bar_address
+
+            def cfg_write(slot: int, reg: int, value: int) -> None:
+                pio.write(0xCF8, memoryview(bytearray((0x8000_0000 | slot << 11 | reg)
+                                                      .to_bytes(4, "little"))))
+                pio.write(0xCFC, memoryview(bytearray(value.to_bytes(4, "little"))))
+
+            cfg_write(2, 0x10, f1.bar_address)
+            assert f2.bar_address == f1.bar_address
+            assert f2.mapped and f1.mapped  # both decode; the bus serves the first slot
+            # f1's ioeventfds are still registered: registering the same one again fails.
+            try:
+                g.vm.ioeventfd(first.notify_fds[0], f1.bar_address + 0x3000, 2)
+            except OSError as err:
+                assert err.errno == 17  # EEXIST
+            else:
+                raise AssertionError("f1's notify ioeventfd was lost")
+            # f2 moved back: its ioeventfd is placed again at its own address.
+            cfg_write(2, 0x10, layout.PCI_MMIO_BASE + 0x10_0000)
+            try:
+                g.vm.ioeventfd(second.notify_fds[0], layout.PCI_MMIO_BASE + 0x10_3000, 2)
+            except OSError as err:
+                assert err.errno == 17
+            else:
+                raise AssertionError("f2's notify ioeventfd was not placed")
+        finally:
+            pci.close()
+            first.close()
+            second.close()
