@@ -49,3 +49,19 @@ class MachinePci:
         for irq in self.irqs:
             irq.close()
         self.irqs.clear()
+
+    # -- snapshots: plain data (the routes and ioeventfds are rebuilt from it)
+    def save(self) -> dict[str, object]:
+        return {"root": self.root.save(), "functions": [f.save() for f in self.functions]}
+
+    def restore(self, state: dict[str, object]) -> None:
+        functions = state.get("functions")
+        root = state.get("root")
+        if not isinstance(functions, list) or len(functions) != len(self.functions):
+            raise ValueError("PCI state does not match the machine's virtio devices")
+        if isinstance(root, dict):
+            self.root.restore(root)
+        for function, saved in zip(self.functions, functions, strict=True):
+            if not isinstance(saved, dict):
+                raise ValueError("PCI state: bad function entry")
+            function.restore(saved)
