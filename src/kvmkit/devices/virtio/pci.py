@@ -27,7 +27,7 @@ import threading
 from typing import Protocol
 
 from kvmkit.devices.irq import IrqLine
-from kvmkit.devices.pci.config import CAP_ID_VENDOR, PciConfigSpace
+from kvmkit.devices.pci.config import CAP_ID_VENDOR, COMMAND, COMMAND_MEMORY, PciConfigSpace
 from kvmkit.devices.pci.msix import MsiRouting, Msix
 from kvmkit.devices.pci.root import PciFunction
 from kvmkit.devices.virtio.device import INT_CONFIG, INT_VRING, VirtioDevice
@@ -159,7 +159,7 @@ class VirtioPci(PciFunction):
         )  # fmt: skip
         # Firmware leaves the BAR assigned and memory decoding on (as SeaBIOS does); Linux
         # keeps that placement when it lies in the host bridge's _CRS window.
-        config.write(0x04, 2, 0x0002)
+        config.write(COMMAND, 2, COMMAND_MEMORY)
         device.mem = mem
         device.interrupt = self
         # Transport state, plain data (snapshots): selectors, MSI-X vector per queue and
