@@ -67,6 +67,10 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--rng", action="store_true", help="a virtio-rng device (/dev/hwrng)")
     p.add_argument(
+        "--virtio-transport", choices=("mmio", "pci"), default="mmio",
+        help="how the guest finds the virtio devices: virtio-mmio (default) or virtio-pci",
+    )  # fmt: skip
+    p.add_argument(
         "--api-sock", metavar="PATH",
         help="serve kvmkit's Firecracker-compatible API on this Unix socket (docs/api.md); "
         "without a kernel, command or config file, wait for InstanceStart",
@@ -144,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UserError(str(err)) from None
     config.rng = args.rng
+    config.virtio_transport = args.virtio_transport
     config.validate()
     implementation, why = detect_implementation()
     if not implementation.startswith("hardware-") and not os.environ.get("KVMKIT_FORCE_RUN"):

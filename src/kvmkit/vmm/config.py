@@ -13,6 +13,7 @@ from kvmkit.errors import UserError
 MIN_MEM_MIB = 32
 MAX_MEM_MIB = 1 << 20  # 1 TiB: anything above is a typo, not a microVM
 MAX_VIRTIO_DEVICES = 10  # one ISA IRQ each (arch/x86_64/layout.py VIRTIO_MMIO_IRQS)
+VIRTIO_TRANSPORTS = ("mmio", "pci")
 MAX_VCPUS = 255  # APIC IDs must fit the 8-bit xAPIC ID and the MP table
 
 
@@ -34,6 +35,9 @@ class MachineConfig:
     # entropy device (/dev/hwrng). Snapshots carry their state (docs/snapshot.md).
     drives: list[DriveConfig] = field(default_factory=list)
     rng: bool = False
+    # How the guest finds them (docs/virtio.md): "mmio" (virtio-mmio, from the DSDT or the
+    # command line) or "pci" (the modern virtio-pci transport on a PCI bus with MSI-X).
+    virtio_transport: str = "mmio"
 
     def validate(self, host_max_vcpus: int | None = None) -> None:
         if not 1 <= self.vcpus <= MAX_VCPUS:
@@ -61,6 +65,11 @@ class MachineConfig:
                 raise UserError(f"--drive {drive.path}: not a regular file")
             if not os.access(drive.path, os.R_OK if drive.read_only else os.R_OK | os.W_OK):
                 raise UserError(f"--drive {drive.path}: not readable/writable")
+        if self.virtio_transport not in VIRTIO_TRANSPORTS:
+            raise UserError(
+                f"--virtio-transport {self.virtio_transport}: must be one of "
+                + ", ".join(VIRTIO_TRANSPORTS)
+            )
         if len(self.drives) + int(self.rng) > MAX_VIRTIO_DEVICES:
             raise UserError(f"at most {MAX_VIRTIO_DEVICES} virtio devices")
         if self.initrd is not None and self.kernel is None:

@@ -48,6 +48,7 @@ from kvmkit.kvm.kick import install_kick_handler
 from kvmkit.memory import GuestMemory
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.console import CommandOutput, ConsoleStream, new_nonce
+from kvmkit.vmm.pci import MachinePci
 from kvmkit.vmm.vcpu import VcpuEvent, VcpuEventKind, VcpuThread
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,10 @@ class Machine:
         self._coalesced_ports: list[tuple[int, int]] = []
         self.i8042: I8042 | None = None
         self.started_at = 0.0
-        self.virtio: list[tuple[int, int, VirtioDevice]] = []  # (base, irq, device)
+        # (base, irq, device); over PCI: (BAR address, -1: MSI-X, device)
+        self.virtio: list[tuple[int, int, VirtioDevice]] = []
         self.virtio_transports: list[TransportState] = []  # in the order of self.virtio
+        self.pci: MachinePci | None = None  # the PCI bus, with virtio_transport="pci"
         self._virtio_worker: VirtioWorker | None = None
 
     # -- life cycle
@@ -179,6 +182,8 @@ class Machine:
             dev.close()
         for irq in self._irqs:
             irq.close()
+        if self.pci is not None:
+            self.pci.close()
         self.mem.close()
         self.console.close()
         if self.kvm is not None:
@@ -190,7 +195,7 @@ class Machine:
         cfg = self.config
         extra = f" {cfg.extra_cmdline}" if cfg.extra_cmdline else ""
         if cfg.kernel is not None:
-            cmdline = cfg.cmdline if cfg.cmdline is not None else BASE_CMDLINE
+            cmdline = cfg.cmdline if cfg.cmdline is not None else self.base_cmdline()
             if cfg.command:
                 cmdline += f" kvmkit.nonce={self.nonce} kvmkit.cmd={_cmdline_quote(cfg.command)}"
             # Kernels built the Firecracker way find virtio-mmio devices on the command
@@ -201,12 +206,20 @@ class Machine:
         from kvmkit.image.guest import default_image
 
         image = default_image()
-        cmdline = f"{BASE_CMDLINE} quiet kvmkit.nonce={self.nonce}"
+        cmdline = f"{self.base_cmdline()} quiet kvmkit.nonce={self.nonce}"
         if cfg.command:
             cmdline += f" kvmkit.cmd={_cmdline_quote(cfg.command)}"
         if cfg.cmdline:
             cmdline += f" {cfg.cmdline}"
         return image.kernel, image.initrd, cmdline + extra
+
+    def uses_pci(self) -> bool:
+        """virtio devices over PCI: the guest needs its PCI bus (no `pci=off`)."""
+        cfg = self.config
+        return cfg.virtio_transport == "pci" and bool(cfg.drives or cfg.rng)
+
+    def base_cmdline(self) -> str:
+        return BASE_CMDLINE.replace(" pci=off", "") if self.uses_pci() else BASE_CMDLINE
 
     def build(self) -> None:
         cfg = self.config
@@ -237,6 +250,7 @@ class Machine:
             self.mem, cfg.vcpus, pm_port=AcpiPower.PM1_EVT_PORT,
             reset_port=AcpiPower.RESET_PORT,
             virtio_mmio=[(b, layout.VIRTIO_MMIO_SIZE, irq) for b, irq in self.virtio_slots()],
+            pci_window=(layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE) if self.uses_pci() else None,
         )  # fmt: skip
         write_mptable(self.mem, cfg.vcpus)
         self.boot = load_linux(
@@ -289,7 +303,9 @@ class Machine:
         self._add_virtio(vm)
 
     def virtio_slots(self) -> list[tuple[int, int]]:
-        """(MMIO base, IRQ) of each virtio device, in order: drives, then the rng."""
+        """(MMIO base, IRQ) of each virtio-mmio device, in order: drives, then the rng."""
+        if self.config.virtio_transport != "mmio":
+            return []
         count = len(self.config.drives) + int(self.config.rng)
         return [
             (layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_MMIO_IRQS[i])
@@ -306,6 +322,13 @@ class Machine:
         if not devices:
             return
         self._virtio_worker = worker = VirtioWorker()
+        if self.config.virtio_transport == "pci":
+            self.pci = MachinePci(vm, self.mem, self.pio, self.mmio)
+            for dev in devices:
+                function = self.pci.add_virtio(dev)
+                worker.add(dev)
+                self.virtio.append((function.bar_address, -1, dev))
+            return
         for (base, irq_no), dev in zip(self.virtio_slots(), devices, strict=True):
             irq = EventFdIrq(irq_no)
             self._irqs.append(irq)

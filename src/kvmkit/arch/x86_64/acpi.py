@@ -221,19 +221,57 @@ def virtio_mmio_device_aml(index: int, base: int, size: int, irq: int) -> bytes:
     return aml_device(f"VR{index:02X}", body)
 
 
+# EISA ID "PNP0A03" (PCI host bridge) as AML encodes EisaId(): compressed vendor letters
+# then the product number, stored little-endian (ACPI 6.5 19.6.35).
+EISAID_PNP0A03 = 0x030AD041
+
+
+def pci_host_bridge_aml(window_base: int, window_size: int) -> bytes:
+    """\\_SB_.PCI0: the root of PCI segment 0, bus 0 (a conventional PCI host bridge, so _OSC
+    is optional for Linux). Linux with ACPI finds PCI root buses only here (acpi_pci_root,
+    "PNP0A03"); its _CRS gives the bus range and the memory window BARs live in (Linux
+    keeps BARs inside a window and reassigns those outside). Config space is reached by
+    mechanism #1 on 0xCF8 (no MCFG: no ECAM). Address space descriptors: 6.4.3.5.3 (Word,
+    bus numbers) and 6.4.3.5.2 (DWord, memory); general flags 0x0C: producer, fixed
+    minimum and maximum, positive decode."""
+    if window_size <= 0 or window_base + window_size > 1 << 32:
+        raise ValueError("PCI window must lie below 4 GiB")
+    bus = struct.pack("<BHBBBHHHHH", 0x88, 13, 2, 0x0C, 0, 0, 0, 0, 0, 1)
+    # Type-specific flags 0x01: read-write, non-cacheable.
+    mem = struct.pack(
+        "<BHBBBIIIII", 0x87, 23, 0, 0x0C, 0x01, 0, window_base,
+        window_base + window_size - 1, 0, window_size,
+    )  # fmt: skip
+    crs = bus + mem + b"\x79\x00"
+    body = (
+        aml_name("_HID", aml_integer(EISAID_PNP0A03))
+        + aml_name("_UID", aml_integer(0))
+        + aml_name("_SEG", aml_integer(0))
+        + aml_name("_BBN", aml_integer(0))
+        + aml_name("_CRS", aml_buffer(crs))
+    )
+    return aml_device("PCI0", body)
+
+
 def dsdt_aml(
-    s5_sleep_type: int = S5_SLEEP_TYPE, virtio_mmio: list[tuple[int, int, int]] | None = None
-) -> bytes:
+    s5_sleep_type: int = S5_SLEEP_TYPE, virtio_mmio: list[tuple[int, int, int]] | None = None,
+    pci_window: tuple[int, int] | None = None,
+) -> bytes:  # fmt: skip
     """The DSDT's definition block. \\_S5_ (7.4.2): Package {SLP_TYPa, SLP_TYPb, reserved,
     reserved}; the OS writes SLP_TYPa into PM1a_CNT's SLP_TYP field. `virtio_mmio`: (base,
-    size, irq) of virtio-mmio devices, described under \\_SB_."""
+    size, irq) of virtio-mmio devices, described under \\_SB_; `pci_window`: (base, size)
+    of the PCI host bridge's memory window, when there is a PCI bus."""
     s5 = aml_package([aml_integer(s5_sleep_type)] * 2 + [aml_integer(0)] * 2)
     aml = aml_name("_S5_", s5)
+    devices = b""
     if virtio_mmio:
-        devices = b"".join(
+        devices += b"".join(
             virtio_mmio_device_aml(i, base, size, irq)
             for i, (base, size, irq) in enumerate(virtio_mmio)
         )
+    if pci_window is not None:
+        devices += pci_host_bridge_aml(*pci_window)
+    if devices:
         aml += aml_scope(b"\\_SB_", devices)
     return aml
 
@@ -331,6 +369,7 @@ def write_acpi_tables(
     i8042: bool = False,
     addr: int = layout.ACPI_ADDR,
     virtio_mmio: list[tuple[int, int, int]] | None = None,
+    pci_window: tuple[int, int] | None = None,
 ) -> int:
     """Write RSDP, XSDT, FADT, DSDT and MADT from `addr` (16-byte aligned, tables must end
     below layout.ACPI_END) and return the RSDP's address (= addr).
@@ -358,7 +397,7 @@ def write_acpi_tables(
     fadt_addr = _align(xsdt_addr + xsdt_size)
     facs_addr = (fadt_addr + FADT_LENGTH + 63) & ~63  # the FACS must be 64-byte aligned
     dsdt_addr = _align(facs_addr + FACS_LENGTH)
-    dsdt = sdt(b"DSDT", DSDT_REVISION, dsdt_aml(s5_sleep_type, virtio_mmio))
+    dsdt = sdt(b"DSDT", DSDT_REVISION, dsdt_aml(s5_sleep_type, virtio_mmio, pci_window))
     madt_addr = _align(dsdt_addr + len(dsdt))
     madt = build_madt(nvcpus)
     end = madt_addr + len(madt)
