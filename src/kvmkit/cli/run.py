@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmkit.devices.virtio.blk import DriveConfig
+from kvmkit.devices.virtio.net import NetConfig
+from kvmkit.devices.virtio.vsock import VsockConfig
 from kvmkit.errors import UserError
 from kvmkit.probe import detect_implementation
 from kvmkit.vmm.config import MachineConfig
@@ -66,6 +68,16 @@ def register(sub: Any) -> None:
         "ro: read-only (guest writes fail)",
     )
     p.add_argument("--rng", action="store_true", help="a virtio-rng device (/dev/hwrng)")
+    p.add_argument(
+        "--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
+        help="a virtio-net device on host tap NAME (opened, or created if missing); "
+        "eth0, eth1, ... in order (docs/virtio.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--vsock", metavar="cid=N,uds=PATH",
+        help="a virtio-vsock device, guest CID N; host side: Unix socket PATH "
+        "(Firecracker's CONNECT protocol, docs/virtio.md)",
+    )  # fmt: skip
     p.add_argument(
         "--api-sock", metavar="PATH",
         help="serve kvmkit's Firecracker-compatible API on this Unix socket (docs/api.md); "
@@ -141,11 +153,15 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     try:
         config.drives = [DriveConfig.parse(spec) for spec in args.drive]
+        config.nets = [NetConfig.parse(spec) for spec in args.net]
+        config.vsock = VsockConfig.parse(args.vsock) if args.vsock else None
     except ValueError as err:
         raise UserError(str(err)) from None
     config.rng = args.rng
     config.validate()
-    if args.snapshot_after is not None and (config.drives or config.rng):
+    if args.snapshot_after is not None and (
+        config.drives or config.rng or config.nets or config.vsock
+    ):
         raise UserError("--snapshot-after: snapshots do not carry virtio device state yet")
     implementation, why = detect_implementation()
     if not implementation.startswith("hardware-") and not os.environ.get("KVMKIT_FORCE_RUN"):
