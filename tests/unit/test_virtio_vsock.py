@@ -76,6 +76,9 @@ class Guest:
             self.wr(r.DRIVER_FEATURES, features)
         self.wr(r.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
         for i, drv in enumerate(self.q):
+            # A driver lays its rings out afresh after a reset (§3.1.1 step 7).
+            for area in (drv.desc_base, drv.avail_base, drv.used_base):
+                self.mem.write(area, bytes(0x1000))
             drv.avail_idx = drv.free_head = drv.used_seen = 0
             self.wr(r.QUEUE_SEL, i)
             self.wr(r.QUEUE_NUM, self.size)

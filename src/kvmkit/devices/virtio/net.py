@@ -24,7 +24,6 @@ import selectors
 import socket
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 from kvmkit.abi import tun
 from kvmkit.devices.virtio import iov
@@ -136,7 +135,7 @@ def _ifreq(name: str, flags: int) -> bytearray:
 def open_tap(name: str) -> tuple[int, bool]:
     """Open tap `name` with vnet headers (creating it if it does not exist; a tap kvmkit
     creates is brought up and goes away when kvmkit closes it). Returns (fd, created)."""
-    existed = Path("/sys/class/net", name).exists()
+    existed = _exists(name)
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, tun.TUNSETIFF, _ifreq(name, tun.IFF_TAP | tun.IFF_NO_PI | tun.IFF_VNET_HDR))
@@ -147,6 +146,16 @@ def open_tap(name: str) -> tuple[int, bool]:
         os.close(fd)
         raise
     return fd, not existed
+
+
+def _exists(name: str) -> bool:
+    # Asked through a socket, i.e. in the calling thread's network namespace (a look at
+    # /sys/class/net would see the namespace sysfs was mounted in).
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 def _set_up(name: str) -> None:
