@@ -76,6 +76,7 @@ def run_lane(python: str, ids: list[str], progress: Path, outcomes: dict[str, st
     lane, or None when the pytest session ended by itself."""
     argv = [
         python, "-m", "kvmkit", "lane", "--timeout", str(int(sum(map(limit_for, ids)) + 600)),
+        "--module", "tun",  # tests/hwvirt/test_net_vsock_linux.py: taps for virtio-net
         "--", str(REPO / python) if not os.path.isabs(python) else python,
         "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfExX", *ids,
     ]  # fmt: skip

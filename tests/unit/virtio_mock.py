@@ -28,17 +28,33 @@ def new_memory() -> GuestMemory:
 
 
 class MockDriver:
-    def __init__(self, mem: GuestMemory, size: int = 16) -> None:
+    """One queue's driver side. A device with several queues gets one MockDriver per queue,
+    each with its own `base` (ring areas at base + 0x1000/0x9000/0xA000 below DATA_BASE
+    would overlap: pass distinct bases) and data window [data_base, data_end), reused
+    from its start once full (chains complete before the window wraps in the tests)."""
+
+    def __init__(
+        self, mem: GuestMemory, size: int = 16, *, rings: tuple[int, int, int] | None = None,
+        data_base: int = DATA_BASE, data_end: int = MEM_SIZE,
+    ) -> None:  # fmt: skip
         self.mem = mem
         self.size = size
+        self.desc_base, self.avail_base, self.used_base = rings or (
+            DESC_BASE,
+            AVAIL_BASE,
+            USED_BASE,
+        )
         self.avail_idx = 0
         self.free_head = 0
-        self.next_data = DATA_BASE
+        self.data_base, self.data_end = data_base, data_end
+        self.next_data = data_base
         self.used_seen = 0
 
     def setup(self, queue: SplitQueue, *, event_idx: bool = False, indirect: bool = True) -> None:
         queue.size = self.size
-        queue.desc_addr, queue.avail_addr, queue.used_addr = DESC_BASE, AVAIL_BASE, USED_BASE
+        queue.desc_addr, queue.avail_addr, queue.used_addr = (
+            self.desc_base, self.avail_base, self.used_base,
+        )  # fmt: skip
         queue.event_idx, queue.indirect = event_idx, indirect
         queue.validate(self.mem)
         queue.ready = True
@@ -46,6 +62,8 @@ class MockDriver:
     def alloc(self, data: bytes | int) -> tuple[int, int]:
         """Guest memory holding `data` (or int: that many zero bytes): (addr, len)."""
         raw = bytes(data) if isinstance(data, int) else data
+        if self.next_data + len(raw) > self.data_end:
+            self.next_data = self.data_base
         addr = self.next_data
         self.mem.write(addr, raw)
         self.next_data += (len(raw) + 15) & ~15 or 16
@@ -57,9 +75,9 @@ class MockDriver:
         self.mem.write(table + 16 * index, struct.pack("<QIHH", addr, length, flags, nxt))
 
     def publish(self, head: int) -> None:
-        self.mem.write_u16(AVAIL_BASE + 4 + 2 * (self.avail_idx % self.size), head)
+        self.mem.write_u16(self.avail_base + 4 + 2 * (self.avail_idx % self.size), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self.mem.write_u16(AVAIL_BASE + 2, self.avail_idx)
+        self.mem.write_u16(self.avail_base + 2, self.avail_idx)
 
     def add_chain(
         self, readable: list[bytes], writable: list[int], *, indirect: bool = False
@@ -74,14 +92,14 @@ class MockDriver:
             for i, (addr, length, flags) in enumerate(bufs):
                 more = VIRTQ_DESC_F_NEXT if i + 1 < len(bufs) else 0
                 self.write_desc(table, i, addr, length, flags | more, i + 1)
-            self.write_desc(DESC_BASE, head, table, 16 * len(bufs), VIRTQ_DESC_F_INDIRECT, 0)
+            self.write_desc(self.desc_base, head, table, 16 * len(bufs), VIRTQ_DESC_F_INDIRECT, 0)
             self.free_head = (head + 1) % self.size
         else:
             for i, (addr, length, flags) in enumerate(bufs):
                 index = (head + i) % self.size
                 more = VIRTQ_DESC_F_NEXT if i + 1 < len(bufs) else 0
                 self.write_desc(
-                    DESC_BASE, index, addr, length, flags | more, (index + 1) % self.size
+                    self.desc_base, index, addr, length, flags | more, (index + 1) % self.size
                 )
             self.free_head = (head + len(bufs)) % self.size
         self.publish(head)
@@ -89,16 +107,16 @@ class MockDriver:
 
     def used(self) -> list[tuple[int, int]]:
         """New used-ring entries (id, len) since the last call."""
-        idx = self.mem.read_u16(USED_BASE + 2)
+        idx = self.mem.read_u16(self.used_base + 2)
         out = []
         while self.used_seen != idx:
             slot = self.used_seen % self.size
-            out.append(struct.unpack("<II", self.mem.read(USED_BASE + 4 + 8 * slot, 8)))
+            out.append(struct.unpack("<II", self.mem.read(self.used_base + 4 + 8 * slot, 8)))
             self.used_seen = (self.used_seen + 1) & 0xFFFF
         return out
 
     def set_used_event(self, value: int) -> None:
-        self.mem.write_u16(AVAIL_BASE + 4 + 2 * self.size, value)
+        self.mem.write_u16(self.avail_base + 4 + 2 * self.size, value)
 
     def avail_event(self) -> int:
-        return self.mem.read_u16(USED_BASE + 4 + 8 * self.size)
+        return self.mem.read_u16(self.used_base + 4 + 8 * self.size)

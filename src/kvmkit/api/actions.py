@@ -36,6 +36,8 @@ from kvmkit.api import logger as api_logger
 from kvmkit.api.metrics import Metrics
 from kvmkit.api.schema import SchemaError, validate
 from kvmkit.devices.virtio.blk import DriveConfig, VirtioBlk
+from kvmkit.devices.virtio.net import NetConfig
+from kvmkit.devices.virtio.vsock import VsockConfig
 from kvmkit.errors import UserError
 from kvmkit.vmm.config import MachineConfig
 
@@ -357,12 +359,14 @@ class Vmm:
                 initrd=Path(bs["initrd_path"]) if "initrd_path" in bs else None,
                 cmdline=bs.get("boot_args"), vcpus=mc["vcpu_count"],
                 mem_mib=mc["mem_size_mib"], command=list(self.command or []),
-                drives=self._drive_configs(),
+                drives=self._drive_configs(), nets=self._net_configs(),
+                vsock=self._vsock_config(),
             )  # fmt: skip
         if self.command is not None:
             return MachineConfig(
                 vcpus=mc["vcpu_count"], mem_mib=mc["mem_size_mib"], command=list(self.command),
-                drives=self._drive_configs(),
+                drives=self._drive_configs(), nets=self._net_configs(),
+                vsock=self._vsock_config(),
             )
         raise ApiError("Cannot start microvm without kernel configuration.")
 
@@ -376,19 +380,19 @@ class Vmm:
             for d in ordered
         ]  # fmt: skip
 
+    def _net_configs(self) -> list[NetConfig]:
+        """Network interfaces as virtio-net devices on their host taps, in the order they
+        were put (eth0, eth1, ...)."""
+        return [NetConfig(i["host_dev_name"], i.get("guest_mac")) for i in self.ifaces.values()]
+
+    def _vsock_config(self) -> VsockConfig | None:
+        if self.vsock is None:
+            return None
+        return VsockConfig(self.vsock["guest_cid"], Path(self.vsock["uds_path"]))
+
     def attach_devices(self, machine: Machine) -> None:
-        """Where virtio-net and vsock plug in (drives go through MachineConfig.drives).
-        Until the Machine has them, a VM with any of them configured does not start (no
-        device is silently dropped)."""
-        missing = []
-        if self.ifaces:
-            missing.append(f"network-interfaces ({', '.join(sorted(self.ifaces))})")
-        if self.vsock is not None:
-            missing.append("vsock")
-        if missing:
-            raise ApiError(
-                "kvmkit cannot attach virtio devices yet; configured: " + ", ".join(missing)
-            )
+        """Devices the Machine does not build from its MachineConfig plug in here; drives,
+        network interfaces and vsock all go through MachineConfig now."""
 
     def instance_start(self) -> None:
         with self._mutating():

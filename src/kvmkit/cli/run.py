@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmkit.devices.virtio.blk import DriveConfig
+from kvmkit.devices.virtio.net import NetConfig
+from kvmkit.devices.virtio.vsock import VsockConfig
 from kvmkit.errors import UserError
 from kvmkit.probe import detect_implementation
 from kvmkit.vmm.config import MachineConfig
@@ -69,6 +71,16 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--virtio-transport", choices=("mmio", "pci"), default="mmio",
         help="how the guest finds the virtio devices: virtio-mmio (default) or virtio-pci",
+    )  # fmt: skip
+    p.add_argument(
+        "--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
+        help="a virtio-net device on host tap NAME (opened, or created if missing); "
+        "eth0, eth1, ... in order (docs/virtio.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--vsock", metavar="cid=N,uds=PATH",
+        help="a virtio-vsock device, guest CID N; host side: Unix socket PATH "
+        "(Firecracker's CONNECT protocol, docs/virtio.md)",
     )  # fmt: skip
     p.add_argument(
         "--api-sock", metavar="PATH",
@@ -145,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     try:
         config.drives = [DriveConfig.parse(spec) for spec in args.drive]
+        config.nets = [NetConfig.parse(spec) for spec in args.net]
+        config.vsock = VsockConfig.parse(args.vsock) if args.vsock else None
     except ValueError as err:
         raise UserError(str(err)) from None
     config.rng = args.rng

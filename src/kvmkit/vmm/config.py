@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmkit.devices.virtio.blk import DriveConfig
+from kvmkit.devices.virtio.net import NetConfig
+from kvmkit.devices.virtio.vsock import VsockConfig
 from kvmkit.errors import UserError
 
 MIN_MEM_MIB = 32
@@ -38,6 +40,10 @@ class MachineConfig:
     # How the guest finds them (docs/virtio.md): "mmio" (virtio-mmio, from the DSDT or the
     # command line) or "pci" (the modern virtio-pci transport on a PCI bus with MSI-X).
     virtio_transport: str = "mmio"
+    # virtio-net over host taps (eth0, eth1, ... in order) and one virtio-vsock device whose
+    # host side is Unix sockets (docs/virtio.md).
+    nets: list[NetConfig] = field(default_factory=list)
+    vsock: VsockConfig | None = None
 
     def validate(self, host_max_vcpus: int | None = None) -> None:
         if not 1 <= self.vcpus <= MAX_VCPUS:
@@ -70,7 +76,17 @@ class MachineConfig:
                 f"--virtio-transport {self.virtio_transport}: must be one of "
                 + ", ".join(VIRTIO_TRANSPORTS)
             )
-        if len(self.drives) + int(self.rng) > MAX_VIRTIO_DEVICES:
+        for what, dev in [*(("--net", n) for n in self.nets), ("--vsock", self.vsock)]:
+            try:
+                if dev is not None:
+                    dev.check()
+            except ValueError as err:
+                raise UserError(f"{what}: {err}") from None
+        taps = [n.tap for n in self.nets]
+        if len(set(taps)) != len(taps):
+            raise UserError("--net: the same tap twice")
+        count = len(self.drives) + int(self.rng) + len(self.nets) + int(self.vsock is not None)
+        if count > MAX_VIRTIO_DEVICES:
             raise UserError(f"at most {MAX_VIRTIO_DEVICES} virtio devices")
         if self.initrd is not None and self.kernel is None:
             raise UserError("--initrd needs --kernel (the default image brings its own)")

@@ -40,7 +40,9 @@ from kvmkit.devices.virtio.blk import VirtioBlk
 from kvmkit.devices.virtio.device import TransportState, VirtioDevice, VirtioWorker
 from kvmkit.devices.virtio.mmio import VirtioMmio
 from kvmkit.devices.virtio.mmio import cmdline_entry as virtio_cmdline_entry
+from kvmkit.devices.virtio.net import VirtioNet, parse_mac
 from kvmkit.devices.virtio.rng import VirtioRng
+from kvmkit.devices.virtio.vsock import VirtioVsock
 from kvmkit.errors import UserError
 from kvmkit.kvm import Kvm, KvmError, Vcpu, Vm
 from kvmkit.kvm.coalesced import CoalescedRing, RingDrainer
@@ -303,10 +305,11 @@ class Machine:
         self._add_virtio(vm)
 
     def virtio_slots(self) -> list[tuple[int, int]]:
-        """(MMIO base, IRQ) of each virtio-mmio device, in order: drives, then the rng."""
-        if self.config.virtio_transport != "mmio":
+        """(MMIO base, IRQ) of each virtio-mmio device, in order: drives, the rng, nets, vsock."""
+        c = self.config
+        if c.virtio_transport != "mmio":
             return []
-        count = len(self.config.drives) + int(self.config.rng)
+        count = len(c.drives) + int(c.rng) + len(c.nets) + int(c.vsock is not None)
         return [
             (layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_MMIO_IRQS[i])
             for i in range(count)
@@ -319,6 +322,19 @@ class Machine:
         ]
         if self.config.rng:
             devices.append(VirtioRng())
+        what = ""
+        try:
+            for i, n in enumerate(self.config.nets):
+                what = f"--net tap={n.tap}"
+                mac = parse_mac(n.mac) if n.mac else None
+                devices.append(VirtioNet(n.tap, mac, name=f"eth{i}"))
+            if (vsock := self.config.vsock) is not None:
+                what = f"--vsock uds={vsock.uds_path}"
+                devices.append(VirtioVsock(vsock.cid, vsock.uds_path))
+        except OSError as err:  # no /dev/net/tun, no permission, a busy tap, a stale socket
+            for dev in devices:
+                dev.close()
+            raise UserError(f"{what}: {err}") from None
         if not devices:
             return
         self._virtio_worker = worker = VirtioWorker()
@@ -328,6 +344,7 @@ class Machine:
                 function = self.pci.add_virtio(dev)
                 worker.add(dev)
                 self.virtio.append((function.bar_address, -1, dev))
+                self.virtio_transports.append(function)
             return
         for (base, irq_no), dev in zip(self.virtio_slots(), devices, strict=True):
             irq = EventFdIrq(irq_no)

@@ -61,7 +61,5 @@ class MachinePci:
             raise ValueError("PCI state does not match the machine's virtio devices")
         if isinstance(root, dict):
             self.root.restore(root)
-        for function, saved in zip(self.functions, functions, strict=True):
-            if not isinstance(saved, dict):
-                raise ValueError("PCI state: bad function entry")
-            function.restore(saved)
+        for i, (function, saved) in enumerate(zip(self.functions, functions, strict=True)):
+            function.restore(saved, f"pci.functions[{i}]")

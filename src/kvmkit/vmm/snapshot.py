@@ -40,7 +40,7 @@ from kvmkit.snapshot import core
 from kvmkit.snapshot.format import Fields, SnapshotError
 from kvmkit.snapshot.memory import enable_dirty_log
 from kvmkit.snapshot.vcpu_state import resume_vcpu
-from kvmkit.vmm.config import MachineConfig
+from kvmkit.vmm.config import VIRTIO_TRANSPORTS, MachineConfig
 from kvmkit.vmm.console import CommandOutput
 
 if TYPE_CHECKING:
@@ -123,6 +123,11 @@ def snapshot_machine(
         raise UserError("the machine is not running: nothing to snapshot")
     if not _is_paused(machine):
         raise UserError("pause the machine before taking a snapshot")
+    if machine.config.nets or machine.config.vsock is not None:
+        # Their host side (a tap, Unix-socket connections) is not in the state yet; vsock
+        # needs Firecracker's transport-reset event on restore (docs/snapshot.md).
+        raise UserError("snapshots of machines with virtio-net or vsock devices are not "
+                        "supported yet")  # fmt: skip
     if diff and not all(r.log_dirty for r in machine.mem.regions):
         raise UserError("a diff snapshot needs a full snapshot of this machine first")
     machine.console.flush()  # the parser state below must include every byte printed so far
@@ -134,7 +139,7 @@ def snapshot_machine(
     ]  # fmt: skip
     meta: dict[str, Any] = {
         "config": {"vcpus": cfg.vcpus, "mem_mib": cfg.mem_mib, "command": list(cfg.command),
-                   "drives": drives, "rng": cfg.rng},
+                   "drives": drives, "rng": cfg.rng, "virtio_transport": cfg.virtio_transport},
         "nonce": machine.nonce,
     }  # fmt: skip
     if machine.command is not None:
@@ -146,6 +151,8 @@ def snapshot_machine(
     if machine.serial is not None:
         devices["serial0"] = machine.serial.save()
     devices["virtio"] = _save_virtio(machine)
+    if machine.pci is not None:
+        devices["pci_root"] = machine.pci.root.save()  # the 0xCF8 address latch
     snap = core.capture(
         machine.kvm, machine.vm, [t.vcpu for t in machine.threads], machine.mem, mem_path,
         SETUP, diff=diff, devices=devices, meta=meta,
@@ -179,9 +186,13 @@ def _config_from(meta: Fields) -> MachineConfig:
                 "taken (another image?)"
             )
         drives.append(DriveConfig(path, d.get_bool("read_only"), d.get_str("serial", 4096)))
+    transport = cfg.get_str("virtio_transport", 16) if cfg.has("virtio_transport") else "mmio"
+    if transport not in VIRTIO_TRANSPORTS:
+        raise SnapshotError(f"snapshot state: meta.config.virtio_transport {transport!r}")
     return MachineConfig(
         vcpus=cfg.get_int("vcpus", 1, 255), mem_mib=cfg.get_int("mem_mib", 1, 1 << 20),
         command=command, drives=drives, rng=cfg.get_bool("rng") if cfg.has("rng") else False,
+        virtio_transport=transport,
     )  # fmt: skip
 
 
@@ -208,7 +219,8 @@ def _restore_virtio(machine: Machine, saved: list[tuple[Fields, VirtioState]]) -
     """Take over each device's and transport's state (no reset), then kick the ready queues."""
     entries = zip(machine.virtio, machine.virtio_transports, saved, strict=True)
     for (base, irq, dev), transport, (f, _) in entries:
-        if (f.get_int("base"), f.get_int("irq", 0, 255)) != (base, irq):
+        # irq -1: a PCI function (its interrupts are MSI-X vectors, in the transport state)
+        if (f.get_int("base"), f.get_int("irq", -1, 255)) != (base, irq):
             raise SnapshotError(f"snapshot state: {f.path}: not at this machine's slot")
         if f.get_str("transport", 64) != transport.KIND:
             raise SnapshotError(f"snapshot state: {f.path}: not a {transport.KIND} device")
@@ -258,6 +270,8 @@ def restore_machine(
         except ValueError as err:
             raise SnapshotError(f"snapshot state: {err}") from None
         _restore_virtio(machine, virtio_saved)
+        if machine.pci is not None and isinstance(snap.devices.get("pci_root"), dict):
+            machine.pci.root.restore(snap.devices["pci_root"])
         if config.command:
             sink = command_output or (lambda data: None)
             machine.command = CommandOutput(nonce, sink)

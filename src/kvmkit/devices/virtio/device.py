@@ -29,6 +29,7 @@ import logging
 import os
 import selectors
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -134,6 +135,19 @@ def parse_state(obj: Any, path: str) -> VirtioState:
     )  # fmt: skip
 
 
+class FdWatcher(Protocol):
+    """How a device has host file descriptors of its own (a tap, Unix sockets) watched by the
+    worker thread; `callback(events)` then runs there, like `process_queue`."""
+
+    def watch(self, device: VirtioDevice, fd: int, events: int,
+              callback: Callable[[int], None]) -> None:  # fmt: skip
+        """Watch `fd` for `events` (selectors.EVENT_READ/EVENT_WRITE), replacing any
+        earlier watch of it."""
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching `fd` (no-op if it is not watched); call before closing it."""
+
+
 class VirtioDevice:
     DEVICE_ID: ClassVar[int] = 0
 
@@ -156,6 +170,8 @@ class VirtioDevice:
         # register (or writes it itself when there is no VM, e.g. in tests).
         self.notify_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in queue_sizes]
         self.errors: list[str] = []
+        # Set by `VirtioWorker.add`: devices with host fds of their own watch them here.
+        self.watcher: FdWatcher | None = None
 
     # -- hooks for subclasses
     def config_bytes(self) -> bytes:
@@ -257,6 +273,10 @@ class VirtioDevice:
             if q.ready:
                 os.eventfd_write(fd, 1)
 
+    def stop_host_io(self) -> None:
+        """Stop watching host fds (the device left the live state: NEEDS_RESET, reset).
+        A level-triggered fd left watched would wake the worker in a loop."""
+
     # -- used by transports
     def has_feature(self, bit: int) -> bool:
         return bool(self.driver_features & bit)
@@ -329,6 +349,7 @@ class VirtioDevice:
         self.errors.append(message)
         with self.lock:
             self.activated = False
+            self.stop_host_io()
             self.status |= STATUS_NEEDS_RESET
             if self.status & STATUS_DRIVER_OK and self.interrupt is not None:
                 self.interrupt.signal(INT_CONFIG)
@@ -345,6 +366,18 @@ class VirtioDevice:
                 self.process_queue(index)
             except QueueError as err:
                 self.device_error(f"queue {index}: {err}")
+
+    def host_event(self, callback: Callable[[int], None], events: int) -> None:
+        """The worker saw a watched host fd ready: run the device's callback under the
+        device lock, only while the device is live."""
+        with self.lock:
+            if not self.activated or self.mem is None:
+                self.stop_host_io()
+                return
+            try:
+                callback(events)
+            except QueueError as err:
+                self.device_error(f"host event: {err}")
 
     def complete(self, index: int, head: int, written: int) -> None:
         """Helper for process_queue: return a chain; interrupt if the driver wants one."""
@@ -365,7 +398,8 @@ class VirtioDevice:
 
 class VirtioWorker:
     """The event loop that serves every virtio device: one thread waiting on the queues'
-    notify eventfds, so device work never runs on a vCPU thread."""
+    notify eventfds and on the host fds devices watch (`FdWatcher`), so device work never
+    runs on a vCPU thread."""
 
     def __init__(self) -> None:
         self._sel = selectors.DefaultSelector()
@@ -373,6 +407,10 @@ class VirtioWorker:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread: threading.Thread | None = None
         self._stop = False
+        # Devices call watch/unwatch from the worker thread (inside callbacks) and from
+        # vCPU threads (activate/reset through a register write): the selector's table is
+        # changed under this lock; epoll itself takes changes while another thread waits.
+        self._sel_lock = threading.Lock()
         # Pausing (snapshots): the thread parks between requests, never inside a chain.
         self._cond = threading.Condition()
         self._pause_requested = False
@@ -414,7 +452,25 @@ class VirtioWorker:
 
     def add(self, device: VirtioDevice) -> None:
         for index, fd in enumerate(device.notify_fds):
-            self._sel.register(fd, selectors.EVENT_READ, (device, index))
+            self._sel.register(fd, selectors.EVENT_READ, _Watch(device, None, index))
+        device.watcher = self
+
+    # -- FdWatcher
+    def watch(self, device: VirtioDevice, fd: int, events: int,
+              callback: Callable[[int], None]) -> None:  # fmt: skip
+        data = _Watch(device, callback, -1)
+        with self._sel_lock:
+            try:
+                self._sel.modify(fd, events, data)
+            except KeyError:
+                self._sel.register(fd, events, data)
+
+    def unwatch(self, fd: int) -> None:
+        with self._sel_lock:
+            try:
+                self._sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
 
     def start(self) -> None:
         if self._thread is None:
@@ -424,21 +480,27 @@ class VirtioWorker:
     def _run(self) -> None:
         while not self._stop:
             self._park_if_asked()
-            for key, _ in self._sel.select():
-                if key.data is None:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
+            for key, events in self._sel.select():
+                data = key.data
+                if data is None:
+                    _drain(self._wake_r)
                     continue
                 if self._pause_requested or self._stop:
-                    break  # park first; the eventfd stays readable and is served after
-                try:
-                    os.eventfd_read(key.fd)
-                except BlockingIOError:
+                    break  # park first; the fd stays readable and is served after
+                if data.callback is None:
+                    try:
+                        os.eventfd_read(key.fd)
+                    except BlockingIOError:
+                        continue
+                    _run_guarded(data.device, data.index)
                     continue
-                device, index = key.data
-                _run_guarded(device, index)
+                # A callback earlier in this batch may have unwatched (and closed) this fd,
+                # or watched a new fd under the same number: only a current watch runs.
+                with self._sel_lock:
+                    current = self._sel.get_map().get(key.fd)
+                if current is None or current.data is not data:
+                    continue
+                _run_host_guarded(data.device, data.callback, events)
 
     def stop(self) -> None:
         with self._cond:
@@ -456,10 +518,39 @@ class VirtioWorker:
         os.close(self._wake_w)
 
 
+class _Watch:
+    """What the selector holds per fd: a queue's notify eventfd (`callback` None) or a
+    device's host fd with its callback."""
+
+    __slots__ = ("callback", "device", "index")
+
+    def __init__(self, device: VirtioDevice, callback: Callable[[int], None] | None,
+                 index: int) -> None:  # fmt: skip
+        self.device = device
+        self.callback = callback
+        self.index = index
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 64):
+            pass
+    except BlockingIOError:
+        pass
+
+
 def _run_guarded(device: VirtioDevice, index: int) -> None:
     """A bug in a device must not take the worker (and every other device) down."""
     try:
         device.notified(index)
+    except Exception as err:
+        log.exception("virtio %s: device error", device.name)
+        device.device_error(f"internal error: {err!r}")
+
+
+def _run_host_guarded(device: VirtioDevice, callback: Callable[[int], None], events: int) -> None:
+    try:
+        device.host_event(callback, events)
     except Exception as err:
         log.exception("virtio %s: device error", device.name)
         device.device_error(f"internal error: {err!r}")

@@ -24,7 +24,7 @@ import logging
 import os
 import struct
 import threading
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
 from kvmkit.devices.irq import IrqLine
 from kvmkit.devices.pci.config import CAP_ID_VENDOR, COMMAND, COMMAND_MEMORY, PciConfigSpace
@@ -33,6 +33,7 @@ from kvmkit.devices.pci.root import PciFunction
 from kvmkit.devices.virtio.device import INT_CONFIG, INT_VRING, VirtioDevice
 from kvmkit.devices.virtio.queue import QueueError
 from kvmkit.memory import GuestMemory
+from kvmkit.snapshot.format import SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,8 @@ def _virtio_cap(cfg_type: int, offset: int, length: int, extra: bytes = b"") -> 
 
 
 class VirtioPci(PciFunction):
+    KIND: ClassVar[str] = "pci"  # the transport's name in a snapshot (TransportState)
+
     def __init__(
         self, device: VirtioDevice, mem: GuestMemory, *, bar_address: int,
         gsis: list[int], lines: list[IrqLine], routing: MsiRouting | None,
@@ -436,7 +439,16 @@ class VirtioPci(PciFunction):
                 "isr": self.isr,
             }
 
-    def restore(self, state: dict[str, object]) -> None:
+    def restore(self, state: Any, path: str = "virtio-pci") -> None:
+        """`save()` data back (TransportState): a malformed entry is a SnapshotError."""
+        if not isinstance(state, dict):
+            raise SnapshotError(f"snapshot state: {path} must be an object")
+        try:
+            self._restore(state)
+        except (ValueError, TypeError) as err:
+            raise SnapshotError(f"snapshot state: {path}: {err}") from None
+
+    def _restore(self, state: dict[str, object]) -> None:
         vectors = state.get("queue_vectors")
         if not isinstance(vectors, list) or len(vectors) != len(self.queue_vectors):
             raise ValueError("virtio-pci state does not match the device's queues")

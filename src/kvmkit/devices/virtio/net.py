@@ -1,0 +1,349 @@
+"""virtio-net over a host tap device (virtio 1.2 §5.1).
+
+One receive and one transmit queue (§5.1.2). Every frame either way is preceded by the
+12-byte `virtio_net_hdr` (§5.1.6, the VERSION_1 layout with num_buffers), which is also
+what the tap speaks with IFF_VNET_HDR and TUNSETVNETHDRSZ 12: headers pass through as they
+are and the tap does the checksum/segmentation work the header asks for.
+
+- TX: a chain's device-readable buffers (header + frame) go to the tap in one writev(2).
+- RX: the tap fd is watched by the worker; a frame is read with one readv(2) straight into
+  the guest's rx buffers. When the guest has no rx buffer left the tap is not read (nor
+  watched) until the guest adds some: frames wait in the tap's own queue (which drops when
+  full), never in kvmkit.
+
+Offloads are offered only as the tap accepts them (TUNSETOFFLOAD): GUEST_CSUM/GUEST_TSO4/6
+(the tap hands us partial-checksum and GSO frames) and CSUM/HOST_TSO4/6 (we hand them to it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import selectors
+import socket
+import struct
+from dataclasses import dataclass
+
+from kvmkit.abi import tun
+from kvmkit.devices.virtio import iov
+from kvmkit.devices.virtio.device import VirtioDevice
+from kvmkit.devices.virtio.queue import DescriptorChain, QueueError
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID_NET = 1
+QUEUE_SIZE = 256
+RX, TX = 0, 1
+
+# §5.1.3 feature bits
+VIRTIO_NET_F_CSUM = 1 << 0
+VIRTIO_NET_F_GUEST_CSUM = 1 << 1
+VIRTIO_NET_F_MAC = 1 << 5
+VIRTIO_NET_F_GUEST_TSO4 = 1 << 7
+VIRTIO_NET_F_GUEST_TSO6 = 1 << 8
+VIRTIO_NET_F_HOST_TSO4 = 1 << 11
+VIRTIO_NET_F_HOST_TSO6 = 1 << 12
+VIRTIO_NET_F_STATUS = 1 << 16
+VIRTIO_NET_S_LINK_UP = 1
+
+# §5.1.6 struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start,
+# csum_offset, num_buffers
+NET_HDR = struct.Struct("<BBHHHHH")
+NET_HDR_SIZE = NET_HDR.size  # 12
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_ECN = 0x80
+# The largest frame: a 64 KiB GSO packet plus an Ethernet and a VLAN header (Linux's
+# virtio_net and Firecracker use the same bound: 65550 + the 12-byte header).
+MAX_FRAME = 65550
+MIN_FRAME = 14  # an Ethernet header
+
+
+@dataclass
+class NetConfig:
+    """`--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`."""
+
+    tap: str
+    mac: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> NetConfig:
+        tap: str | None = None
+        mac: str | None = None
+        for opt in spec.split(","):
+            key, sep, value = opt.partition("=")
+            if key == "tap" and sep and value:
+                tap = value
+            elif key == "mac" and sep:
+                mac = value
+            else:
+                raise ValueError(f"--net {spec}: unknown option {opt!r} (tap=NAME, mac=MAC)")
+        if tap is None:
+            raise ValueError(f"--net {spec}: needs tap=NAME")
+        config = cls(tap, mac)
+        try:
+            config.check()
+        except ValueError as err:
+            raise ValueError(f"--net {spec}: {err}") from None
+        return config
+
+    def check(self) -> None:
+        """What `MachineConfig.validate` checks; raises ValueError."""
+        name = self.tap.encode()
+        # IFNAMSIZ includes the NUL; '/' and whitespace are not valid in interface names.
+        if not 0 < len(name) < tun.IFNAMSIZ or any(c in self.tap for c in "/ \t\n:"):
+            raise ValueError(f"tap name {self.tap!r} is not a valid interface name")
+        if self.mac is not None:
+            parse_mac(self.mac)
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    try:
+        raw = bytes(int(p, 16) for p in parts if len(p) == 2)
+    except ValueError:
+        raw = b""
+    if len(parts) != 6 or len(raw) != 6:
+        raise ValueError(f"mac {text!r} is not six hex bytes XX:XX:XX:XX:XX:XX")
+    if raw[0] & 1:
+        raise ValueError(f"mac {text}: a multicast address cannot be a NIC's")
+    return raw
+
+
+def random_mac() -> bytes:
+    """A unicast, locally administered address (bit 0 of the first byte clear, bit 1 set)."""
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] & 0xFC) | 0x02
+    return bytes(raw)
+
+
+def format_mac(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def _ifreq(name: str, flags: int) -> bytearray:
+    req = bytearray(tun.IFREQ_SIZE)
+    encoded = name.encode()
+    req[: len(encoded)] = encoded
+    struct.pack_into("<H", req, tun.IFNAMSIZ, flags)
+    return req
+
+
+def open_tap(name: str) -> tuple[int, bool]:
+    """Open tap `name` with vnet headers (creating it if it does not exist; a tap kvmkit
+    creates is brought up and goes away when kvmkit closes it). Returns (fd, created)."""
+    existed = _exists(name)
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, tun.TUNSETIFF, _ifreq(name, tun.IFF_TAP | tun.IFF_NO_PI | tun.IFF_VNET_HDR))
+        fcntl.ioctl(fd, tun.TUNSETVNETHDRSZ, struct.pack("<i", NET_HDR_SIZE))
+        if not existed:
+            _set_up(name)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, not existed
+
+
+def _exists(name: str) -> bool:
+    # Asked through a socket, i.e. in the calling thread's network namespace (a look at
+    # /sys/class/net would see the namespace sysfs was mounted in).
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
+def _set_up(name: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = _ifreq(name, 0)
+        fcntl.ioctl(s.fileno(), tun.SIOCGIFFLAGS, req)
+        flags = struct.unpack_from("<H", req, tun.IFNAMSIZ)[0]
+        struct.pack_into("<H", req, tun.IFNAMSIZ, flags | tun.IFF_UP)
+        fcntl.ioctl(s.fileno(), tun.SIOCSIFFLAGS, req)
+
+
+def _tap_offloads(fd: int) -> int:
+    """The TUN_F_* set the tap accepts, probed with TUNSETOFFLOAD (then reset to none: the
+    driver's choice sets them at activation)."""
+    accepted = 0
+    for flags in (tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO6, tun.TUN_F_CSUM):
+        try:
+            fcntl.ioctl(fd, tun.TUNSETOFFLOAD, flags)
+        except OSError:
+            continue
+        accepted = flags
+        break
+    fcntl.ioctl(fd, tun.TUNSETOFFLOAD, 0)
+    return accepted
+
+
+class VirtioNet(VirtioDevice):
+    DEVICE_ID = VIRTIO_ID_NET
+
+    def __init__(self, tap: str, mac: bytes | None = None, name: str = "net") -> None:
+        self.tap_name = tap
+        self.mac = mac if mac is not None else random_mac()
+        self.tap_fd, self.created_tap = open_tap(tap)
+        offloads = _tap_offloads(self.tap_fd)
+        features = VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+        if offloads & tun.TUN_F_CSUM:
+            features |= VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM
+        if offloads & tun.TUN_F_TSO4:
+            features |= VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_GUEST_TSO4
+        if offloads & tun.TUN_F_TSO6:
+            features |= VIRTIO_NET_F_HOST_TSO6 | VIRTIO_NET_F_GUEST_TSO6
+        super().__init__(name, [QUEUE_SIZE, QUEUE_SIZE], features)
+        self._rx_held: DescriptorChain | None = None
+        self._tap_readable = False
+        self._tap_watched = False
+        # Firecracker's net metrics, roughly: frames and bytes each way, frames dropped.
+        self.rx_frames = self.rx_bytes = self.rx_dropped = 0
+        self.tx_frames = self.tx_bytes = self.tx_dropped = 0
+
+    def config_bytes(self) -> bytes:
+        # struct virtio_net_config (§5.1.4): mac, status, max_virtqueue_pairs.
+        return self.mac + struct.pack("<HH", VIRTIO_NET_S_LINK_UP, 1)
+
+    def activate(self) -> None:
+        # What the tap may hand us follows what the driver accepted (§5.1.6.4: the device
+        # sends NEEDS_CSUM/GSO frames only with GUEST_CSUM/GUEST_TSO*).
+        flags = 0
+        if self.has_feature(VIRTIO_NET_F_GUEST_CSUM):
+            flags |= tun.TUN_F_CSUM
+            if self.has_feature(VIRTIO_NET_F_GUEST_TSO4):
+                flags |= tun.TUN_F_TSO4
+            if self.has_feature(VIRTIO_NET_F_GUEST_TSO6):
+                flags |= tun.TUN_F_TSO6
+        fcntl.ioctl(self.tap_fd, tun.TUNSETOFFLOAD, flags)
+        self._watch_tap(True)
+
+    def stop_host_io(self) -> None:
+        self._watch_tap(False)
+
+    def reset_device(self) -> None:
+        self._watch_tap(False)
+        self._rx_held = None
+        self._tap_readable = False
+
+    def close(self) -> None:
+        with self.lock:
+            self.stop_host_io()
+            if self.tap_fd >= 0:
+                os.close(self.tap_fd)
+                self.tap_fd = -1
+        super().close()
+
+    def _watch_tap(self, on: bool) -> None:
+        if self.watcher is None or on == self._tap_watched or self.tap_fd < 0:
+            return
+        if on:
+            self.watcher.watch(self, self.tap_fd, selectors.EVENT_READ, self._tap_event)
+        else:
+            self.watcher.unwatch(self.tap_fd)
+        self._tap_watched = on
+
+    def process_queue(self, index: int) -> None:
+        if index == TX:
+            self._process_tx()
+        else:
+            self._fill_rx()  # new rx buffers: frames waiting in the tap can come in
+
+    # -- TX
+    def _process_tx(self) -> None:
+        assert self.mem is not None
+        done = False
+        while (chain := self.queues[TX].pop(self.mem)) is not None:
+            self._transmit(chain)
+            # §5.1.6.2: transmit buffers are device-readable only; nothing is written.
+            self.complete(TX, chain.head, 0)
+            done = True
+        if done:
+            self.signal_used(TX)
+
+    def _transmit(self, chain: DescriptorChain) -> None:
+        assert self.mem is not None
+        total = chain.readable_length
+        # §5.1.6.2: each packet is the header followed by the frame; a packet shorter than
+        # header + Ethernet header or longer than the largest frame is dropped.
+        if not NET_HDR_SIZE + MIN_FRAME <= total <= NET_HDR_SIZE + MAX_FRAME:
+            log.debug("virtio %s: tx packet of %d bytes dropped", self.name, total)
+            self.tx_dropped += 1
+            return
+        flags, gso_type, *_ = NET_HDR.unpack(iov.gather(self.mem, chain.readable, NET_HDR_SIZE))
+        # §5.1.6.2.1: NEEDS_CSUM only with VIRTIO_NET_F_CSUM, GSO only with the matching
+        # HOST_TSO feature; the tap would do the work anyway, but the guest broke the rule.
+        gso = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+        allowed = {VIRTIO_NET_HDR_GSO_NONE: True,
+                   VIRTIO_NET_HDR_GSO_TCPV4: self.has_feature(VIRTIO_NET_F_HOST_TSO4),
+                   VIRTIO_NET_HDR_GSO_TCPV6: self.has_feature(VIRTIO_NET_F_HOST_TSO6)}  # fmt: skip
+        if (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not self.has_feature(VIRTIO_NET_F_CSUM)) or (
+            not allowed.get(gso, False)
+        ):
+            log.debug("virtio %s: tx header flags %#x gso %#x not negotiated", self.name, flags,
+                      gso_type)  # fmt: skip
+            self.tx_dropped += 1
+            return
+        try:
+            os.writev(self.tap_fd, iov.views(self.mem, chain.readable))
+        except OSError as err:
+            # EIO: the tap is down; EINVAL: a header the tap refuses; EAGAIN: its queue is
+            # full. A NIC drops such frames too.
+            log.debug("virtio %s: tx: %s", self.name, err)
+            self.tx_dropped += 1
+            return
+        self.tx_frames += 1
+        self.tx_bytes += total - NET_HDR_SIZE
+
+    # -- RX
+    def _tap_event(self, events: int) -> None:
+        # Stop watching: the tap stays readable until read, and we read only as long as the
+        # guest gives buffers (no busy loop while it gives none).
+        self._tap_readable = True
+        self._watch_tap(False)
+        self._fill_rx()
+
+    def _fill_rx(self) -> None:
+        assert self.mem is not None
+        used = False
+        while self._tap_readable:
+            chain = self._rx_held
+            self._rx_held = None
+            if chain is None:
+                chain = self.queues[RX].pop(self.mem)
+                if chain is None:
+                    break  # the rx notification brings us back
+                # §5.1.6.3.1: a receive buffer must at least hold the header (Linux makes
+                # them >= 1526 or 65562 bytes); shorter ones are a driver bug.
+                if chain.writable_length < NET_HDR_SIZE:
+                    raise QueueError(f"rx buffer of {chain.writable_length} bytes < header")
+            bufs = iov.limit(chain.writable, NET_HDR_SIZE + MAX_FRAME)
+            try:
+                n = os.readv(self.tap_fd, iov.views(self.mem, bufs, write=True))
+            except BlockingIOError:
+                self._rx_held = chain
+                self._tap_readable = False
+                self._watch_tap(True)
+                break
+            except OSError as err:
+                # The frame did not fit the buffers (the tap drops it): keep the chain.
+                log.debug("virtio %s: rx: %s", self.name, err)
+                self.rx_dropped += 1
+                self._rx_held = chain
+                continue
+            if n < NET_HDR_SIZE:
+                self._rx_held = chain
+                continue
+            # §5.1.6.4: without VIRTIO_NET_F_MRG_RXBUF num_buffers is 1 (one chain per frame);
+            # the tap leaves that field alone.
+            iov.scatter(self.mem, iov.skip(bufs, 10), struct.pack("<H", 1))
+            self.complete(RX, chain.head, n)
+            self.rx_frames += 1
+            self.rx_bytes += n - NET_HDR_SIZE
+            used = True
+        if used:
+            self.signal_used(RX)

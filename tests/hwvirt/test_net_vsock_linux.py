@@ -1,0 +1,270 @@
+"""virtio-net and virtio-vsock under the default Linux guest (needs VMX/SVM: runs in the lane,
+which must load the `tun` module: `kvmkit lane --module tun`, as scripts/hwvirt_tests.py does).
+
+net: a network namespace with a tap made by `kvmkit net setup` (10.0.77.1/24); kvmkit runs
+in that namespace with `--net tap=...,mac=...`; the guest takes 10.0.77.2, pings the host,
+downloads a file from a host HTTP server and serves one the host downloads: the bytes are
+checked both ways (md5).
+
+vsock: a static AF_VSOCK program goes to the guest as a read-only drive. The host connects
+through the Unix socket (`CONNECT 5000`) to the guest's echo server and checks 400 KB coming
+back; the guest connects to host port 6000 (the Unix socket `<uds>_6000`), sends 400 KB and
+reads 300 KB back. Both transfers are larger than the 256 KiB credit either side gives.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+pytestmark = pytest.mark.hwvirt
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+HERE = Path(__file__).parent
+MIB = 1 << 20
+SIZE = 400_000  # vsock transfers: more than the 256 KiB credit either side gives
+
+
+def pattern(n: int) -> bytes:
+    """vsock_probe.c's pattern: byte i is i % 251 (a prime: a chunk out of place shows)."""
+    return (bytes(range(251)) * (n // 251 + 1))[:n]
+
+
+def fnv1a(data: bytes) -> str:
+    h = 2166136261
+    for b in data:
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    return f"{h:08x}"
+
+
+def in_netns(ns: str, fn: Callable[[], T]) -> T:
+    """Run `fn` in a thread that joined netns `ns` (sockets it makes live there)."""
+    out: list[T] = []
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+        finally:
+            os.close(fd)
+        try:
+            out.append(fn())
+        except BaseException as err:
+            errors.append(err)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join(120)
+    if errors:
+        raise errors[0]
+    return out[0]
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    if not os.path.exists("/dev/net/tun"):
+        pytest.fail("no /dev/net/tun: run the lane with `--module tun`")
+    name = f"kvmkit-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, timeout=30)
+
+
+def read_lines(
+    proc: subprocess.Popen[bytes], until: str, lines: dict[str, str], deadline: float,
+    on_line: Callable[[str, str], None] | None = None,
+) -> None:  # fmt: skip
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        key, _, value = raw.decode(errors="replace").strip().partition(" ")
+        lines[key] = value
+        if on_line is not None:
+            on_line(key, value)
+        if key == until or time.monotonic() > deadline:
+            return
+
+
+NET_SCRIPT = r"""
+ip addr add 10.0.77.2/24 dev eth0; ip link set eth0 up
+echo "MAC $(cat /sys/class/net/eth0/address)"
+if ping -c 2 -W 10 10.0.77.1 >/dev/null; then echo PING ok; else echo PING fail; fi
+wget -q -T 60 -O /tmp/h.bin http://10.0.77.1:8000/h.bin
+echo "WGET $? $(md5sum < /tmp/h.bin | cut -d' ' -f1) $(wc -c < /tmp/h.bin)"
+mkdir -p /tmp/www; head -c 700000 /dev/urandom > /tmp/www/g.bin
+echo "GUESTFILE $(md5sum < /tmp/www/g.bin | cut -d' ' -f1)"
+s=/sys/class/net/eth0/statistics
+echo "STATS rx $(cat $s/rx_packets) tx $(cat $s/tx_packets) $(cat /sys/class/net/eth0/operstate)"
+httpd -p 8080 -h /tmp/www && echo HTTPD up
+sleep 600
+"""
+
+
+def test_net_tap_ping_and_tcp_both_ways(netns: str, tmp_path: Path) -> None:
+    setup = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "kvmkit", "net", "setup", "ktap0",
+         "--address", "10.0.77.1/24"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert setup.returncode == 0, setup.stderr
+    host_file = os.urandom(MIB + 12345)
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "h.bin").write_bytes(host_file)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, directory=str(www), **kwargs)  # type: ignore[arg-type]
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = in_netns(netns, lambda: http.server.ThreadingHTTPServer(("10.0.77.1", 8000), Quiet))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "kvmkit", "run", "--timeout", "500",
+         "--net", "tap=ktap0,mac=02:00:00:00:77:02", "--", "sh", "-c", NET_SCRIPT],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    lines: dict[str, str] = {}
+    fetched = b""
+    fetch_error = ""
+    try:
+        read_lines(proc, "HTTPD", lines, time.monotonic() + 500)
+        if lines.get("HTTPD") == "up":
+            url = "http://10.0.77.2:8080/g.bin"
+            try:
+                fetched = in_netns(netns, lambda: urllib.request.urlopen(url, timeout=60).read())
+            except OSError as err:
+                fetch_error = repr(err)
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+        server.shutdown()
+        server.server_close()
+    why = f"guest output {lines}, kvmkit stderr {err.decode(errors='replace')[-3000:]}"
+    assert lines.get("HTTPD") == "up", why
+    assert lines["MAC"] == "02:00:00:00:77:02", why
+    assert lines["PING"] == "ok", why
+    status, md5, size = lines["WGET"].split()
+    assert (status, md5, int(size)) == ("0", hashlib.md5(host_file).hexdigest(), len(host_file))
+    assert not fetch_error, f"{fetch_error}; {why}"
+    assert len(fetched) == 700000
+    assert hashlib.md5(fetched).hexdigest() == lines["GUESTFILE"]
+
+
+VSOCK_SCRIPT = r"""
+dd if=/dev/vda of=/tmp/vp bs=4096 2>/dev/null; chmod +x /tmp/vp
+/tmp/vp serve 5000 &
+sleep 1
+/tmp/vp send 6000 400000
+wait
+echo DONE
+"""
+
+
+def test_vsock_host_and_guest_initiated_streams(tmp_path: Path) -> None:
+    prog = tmp_path / "vp"
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(prog), str(HERE / "vsock_probe.c")],
+                   check=True, timeout=120)  # fmt: skip
+    raw = prog.read_bytes()
+    drive = tmp_path / "vp.img"
+    drive.write_bytes(raw.ljust((len(raw) + 4095) // 4096 * 4096, b"\0"))
+    uds = tmp_path / "v.sock"
+
+    # Host port 6000: what the guest sends is kept, 700000 pattern bytes go back.
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{uds}_6000")
+    listener.listen(1)
+    listener.settimeout(400)
+    from_guest = bytearray()
+    reply = pattern(300_000)
+
+    def host_port_6000() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(120)
+        while chunk := conn.recv(65536):
+            from_guest.extend(chunk)
+        conn.sendall(reply)
+        conn.close()
+
+    t6000 = threading.Thread(target=host_port_6000, daemon=True)
+    t6000.start()
+
+    echoed = bytearray()
+    sent = pattern(SIZE)
+    ok_line = b""
+
+    def connect_5000() -> None:
+        nonlocal ok_line
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(120)
+        client.connect(str(uds))
+        client.sendall(b"CONNECT 5000\n")
+        while not ok_line.endswith(b"\n"):
+            byte = client.recv(1)
+            if not byte:
+                break
+            ok_line += byte
+        writer = threading.Thread(
+            target=lambda: (client.sendall(sent), client.shutdown(socket.SHUT_WR)), daemon=True
+        )
+        writer.start()
+        while chunk := client.recv(65536):
+            echoed.extend(chunk)
+        writer.join(60)
+        client.close()
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmkit", "run", "--timeout", "500", "--drive", f"{drive},ro",
+         "--vsock", f"cid=7,uds={uds}", "--", "sh", "-c", VSOCK_SCRIPT],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    lines: dict[str, str] = {}
+    host_threads: list[threading.Thread] = []
+
+    def on_line(key: str, value: str) -> None:
+        if key == "LISTENING":
+            t = threading.Thread(target=connect_5000, daemon=True)
+            t.start()
+            host_threads.append(t)
+
+    try:
+        read_lines(proc, "DONE", lines, time.monotonic() + 500, on_line)
+        for t in host_threads:
+            t.join(120)
+        t6000.join(60)
+        proc.wait(120)  # the guest's command ended: kvmkit powers off and cleans up
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+        listener.close()
+    why = f"guest output {lines}, kvmkit stderr {err.decode(errors='replace')[-3000:]}"
+    assert "DONE" in lines, why
+    # Host -> guest -> host through CONNECT: the guest echoed all of it.
+    assert ok_line.startswith(b"OK ") and int(ok_line.split()[1]) >= 1 << 30
+    assert lines["ECHOED"] == str(SIZE), why
+    assert len(echoed) == SIZE and bytes(echoed) == sent
+    # Guest -> host port 6000 (<uds>_6000) and back.
+    assert len(from_guest) == SIZE and bytes(from_guest) == pattern(SIZE)
+    assert lines["RECV"] == f"{len(reply)} {fnv1a(reply)}"
+    assert not uds.exists()  # kvmkit removed its socket

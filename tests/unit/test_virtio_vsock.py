@@ -1,0 +1,378 @@
+"""virtio-vsock (virtio 1.2 §5.10) driven by a mock guest driver over virtio-mmio, served by
+the real worker thread, with real Unix sockets on the host side (Firecracker's protocol)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from virtio_mock import MockDriver, new_memory
+
+from kvmkit.devices.irq import NoIrq
+from kvmkit.devices.virtio import mmio as r
+from kvmkit.devices.virtio import vsock as v
+from kvmkit.devices.virtio.device import (
+    STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET,
+    VirtioWorker,
+)
+from kvmkit.devices.virtio.queue import VIRTQ_DESC_F_WRITE
+
+CID = 42
+RX_BUF = v.HDR_SIZE + 4096  # what Linux 6.1 gives: header + 4 KiB
+RX_DATA = 0x20000  # rx buffers: one per descriptor slot
+TX_DATA, TX_END = 0x40000, 0xF0000
+
+Packet = tuple[int, int, int, int, int, int, int, int, int, int, bytes]
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.002)
+
+
+class Guest:
+    """The guest's vsock driver: rx/tx/event queues over virtio-mmio, packets as tuples."""
+
+    def __init__(self, dev: v.VirtioVsock, size: int = 16) -> None:
+        self.mem = new_memory()
+        self.dev = dev
+        self.transport = r.VirtioMmio(dev, self.mem, NoIrq())
+        self.q = [
+            MockDriver(self.mem, size, rings=(0x1000 + 0x1000 * i, 0x8000 + 0x1000 * i,
+                                              0xC000 + 0x1000 * i),
+                       data_base=TX_DATA, data_end=TX_END)
+            for i in range(3)
+        ]  # fmt: skip
+        self.size = size
+        self.rx_slot = 0
+        self.received: list[Packet] = []
+
+    def wr(self, off: int, value: int) -> None:
+        self.transport.write(off, memoryview(bytearray(struct.pack("<I", value))))
+
+    def rd(self, off: int) -> int:
+        buf = bytearray(4)
+        self.transport.read(off, memoryview(buf))
+        return int(struct.unpack("<I", buf)[0])
+
+    def init(self) -> None:
+        self.wr(r.STATUS, 0)
+        self.wr(r.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+        for sel in (0, 1):
+            self.wr(r.DEVICE_FEATURES_SEL, sel)
+            features = self.rd(r.DEVICE_FEATURES)
+            self.wr(r.DRIVER_FEATURES_SEL, sel)
+            self.wr(r.DRIVER_FEATURES, features)
+        self.wr(r.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
+        for i, drv in enumerate(self.q):
+            # A driver lays its rings out afresh after a reset (§3.1.1 step 7).
+            for area in (drv.desc_base, drv.avail_base, drv.used_base):
+                self.mem.write(area, bytes(0x1000))
+            drv.avail_idx = drv.free_head = drv.used_seen = 0
+            self.wr(r.QUEUE_SEL, i)
+            self.wr(r.QUEUE_NUM, self.size)
+            for low, addr in ((r.QUEUE_DESC_LOW, drv.desc_base),
+                              (r.QUEUE_DRIVER_LOW, drv.avail_base),
+                              (r.QUEUE_DEVICE_LOW, drv.used_base)):  # fmt: skip
+                self.wr(low, addr)
+                self.wr(low + 4, 0)
+            self.wr(r.QUEUE_READY, 1)
+        self.wr(
+            r.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
+        )
+
+    def give_rx(self, count: int, length: int = RX_BUF) -> None:
+        drv = self.q[v.RX]
+        for _ in range(count):
+            slot = self.rx_slot % self.size
+            self.rx_slot += 1
+            drv.write_desc(
+                drv.desc_base, slot, RX_DATA + slot * RX_BUF, length, VIRTQ_DESC_F_WRITE, 0
+            )
+            drv.publish(slot)
+        self.wr(r.QUEUE_NOTIFY, v.RX)
+
+    def poll(self) -> list[Packet]:
+        for slot, length in self.q[v.RX].used():
+            raw = self.mem.read(RX_DATA + slot * RX_BUF, length)
+            hdr = v.HEADER.unpack(raw[: v.HDR_SIZE])
+            assert hdr[4] == length - v.HDR_SIZE  # the header's len is what was written
+            self.received.append((*hdr, raw[v.HDR_SIZE :]))
+        return self.received
+
+    def expect(self, op: int, timeout: float = 5.0, skip: tuple[int, ...] = ()) -> Packet:
+        """The next received packet, which must have operation `op` (after any of `skip`)."""
+        while True:
+            wait_for(lambda: self.poll(), timeout)
+            pkt = self.received.pop(0)
+            if pkt[6] not in skip:
+                break
+        assert pkt[6] == op, f"expected op {op}, got {pkt}"
+        return pkt
+
+    def send(self, op: int, src_port: int, dst_port: int, payload: bytes = b"", *,
+             buf_alloc: int = 1 << 20, fwd_cnt: int = 0, flags: int = 0, src_cid: int = CID,
+             dst_cid: int = v.HOST_CID, ptype: int = 1, length: int | None = None,
+             raw: bytes | None = None, wait: bool = True) -> None:  # fmt: skip
+        hdr = v.HEADER.pack(src_cid, dst_cid, src_port, dst_port,
+                            len(payload) if length is None else length, ptype, op, flags,
+                            buf_alloc, fwd_cnt)  # fmt: skip
+        drv = self.q[v.TX]
+        drv.add_chain([raw if raw is not None else hdr + payload], [])
+        self.wr(r.QUEUE_NOTIFY, v.TX)
+        if wait:
+            wait_for(lambda: drv.used())
+
+
+@pytest.fixture
+def worker() -> Iterator[VirtioWorker]:
+    w = VirtioWorker()
+    w.start()
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def guest(tmp_path: Path, worker: VirtioWorker) -> Iterator[Guest]:
+    dev = v.VirtioVsock(CID, tmp_path / "v.sock")
+    worker.add(dev)
+    g = Guest(dev)
+    g.init()
+    yield g
+    dev.close()
+    assert not (tmp_path / "v.sock").exists()
+
+
+def host_connect(g: Guest, port: int) -> tuple[socket.socket, Packet]:
+    """A host client's CONNECT; returns it and the REQUEST the guest got."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(5)
+    client.connect(str(g.dev.uds_path))
+    client.sendall(f"CONNECT {port}\n".encode())
+    req = g.expect(v.OP_REQUEST)
+    assert req[:4] == (v.HOST_CID, CID, req[2], port) and req[2] >= v.FIRST_HOST_PORT
+    return client, req
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, f"EOF after {len(out)} of {n} bytes"
+        out += chunk
+    return out
+
+
+def test_config_space_is_the_guest_cid(guest: Guest) -> None:
+    assert guest.dev.read_config(0, 8) == struct.pack("<Q", CID)
+    assert guest.rd(r.DEVICE_ID) == 19
+
+
+def test_host_initiated_connection_credit_and_close(guest: Guest) -> None:
+    guest.give_rx(8)
+    client, req = host_connect(guest, 5000)
+    host_port = req[2]
+    # The guest accepts with a small receive buffer: 4096 bytes of credit.
+    guest.send(v.OP_RESPONSE, 5000, host_port, buf_alloc=4096)
+    assert client.recv(64) == f"OK {host_port}\n".encode()
+
+    data = bytes(range(256)) * 40  # 10240 bytes: more than the guest's credit
+    client.sendall(data)
+    got = b""
+    # Only 4096 bytes arrive until the guest frees buffer space; then the device asks
+    # for credit (CREDIT_REQUEST) rather than send more.
+    while len(got) < 4096:
+        pkt = guest.expect(v.OP_RW)
+        assert pkt[2:4] == (host_port, 5000) and pkt[8] == v.CONN_BUF_ALLOC
+        got += pkt[10]
+    assert got == data[:4096]
+    guest.expect(v.OP_CREDIT_REQUEST)
+    time.sleep(0.1)
+    assert guest.poll() == []  # nothing beyond the credit
+    # The guest consumed it: a credit update lets the rest come.
+    guest.send(v.OP_CREDIT_UPDATE, 5000, host_port, buf_alloc=4096, fwd_cnt=4096)
+    while len(got) < 8192:
+        got += guest.expect(v.OP_RW)[10]
+    guest.expect(v.OP_CREDIT_REQUEST)  # out of credit again
+    guest.send(v.OP_CREDIT_UPDATE, 5000, host_port, buf_alloc=4096, fwd_cnt=8192)
+    while len(got) < len(data):
+        got += guest.expect(v.OP_RW)[10]
+    assert got == data
+
+    # Guest -> host, and the host's EOF reaches the guest as SHUTDOWN SEND (half-close).
+    guest.send(v.OP_RW, 5000, host_port, b"hello from the guest", buf_alloc=4096, fwd_cnt=10240)
+    assert recv_exactly(client, 20) == b"hello from the guest"
+    client.shutdown(socket.SHUT_WR)
+    pkt = guest.expect(v.OP_SHUTDOWN)
+    assert pkt[7] == v.SHUTDOWN_SEND
+    guest.send(v.OP_RW, 5000, host_port, b"after", buf_alloc=4096, fwd_cnt=10240)
+    assert recv_exactly(client, 5) == b"after"
+    # The guest closes: SHUTDOWN both ways; the device ends it with a RST, the client EOF.
+    guest.send(v.OP_SHUTDOWN, 5000, host_port, flags=3, buf_alloc=4096, fwd_cnt=10240)
+    guest.expect(v.OP_RST)
+    assert client.recv(10) == b""
+    assert guest.dev.conns == {}
+
+
+def test_guest_initiated_connection_to_uds_port(guest: Guest) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{guest.dev.uds_path}_6000")
+    listener.listen(1)
+    listener.settimeout(5)
+    guest.give_rx(8)
+    guest.send(v.OP_REQUEST, 1234, 6000, buf_alloc=65536)
+    resp = guest.expect(v.OP_RESPONSE)
+    assert resp[:4] == (v.HOST_CID, CID, 6000, 1234)
+    conn, _ = listener.accept()
+    conn.settimeout(5)
+    payload = bytes(i * 7 & 0xFF for i in range(60000))
+    guest.send(v.OP_RW, 1234, 6000, payload, buf_alloc=65536)
+    assert recv_exactly(conn, len(payload)) == payload
+    conn.sendall(b"reply")
+    assert guest.expect(v.OP_RW)[10] == b"reply"
+    conn.close()
+    assert guest.expect(v.OP_SHUTDOWN)[7] == v.SHUTDOWN_SEND
+    guest.send(v.OP_SHUTDOWN, 1234, 6000, flags=3)
+    guest.expect(v.OP_RST)
+    listener.close()
+
+
+def test_refusals_are_resets(guest: Guest) -> None:
+    guest.give_rx(8)
+    # Nothing listens on <uds>_7000: the guest's connect is reset.
+    guest.send(v.OP_REQUEST, 1234, 7000)
+    rst = guest.expect(v.OP_RST)
+    assert rst[:4] == (v.HOST_CID, CID, 7000, 1234)
+    # No guest listener: the guest answers the REQUEST with RST, the host client sees EOF.
+    client, req = host_connect(guest, 5001)
+    guest.send(v.OP_RST, 5001, req[2])
+    assert client.recv(10) == b""
+    # A malformed CONNECT line closes the client without bothering the guest.
+    bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bad.settimeout(5)
+    bad.connect(str(guest.dev.uds_path))
+    bad.sendall(b"CONNECT x\n")
+    assert bad.recv(10) == b""
+    time.sleep(0.05)
+    assert guest.poll() == []
+
+
+def test_a_guest_beyond_its_credit_is_reset_not_buffered(guest: Guest) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{guest.dev.uds_path}_6001")
+    listener.listen(1)
+    guest.give_rx(8)
+    guest.send(v.OP_REQUEST, 99, 6001)
+    guest.expect(v.OP_RESPONSE)
+    conn, _ = listener.accept()  # and never read: the socket fills, then kvmkit's buffer
+    chunk = bytes(v.MAX_PKT)
+    conn_state = guest.dev.conns[(6001, 99)]
+    for _ in range(16):
+        guest.send(v.OP_RW, 99, 6001, chunk)
+        assert len(conn_state.pending) <= v.CONN_BUF_ALLOC
+        if (6001, 99) not in guest.dev.conns:
+            break
+    assert (6001, 99) not in guest.dev.conns
+    guest.expect(v.OP_RST, skip=(v.OP_CREDIT_UPDATE,))  # the guest ignored the updates
+    assert not guest.dev.status & STATUS_NEEDS_RESET
+    conn.close()
+    listener.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"src_cid": 7}, "wrong src_cid"),
+        ({"dst_cid": 9}, "not for the host"),
+        ({"ptype": 2}, "seqpacket is not offered"),
+        ({"op": 99}, "unknown op"),
+        ({"length": 100}, "len beyond the payload"),
+        ({"length": v.MAX_PKT + 1, "payload": bytes(v.MAX_PKT + 1)}, "len over 64 KiB"),
+    ],
+)
+def test_hostile_packets_get_a_reset(guest: Guest, kwargs: dict[str, object], why: str) -> None:
+    guest.give_rx(4)
+    op = int(kwargs.pop("op", v.OP_RW))  # type: ignore[call-overload]
+    payload = kwargs.pop("payload", b"")
+    guest.send(op, 1, 2, payload, **kwargs)  # type: ignore[arg-type]
+    rst = guest.expect(v.OP_RST)
+    assert rst[2:4] == (2, 1), why
+    assert not guest.dev.status & STATUS_NEEDS_RESET
+    # The device still works.
+    guest.send(v.OP_REQUEST, 5, 7100)
+    guest.expect(v.OP_RST)
+
+
+def test_malformed_chains_need_reset_and_the_device_recovers(guest: Guest) -> None:
+    guest.send(v.OP_RW, 1, 2, raw=b"short", wait=False)  # a tx packet without a header
+    wait_for(lambda: guest.dev.status & STATUS_NEEDS_RESET)
+    guest.init()  # the driver resets the device (§2.1.2) and it works again
+    assert not guest.dev.status & STATUS_NEEDS_RESET
+    guest.rx_slot = 0
+    guest.give_rx(1, length=20)  # an rx buffer that cannot hold a header
+    guest.send(v.OP_REQUEST, 5, 7100, wait=False)
+    wait_for(lambda: guest.dev.status & STATUS_NEEDS_RESET)
+    guest.init()
+    guest.rx_slot = 0
+    guest.give_rx(2)
+    guest.send(v.OP_REQUEST, 5, 7100)
+    guest.expect(v.OP_RST)
+
+
+def test_answers_wait_for_rx_buffers_and_are_bounded(guest: Guest) -> None:
+    # No rx buffers: a flood of refused REQUESTs queues RSTs up to a bound, no further.
+    for port in range(v.MAX_CONTROL + 50):
+        guest.send(v.OP_REQUEST, port, 7200)
+    assert len(guest.dev._control) == v.MAX_CONTROL
+    assert guest.dev.dropped_control == 50
+    guest.give_rx(4)
+    for port in range(4):
+        assert guest.expect(v.OP_RST)[3] == port
+
+
+def test_reset_closes_host_connections(guest: Guest) -> None:
+    guest.give_rx(4)
+    client, req = host_connect(guest, 5002)
+    guest.send(v.OP_RESPONSE, 5002, req[2])
+    assert client.recv(64).startswith(b"OK ")
+    guest.wr(r.STATUS, 0)  # driver reset
+    assert client.recv(10) == b""
+    assert guest.dev.conns == {}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("cid=3", "needs cid=N and uds=PATH"),
+        ("uds=/tmp/x", "needs cid=N and uds=PATH"),
+        ("cid=abc,uds=/tmp/x", "is not a number"),
+        ("cid=3,uds=/tmp/x,port=1", "unknown option"),
+    ],
+)
+def test_vsock_spec_parsing(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        v.VsockConfig.parse(spec)
+    assert v.VsockConfig.parse("cid=3,uds=/tmp/v.sock") == v.VsockConfig(3, Path("/tmp/v.sock"))
+
+
+def test_vsock_config_checks(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="between 3"):
+        v.VsockConfig(2, tmp_path / "s").check()
+    with pytest.raises(ValueError, match="no such directory"):
+        v.VsockConfig(3, tmp_path / "nodir" / "s").check()
+    (tmp_path / "exists").write_text("")
+    with pytest.raises(ValueError, match="already exists"):
+        v.VsockConfig(3, tmp_path / "exists").check()
+    with pytest.raises(ValueError, match="too long"):
+        v.VsockConfig(3, tmp_path / ("x" * 120)).check()
