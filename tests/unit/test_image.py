@@ -116,7 +116,9 @@ def test_initramfs_contents(image: GuestImage, members: dict[str, Member]) -> No
     for dep, user in [("virtio", "virtio_pci"), ("virtio_ring", "virtio_blk"),
                       ("virtio_pci_modern_dev", "virtio_pci"), ("failover", "net_failover"),
                       ("net_failover", "virtio_net"), ("vsock", "vmw_vsock_virtio_transport"),
-                      ("vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport")]:
+                      ("vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"),
+                      ("jbd2", "ext4"), ("mbcache", "ext4"), ("crc16", "ext4"),
+                      ("crc32c_generic", "jbd2")]:
         if dep in loaded:
             assert loaded.index(dep) < loaded.index(user), (dep, user)
 

@@ -260,6 +260,25 @@ def test_dsdt_describes_virtio_mmio_devices_for_linux() -> None:
     assert b"LNRO" not in dsdt_aml(5)
 
 
+def test_virtio_irqs_avoid_the_sci_and_other_overridden_pins(tmp_path: Path) -> None:
+    # Linux refuses an edge-triggered device interrupt on the level-triggered SCI pin (the
+    # fourth device used to get IRQ 9 and never probed); the PIT's override (pin 2) too.
+    from kvmkit.arch.x86_64 import layout
+    from kvmkit.arch.x86_64.acpi import SCI_IRQ
+    from kvmkit.errors import UserError
+    from kvmkit.vmm.config import MAX_VIRTIO_DEVICES, MachineConfig
+
+    assert SCI_IRQ not in layout.VIRTIO_MMIO_IRQS
+    assert not {0, 1, 2, 4, 8} & set(layout.VIRTIO_MMIO_IRQS)  # PIT, i8042, cascade, UART, RTC
+    assert len(set(layout.VIRTIO_MMIO_IRQS)) == MAX_VIRTIO_DEVICES
+    drives = [DriveConfig(tmp_path / f"d{i}.img") for i in range(MAX_VIRTIO_DEVICES)]
+    for d in drives:
+        d.path.write_bytes(bytes(512))
+    MachineConfig(drives=drives).validate()  # one device per IRQ fits
+    with pytest.raises(UserError, match=f"at most {MAX_VIRTIO_DEVICES} virtio devices"):
+        MachineConfig(drives=drives, rng=True).validate()
+
+
 def test_blk_discard_punches_a_hole(tmp_path: Path, worker: VirtioWorker) -> None:
     from kvmkit.devices.virtio.blk import VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_T_DISCARD
 

@@ -7,7 +7,7 @@ The kernel is the one the lane uses (`kvmkit.lane.assets.ensure_kernel`: Debian'
 `linux-image-<abi>-amd64-unsigned`, unpacked into the cache, never installed), so lane and
 guests share one download; `vmlinux` is its decompressed ELF for PVH boots.  The initramfs
 (uncompressed newc cpio) holds a static busybox with its applet symlinks, the virtio,
-vsock and console modules with their dependencies in load order, and /init
+vsock, console and ext4 modules with their dependencies in load order, and /init
 (`kvmkit.image.guest_init`).
 
 It is built once into `<cache>/image/<release>-<key>/` where the key hashes the inputs
@@ -43,6 +43,10 @@ from kvmkit.lane import assets
 # What the later virtio devices need; dependencies (virtio_pci_modern_dev/legacy_dev,
 # net_failover, failover, vsock, vmw_vsock_virtio_transport_common, rng-core if modular...)
 # are added in load order from each module's .modinfo.  Built-in ones are skipped.
+# ext4 (depends= jbd2, mbcache, crc16, resolved from .modinfo) lets a guest mount a disk
+# image.  Its crc32c comes through the crypto API (`softdep=pre: crypto-crc32c`, an alias,
+# which nothing here resolves), and metadata_csum (mkfs.ext4's default since e2fsprogs
+# 1.43) cannot be mounted without it, so crc32c_generic is listed, loaded before ext4.
 IMAGE_MODULES = (
     "virtio",
     "virtio_ring",
@@ -53,6 +57,8 @@ IMAGE_MODULES = (
     "virtio_rng",
     "vmw_vsock_virtio_transport",
     "virtio_console",
+    "crc32c_generic",
+    "ext4",
 )
 LAYOUT_VERSION = "1"  # bump when the archive layout changes without the inputs changing
 MANIFEST = "manifest.json"

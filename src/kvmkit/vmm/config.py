@@ -14,7 +14,7 @@ from kvmkit.errors import UserError
 
 MIN_MEM_MIB = 32
 MAX_MEM_MIB = 1 << 20  # 1 TiB: anything above is a typo, not a microVM
-MAX_VIRTIO_DEVICES = 10  # one ISA IRQ each (arch/x86_64/layout.py VIRTIO_MMIO_IRQS)
+MAX_VIRTIO_DEVICES = 9  # one ISA IRQ each (arch/x86_64/layout.py VIRTIO_MMIO_IRQS)
 VIRTIO_TRANSPORTS = ("mmio", "pci")
 MAX_VCPUS = 255  # APIC IDs must fit the 8-bit xAPIC ID and the MP table
 
