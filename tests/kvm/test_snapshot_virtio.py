@@ -6,7 +6,6 @@ any VM exists."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,36 +14,14 @@ import pytest
 from kvmkit.devices.virtio.blk import DriveConfig, VirtioBlk
 from kvmkit.devices.virtio.rng import VirtioRng
 from kvmkit.snapshot.format import SnapshotError, encode, read_state
+from kvmkit.testing import pvh
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.machine import Machine
 from kvmkit.vmm.snapshot import restore_machine
 
-HALT = """
-	.section .note.Xen, "", @note
-	.balign 4
-	.long 4, 4, 18
-	.asciz "Xen"
-	.long _start
-	.text
-	.code32
-	.globl _start
-_start:
-	cli
-1:	hlt
-	jmp 1b
-"""
-
 
 def build_kernel(tmp_path: Path) -> Path:
-    src, obj, elf = tmp_path / "halt.S", tmp_path / "halt.o", tmp_path / "halt.elf"
-    src.write_text(HALT)
-    subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True)
-    subprocess.run(
-        ["ld", "-m", "elf_i386", "-N", "-Ttext=0x100000", "-e", "_start", "-o", str(elf),
-         str(obj)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return elf
+    return pvh.build(pvh.HALT, tmp_path / "halt.elf")
 
 
 @pytest.fixture

@@ -30,6 +30,14 @@ SERIAL_LOOP = _NOTE + """
 	jmp 1b
 """
 
+# Halts for good with interrupts off: a guest that is "running" and touches nothing (a
+# machine to pause, snapshot and restore around its devices).
+HALT = _NOTE + """
+	cli
+1:	hlt
+	jmp 1b
+"""
+
 
 def build(source: str, out: Path) -> Path:
     """Assemble and link `source` (which starts with the PVH note) into the ELF `out`."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmkit.devices.virtio import iov
 from kvmkit.devices.virtio.device import VirtioDevice
 from kvmkit.devices.virtio.queue import Buffer, DescriptorChain, QueueError
 from kvmkit.snapshot.format import Fields, SnapshotError
@@ -178,7 +179,7 @@ class VirtioBlk(VirtioDevice):
         rtype, _, sector = _HEADER.unpack(header)
         status_buf = chain.writable[-1]
         status_addr = status_buf.addr + status_buf.length - 1
-        data_out = _skip(chain.readable, _HEADER.size)
+        data_out = iov.skip(chain.readable, _HEADER.size)
         data_in = [*chain.writable[:-1]]
         if status_buf.length > 1:
             data_in.append(Buffer(status_buf.addr, status_buf.length - 1, True))
@@ -298,17 +299,6 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
         err = ctypes.get_errno()
         log.debug("discard: fallocate: %s", os.strerror(err))
 
-
-def _skip(bufs: list[Buffer], length: int) -> list[Buffer]:
-    """`bufs` without their first `length` bytes."""
-    out = []
-    for b in bufs:
-        if length >= b.length:
-            length -= b.length
-            continue
-        out.append(Buffer(b.addr + length, b.length - length, b.writable))
-        length = 0
-    return out
 
 
 def _tail(views: list[memoryview], skip: int) -> list[memoryview]:
