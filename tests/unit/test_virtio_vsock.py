@@ -376,3 +376,28 @@ def test_vsock_config_checks(tmp_path: Path) -> None:
         v.VsockConfig(3, tmp_path / "exists").check()
     with pytest.raises(ValueError, match="too long"):
         v.VsockConfig(3, tmp_path / ("x" * 120)).check()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--net", "mac=02:00:00:00:00:01"], "--net mac=02:00:00:00:00:01: needs tap=NAME"),
+        (["--net", "tap=t0,mac=nope"], "six hex bytes"),
+        (["--net", "tap=t0", "--net", "tap=t0"], "the same tap twice"),
+        (["--vsock", "cid=2,uds={tmp}/v.sock"], "must be between 3"),
+        (["--vsock", "cid=3"], "needs cid=N and uds=PATH"),
+        (["--vsock", "cid=3,uds={tmp}/missing/v.sock"], "no such directory"),
+    ],
+)
+def test_run_cli_rejects_bad_net_and_vsock(tmp_path: Path, args: list[str], message: str) -> None:
+    import subprocess
+    import sys
+
+    argv = [a.format(tmp=tmp_path) for a in args]
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvmkit", "run", *argv, "--", "true"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
