@@ -56,3 +56,58 @@ def test_console_stream_keeps_a_tail_and_notifies() -> None:
     assert console.tail() == b"23456789"
     assert bytes(seen) == b"0123456789" and console.total == 10
     assert console.wait_for(b"789", timeout=0)
+
+
+def test_a_line_printed_before_a_quiet_spell_arrives_whole() -> None:
+    # `sh -c 'echo ready; sleep 100'`: the newline after "ready" could begin the EXIT
+    # marker, so it is held back, but only until the console has been quiet a moment.
+    out = bytearray()
+    parser = CommandOutput("0123abcd", out.extend)
+    parser.feed(b"KVMKIT-0123abcd-BEGIN\nready\n")
+    assert bytes(out) == b"ready"
+    parser.release_newline(quiet=0)
+    assert bytes(out) == b"ready\n"
+    parser.release_newline(quiet=0)  # released once, not again
+    parser.feed(b"\nKVMKIT-0123abcd-EXIT 4\n")  # the marker still matches after it
+    assert (bytes(out), parser.status) == (b"ready\n", 4)
+
+
+def test_a_newline_is_not_released_while_output_flows() -> None:
+    out = bytearray()
+    parser = CommandOutput("0123abcd", out.extend)
+    parser.feed(b"KVMKIT-0123abcd-BEGIN\nready\n")
+    parser.release_newline(quiet=60)  # the last bytes came just now
+    assert bytes(out) == b"ready"
+
+
+@settings(max_examples=300)
+@given(
+    payload=st.binary(max_size=200),
+    status=st.integers(0, 255),
+    cuts=st.lists(st.integers(0, 400), max_size=20),
+    releases=st.lists(st.integers(0, 400), max_size=10),
+)
+def test_released_newlines_change_nothing_but_timing(
+    payload: bytes, status: int, cuts: list[int], releases: list[int]
+) -> None:
+    # A release may come between any two writes of the command's output: the output and
+    # status stay exact. (Inside the marker itself it would show the marker's newline: the
+    # guest writes the marker in one write, which the console does not split by as long as
+    # the quiet period, see CommandOutput.)
+    stream = (
+        b"noise\nKVMKIT-0123abcd-BEGIN\n" + payload
+        + f"\nKVMKIT-0123abcd-EXIT {status}\n".encode()
+    )  # fmt: skip
+    out = bytearray()
+    parser = CommandOutput("0123abcd", out.extend)
+    pos = 0
+    end_of_payload = len(stream) - len(f"\nKVMKIT-0123abcd-EXIT {status}\n")
+    releases = [r for r in releases if r <= end_of_payload]
+    for cut in sorted({c for c in cuts + releases if c <= len(stream)}):
+        parser.feed(stream[pos:cut])
+        pos = cut
+        if cut in releases:
+            parser.release_newline(quiet=0)
+    parser.feed(stream[pos:])
+    parser.flush()
+    assert (bytes(out), parser.status) == (payload, status)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable
 
 
@@ -73,7 +74,14 @@ class CommandOutput:
 
     Bytes before BEGIN (kernel and init messages) are not passed on; bytes between BEGIN
     and EXIT are, except for a hold-back long enough to recognise a marker split across
-    writes.
+    writes. The marker starts with a newline, so a command's own last newline is held back
+    too; `release_newline` lets it go once the console has been quiet for a moment (a guest
+    printing a line and then working or sleeping shows the whole line), and the EXIT marker
+    is still recognised after it (`sent` counts the buffer's first bytes that the sink
+    already has). The one thing a release cannot tell apart is the marker's own newline
+    followed by a quiet spell before the rest of the marker: the guest's init writes the
+    marker with one write(2), so that would need the console to stall mid-write for the
+    whole quiet period (the output would then end with one extra newline).
     """
 
     def __init__(self, nonce: str, sink: Callable[[bytes], None]) -> None:
@@ -82,11 +90,28 @@ class CommandOutput:
         self._exit_prefix = b"\nKVMKIT-" + nonce.encode() + b"-EXIT "
         self._sink = sink
         self._buf = bytearray()
+        self.sent = 0  # leading bytes of _buf already passed to the sink (a released newline)
         self.started = False
         self.status: int | None = None
         self.done = threading.Event()
+        # feed() runs on the vCPU thread that wrote the bytes, release_newline() on the
+        # machine's watcher thread.
+        self._lock = threading.Lock()
+        self._last_feed = time.monotonic()
 
     def feed(self, data: bytes) -> None:
+        with self._lock:
+            self._last_feed = time.monotonic()
+            self._feed(data)
+
+    def _emit(self, end: int) -> None:
+        """Pass `_buf[:end]` on (less what the sink already has) and drop it."""
+        if end > self.sent:
+            self._sink(bytes(self._buf[self.sent : end]))
+        del self._buf[:end]
+        self.sent = max(0, self.sent - end)
+
+    def _feed(self, data: bytes) -> None:
         if self.status is not None:
             return
         self._buf += data
@@ -101,17 +126,29 @@ class CommandOutput:
             self.started = True
         m = self._exit.search(self._buf)
         if m is not None:
-            if m.start():
-                self._sink(bytes(self._buf[: m.start()]))
-            self.status = int(m.group(1)) & 0xFF
+            status = int(m.group(1)) & 0xFF  # before _emit: m reads the buffer it changes
+            self._emit(m.start())
+            self.status = status
             self._buf.clear()
+            self.sent = 0
             self.done.set()
             return
         # Pass on everything that cannot be part of a marker still arriving.
         hold = self._holdback()
         if len(self._buf) > hold:
-            self._sink(bytes(self._buf[: len(self._buf) - hold]))
-            del self._buf[: len(self._buf) - hold]
+            self._emit(len(self._buf) - hold)
+
+    def release_newline(self, quiet: float) -> None:
+        """If all that is held back is a newline and nothing arrived for `quiet` seconds,
+        give it to the sink now (it stays in the buffer, marked sent, so that an EXIT
+        marker arriving later still matches)."""
+        with self._lock:
+            if (
+                self.started and self.status is None and self._buf == b"\n"
+                and not self.sent and time.monotonic() - self._last_feed >= quiet
+            ):  # fmt: skip
+                self._sink(b"\n")
+                self.sent = 1
 
     def _holdback(self) -> int:
         """Length of the buffer's tail that may be the start of the EXIT marker."""
@@ -130,6 +167,6 @@ class CommandOutput:
 
     def flush(self) -> None:
         """At the end of the VM: pass on whatever is left (the guest died mid-command)."""
-        if self.started and self.status is None and self._buf:
-            self._sink(bytes(self._buf))
-            self._buf.clear()
+        with self._lock:
+            if self.started and self.status is None and self._buf:
+                self._emit(len(self._buf))

@@ -410,7 +410,11 @@ class Machine:
     def _watch_command(self) -> None:
         assert self.command is not None
         while not self._done.is_set():
-            if self.command.done.wait(0.2):
+            if not self.command.done.wait(0.2):
+                # A line the command printed before going quiet is shown whole (its newline
+                # was held back in case it began the EXIT marker).
+                self.command.release_newline(quiet=0.5)
+            else:
                 if not self._done.wait(POWEROFF_GRACE):
                     self._finish(EndReason.POWEROFF, "stopped after the command finished")
                 return

@@ -145,6 +145,7 @@ def snapshot_machine(
     if machine.command is not None:
         meta["command"] = {
             "started": machine.command.started,
+            "sent": machine.command.sent,  # a released newline kept for the EXIT marker
             "buf": base64.b64encode(bytes(machine.command._buf[-MAX_COMMAND_BUF:])).decode(),
         }
     devices: dict[str, Any] = {}
@@ -279,6 +280,8 @@ def restore_machine(
                 machine.command.started = command_state.get_bool("started")
                 buf = command_state.get_blob("buf", max_size=MAX_COMMAND_BUF)
                 machine.command._buf[:] = buf
+                if command_state.has("sent"):
+                    machine.command.sent = command_state.get_int("sent", 0, len(buf))
         for vcpu in restored.vcpus:
             machine.threads.append(
                 VcpuThread(vcpu, machine.pio, machine.mmio, machine._on_vcpu_event)
