@@ -72,7 +72,7 @@ class Ticks:
             self.buf += data
             self.lock.notify_all()
 
-    def wait_for(self, needle: bytes, start: int = 0, timeout: float = 900) -> bool:
+    def wait_for(self, needle: bytes, start: int = 0, timeout: float = 300) -> bool:
         deadline = time.monotonic() + timeout
         with self.lock:
             while self.buf.find(needle, start) < 0:
@@ -246,16 +246,29 @@ def qemu_create(mem_mib: int, fill_mib: int, work: Path) -> tuple[float, list[st
     return took, argv, out
 
 
-def qemu_restore(argv: list[str], mig: Path) -> float:
+def qemu_restore(argv: list[str], mig: Path, qmp_path: Path) -> float:
     t0 = time.monotonic()
     proc, ticks = start_qemu([*argv, "-incoming", f"exec:cat {mig}"])
     try:
+        # The stream carries the source's run state (stopped for the snapshot), so the
+        # restored VM waits paused once the stream is in: resume it, as a user would.
+        qmp = Qmp(qmp_path)
+        while (status := qmp.cmd("query-status")["status"]) == "inmigrate":
+            time.sleep(0.002)
+        if status != "running":
+            qmp.cmd("cont")
+        qmp.close()
         if not ticks.wait_for(b"tick "):
             raise RuntimeError("QEMU -incoming: the guest did not tick")
         return time.monotonic() - t0
     finally:
         proc.kill()
         proc.wait()
+        qmp_path.unlink(missing_ok=True)
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def data_mib(path: Path) -> float:
@@ -272,25 +285,29 @@ def main() -> int:
         return 2
     image = default_image()
     interp = statistics.median(python_start() for _ in range(args.runs))
+    progress(f"interpreter start {interp:.2f} s")
     rows = []
     for mem_mib in (int(s) for s in args.sizes.split(",")):
         fill = mem_mib // 4
         with tempfile.TemporaryDirectory(prefix="kvmkit-bench-") as tmp:
             work = Path(tmp)
             k_create, state, mem = kvmkit_create(mem_mib, fill, work)
+            progress(f"{mem_mib} MiB: kvmkit create {k_create:.2f} s")
             k_proc = statistics.median(kvmkit_restore_process(state, mem)
                                        for _ in range(args.runs))  # fmt: skip
             k_inproc = statistics.median(kvmkit_restore_inprocess(state, mem)
                                          for _ in range(args.runs))  # fmt: skip
+            progress(f"{mem_mib} MiB: kvmkit restore {k_proc:.2f} s, in-process {k_inproc:.2f} s")
             k_file = data_mib(mem)
             mem.unlink()
             q_create, argv, mig = qemu_create(mem_mib, fill, work)
-            q_restore = statistics.median(qemu_restore(argv, mig)
+            progress(f"{mem_mib} MiB: QEMU create {q_create:.2f} s")
+            q_restore = statistics.median(qemu_restore(argv, mig, work / "qmp.sock")
                                           for _ in range(args.runs))  # fmt: skip
             q_file = data_mib(mig)
         rows.append((mem_mib, fill, k_create, q_create, k_proc, k_inproc, q_restore, k_file,
                      q_file))  # fmt: skip
-        print(f"{mem_mib} MiB done", file=sys.stderr, flush=True)
+        progress(f"{mem_mib} MiB: QEMU restore {q_restore:.2f} s")
     print(f"kernel {image.kernel_release}, 1 vCPU, guest data = 1/4 of RAM, restores: median "
           f"of {args.runs}; Python interpreter + kvmkit import alone: {interp:.2f} s")
     print(f"{'guest':>8} {'data':>6} | {'create kvmkit':>13} {'QEMU':>7} | "

@@ -121,6 +121,7 @@ def test_worker_pause_holds_notifications_until_resume(worker: VirtioWorker) -> 
     worker.resume()
     assert len(wait_used(drv, 1)) == 1
     assert not worker.paused
+    worker.pause()
     dev.close()
 
 
@@ -136,6 +137,7 @@ def test_transport_restore_reraises_a_pending_interrupt(worker: VirtioWorker) ->
     t2 = r.VirtioMmio(dev2, drv.mem, irq)
     t2.restore(state)
     assert irq.count == 1  # the interrupt may not have reached the saved IOAPIC
+    worker.pause()
     dev.close()
     dev2.close()
 
@@ -146,6 +148,7 @@ def _active_rng_state(worker: VirtioWorker) -> dict[str, Any]:
     drv.init()
     drv.request([], [16])
     state = dev.save()
+    worker.pause()  # parked: it no longer waits on the eventfds closed below
     dev.close()
     return state
 
@@ -214,6 +217,7 @@ def test_blk_restore_refuses_a_resized_image_or_other_options(
     dev = VirtioBlk(img)
     attach(dev, worker).init()
     state = dev.save()
+    worker.pause()
     dev.close()
     with img.open("ab") as f:
         f.write(bytes(512))
