@@ -492,6 +492,11 @@ class VirtioWorker:
                         os.eventfd_read(key.fd)
                     except BlockingIOError:
                         continue
+                    except OSError:
+                        # The device was closed under the worker (its eventfds are gone):
+                        # forget the fd rather than let the thread die with EBADF.
+                        self.unwatch(key.fd)
+                        continue
                     _run_guarded(data.device, data.index)
                     continue
                 # A callback earlier in this batch may have unwatched (and closed) this fd,
