@@ -120,7 +120,7 @@ def test_net_tap_ping_and_tcp_both_ways(netns: str, tmp_path: Path) -> None:
     setup = subprocess.run(
         ["ip", "netns", "exec", netns, sys.executable, "-m", "kvmkit", "net", "setup", "ktap0",
          "--address", "10.0.77.1/24"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=300,  # a Python start in a loaded lane is slow
     )  # fmt: skip
     assert setup.returncode == 0, setup.stderr
     host_file = os.urandom(400_000)
