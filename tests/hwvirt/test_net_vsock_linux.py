@@ -108,7 +108,8 @@ echo "MAC $(cat /sys/class/net/eth0/address)"
 if ping -c 2 -W 10 10.0.77.1 >/dev/null; then echo PING ok; else echo PING fail; fi
 timeout 120 wget -q -O /tmp/h.bin http://10.0.77.1:8000/h.bin
 echo "WGET $? $(md5sum < /tmp/h.bin | cut -d' ' -f1) $(wc -c < /tmp/h.bin)"
-head -c 300000 /dev/urandom > /tmp/g.bin
+# busybox wget posts its file as a C string: no NUL bytes in it
+head -c 300000 /dev/urandom | tr '\000' '\001' > /tmp/g.bin
 echo "GUESTFILE $(md5sum < /tmp/g.bin | cut -d' ' -f1)"
 timeout 120 wget -q -O /tmp/post.out --post-file /tmp/g.bin http://10.0.77.1:8000/upload
 echo "POST $?"
