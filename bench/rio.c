@@ -10,9 +10,9 @@
  *
  * TCP, for the net figures (busybox nc moves data through a small buffer and times nothing):
  *   rio sink PORT            (host) accept one connection, read it to EOF, close
- *   rio source PORT MIB      (host) accept one connection, send MIB MiB, shut down the sending
- *                            side, wait for the peer's EOF
- *   rio send ADDR PORT MIB   (guest) connect, send MIB MiB, shut down, wait for the peer's EOF
+ *   rio source PORT MIB SECS (host) accept one connection, send MIB MiB (or stop after SECS
+ *                            seconds), shut down the sending side, wait for the peer's EOF
+ *   rio send ADDR PORT MIB SECS  (guest) the same after connecting
  *   rio recv ADDR PORT       (guest) connect, read to EOF, close
  * Each prints "bytes <n> secs <elapsed>", timed from the connection's start to the peer's EOF,
  * so data still in socket buffers is counted.  An alarm bounds every transfer (TCP_ALARM s).
@@ -51,13 +51,15 @@ static uint64_t next_random(uint64_t *state)
 #define TCP_CHUNK (256 * 1024)
 
 /* Send `total` bytes (if any), shut down our side, read until the peer's EOF. */
-static int transfer(int fd, long long total)
+static int transfer(int fd, long long total, double seconds)
 {
     static char buf[TCP_CHUNK];
     long long got = 0, sent = 0;
     memset(buf, 0x5a, sizeof buf);
     double start = now();
-    while (sent < total) {
+    /* Stopping at a time limit keeps a slow path from stretching the run: the figure is
+     * bytes over time either way. */
+    while (sent < total && !(seconds > 0 && now() - start >= seconds)) {
         size_t len = total - sent < TCP_CHUNK ? (size_t)(total - sent) : TCP_CHUNK;
         ssize_t n = write(fd, buf, len);
         if (n <= 0) {
@@ -87,13 +89,14 @@ static int tcp(int argc, char **argv)
     alarm(TCP_ALARM); /* a stuck peer ends the run instead of the benchmark */
     int host = strcmp(argv[1], "sink") == 0 || strcmp(argv[1], "source") == 0;
     int sending = strcmp(argv[1], "source") == 0 || strcmp(argv[1], "send") == 0;
-    int need = host ? (sending ? 4 : 3) : (sending ? 5 : 4);
+    int need = host ? (sending ? 5 : 3) : (sending ? 6 : 4);
     if (argc != need) {
-        fprintf(stderr, "usage: rio sink PORT | source PORT MIB | send ADDR PORT MIB | "
+        fprintf(stderr, "usage: rio sink PORT | source PORT MIB SECS | send ADDR PORT MIB SECS | "
                         "recv ADDR PORT\n");
         return 2;
     }
-    long long total = sending ? atoll(argv[argc - 1]) << 20 : 0;
+    long long total = sending ? atoll(argv[argc - 2]) << 20 : 0;
+    double seconds = sending ? atof(argv[argc - 1]) : 0;
     struct sockaddr_in sa = {.sin_family = AF_INET};
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     if (fd < 0) {
@@ -125,7 +128,7 @@ static int tcp(int argc, char **argv)
             return 1;
         }
     }
-    return transfer(fd, total);
+    return transfer(fd, total, seconds);
 }
 
 int main(int argc, char **argv)

@@ -86,8 +86,11 @@ echo "RANDR $(./rio randr "$D" @SECS@ @SPAN@)"
 echo "RANDW $(./rio randw "$D" @SECS@ @SPAN@)"
 if [ @NET@ -gt 0 ]; then
     ip addr add @GADDR@/24 dev eth0; ip link set eth0 up
-    echo "NETTX $(./rio send @HADDR@ @SINK@ @NET@)"
+    echo "NETTX $(./rio send @HADDR@ @SINK@ @NET@ @NETSECS@)"
     echo "NETRX $(./rio recv @HADDR@ @SOURCE@)"
+    # Diagnostics for the per-run line: TCP segments out / retransmitted, checksum errors in.
+    echo "TCPSTAT $(awk '/^Tcp:/ { if (n++) print "out", $12, "retrans", $13, "csumerr", $16 }' \
+        /proc/net/snmp)"
 fi
 echo DONE
 """
@@ -119,13 +122,15 @@ class Series:
         return statistics.median(s[key] for s in self.samples)
 
 
-def build_tools(workdir: Path, seq_mib: int, seconds: float, span_mib: int, net_mib: int) -> Path:
+def build_tools(
+    workdir: Path, seq_mib: int, seconds: float, span_mib: int, net_mib: int, net_secs: float
+) -> Path:
     """The tools drive: a tar of bench.sh and rio, padded to whole sectors."""
     rio = workdir / "rio"
     cc = shutil.which("gcc") or "gcc"
     subprocess.run([cc, "-static", "-O2", "-o", str(rio), str(HERE / "rio.c")], check=True)
     fill = {"@SEQ@": seq_mib, "@SECS@": seconds, "@SPAN@": span_mib, "@NET@": net_mib,
-            "@GADDR@": GUEST_ADDR, "@HADDR@": HOST_ADDR, "@SINK@": SINK_PORT,
+            "@NETSECS@": net_secs, "@GADDR@": GUEST_ADDR, "@HADDR@": HOST_ADDR, "@SINK@": SINK_PORT,
             "@SOURCE@": SOURCE_PORT}  # fmt: skip
     script = BENCH_SH
     for key, value in fill.items():
@@ -210,7 +215,7 @@ def run_guest(argv: list[str], nonce: str | None, timeout: float = 900) -> dict[
         _, err = proc.communicate()
     for line in text.decode(errors="replace").splitlines():
         key, *values = line.split()
-        if key in ("DEV", "SEQW", "SEQR", "RANDR", "RANDW", "NETTX", "NETRX", "DONE"):
+        if key in ("DEV", "SEQW", "SEQR", "RANDR", "RANDW", "NETTX", "NETRX", "TCPSTAT", "DONE"):
             lines[key] = values
     if "DONE" not in lines:
         raise RuntimeError(
@@ -230,9 +235,9 @@ class NetNs:
     """A network namespace with the bench tap and the host-side `rio sink` and `rio source`
     listening in it; deleted (tap and all) on exit."""
 
-    def __init__(self, rio: Path, net_mib: int) -> None:
+    def __init__(self, rio: Path, net_mib: int, net_secs: float) -> None:
         self.name = f"kvmkit-bn-{uuid.uuid4().hex[:8]}"
-        self.rio, self.net_mib = rio, net_mib
+        self.rio, self.net_mib, self.net_secs = rio, net_mib, net_secs
         self.procs: list[subprocess.Popen[str]] = []
 
     def wrap(self, argv: list[str]) -> list[str]:
@@ -246,7 +251,8 @@ class NetNs:
                            "--address", f"{HOST_ADDR}/24"]),
                 check=True, capture_output=True, timeout=60,
             )  # fmt: skip
-            for cmd in (["sink", str(SINK_PORT)], ["source", str(SOURCE_PORT), str(self.net_mib)]):
+            source = ["source", str(SOURCE_PORT), str(self.net_mib), str(self.net_secs)]
+            for cmd in (["sink", str(SINK_PORT)], source):
                 proc = subprocess.Popen(self.wrap([str(self.rio), *cmd]), stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, text=True)  # fmt: skip
                 self.procs.append(proc)
@@ -264,6 +270,10 @@ class NetNs:
         for proc in self.procs:
             text, _ = proc.communicate(timeout=60)
             out.append(rate(text.split()))
+        # The tap's counters (drops on the host side), for the per-run diagnostics.
+        stats = subprocess.run(["ip", "-n", self.name, "-s", "-o", "link", "show", TAP],
+                               capture_output=True, text=True, check=False)  # fmt: skip
+        print(f"  tap: {' '.join(stats.stdout.split())}", file=sys.stderr, flush=True)
         return out[0], out[1]
 
     def __exit__(self, *exc: object) -> None:
@@ -303,6 +313,8 @@ def run_one(
         out["net_tx"], out["net_rx"] = netns.results()
         # The guest's own timing of the same streams, as a cross-check (not in the table).
         out["guest_tx"], out["guest_rx"] = rate(lines["NETTX"]), rate(lines["NETRX"])
+        stat = dict(zip(lines["TCPSTAT"][::2], lines["TCPSTAT"][1::2], strict=False))
+        out["guest_tcp_out"], out["guest_retrans"] = float(stat["out"]), float(stat["retrans"])
     return out
 
 
@@ -313,6 +325,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="seconds per random pass")
     ap.add_argument("--span-mib", type=int, default=64, help="random offsets within this span")
     ap.add_argument("--net-mib", type=int, default=64, help="MiB per TCP stream (0: no net)")
+    ap.add_argument("--net-seconds", type=float, default=10.0, help="at most this long per stream")
+    ap.add_argument("--vmms", default=",".join(VMMS), help=f"columns, of {','.join(VMMS)}")
     args = ap.parse_args()
     if not os.path.exists("/dev/kvm"):
         print("no /dev/kvm: run this inside `kvmkit lane`", file=sys.stderr)
@@ -325,18 +339,22 @@ def main() -> int:
         print("no /dev/net/tun (run the lane with --module tun): net skipped", file=sys.stderr)
         net_mib = 0
     image = default_image()
-    series = [Series(name) for name in VMMS]
+    series = [Series(name) for name in args.vmms.split(",")]
+    if not series or any(s.name not in VMMS for s in series):
+        print(f"--vmms: a comma-separated list of {','.join(VMMS)}", file=sys.stderr)
+        return 2
     shown = FIGURES if net_mib > 0 else FIGURES[:4]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kvmkit-bench-virtio-") as tmp:
         workdir = Path(tmp)
-        tools = build_tools(workdir, args.seq_mib, args.seconds, args.span_mib, net_mib)
+        tools = build_tools(workdir, args.seq_mib, args.seconds, args.span_mib, net_mib,
+                            args.net_seconds)  # fmt: skip
         for run in range(args.runs):
             for s in series:
                 disk = fresh_disk(workdir)
                 t = time.monotonic()
                 if net_mib > 0:
-                    with NetNs(workdir / "rio", net_mib) as ns:
+                    with NetNs(workdir / "rio", net_mib, args.net_seconds) as ns:
                         sample = run_one(s.name, image.kernel, image.initrd, tools, disk, ns)
                 else:
                     sample = run_one(s.name, image.kernel, image.initrd, tools, disk, None)
@@ -351,14 +369,17 @@ def main() -> int:
     print("transports: kvmkit-mmio virtio-mmio (ACPI DSDT); kvmkit-pci virtio-pci, MSI-X; "
           "QEMU -M q35 virtio-*-pci (modern only), cache=writeback aio=threads")
     if net_mib > 0:
-        print(f"net: one TCP stream of {net_mib} MiB each way through a tap in a fresh netns, "
-              "vhost off for both, timed by the host-side rio")
+        print(f"net: one TCP stream each way of {net_mib} MiB or at most {args.net_seconds:g} s, "
+              "through a tap in a fresh netns, vhost off for both, timed by the host-side rio")
     else:
         print("net: not measured (--net-mib 0, or no /dev/net/tun)")
     print(f"{'VMM':<12}" + "".join(f"{title:>22}" for _, title in shown))
     for s in series:
         print(f"{s.name:<12}" + "".join(f"{s.median(key):>22.1f}" for key, _ in shown))
     q = series[-1]
+    if q.name != "qemu":
+        print(f"total {time.monotonic() - started:.0f} s")
+        return 0
     for k in series[:-1]:
         print(f"{k.name} / QEMU: " + ", ".join(
             f"{title.split(' (')[0]} x{k.median(key) / q.median(key):.2f}" for key, title in shown
