@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -184,7 +185,8 @@ def qemu_argv(
         "-drive", f"file={disk},format=raw,if=none,id=bench,cache=writeback,aio=threads",
         "-device", f"virtio-blk-pci,drive=bench,serial={BENCH_SERIAL},disable-legacy=on",
         *(["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off",
-           "-device", f"virtio-net-pci,netdev=n0,mac={GUEST_MAC},disable-legacy=on"]
+           "-device", f"virtio-net-pci,netdev=n0,mac={GUEST_MAC},disable-legacy=on"
+           + os.environ.get("BENCH_QEMU_NET_OPTS", "")]
           if net else []),
     ]  # fmt: skip
 
@@ -249,7 +251,7 @@ class NetNs:
             subprocess.run(
                 self.wrap([sys.executable, "-m", "kvmkit", "net", "setup", TAP,
                            "--address", f"{HOST_ADDR}/24"]),
-                check=True, capture_output=True, timeout=60,
+                check=True, capture_output=True, timeout=300,
             )  # fmt: skip
             source = ["source", str(SOURCE_PORT), str(self.net_mib), str(self.net_secs)]
             for cmd in (["sink", str(SINK_PORT)], source):
@@ -263,6 +265,15 @@ class NetNs:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def sample_ss(self, stop: threading.Event) -> None:
+        """Diagnostics (BENCH_SS=1): the host's view of the streams (rtt, cwnd) once a second."""
+        while not stop.wait(1.0):
+            ss = subprocess.run(self.wrap(["ss", "-tin", "state", "established"]),
+                                capture_output=True, text=True, check=False)  # fmt: skip
+            text = " ".join(ss.stdout.split())
+            if "rtt" in text:
+                print(f"  ss: {text[:400]}", file=sys.stderr, flush=True)
 
     def results(self) -> tuple[float, float]:
         """(guest -> host, host -> guest) MiB/s as the host-side rio timed them."""
@@ -307,7 +318,13 @@ def run_one(
     else:
         nonce = new_nonce()
         argv = qemu_argv(image_kernel, image_initrd, tools, disk, nonce, net)
-    lines = run_guest(netns.wrap(argv) if netns is not None else argv, nonce)
+    stop = threading.Event()
+    if netns is not None and os.environ.get("BENCH_SS"):
+        threading.Thread(target=netns.sample_ss, args=(stop,), daemon=True).start()
+    try:
+        lines = run_guest(netns.wrap(argv) if netns is not None else argv, nonce)
+    finally:
+        stop.set()
     out = figures(lines)
     if netns is not None:
         out["net_tx"], out["net_rx"] = netns.results()
