@@ -50,7 +50,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -266,15 +265,6 @@ class NetNs:
             raise
         return self
 
-    def sample_ss(self, stop: threading.Event) -> None:
-        """Diagnostics (BENCH_SS=1): the host's view of the streams (rtt, cwnd) once a second."""
-        while not stop.wait(1.0):
-            ss = subprocess.run(self.wrap(["ss", "-tin", "state", "established"]),
-                                capture_output=True, text=True, check=False)  # fmt: skip
-            text = " ".join(ss.stdout.split())
-            if "rtt" in text:
-                print(f"  ss: {text[:400]}", file=sys.stderr, flush=True)
-
     def results(self) -> tuple[float, float]:
         """(guest -> host, host -> guest) MiB/s as the host-side rio timed them."""
         out = []
@@ -318,13 +308,7 @@ def run_one(
     else:
         nonce = new_nonce()
         argv = qemu_argv(image_kernel, image_initrd, tools, disk, nonce, net)
-    stop = threading.Event()
-    if netns is not None and os.environ.get("BENCH_SS"):
-        threading.Thread(target=netns.sample_ss, args=(stop,), daemon=True).start()
-    try:
-        lines = run_guest(netns.wrap(argv) if netns is not None else argv, nonce)
-    finally:
-        stop.set()
+    lines = run_guest(netns.wrap(argv) if netns is not None else argv, nonce)
     out = figures(lines)
     if netns is not None:
         out["net_tx"], out["net_rx"] = netns.results()
