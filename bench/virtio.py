@@ -361,7 +361,7 @@ def main() -> int:
                     sample = run_one(s.name, image.kernel, image.initrd, tools, disk, None)
                 s.samples.append(sample)
                 print(f"run {run + 1} {s.name}: {time.monotonic() - t:.1f} s, "
-                      + ", ".join(f"{k} {v:.1f}" for k, v in s.samples[-1].items()),
+                      + ", ".join(f"{k} {v:.2f}" for k, v in s.samples[-1].items()),
                       file=sys.stderr, flush=True)  # fmt: skip
     print(f"{time.strftime('%Y-%m-%d', time.gmtime())}, kernel {image.kernel_release}, "
           f"{MEM_MIB} MiB, 1 vCPU, {args.runs} runs interleaved, medians; "
@@ -376,7 +376,7 @@ def main() -> int:
         print("net: not measured (--net-mib 0, or no /dev/net/tun)")
     print(f"{'VMM':<12}" + "".join(f"{title:>22}" for _, title in shown))
     for s in series:
-        print(f"{s.name:<12}" + "".join(f"{s.median(key):>22.1f}" for key, _ in shown))
+        print(f"{s.name:<12}" + "".join(f"{s.median(key):>22.2f}" for key, _ in shown))
     q = series[-1]
     if q.name != "qemu":
         print(f"total {time.monotonic() - started:.0f} s")
