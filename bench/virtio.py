@@ -1,4 +1,4 @@
-"""virtio benchmark: virtio-blk throughput and IOPS, kvmkit against QEMU, same guest.
+"""virtio benchmark: virtio-blk and virtio-net throughput, kvmkit against QEMU, same guest.
 
 Both VMMs boot the default guest image (Debian kernel + kvmkit initramfs), 1 vCPU, 256 MiB,
 with two drives on raw files: a read-only "tools" drive (a tar of bench.sh and `rio`, a small
@@ -11,21 +11,32 @@ the bench disk, all with O_DIRECT so the guest's page cache is out of the way:
   rand read / rand write `rio randr|randw`: 4 KiB at random 4 KiB-aligned offsets, one request
                          at a time (queue depth 1), for a fixed time
 
-The transports differ, and the output says so: kvmkit serves virtio-mmio (found from the ACPI
-DSDT); QEMU runs `-M q35` with modern-only virtio-blk-pci (`disable-legacy=on`), because
-Debian's kernel lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and so finds no virtio-mmio device
-on a `-M microvm` command line.  Both VMMs serve the images through the host page cache
+  net tx / net rx         `rio send|recv` in the guest against `rio sink|source` on the host:
+                         one TCP stream of --net-mib MiB guest -> host, then host -> guest,
+                         timed on the host from accept to the peer's EOF
+
+Three columns: kvmkit over virtio-mmio (found from the ACPI DSDT), kvmkit over virtio-pci
+(`--virtio-transport pci`, MSI-X), and QEMU `-M q35` with modern-only virtio-*-pci
+(`disable-legacy=on`; Debian's kernel lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and so finds
+no virtio-mmio device on a `-M microvm` command line): the two kvmkit columns say how much
+of a gap to QEMU is the transport.  Both VMMs serve the images through the host page cache
 (kvmkit's pread/pwrite; QEMU `cache=writeback,aio=threads`); in the lane the files are on a
 tmpfs, so the figures measure each VMM's virtio path, not a disk.
 
 Needs hardware-style KVM: on a host without VMX/SVM run it in the lane:
 
-    python -m kvmkit lane --timeout 1500 -- $PWD/.venv/bin/python bench/virtio.py [--runs N]
+    python -m kvmkit lane --timeout 1500 --module tun -- $PWD/.venv/bin/python bench/virtio.py
 
-Runs are interleaved (kvmkit, QEMU, kvmkit, QEMU, ...) so that drift in the machine's load
-affects both alike; the table shows medians and the ratios kvmkit/QEMU.  TCP over virtio-net
-is not measured yet (kvmkit has no --net on this branch): a line says so.  Not a test:
-nothing is asserted.
+Net: each VMM run gets its own network namespace (`ip netns add`) holding a tap made by
+`kvmkit net setup` (10.0.78.1/24; the guest takes .2 with busybox `ip`); the VMM and the
+host-side `rio` run in it (`ip netns exec`), so no traffic leaves it, and the namespace is
+deleted after the run.  Both VMMs serve the tap from userspace: kvmkit has no vhost, and
+QEMU runs `-netdev tap,...,vhost=off`.  Without /dev/net/tun (a lane without `--module tun`)
+or with --net-mib 0 the net figures are skipped.
+
+Runs are interleaved (kvmkit-mmio, kvmkit-pci, QEMU, kvmkit-mmio, ...) so that drift in the
+machine's load affects all alike; the table shows medians and the ratios kvmkit/QEMU.  Not a
+test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +64,10 @@ DISK_MIB = 128
 TOOLS_SERIAL = "kvmkit-tools"
 BENCH_SERIAL = "kvmkit-bench"
 HERE = Path(__file__).resolve().parent
+TAP = "bntap0"
+HOST_ADDR, GUEST_ADDR = "10.0.78.1", "10.0.78.2"
+GUEST_MAC = "02:00:00:00:78:02"
+SINK_PORT, SOURCE_PORT = 5001, 5002
 
 # Runs from the tools drive's contents in the guest's /tmp; @SEQ@, @SECS@, @SPAN@ filled in.
 BENCH_SH = r"""
@@ -68,6 +84,15 @@ t0=$(./rio now); dd if="$D" of=/dev/null bs=1M count=@SEQ@ iflag=direct 2>/dev/n
 t1=$(./rio now); echo "SEQR $r @SEQ@ $t0 $t1"
 echo "RANDR $(./rio randr "$D" @SECS@ @SPAN@)"
 echo "RANDW $(./rio randw "$D" @SECS@ @SPAN@)"
+if [ @NET@ -gt 0 ]; then
+    ip addr add @GADDR@/24 dev eth0; ip link set eth0 up
+    echo "NETTX $(./rio send @HADDR@ @SINK@ @NET@ @NETSECS@)"
+    echo "NETRX $(./rio recv @HADDR@ @SOURCE@)"
+    # Diagnostics for the per-run line: TCP segments out / retransmitted, checksum errors in.
+    echo "TCPSTAT $(awk '/^Tcp:/ { if (n++) print "out", $12, "retrans", $13, "csumerr", $16 }' \
+        /proc/net/snmp)"
+fi
+echo DONE
 """
 
 # The command both guests run (kept short: it travels on the kernel command line).
@@ -82,7 +107,10 @@ FIGURES = (
     ("seq_read", "seq read (MiB/s)"),
     ("rand_read", "rand read 4K (IOPS)"),
     ("rand_write", "rand write 4K (IOPS)"),
+    ("net_tx", "net tx (MiB/s)"),
+    ("net_rx", "net rx (MiB/s)"),
 )
+VMMS = ("kvmkit-mmio", "kvmkit-pci", "qemu")
 
 
 @dataclass
@@ -94,13 +122,19 @@ class Series:
         return statistics.median(s[key] for s in self.samples)
 
 
-def build_tools(workdir: Path, seq_mib: int, seconds: float, span_mib: int) -> Path:
+def build_tools(
+    workdir: Path, seq_mib: int, seconds: float, span_mib: int, net_mib: int, net_secs: float
+) -> Path:
     """The tools drive: a tar of bench.sh and rio, padded to whole sectors."""
     rio = workdir / "rio"
     cc = shutil.which("gcc") or "gcc"
     subprocess.run([cc, "-static", "-O2", "-o", str(rio), str(HERE / "rio.c")], check=True)
-    script = (BENCH_SH.replace("@SEQ@", str(seq_mib)).replace("@SECS@", str(seconds))
-              .replace("@SPAN@", str(span_mib)))  # fmt: skip
+    fill = {"@SEQ@": seq_mib, "@SECS@": seconds, "@SPAN@": span_mib, "@NET@": net_mib,
+            "@NETSECS@": net_secs, "@GADDR@": GUEST_ADDR, "@HADDR@": HOST_ADDR, "@SINK@": SINK_PORT,
+            "@SOURCE@": SOURCE_PORT}  # fmt: skip
+    script = BENCH_SH
+    for key, value in fill.items():
+        script = script.replace(key, str(value))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         tar.add(rio, arcname="rio")
@@ -122,15 +156,19 @@ def fresh_disk(workdir: Path) -> Path:
     return disk
 
 
-def kvmkit_argv(tools: Path, disk: Path) -> list[str]:
+def kvmkit_argv(tools: Path, disk: Path, transport: str, net: bool) -> list[str]:
     return [
         sys.executable, "-m", "kvmkit", "run", "--mem-mib", str(MEM_MIB), "--timeout", "900",
+        "--virtio-transport", transport,
         "--drive", f"{tools},ro,serial={TOOLS_SERIAL}", "--drive", f"{disk},serial={BENCH_SERIAL}",
+        *(["--net", f"tap={TAP},mac={GUEST_MAC}"] if net else []),
         "--", *GUEST_CMD,
     ]  # fmt: skip
 
 
-def qemu_argv(kernel: Path, initrd: Path, tools: Path, disk: Path, nonce: str) -> list[str]:
+def qemu_argv(
+    kernel: Path, initrd: Path, tools: Path, disk: Path, nonce: str, net: bool
+) -> list[str]:
     # The same command line as kvmkit's default image, minus pci=off (the disks are on PCI).
     cmdline = (f"{BASE_CMDLINE} quiet kvmkit.nonce={nonce} kvmkit.cmd={_cmdline_quote(GUEST_CMD)}"
                .replace("pci=off ", ""))  # fmt: skip
@@ -145,6 +183,10 @@ def qemu_argv(kernel: Path, initrd: Path, tools: Path, disk: Path, nonce: str) -
         "-device", f"virtio-blk-pci,drive=tools,serial={TOOLS_SERIAL},disable-legacy=on",
         "-drive", f"file={disk},format=raw,if=none,id=bench,cache=writeback,aio=threads",
         "-device", f"virtio-blk-pci,drive=bench,serial={BENCH_SERIAL},disable-legacy=on",
+        *(["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off",
+           "-device", f"virtio-net-pci,netdev=n0,mac={GUEST_MAC},disable-legacy=on"
+           + os.environ.get("BENCH_QEMU_NET_OPTS", "")]
+          if net else []),
     ]  # fmt: skip
 
 
@@ -174,14 +216,72 @@ def run_guest(argv: list[str], nonce: str | None, timeout: float = 900) -> dict[
         _, err = proc.communicate()
     for line in text.decode(errors="replace").splitlines():
         key, *values = line.split()
-        if key in ("DEV", "SEQW", "SEQR", "RANDR", "RANDW"):
+        if key in ("DEV", "SEQW", "SEQR", "RANDR", "RANDW", "NETTX", "NETRX", "TCPSTAT", "DONE"):
             lines[key] = values
-    if "RANDW" not in lines:
+    if "DONE" not in lines:
         raise RuntimeError(
             f"{argv[0]}: the guest did not finish: {text.decode(errors='replace')[-2000:]}\n"
             f"{err.decode(errors='replace')[-2000:]}"
         )
     return lines
+
+
+def rate(values: list[str]) -> float:
+    """MiB/s from rio's `bytes N secs S`."""
+    fields = dict(zip(values[::2], values[1::2], strict=False))
+    return int(fields["bytes"]) / float(fields["secs"]) / (1 << 20)
+
+
+class NetNs:
+    """A network namespace with the bench tap and the host-side `rio sink` and `rio source`
+    listening in it; deleted (tap and all) on exit."""
+
+    def __init__(self, rio: Path, net_mib: int, net_secs: float) -> None:
+        self.name = f"kvmkit-bn-{uuid.uuid4().hex[:8]}"
+        self.rio, self.net_mib, self.net_secs = rio, net_mib, net_secs
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def __enter__(self) -> NetNs:
+        subprocess.run(["ip", "netns", "add", self.name], check=True, timeout=30)
+        try:
+            subprocess.run(
+                self.wrap([sys.executable, "-m", "kvmkit", "net", "setup", TAP,
+                           "--address", f"{HOST_ADDR}/24"]),
+                check=True, capture_output=True, timeout=300,
+            )  # fmt: skip
+            source = ["source", str(SOURCE_PORT), str(self.net_mib), str(self.net_secs)]
+            for cmd in (["sink", str(SINK_PORT)], source):
+                proc = subprocess.Popen(self.wrap([str(self.rio), *cmd]), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, text=True)  # fmt: skip
+                self.procs.append(proc)
+                assert proc.stdout is not None
+                if proc.stdout.readline().strip() != "listening":
+                    raise RuntimeError(f"host rio {cmd[0]} did not start")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def results(self) -> tuple[float, float]:
+        """(guest -> host, host -> guest) MiB/s as the host-side rio timed them."""
+        out = []
+        for proc in self.procs:
+            text, _ = proc.communicate(timeout=60)
+            out.append(rate(text.split()))
+        # The tap's counters (drops on the host side), for the per-run diagnostics.
+        stats = subprocess.run(["ip", "-n", self.name, "-s", "-o", "link", "show", TAP],
+                               capture_output=True, text=True, check=False)  # fmt: skip
+        print(f"  tap: {' '.join(stats.stdout.split())}", file=sys.stderr, flush=True)
+        return out[0], out[1]
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["ip", "netns", "del", self.name], check=False, timeout=30)
 
 
 def figures(lines: dict[str, list[str]]) -> dict[str, float]:
@@ -197,13 +297,26 @@ def figures(lines: dict[str, list[str]]) -> dict[str, float]:
     return out
 
 
-def net_line() -> str:
-    helptext = subprocess.run(
-        [sys.executable, "-m", "kvmkit", "run", "--help"], capture_output=True, text=True
-    ).stdout
-    if "--net" not in helptext:
-        return "net: not measured (needs --net: virtio-net is not in this kvmkit yet)"
-    return "net: not measured (kvmkit has --net, bench/virtio.py does not drive it yet)"
+def run_one(
+    name: str, image_kernel: Path, image_initrd: Path, tools: Path, disk: Path,
+    netns: NetNs | None,
+) -> dict[str, float]:  # fmt: skip
+    net = netns is not None
+    if name.startswith("kvmkit"):
+        argv = kvmkit_argv(tools, disk, name.removeprefix("kvmkit-"), net)
+        nonce = None
+    else:
+        nonce = new_nonce()
+        argv = qemu_argv(image_kernel, image_initrd, tools, disk, nonce, net)
+    lines = run_guest(netns.wrap(argv) if netns is not None else argv, nonce)
+    out = figures(lines)
+    if netns is not None:
+        out["net_tx"], out["net_rx"] = netns.results()
+        # The guest's own timing of the same streams, as a cross-check (not in the table).
+        out["guest_tx"], out["guest_rx"] = rate(lines["NETTX"]), rate(lines["NETRX"])
+        stat = dict(zip(lines["TCPSTAT"][::2], lines["TCPSTAT"][1::2], strict=False))
+        out["guest_tcp_out"], out["guest_retrans"] = float(stat["out"]), float(stat["retrans"])
+    return out
 
 
 def main() -> int:
@@ -212,6 +325,9 @@ def main() -> int:
     ap.add_argument("--seq-mib", type=int, default=64, help="MiB per sequential pass")
     ap.add_argument("--seconds", type=float, default=5.0, help="seconds per random pass")
     ap.add_argument("--span-mib", type=int, default=64, help="random offsets within this span")
+    ap.add_argument("--net-mib", type=int, default=64, help="MiB per TCP stream (0: no net)")
+    ap.add_argument("--net-seconds", type=float, default=10.0, help="at most this long per stream")
+    ap.add_argument("--vmms", default=",".join(VMMS), help=f"columns, of {','.join(VMMS)}")
     args = ap.parse_args()
     if not os.path.exists("/dev/kvm"):
         print("no /dev/kvm: run this inside `kvmkit lane`", file=sys.stderr)
@@ -219,40 +335,56 @@ def main() -> int:
     if max(args.seq_mib, args.span_mib) > DISK_MIB:
         print(f"--seq-mib and --span-mib must be at most {DISK_MIB}", file=sys.stderr)
         return 2
+    net_mib = args.net_mib
+    if net_mib > 0 and not os.path.exists("/dev/net/tun"):
+        print("no /dev/net/tun (run the lane with --module tun): net skipped", file=sys.stderr)
+        net_mib = 0
     image = default_image()
-    series = [Series("kvmkit"), Series("qemu")]
+    series = [Series(name) for name in args.vmms.split(",")]
+    if not series or any(s.name not in VMMS for s in series):
+        print(f"--vmms: a comma-separated list of {','.join(VMMS)}", file=sys.stderr)
+        return 2
+    shown = FIGURES if net_mib > 0 else FIGURES[:4]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kvmkit-bench-virtio-") as tmp:
         workdir = Path(tmp)
-        tools = build_tools(workdir, args.seq_mib, args.seconds, args.span_mib)
+        tools = build_tools(workdir, args.seq_mib, args.seconds, args.span_mib, net_mib,
+                            args.net_seconds)  # fmt: skip
         for run in range(args.runs):
             for s in series:
                 disk = fresh_disk(workdir)
                 t = time.monotonic()
-                if s.name == "kvmkit":
-                    lines = run_guest(kvmkit_argv(tools, disk), None)
+                if net_mib > 0:
+                    with NetNs(workdir / "rio", net_mib, args.net_seconds) as ns:
+                        sample = run_one(s.name, image.kernel, image.initrd, tools, disk, ns)
                 else:
-                    nonce = new_nonce()
-                    argv = qemu_argv(image.kernel, image.initrd, tools, disk, nonce)
-                    lines = run_guest(argv, nonce)
-                s.samples.append(figures(lines))
+                    sample = run_one(s.name, image.kernel, image.initrd, tools, disk, None)
+                s.samples.append(sample)
                 print(f"run {run + 1} {s.name}: {time.monotonic() - t:.1f} s, "
-                      + ", ".join(f"{k} {v:.1f}" for k, v in s.samples[-1].items()),
+                      + ", ".join(f"{k} {v:.2f}" for k, v in s.samples[-1].items()),
                       file=sys.stderr, flush=True)  # fmt: skip
     print(f"{time.strftime('%Y-%m-%d', time.gmtime())}, kernel {image.kernel_release}, "
           f"{MEM_MIB} MiB, 1 vCPU, {args.runs} runs interleaved, medians; "
           f"seq {args.seq_mib} MiB dd bs=1M direct; rand 4 KiB QD1 {args.seconds:g} s over "
           f"{args.span_mib} MiB; images: files in {tempfile.gettempdir()}")
-    print("transports: kvmkit virtio-mmio (ACPI DSDT); QEMU -M q35 virtio-blk-pci "
-          "(modern only), cache=writeback aio=threads")
-    print(f"{'VMM':<10}" + "".join(f"{title:>24}" for _, title in FIGURES))
+    print("transports: kvmkit-mmio virtio-mmio (ACPI DSDT); kvmkit-pci virtio-pci, MSI-X; "
+          "QEMU -M q35 virtio-*-pci (modern only), cache=writeback aio=threads")
+    if net_mib > 0:
+        print(f"net: one TCP stream each way of {net_mib} MiB or at most {args.net_seconds:g} s, "
+              "through a tap in a fresh netns, vhost off for both, timed by the host-side rio")
+    else:
+        print("net: not measured (--net-mib 0, or no /dev/net/tun)")
+    print(f"{'VMM':<12}" + "".join(f"{title:>22}" for _, title in shown))
     for s in series:
-        print(f"{s.name:<10}" + "".join(f"{s.median(key):>24.1f}" for key, _ in FIGURES))
-    k, q = series
-    print("kvmkit / QEMU: " + ", ".join(
-        f"{title.split(' (')[0]} x{k.median(key) / q.median(key):.2f}" for key, title in FIGURES
-    ))  # fmt: skip
-    print(net_line())
+        print(f"{s.name:<12}" + "".join(f"{s.median(key):>22.2f}" for key, _ in shown))
+    q = series[-1]
+    if q.name != "qemu":
+        print(f"total {time.monotonic() - started:.0f} s")
+        return 0
+    for k in series[:-1]:
+        print(f"{k.name} / QEMU: " + ", ".join(
+            f"{title.split(' (')[0]} x{k.median(key) / q.median(key):.2f}" for key, title in shown
+        ))  # fmt: skip
     print(f"total {time.monotonic() - started:.0f} s")
     return 0
 
