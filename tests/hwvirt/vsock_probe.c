@@ -1,7 +1,10 @@
 /* A tiny AF_VSOCK client/server for the guest (busybox has none); built static by
  * tests/hwvirt/test_net_vsock_linux.py and handed to the guest as a read-only drive.
  *
- *   vsock_probe serve PORT      accept one connection, echo everything back until EOF
+ *   vsock_probe serve PORT [N]  accept N connections (default 1) one after the other on one
+ *                               listener, echo each back until EOF ("ECHOED <bytes>") or
+ *                               an error ("CONNERR <strerror> after <bytes>": a snapshot
+ *                               restore resets connections)
  *   vsock_probe send PORT N     connect to the host (CID 2) PORT, send N pattern bytes,
  *                               shut down writing, read until EOF; prints
  *                               "RECV <bytes> <fnv1a32 hex>"
@@ -36,7 +39,24 @@ static int write_all(int fd, const unsigned char *buf, size_t len) {
     return 0;
 }
 
-static int serve(unsigned port) {
+/* Echo one connection until EOF (returns 0) or an error (-1, errno set). */
+static int echo(int c, unsigned long *total) {
+    static unsigned char buf[65536];
+    for (;;) {
+        ssize_t n = read(c, buf, sizeof buf);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -1;
+        if (n == 0)
+            return 0;
+        if (write_all(c, buf, (size_t)n) < 0)
+            return -1;
+        *total += (unsigned long)n;
+    }
+}
+
+static int serve(unsigned port, unsigned count) {
     int s = socket(AF_VSOCK, SOCK_STREAM, 0);
     if (s < 0)
         die("socket");
@@ -47,26 +67,18 @@ static int serve(unsigned port) {
         die("listen");
     printf("LISTENING %u\n", port);
     fflush(stdout);
-    int c = accept(s, NULL, NULL);
-    if (c < 0)
-        die("accept");
-    static unsigned char buf[65536];
-    unsigned long total = 0;
-    for (;;) {
-        ssize_t n = read(c, buf, sizeof buf);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            die("read");
-        if (n == 0)
-            break;
-        if (write_all(c, buf, (size_t)n) < 0)
-            die("write");
-        total += (unsigned long)n;
+    for (unsigned i = 0; i < count; i++) {
+        int c = accept(s, NULL, NULL);
+        if (c < 0)
+            die("accept");
+        unsigned long total = 0;
+        if (echo(c, &total) < 0)
+            printf("CONNERR %s after %lu\n", strerror(errno), total);
+        else
+            printf("ECHOED %lu\n", total);
+        fflush(stdout);
+        close(c);
     }
-    printf("ECHOED %lu\n", total);
-    fflush(stdout);
-    close(c);
     return 0;
 }
 
@@ -112,10 +124,11 @@ static int send_recv(unsigned port, unsigned long count) {
 }
 
 int main(int argc, char **argv) {
-    if (argc == 3 && strcmp(argv[1], "serve") == 0)
-        return serve((unsigned)strtoul(argv[2], NULL, 10));
+    if ((argc == 3 || argc == 4) && strcmp(argv[1], "serve") == 0)
+        return serve((unsigned)strtoul(argv[2], NULL, 10),
+                     argc == 4 ? (unsigned)strtoul(argv[3], NULL, 10) : 1);
     if (argc == 4 && strcmp(argv[1], "send") == 0)
         return send_recv((unsigned)strtoul(argv[2], NULL, 10), strtoul(argv[3], NULL, 10));
-    fprintf(stderr, "usage: vsock_probe serve PORT | send PORT N\n");
+    fprintf(stderr, "usage: vsock_probe serve PORT [N] | send PORT N\n");
     return 2;
 }

@@ -1,20 +1,30 @@
 """Snapshots of a Machine with virtio devices on real /dev/kvm (a tiny PVH kernel that
-halts; the Linux-guest cases run in the lane, tests/hwvirt/test_snapshot_virtio_linux.py):
-the devices are saved and rebuilt at the same slots, and a restore whose disk image is
-missing or resized, or whose virtio state is malformed, fails with one clear error before
-any VM exists."""
+halts; the Linux-guest cases run in the lane, tests/hwvirt/test_snapshot_virtio_linux.py and
+test_snapshot_net_vsock_linux.py): the devices are saved and rebuilt at the same slots (a
+tap reopened by name in a network namespace the test makes, a vsock socket bound anew), and
+a restore whose disk image is missing or resized, whose virtio state is malformed, or whose
+vsock socket path is taken, fails with one clear error before any VM exists."""
 
 from __future__ import annotations
 
+import os
+import socket
+import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kvmkit.devices.virtio.blk import DriveConfig, VirtioBlk
+from kvmkit.devices.virtio.net import NetConfig, VirtioNet, format_mac
 from kvmkit.devices.virtio.rng import VirtioRng
+from kvmkit.devices.virtio.vsock import VirtioVsock, VsockConfig
+from kvmkit.errors import UserError
+from kvmkit.kvm.kick import install_kick_handler
 from kvmkit.snapshot.format import SnapshotError, encode, read_state
 from kvmkit.testing import pvh
+from kvmkit.testing.netns import in_netns, temp_netns
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.machine import Machine
 from kvmkit.vmm.snapshot import restore_machine
@@ -132,3 +142,160 @@ def test_pci_functions_are_saved_and_restored(tmp_path: Path) -> None:
         r.resume()
     finally:
         r.close()
+
+
+# -- virtio-net and vsock (docs/snapshot.md "virtio-net and vsock")
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+    reason="needs root and /dev/net/tun (a tap in a network namespace)",
+)
+TAP = "kvmksnap0"
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    with temp_netns("kvmkit-snap") as name:
+        yield name
+
+
+def tap_exists(netns: str) -> bool:
+    return subprocess.run(["ip", "-n", netns, "link", "show", TAP], capture_output=True,
+                          timeout=30).returncode == 0  # fmt: skip
+
+
+@pytest.fixture
+def net_vsock_snapshot(netns: str, tmp_path: Path) -> Iterator[tuple[Path, Path, str]]:
+    """A snapshot of a machine with a virtio-net device on a tap kvmkit creates (no MAC
+    given: a random one) and a vsock device: (state, mem, the MAC)."""
+    uds = tmp_path / "v.sock"
+    cfg = MachineConfig(
+        kernel=build_kernel(tmp_path), cmdline="", mem_mib=64, nets=[NetConfig(TAP)],
+        vsock=VsockConfig(5, uds),
+    )  # fmt: skip
+    state, mem = tmp_path / "vm.state", tmp_path / "vm.mem"
+    install_kick_handler()  # from the main thread (signal.signal); build runs in another,
+    with Machine(cfg) as m:
+        in_netns(netns, m.build)  # which makes the tap in the namespace
+        m.start()
+        m.pause()
+        m.snapshot(state, mem)
+        dev = m.virtio[0][2]
+        assert isinstance(dev, VirtioNet) and dev.created_tap
+        mac = format_mac(dev.mac)
+    # The old process's host side is gone: the tap it created, its socket file.
+    assert not tap_exists(netns) and not uds.exists()
+    yield state, mem, mac
+
+
+@needs_root
+def test_net_and_vsock_are_saved_and_restored(
+    net_vsock_snapshot: tuple[Path, Path, str], netns: str, tmp_path: Path
+) -> None:
+    state, mem, mac = net_vsock_snapshot
+    uds = tmp_path / "v.sock"
+    saved = read_state(state)
+    config = saved["meta"]["config"]
+    assert config["nets"] == [{"tap": TAP, "mac": mac}]
+    assert config["vsock"] == {"cid": 5, "uds_path": str(uds)}
+    virtio = saved["devices"]["virtio"]
+    assert [v["device"]["device_id"] for v in virtio] == [1, 19]
+    assert virtio[0]["device"]["device"] == {"tap": TAP, "mac": mac}
+    assert virtio[1]["device"]["device"] == {"cid": 5, "next_port": 1 << 30}
+
+    m = in_netns(netns, lambda: restore_machine(state, mem))
+    try:
+        assert m.config.nets == [NetConfig(TAP, mac)]
+        assert m.config.vsock == VsockConfig(5, uds)
+        assert [(b, i, type(d)) for b, i, d in m.virtio] == [
+            (virtio[0]["base"], virtio[0]["irq"], VirtioNet),
+            (virtio[1]["base"], virtio[1]["irq"], VirtioVsock),
+        ]
+        assert [d.save() for _, _, d in m.virtio] == [v["device"] for v in virtio]
+        # The restoring process opened the tap by name (created again, as at boot) and
+        # bound a new socket at the saved path.
+        net = m.virtio[0][2]
+        assert isinstance(net, VirtioNet) and net.created_tap and tap_exists(netns)
+        assert stat.S_ISSOCK(uds.stat().st_mode)
+        m.start()
+        m.pause()
+        m.resume()
+    finally:
+        m.close()
+    assert not tap_exists(netns) and not uds.exists()
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value", "message"),
+    [
+        ("nets", "mac", "zz:00:00:00:00:01", "nets\\[0\\]: mac 'zz:00:00:00:00:01' is not six"),
+        ("nets", "mac", None, "nets\\[0\\].mac must be a string"),
+        ("nets", "tap", "a/b", "nets\\[0\\]: tap name 'a/b' is not a valid interface name"),
+        ("vsock", "cid", 2, "vsock: vsock cid 2: must be between 3"),
+        ("vsock", "uds_path", "/tmp/" + "x" * 120, "path too long for a Unix socket"),
+        ("vsock", "uds_path", "/nonexistent/v.sock", "no such directory"),
+        ("net", "mac", "01:00:00:00:00:01", "virtio\\[0\\].device.device: mac 01:00:00:00:00:01: "
+         "a multicast"),
+        ("net", "tap", 5, "virtio\\[0\\].device.device.tap must be a string"),
+        ("vsock-device", "cid", 1 << 40, "virtio\\[1\\].device.device.cid must be an integer"),
+        ("vsock-device", "next_port", 1023, "next_port must be an integer in"),
+        ("count", "", None, "more than 9 virtio devices"),
+    ],
+)  # fmt: skip
+@needs_root
+def test_malformed_net_or_vsock_state_is_refused_before_any_vm(
+    net_vsock_snapshot: tuple[Path, Path, str], where: str, key: str, value: object,
+    message: str,
+) -> None:  # fmt: skip
+    state, mem, _ = net_vsock_snapshot
+    data = read_state(state)
+    config = data["meta"]["config"]
+    if where == "nets":
+        config["nets"][0][key] = value
+    elif where == "vsock":
+        config["vsock"][key] = value
+    elif where == "net":
+        data["devices"]["virtio"][0]["device"]["device"][key] = value
+    elif where == "vsock-device":
+        data["devices"]["virtio"][1]["device"]["device"][key] = value
+    else:
+        config["nets"] = [{"tap": f"t{i}", "mac": "02:00:00:00:00:01"} for i in range(9)]
+    state.write_bytes(encode(data))
+    with pytest.raises(SnapshotError, match=message):
+        restore_machine(state, mem, kvm_device="/nonexistent")  # no VM: never opened
+
+
+def test_restore_replaces_a_stale_vsock_socket_and_refuses_a_live_one(tmp_path: Path) -> None:
+    """The process that took the snapshot removes its socket file when it exits; one that
+    was killed leaves it behind. Restore removes such a leftover (nobody listens on it) but
+    takes over neither a live socket (the VM it was taken from still running) nor a file
+    that is not a socket."""
+    uds = tmp_path / "v.sock"
+    cfg = MachineConfig(kernel=build_kernel(tmp_path), cmdline="", mem_mib=64,
+                        vsock=VsockConfig(3, uds))  # fmt: skip
+    state, mem = tmp_path / "vm.state", tmp_path / "vm.mem"
+    with Machine(cfg) as m:
+        m.start()
+        m.pause()
+        m.snapshot(state, mem)
+        # Killed: its socket file stays (a process that exits removes it, as here below).
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(str(tmp_path / "stale.sock"))
+        stale.close()
+    assert not uds.exists()
+    (tmp_path / "stale.sock").rename(uds)
+    m2 = restore_machine(state, mem)
+    try:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.connect(str(uds))  # the restored device listens there now
+        probe.close()
+        # While it runs, another restore of the same snapshot is refused before any VM.
+        with pytest.raises(UserError, match="another process is serving this socket"):
+            restore_machine(state, mem, kvm_device="/nonexistent")
+    finally:
+        m2.close()
+    assert not uds.exists()
+    uds.write_text("not a socket")
+    with pytest.raises(UserError, match="exists and is not a socket"):
+        restore_machine(state, mem, kvm_device="/nonexistent")
+    assert uds.read_text() == "not a socket"

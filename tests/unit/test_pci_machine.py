@@ -12,6 +12,7 @@ import pytest
 
 from kvmkit.arch.x86_64 import acpi, layout
 from kvmkit.devices.virtio.blk import DriveConfig
+from kvmkit.devices.virtio.vsock import VsockConfig
 from kvmkit.errors import UserError
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.machine import Machine
@@ -47,10 +48,11 @@ def test_iasl_reads_the_host_bridge(tmp_path: Path) -> None:
     assert "0xEEFFFFFF,         // Range Maximum" in dsl
 
 
-def _cmdline(tmp_path: Path, transport: str, *, rng: bool = True) -> str:
+def _cmdline(tmp_path: Path, transport: str, *, rng: bool = True, vsock: bool = False) -> str:
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"\0")
-    cfg = MachineConfig(kernel=kernel, rng=rng, virtio_transport=transport)
+    cfg = MachineConfig(kernel=kernel, rng=rng, virtio_transport=transport,
+                        vsock=VsockConfig(3, tmp_path / "v.sock") if vsock else None)  # fmt: skip
     with Machine(cfg) as m:
         return m.kernel_and_initrd()[2]
 
@@ -64,6 +66,8 @@ def test_cmdline_pci_transport_drops_pci_off(tmp_path: Path) -> None:
     assert "virtio_mmio.device=4K@0xd0000000:5" in mmio
     # No virtio devices: nothing on PCI, so the guest need not scan it.
     assert "pci=off" in _cmdline(tmp_path, "pci", rng=False).split()
+    # Any virtio device counts (a vsock alone, or nets alone, is on the bus too).
+    assert "pci=off" not in _cmdline(tmp_path, "pci", rng=False, vsock=True).split()
 
 
 def test_unknown_transport_is_refused(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@ the real worker thread, with real Unix sockets on the host side (Firecracker's p
 
 from __future__ import annotations
 
+import copy
+import json
 import socket
 import struct
 import time
@@ -10,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from virtio_mock import MockDriver, new_memory
+from virtio_mock import MEM_SIZE, MockDriver, new_memory, restore_as_new_process
 
 from kvmkit.devices.irq import NoIrq
 from kvmkit.devices.virtio import mmio as r
@@ -24,11 +26,13 @@ from kvmkit.devices.virtio.device import (
     VirtioWorker,
 )
 from kvmkit.devices.virtio.queue import VIRTQ_DESC_F_WRITE
+from kvmkit.snapshot.format import SnapshotError
 
 CID = 42
 RX_BUF = v.HDR_SIZE + 4096  # what Linux 6.1 gives: header + 4 KiB
 RX_DATA = 0x20000  # rx buffers: one per descriptor slot
 TX_DATA, TX_END = 0x40000, 0xF0000
+EVENT_DATA = 0xF8000  # event buffers (struct virtio_vsock_event, 4 bytes): one per slot
 
 Packet = tuple[int, int, int, int, int, int, int, int, int, int, bytes]
 
@@ -102,6 +106,20 @@ class Guest:
             )
             drv.publish(slot)
         self.wr(r.QUEUE_NOTIFY, v.RX)
+
+    def give_events(self, count: int) -> None:
+        """Event buffers, as Linux posts them at probe and after handling each event."""
+        drv = self.q[v.EVENT]
+        for _ in range(count):
+            slot = drv.avail_idx % self.size
+            drv.write_desc(drv.desc_base, slot, EVENT_DATA + 4 * slot, 4, VIRTQ_DESC_F_WRITE, 0)
+            drv.publish(slot)
+        self.wr(r.QUEUE_NOTIFY, v.EVENT)
+
+    def events(self) -> list[tuple[int, int]]:
+        """(used length, event id) of the event buffers the device returned."""
+        return [(length, int(struct.unpack("<I", self.mem.read(EVENT_DATA + 4 * slot, 4))[0]))
+                for slot, length in self.q[v.EVENT].used()]  # fmt: skip
 
     def poll(self) -> list[Packet]:
         for slot, length in self.q[v.RX].used():
@@ -349,6 +367,122 @@ def test_reset_closes_host_connections(guest: Guest) -> None:
     guest.wr(r.STATUS, 0)  # driver reset
     assert client.recv(10) == b""
     assert guest.dev.conns == {}
+
+
+@pytest.mark.parametrize("posted", [4, 0], ids=["event-buffers-posted", "none-yet"])
+def test_restore_resets_the_guest_then_new_connections_work(
+    guest: Guest, worker: VirtioWorker, posted: int
+) -> None:
+    """Firecracker's behaviour: connections do not survive a snapshot. The device restored
+    (as in another process, over a copy of guest memory) has none; it sends the guest
+    VIRTIO_VSOCK_EVENT_TRANSPORT_RESET in an event buffer (the first one the guest posts,
+    if it had none) and holds every rx packet until the guest gave that buffer back, so a
+    new connection never reaches the guest before the reset. Then connections work both
+    ways, from the next host port."""
+    g = guest
+    uds = g.dev.uds_path
+    g.give_rx(8)
+    if posted:
+        g.give_events(posted)
+    client, req = host_connect(g, 5000)
+    old_port = req[2]
+    g.send(v.OP_RESPONSE, 5000, old_port)
+    assert client.recv(64) == f"OK {old_port}\n".encode()
+    client.sendall(b"before")
+    assert g.expect(v.OP_RW)[10] == b"before"
+
+    assert worker.pause()
+    state = json.loads(json.dumps(g.dev.save()))
+    transport_state = g.transport.save()
+    assert state["device"] == {"cid": CID, "next_port": old_port + 1}
+    memory = g.mem.read(0, MEM_SIZE)
+    g.dev.close()  # the old process ends: its host connections and socket file with it
+    assert client.recv(10) == b""
+    assert not uds.exists()
+    assert g.events() == []  # nothing was sent while running
+
+    dev2 = v.VirtioVsock(CID, uds)
+    worker2 = VirtioWorker()
+    try:
+        restore_as_new_process(g, dev2, worker2, memory, state, transport_state)
+        if not posted:
+            time.sleep(0.1)
+            assert g.events() == []  # sent as soon as the guest posts an event buffer
+            g.give_events(1)
+        events: list[tuple[int, int]] = []
+        wait_for(lambda: events.extend(g.events()) or events)
+        assert events == [(4, v.VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)]
+        # With EVENT_IDX the guest's next event buffer notifies (its answer).
+        assert g.q[v.EVENT].avail_event() == g.q[v.EVENT].avail_idx
+
+        # A host connection before the guest has handled the reset: its REQUEST waits, and
+        # so does the RST for a packet on the connection of before the snapshot.
+        client2 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client2.settimeout(5)
+        client2.connect(str(uds))
+        client2.sendall(b"CONNECT 5000\n")
+        g.send(v.OP_RW, 5000, old_port, b"stale")
+        time.sleep(0.2)
+        assert g.poll() == []
+        g.give_events(1)  # Linux reset its sockets and gives the buffer back
+        assert g.expect(v.OP_RST)[2:4] == (old_port, 5000)
+        req2 = g.expect(v.OP_REQUEST)
+        assert req2[2:4] == (old_port + 1, 5000)  # host ports go on: no clash with before
+        g.send(v.OP_RESPONSE, 5000, req2[2])
+        assert client2.recv(64) == f"OK {old_port + 1}\n".encode()
+        client2.sendall(b"after")
+        assert g.expect(v.OP_RW)[10] == b"after"
+        g.send(v.OP_RW, 5000, req2[2], b"back")
+        assert recv_exactly(client2, 4) == b"back"
+
+        # Guest -> host (<uds>_6000) as well.
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(f"{uds}_6000")
+        listener.listen(1)
+        listener.settimeout(5)
+        g.send(v.OP_REQUEST, 1234, 6000)
+        assert g.expect(v.OP_RESPONSE)[2:4] == (6000, 1234)
+        conn, _ = listener.accept()
+        g.send(v.OP_RW, 1234, 6000, b"guest after restore")
+        assert recv_exactly(conn, 19) == b"guest after restore"
+        conn.close()
+        listener.close()
+        client2.close()
+        assert dev2.errors == []
+    finally:
+        worker2.close()
+        dev2.close()
+        worker.resume()
+    assert not uds.exists()
+
+
+def test_restore_refuses_another_cid_or_malformed_vsock_state(guest: Guest) -> None:
+    guest.give_events(2)
+    state = guest.dev.save()
+    other = copy.deepcopy(state)
+    other["device"]["cid"] = CID + 1
+    with pytest.raises(SnapshotError, match=f"guest CID {CID + 1} was restored as {CID}"):
+        guest.dev.restore(other)
+    for key, value, message in (("cid", 2, "cid must be an integer in"),
+                                ("next_port", 80, "next_port must be an integer in"),
+                                ("next_port", "x", "next_port must be an integer in")):  # fmt: skip
+        bad = copy.deepcopy(state)
+        bad["device"][key] = value
+        with pytest.raises(SnapshotError, match=message):
+            v.VirtioVsock.check_device_state(bad["device"], "d")
+    assert guest.dev.save() == state
+
+
+def test_close_leaves_a_newer_socket_file_alone(tmp_path: Path) -> None:
+    """The process that took a snapshot may close after a restoring one (which removed the
+    stale file) bound its own socket at the path: that one stays."""
+    dev = v.VirtioVsock(CID, tmp_path / "v.sock")
+    (tmp_path / "v.sock").unlink()
+    newer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    newer.bind(str(tmp_path / "v.sock"))
+    dev.close()
+    assert (tmp_path / "v.sock").exists()
+    newer.close()
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,11 @@ and can also write arbitrary (hostile) descriptors."""
 from __future__ import annotations
 
 import struct
+from typing import Any
 
+from kvmkit.devices.irq import NoIrq
+from kvmkit.devices.virtio.device import VirtioDevice, VirtioWorker
+from kvmkit.devices.virtio.mmio import VirtioMmio
 from kvmkit.devices.virtio.queue import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -25,6 +29,27 @@ def new_memory() -> GuestMemory:
     mem = GuestMemory()
     mem.add_anonymous(0, MEM_SIZE)
     return mem
+
+
+def restore_as_new_process(
+    guest: Any, device: VirtioDevice, worker: VirtioWorker, memory: bytes,
+    state: dict[str, Any], transport_state: dict[str, Any],
+) -> None:  # fmt: skip
+    """What a restoring process does, for a test's mock guest (`mem`, `dev`, `transport` and
+    its queues' drivers `q`): the guest's memory copied, `device` on a new virtio-mmio
+    transport and on `worker` (not yet started), both given their saved state, the ready
+    queues kicked, then the worker started."""
+    mem = new_memory()
+    mem.write(0, memory)
+    guest.mem, guest.dev = mem, device
+    for drv in guest.q:
+        drv.mem = mem
+    guest.transport = VirtioMmio(device, mem, NoIrq())
+    worker.add(device)
+    device.restore(state)
+    guest.transport.restore(transport_state)
+    device.kick_ready_queues()
+    worker.start()
 
 
 class MockDriver:

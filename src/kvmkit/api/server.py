@@ -16,9 +16,7 @@ import http.server
 import json
 import logging
 import os
-import socket
 import socketserver
-import stat
 import threading
 import time
 import urllib.parse
@@ -26,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvmkit.api.actions import ApiError, Vmm
+from kvmkit.unixsock import remove_stale_socket
 
 log = logging.getLogger("kvmkit.api")
 
@@ -288,7 +287,7 @@ class ApiServer:
 
     def __init__(self, vmm: Vmm, path: str) -> None:
         self.path = path
-        _remove_stale_socket(path)
+        remove_stale_socket(path)
         try:
             self._server = _UnixServer(path, Router(vmm))
         except OSError as err:
@@ -307,23 +306,3 @@ class ApiServer:
         self._server.server_close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
-
-
-def _remove_stale_socket(path: str) -> None:
-    """A socket file left by a process that is gone is removed; a live one is an error."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(17, f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1)
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(98, f"{path}: another process is serving this socket")

@@ -45,6 +45,11 @@ class MachineConfig:
     nets: list[NetConfig] = field(default_factory=list)
     vsock: VsockConfig | None = None
 
+    @property
+    def virtio_count(self) -> int:
+        """How many virtio devices: drives, the rng, nets, vsock (Machine's order)."""
+        return len(self.drives) + int(self.rng) + len(self.nets) + int(self.vsock is not None)
+
     def validate(self, host_max_vcpus: int | None = None) -> None:
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise UserError(f"--vcpus {self.vcpus}: must be between 1 and {MAX_VCPUS}")
@@ -85,8 +90,7 @@ class MachineConfig:
         taps = [n.tap for n in self.nets]
         if len(set(taps)) != len(taps):
             raise UserError("--net: the same tap twice")
-        count = len(self.drives) + int(self.rng) + len(self.nets) + int(self.vsock is not None)
-        if count > MAX_VIRTIO_DEVICES:
+        if self.virtio_count > MAX_VIRTIO_DEVICES:
             raise UserError(f"at most {MAX_VIRTIO_DEVICES} virtio devices")
         if self.initrd is not None and self.kernel is None:
             raise UserError("--initrd needs --kernel (the default image brings its own)")

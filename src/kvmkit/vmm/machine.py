@@ -217,8 +217,7 @@ class Machine:
 
     def uses_pci(self) -> bool:
         """virtio devices over PCI: the guest needs its PCI bus (no `pci=off`)."""
-        cfg = self.config
-        return cfg.virtio_transport == "pci" and bool(cfg.drives or cfg.rng)
+        return self.config.virtio_transport == "pci" and self.config.virtio_count > 0
 
     def base_cmdline(self) -> str:
         return BASE_CMDLINE.replace(" pci=off", "") if self.uses_pci() else BASE_CMDLINE
@@ -309,10 +308,9 @@ class Machine:
         c = self.config
         if c.virtio_transport != "mmio":
             return []
-        count = len(c.drives) + int(c.rng) + len(c.nets) + int(c.vsock is not None)
         return [
             (layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_MMIO_IRQS[i])
-            for i in range(count)
+            for i in range(c.virtio_count)
         ]
 
     def _add_virtio(self, vm: Vm) -> None:

@@ -16,7 +16,9 @@ Virtio devices are quiesced by the pause: the worker thread parks between reques
 inside a chain) and block devices fdatasync their images. A restore rebuilds them from the
 saved configuration (same MMIO slots, IRQs, ioeventfds and irqfds), takes over their queue
 state without a reset and kicks every ready queue once, so a request the guest queued just
-before the pause is served.
+before the pause is served. virtio-net reopens its tap by name; virtio-vsock binds a new
+Unix socket (a stale one left by a killed process is removed) and, having no connection,
+sends the guest a transport reset.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmkit.abi.constants import KVM_PIT_SPEAKER_DUMMY
-from kvmkit.devices.virtio.blk import VIRTIO_ID_BLOCK, DriveConfig
-from kvmkit.devices.virtio.device import VirtioState, parse_state
-from kvmkit.devices.virtio.rng import VIRTIO_ID_RNG
+from kvmkit.devices.virtio.blk import DriveConfig, VirtioBlk
+from kvmkit.devices.virtio.device import VirtioDevice, VirtioState, parse_state
+from kvmkit.devices.virtio.net import NetConfig, VirtioNet, format_mac
+from kvmkit.devices.virtio.rng import VirtioRng
+from kvmkit.devices.virtio.vsock import VirtioVsock, VsockConfig
 from kvmkit.errors import UserError
 from kvmkit.kvm import Kvm, KvmError
 from kvmkit.kvm.kick import install_kick_handler
@@ -40,7 +44,8 @@ from kvmkit.snapshot import core
 from kvmkit.snapshot.format import Fields, SnapshotError
 from kvmkit.snapshot.memory import enable_dirty_log
 from kvmkit.snapshot.vcpu_state import resume_vcpu
-from kvmkit.vmm.config import VIRTIO_TRANSPORTS, MachineConfig
+from kvmkit.unixsock import remove_stale_socket
+from kvmkit.vmm.config import MAX_VIRTIO_DEVICES, VIRTIO_TRANSPORTS, MachineConfig
 from kvmkit.vmm.console import CommandOutput
 
 if TYPE_CHECKING:
@@ -123,11 +128,6 @@ def snapshot_machine(
         raise UserError("the machine is not running: nothing to snapshot")
     if not _is_paused(machine):
         raise UserError("pause the machine before taking a snapshot")
-    if machine.config.nets or machine.config.vsock is not None:
-        # Their host side (a tap, Unix-socket connections) is not in the state yet; vsock
-        # needs Firecracker's transport-reset event on restore (docs/snapshot.md).
-        raise UserError("snapshots of machines with virtio-net or vsock devices are not "
-                        "supported yet")  # fmt: skip
     if diff and not all(r.log_dirty for r in machine.mem.regions):
         raise UserError("a diff snapshot needs a full snapshot of this machine first")
     machine.console.flush()  # the parser state below must include every byte printed so far
@@ -137,9 +137,16 @@ def snapshot_machine(
          "size": d.path.stat().st_size}
         for d in cfg.drives
     ]  # fmt: skip
+    # The MAC the guest knows (a random one when none was configured) and the tap by name.
+    nets = [{"tap": dev.tap_name, "mac": format_mac(dev.mac)}
+            for _, _, dev in machine.virtio if isinstance(dev, VirtioNet)]  # fmt: skip
+    vsock = None
+    if cfg.vsock is not None:
+        vsock = {"cid": cfg.vsock.cid, "uds_path": str(cfg.vsock.uds_path.absolute())}
     meta: dict[str, Any] = {
         "config": {"vcpus": cfg.vcpus, "mem_mib": cfg.mem_mib, "command": list(cfg.command),
-                   "drives": drives, "rng": cfg.rng, "virtio_transport": cfg.virtio_transport},
+                   "drives": drives, "rng": cfg.rng, "virtio_transport": cfg.virtio_transport,
+                   "nets": nets, "vsock": vsock},
         "nonce": machine.nonce,
     }  # fmt: skip
     if machine.command is not None:
@@ -190,28 +197,59 @@ def _config_from(meta: Fields) -> MachineConfig:
     transport = cfg.get_str("virtio_transport", 16) if cfg.has("virtio_transport") else "mmio"
     if transport not in VIRTIO_TRANSPORTS:
         raise SnapshotError(f"snapshot state: meta.config.virtio_transport {transport!r}")
-    return MachineConfig(
+    nets = []
+    for i, raw in enumerate(cfg.get_list("nets", MAX_VIRTIO) if cfg.has("nets") else []):
+        n = Fields(raw, f"meta.config.nets[{i}]")
+        net = NetConfig(n.get_str("tap", 64), n.get_str("mac", 64))
+        try:
+            net.check()
+        except ValueError as err:
+            raise SnapshotError(f"snapshot state: {n.path}: {err}") from None
+        nets.append(net)
+    if len({n.tap for n in nets}) != len(nets):
+        raise SnapshotError("snapshot state: meta.config.nets: the same tap twice")
+    vsock = None
+    if cfg.obj.get("vsock") is not None:
+        v = cfg.get_obj("vsock")
+        vsock = VsockConfig(v.get_int("cid"), Path(v.get_str("uds_path", 4096)))
+        try:
+            vsock.check(exists_ok=True)  # a file left at the path: restore_machine
+        except ValueError as err:
+            raise SnapshotError(f"snapshot state: {v.path}: {err}") from None
+    config = MachineConfig(
         vcpus=cfg.get_int("vcpus", 1, 255), mem_mib=cfg.get_int("mem_mib", 1, 1 << 20),
         command=command, drives=drives, rng=cfg.get_bool("rng") if cfg.has("rng") else False,
-        virtio_transport=transport,
+        virtio_transport=transport, nets=nets, vsock=vsock,
     )  # fmt: skip
+    if config.virtio_count > MAX_VIRTIO_DEVICES:
+        raise SnapshotError(f"snapshot state: more than {MAX_VIRTIO_DEVICES} virtio devices")
+    return config
+
+
+def _virtio_classes(config: MachineConfig) -> list[type[VirtioDevice]]:
+    """The virtio devices a Machine builds for `config`, in its order."""
+    return [
+        *[VirtioBlk] * len(config.drives), *[VirtioRng] * int(config.rng),
+        *[VirtioNet] * len(config.nets), *[VirtioVsock] * int(config.vsock is not None),
+    ]  # fmt: skip
 
 
 def _check_virtio(devices: Fields, config: MachineConfig) -> list[tuple[Fields, VirtioState]]:
     """Every saved virtio device, checked before a VM exists: one per configured device, in
-    the order Machine builds them (drives, then the rng)."""
+    the order Machine builds them (drives, the rng, nets, vsock)."""
     raw = devices.get_list("virtio", MAX_VIRTIO) if devices.has("virtio") else []
-    want = [VIRTIO_ID_BLOCK] * len(config.drives) + [VIRTIO_ID_RNG] * int(config.rng)
+    want = _virtio_classes(config)
     if len(raw) != len(want):
         raise SnapshotError(
             f"snapshot state: {len(raw)} virtio devices saved, the configuration has {len(want)}"
         )
     out = []
-    for i, (entry, device_id) in enumerate(zip(raw, want, strict=True)):
+    for i, (entry, cls) in enumerate(zip(raw, want, strict=True)):
         f = Fields(entry, f"devices.virtio[{i}]")
         state = parse_state(f.obj.get("device"), f"{f.path}.device")
-        if state.device_id != device_id:
+        if state.device_id != cls.DEVICE_ID:
             raise SnapshotError(f"snapshot state: {f.path} is not the configured device")
+        cls.check_device_state(state.device, f"{f.path}.device.device")
         out.append((f, state))
     return out
 
@@ -253,6 +291,13 @@ def restore_machine(
         raise SnapshotError("snapshot state: vCPU count does not match the configuration")
     virtio_saved = _check_virtio(Fields(snap.devices, "devices"), config)
     snap.memory.check_file(base_mem if snap.memory.diff and base_mem is not None else mem_path)
+    if config.vsock is not None:
+        # The process that took the snapshot removes its socket when it exits; a killed one
+        # leaves the file. A live socket (that VM still runs) is not taken over.
+        try:
+            remove_stale_socket(config.vsock.uds_path)
+        except OSError as err:
+            raise UserError(f"vsock: {err.strerror or err}") from None
 
     install_kick_handler()
     machine = Machine(config, command_output=command_output, kvm_device=kvm_device)

@@ -119,7 +119,8 @@ class VcpuThread:
             self.vcpu.kick()
 
     def join(self, timeout: float | None = None) -> None:
-        self.thread.join(timeout)
+        if self.thread.ident is not None:  # a restored machine closed before it started
+            self.thread.join(timeout)
 
     def _main(self) -> None:
         try:

@@ -129,6 +129,14 @@ class VirtioBlk(VirtioDevice):
             "read_only": self.read_only, "serial": self.serial.decode("latin-1"),
         }  # fmt: skip
 
+    @classmethod
+    def check_device_state(cls, state: dict[str, Any], path: str) -> None:
+        f = Fields(state, path)
+        f.get_str("path", 4096)
+        f.get_int("size", 0, 2**63 - 1)
+        f.get_bool("read_only")
+        f.get_str("serial", ID_BYTES)
+
     def restore_device(self, state: dict[str, Any], path: str) -> None:
         """The rebuilt drive must be the saved one: same image path and size, same options.
         The guest's page cache and file systems describe that image; another one would be

@@ -12,8 +12,8 @@ see docs/virtio.md) maps its registers onto the state kept here:
 
 A subclass sets DEVICE_ID, `queue_sizes`, `features` and implements `process_queue(index)`
 (runs on the worker thread, holding `self.lock`) and optionally `config_bytes`,
-`config_write`, `activate`, `reset_device`, and for snapshots `quiesce`, `save_device` and
-`restore_device`.
+`config_write`, `activate`, `reset_device`, and for snapshots `quiesce`, `save_device`,
+`check_device_state`, `restore_device`, `restored` and `held_queues`.
 
 Snapshots (docs/snapshot.md): `save()` returns the device's state as versioned plain data
 (status, features, config generation, every queue's registers and indexes, and the
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from kvmkit.devices.virtio.queue import QueueError, QueueState, SplitQueue
+from kvmkit.errors import UserError
 from kvmkit.memory import GuestMemory
 from kvmkit.snapshot.format import Fields, SnapshotError
 
@@ -182,7 +183,7 @@ class VirtioDevice:
         """A driver write to the configuration space (ignored unless overridden)."""
 
     def activate(self) -> None:
-        """Called once at DRIVER_OK, the queues validated."""
+        """Called once at DRIVER_OK, the queues validated (and by `restored`)."""
 
     def process_queue(self, index: int) -> None:
         """Take and complete the available chains of queue `index` (worker thread)."""
@@ -199,20 +200,41 @@ class VirtioDevice:
         """The device-specific part of a snapshot, as plain data."""
         return {}
 
+    @classmethod
+    def check_device_state(cls, state: dict[str, Any], path: str) -> None:
+        """Check `save_device()` data read from a file, without a device (types, ranges):
+        a restore runs this over every device before it creates a VM. SnapshotError if
+        it is malformed."""
+
     def restore_device(self, state: dict[str, Any], path: str) -> None:
-        """Check and take over `save_device()` data (raise SnapshotError on anything wrong)."""
+        """Take over `save_device()` data, checked by `check_device_state`; raise
+        SnapshotError if it does not fit this device (another image, another MAC...)."""
+
+    def restored(self) -> None:
+        """`restore()` took over a live (activated) state: take up the host side as at
+        DRIVER_OK, since the driver will not negotiate again (net: the tap's offloads and
+        its watch). Runs under the device lock; OSError fails the restore."""
+        self.activate()
+
+    def held_queues(self) -> tuple[int, ...]:
+        """Queues whose most recently taken chain the device holds unused (an rx buffer
+        waiting for data). A snapshot saves that chain as not taken yet, so the restored
+        device takes it again instead of losing it with this process."""
+        return ()
 
     # -- snapshots
     def save(self) -> dict[str, Any]:
         """The device's state as plain data. Call with the worker paused (no chain in
         progress): then the queues' indexes match the rings in guest memory."""
         with self.lock:
+            held = self.held_queues()
             return {
                 "version": STATE_VERSION, "device_id": self.DEVICE_ID, "status": self.status,
                 "device_features": self.device_features,
                 "driver_features": self.driver_features,
                 "config_generation": self.config_generation, "activated": self.activated,
-                "queues": [q.save() for q in self.queues], "device": self.save_device(),
+                "queues": [q.save(held=int(i in held)) for i, q in enumerate(self.queues)],
+                "device": self.save_device(),
             }  # fmt: skip
 
     def restore(self, state: Any, path: str = "virtio") -> None:
@@ -229,7 +251,8 @@ class VirtioDevice:
         if st.device_features != self.device_features:
             raise SnapshotError(
                 f"snapshot state: {path}: the device offered features {st.device_features:#x}, "
-                f"this one offers {self.device_features:#x} (other drive options?)"
+                f"this one offers {self.device_features:#x} (other drive options, or a tap "
+                "with other offloads?)"
             )
         if len(st.queues) != len(self.queues):
             raise SnapshotError(
@@ -255,6 +278,7 @@ class VirtioDevice:
                     scratch.validate(self.mem)
                 except QueueError as err:
                     raise SnapshotError(f"snapshot state: {path}.queues[{i}]: {err}") from None
+        self.check_device_state(st.device, f"{path}.device")
         with self.lock:
             self.restore_device(st.device, f"{path}.device")
             for q, qs in zip(self.queues, st.queues, strict=True):
@@ -263,6 +287,11 @@ class VirtioDevice:
             self.driver_features = st.driver_features
             self.config_generation = st.config_generation
             self.activated = st.activated
+            if self.activated:
+                try:
+                    self.restored()
+                except OSError as err:
+                    raise UserError(f"virtio {self.name}: {err}") from None
 
     def kick_ready_queues(self) -> None:
         """After a restore: serve each ready queue once, so chains the driver made available

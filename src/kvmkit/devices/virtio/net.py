@@ -24,11 +24,13 @@ import selectors
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from kvmkit.abi import tun
 from kvmkit.devices.virtio import iov
 from kvmkit.devices.virtio.device import VirtioDevice
 from kvmkit.devices.virtio.queue import DescriptorChain, QueueError
+from kvmkit.snapshot.format import Fields, SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +226,32 @@ class VirtioNet(VirtioDevice):
 
     def stop_host_io(self) -> None:
         self._watch_tap(False)
+
+    # -- snapshots (docs/snapshot.md): the tap is reopened by name; the config space's MAC
+    # must come back the same. `restored()` (activate) sets the tap's offloads again and
+    # watches it: the rx buffers the guest posted are in the restored ring.
+    def save_device(self) -> dict[str, Any]:
+        return {"tap": self.tap_name, "mac": format_mac(self.mac)}
+
+    @classmethod
+    def check_device_state(cls, state: dict[str, Any], path: str) -> None:
+        f = Fields(state, path)
+        try:
+            NetConfig(f.get_str("tap", 64), f.get_str("mac", 64)).check()
+        except ValueError as err:
+            raise SnapshotError(f"snapshot state: {path}: {err}") from None
+
+    def restore_device(self, state: dict[str, Any], path: str) -> None:
+        f = Fields(state, path)
+        if f.get_str("tap", 64) != self.tap_name:
+            raise SnapshotError(f"snapshot state: {path}: tap {f.obj['tap']!r} was restored "
+                                f"as {self.tap_name!r}")  # fmt: skip
+        if parse_mac(f.get_str("mac", 64)) != self.mac:
+            raise SnapshotError(f"snapshot state: {path}: MAC {f.obj['mac']} was restored as "
+                                f"{format_mac(self.mac)}")  # fmt: skip
+
+    def held_queues(self) -> tuple[int, ...]:
+        return (RX,) if self._rx_held is not None else ()
 
     def reset_device(self) -> None:
         self._watch_tap(False)

@@ -114,12 +114,15 @@ class SplitQueue:
         self._signalled_used: int | None = None  # used.idx at the last interrupt decision
 
     # -- snapshots: the device-side queue state as plain data (docs/snapshot.md)
-    def save(self) -> dict[str, Any]:
+    def save(self, *, held: int = 0) -> dict[str, Any]:
+        """`held`: how many of the chains taken last the device holds unused; they are
+        saved as not taken yet. Their avail ring slots are intact: the driver cannot get a
+        whole ring ahead of the chains returned to it (§2.7.13.3)."""
         return {
             "size": self.size, "ready": self.ready, "desc_addr": self.desc_addr,
             "avail_addr": self.avail_addr, "used_addr": self.used_addr,
             "event_idx": self.event_idx, "indirect": self.indirect,
-            "last_avail": self.last_avail, "next_used": self.next_used,
+            "last_avail": (self.last_avail - held) & 0xFFFF, "next_used": self.next_used,
             "signalled_used": self._signalled_used,
         }  # fmt: skip
 
@@ -201,6 +204,18 @@ class SplitQueue:
             raise QueueError(str(err)) from None
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return self._walk(mem, head)
+
+    def notify_on_next(self, mem: GuestMemory) -> None:
+        """Ask the driver to notify when it makes the next chain available, however
+        VIRTIO_F_EVENT_IDX left avail_event (§2.7.10: it notifies when its index passes
+        avail_event); without it the driver always notifies (the device never sets
+        VIRTQ_USED_F_NO_NOTIFY)."""
+        if self.event_idx:
+            try:
+                self._set_avail_event(mem, self._avail_idx(mem))
+            except GuestMemoryError as err:
+                raise QueueError(str(err)) from None
+            full_fence()  # the caller looks at avail.idx again after this
 
     def _set_avail_event(self, mem: GuestMemory, value: int) -> None:
         try:

@@ -13,6 +13,11 @@ The host side, as Firecracker's:
 - a guest connecting to host CID 2 port P is connected to the Unix socket `<uds_path>_P`
   (RST when nothing listens there).
 
+Snapshots (docs/snapshot.md), as Firecracker: host connections do not survive them. A
+restored device has none; it sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue
+(§5.10.6.6) and holds every rx packet until the driver has handled it, so the guest resets
+its connected sockets (its listeners stay) before anything of a new connection reaches it.
+
 Bounded buffering: data the guest sends is written straight to the host socket; what the
 socket does not take waits in a per-connection buffer that the credit we gave the guest
 (`CONN_BUF_ALLOC`) bounds: a guest that sends beyond it is reset. Data from a host socket is
@@ -31,10 +36,12 @@ import socket
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kvmkit.devices.virtio import iov
 from kvmkit.devices.virtio.device import VirtioDevice
 from kvmkit.devices.virtio.queue import Buffer, DescriptorChain, QueueError
+from kvmkit.snapshot.format import Fields, SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +66,9 @@ OP_CREDIT_UPDATE = 6
 OP_CREDIT_REQUEST = 7
 SHUTDOWN_RCV = 1
 SHUTDOWN_SEND = 2
+# §5.10.6.6 struct virtio_vsock_event: le32 id
+EVENT_STRUCT = struct.Struct("<I")
+VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0
 
 CONN_BUF_ALLOC = 256 * 1024  # the credit we give the guest per connection (§5.10.6.3)
 MAX_PKT = 64 * 1024  # payload per packet either way (Linux: VIRTIO_VSOCK_MAX_PKT_BUF_SIZE)
@@ -95,8 +105,9 @@ class VsockConfig:
             raise ValueError(f"--vsock {spec}: needs cid=N and uds=PATH")
         return cls(cid, Path(uds))
 
-    def check(self) -> None:
-        """What `MachineConfig.validate` checks; raises ValueError."""
+    def check(self, *, exists_ok: bool = False) -> None:
+        """What `MachineConfig.validate` checks; raises ValueError. `exists_ok`: a restore
+        deals with a socket file left at the path itself (`remove_stale_socket`)."""
         if not MIN_GUEST_CID <= self.cid <= MAX_GUEST_CID:
             raise ValueError(f"vsock cid {self.cid}: must be between 3 and {MAX_GUEST_CID}")
         # sun_path is 108 bytes with the NUL; `<uds>_<port>` must fit too.
@@ -104,9 +115,13 @@ class VsockConfig:
             raise ValueError(f"vsock uds {self.uds_path}: path too long for a Unix socket")
         if not self.uds_path.parent.is_dir():
             raise ValueError(f"vsock uds {self.uds_path}: no such directory")
-        if self.uds_path.exists() or self.uds_path.is_symlink():
+        if not exists_ok and (self.uds_path.exists() or self.uds_path.is_symlink()):
             raise ValueError(f"vsock uds {self.uds_path}: already exists")
 
+
+# After a restore: the TRANSPORT_RESET event is to be sent, or the driver's answer awaited.
+RESET_SEND = "send"
+RESET_ACK = "ack"
 
 # Connection states
 CONNECTING = "connecting"  # host-initiated: REQUEST sent, waiting for the guest's RESPONSE
@@ -160,6 +175,8 @@ class VirtioVsock(VirtioDevice):
         self.uds_path = Path(uds_path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.listener.bind(os.fspath(self.uds_path))
+        st = os.stat(self.uds_path)
+        self._uds_id = (st.st_dev, st.st_ino)  # close() removes this file, not a newer one
         self.listener.listen(16)
         self.listener.setblocking(False)
         self.conns: dict[tuple[int, int], _Conn] = {}  # (local_port, peer_port)
@@ -168,6 +185,8 @@ class VirtioVsock(VirtioDevice):
         self._ready: collections.deque[_Conn] = collections.deque()  # readable host sockets
         self._rx_held: DescriptorChain | None = None
         self._next_port = FIRST_HOST_PORT
+        self._reset: str | None = None  # RESET_SEND, RESET_ACK after a restore
+        self._reset_level = 0  # event buffers left when the reset went out
         self.dropped_control = 0
         self.resets_sent = 0
 
@@ -200,25 +219,89 @@ class VirtioVsock(VirtioDevice):
         self._control.clear()
         self._ready.clear()
         self._rx_held = None
+        self._reset = None
 
     def close(self) -> None:
         with self.lock:
             self.reset_device()
             if self.listener.fileno() >= 0:
                 self.listener.close()
+                # Only our own socket file: a process restoring a snapshot of this VM may
+                # have put its own at the path already (it removes a stale one).
                 try:
-                    self.uds_path.unlink()
+                    st = os.stat(self.uds_path)
+                    if (st.st_dev, st.st_ino) == self._uds_id:
+                        self.uds_path.unlink()
                 except OSError:
                     pass
         super().close()
 
+    # -- snapshots: the guest CID and the next host port; no connection is saved
+    def save_device(self) -> dict[str, Any]:
+        return {"cid": self.cid, "next_port": self._next_port}
+
+    @classmethod
+    def check_device_state(cls, state: dict[str, Any], path: str) -> None:
+        f = Fields(state, path)
+        f.get_int("cid", MIN_GUEST_CID, MAX_GUEST_CID)
+        f.get_int("next_port", FIRST_HOST_PORT, 0xFFFFFFFF)
+
+    def restore_device(self, state: dict[str, Any], path: str) -> None:
+        f = Fields(state, path)
+        if f.get_int("cid", MIN_GUEST_CID, MAX_GUEST_CID) != self.cid:
+            raise SnapshotError(f"snapshot state: {path}: guest CID {f.obj['cid']} was "
+                                f"restored as {self.cid}")  # fmt: skip
+        # Host ports go on from where they were: a guest socket reset by the restore keeps
+        # its address until its program closes it, and a new connection from the same host
+        # port would be answered by that socket (with a RST).
+        self._next_port = f.get_int("next_port", FIRST_HOST_PORT, 0xFFFFFFFF)
+
+    def restored(self) -> None:
+        super().restored()  # watch the listening socket (a new one, this process's)
+        # The guest still holds the connections of the process that took the snapshot.
+        if self.queues[EVENT].ready:
+            self._reset = RESET_SEND
+
+    def held_queues(self) -> tuple[int, ...]:
+        return (RX,) if self._rx_held is not None else ()
+
     def process_queue(self, index: int) -> None:
         if index == TX:
             self._process_tx()
-        # The event queue (§5.10.6.7) holds buffers for TRANSPORT_RESET, which this device
-        # never sends (no live migration of connections): its buffers stay available.
-        # An rx notification means new rx buffers: packets waiting for them can go now.
+        # An rx notification means new rx buffers: packets waiting for them can go now. An
+        # event queue notification (new event buffers) may be the driver's answer to a
+        # TRANSPORT_RESET, which _fill_rx waits for.
         self._fill_rx()
+
+    def _reset_done(self) -> bool:
+        """After a restore: send VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (§5.10.6.6) in the next
+        event buffer, then wait for the driver to have handled it. Linux resets its
+        connected sockets, then gives the buffer back and notifies; a packet of a new
+        connection that reached it before would be reset with the old ones (Firecracker
+        holds rx the same way). True once rx may go on."""
+        assert self.mem is not None
+        queue = self.queues[EVENT]
+        if self._reset == RESET_SEND:
+            chain = queue.pop(self.mem)
+            if chain is None:
+                return False  # the driver's next event buffer (its notification) resumes
+            # §5.10.6.6: event buffers are device-writable struct virtio_vsock_event.
+            if chain.writable_length < EVENT_STRUCT.size:
+                raise QueueError(f"vsock event buffer of {chain.writable_length} bytes < 4")
+            # Read before the driver can see the event: one buffer more is its answer.
+            self._reset_level = queue.pending(self.mem)
+            iov.scatter(self.mem, chain.writable,
+                        EVENT_STRUCT.pack(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))  # fmt: skip
+            # Linux handles an event only if the used length is exactly the event's size.
+            self.complete(EVENT, chain.head, EVENT_STRUCT.size)
+            self._reset = RESET_ACK
+            queue.notify_on_next(self.mem)  # with EVENT_IDX the answer must notify too
+            self.signal_used(EVENT)
+            log.info("virtio %s: transport reset sent", self.name)
+        if queue.pending(self.mem) <= self._reset_level:
+            return False
+        self._reset = None
+        return True
 
     # -- guest -> host
     def _process_tx(self) -> None:
@@ -583,6 +666,8 @@ class VirtioVsock(VirtioDevice):
 
     def _fill_rx(self) -> None:
         assert self.mem is not None
+        if self._reset is not None and not self._reset_done():
+            return
         used = False
         while True:
             conn = None if self._control else self._next_ready()
