@@ -8,13 +8,14 @@
 #   gcc binutils make linux-libc-dev   tiny guests (as, ld, gcc) and the ABI test (linux/kvm.h)
 #   e2fsprogs        mkfs.ext4, e2fsck and debugfs: the ext4-on-virtio-blk lane test makes and
 #                    checks its image on the host (not Essential: minimal containers lack it)
+#   iproute2         `ip` (netns, taps, addresses): `kvmkit net setup` and the net/vsock tests
 # The lane kernel (Debian's linux-image-<abi>-amd64-unsigned) is fetched with `apt-get download`
 # and unpacked into the cache, never installed. Needs root (or sudo) only to install packages;
 # only the package registries need to be reachable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(qemu-system-x86 busybox-static cpio acpica-tools gcc binutils make linux-libc-dev e2fsprogs)
+PACKAGES=(qemu-system-x86 busybox-static cpio acpica-tools gcc binutils make linux-libc-dev e2fsprogs iproute2)
 
 say() { echo "setup-host: $*"; }
 
