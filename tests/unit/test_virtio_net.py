@@ -16,25 +16,20 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from virtio_mock import MEM_SIZE, MockDriver, new_memory, restore_as_new_process
+from virtio_mock import MEM_SIZE, MmioGuest, restore_as_new_process, wait_for
 
-from kvmkit.devices.irq import NoIrq
 from kvmkit.devices.virtio import mmio as r
 from kvmkit.devices.virtio import net as n
 from kvmkit.devices.virtio.device import (
-    STATUS_ACKNOWLEDGE,
-    STATUS_DRIVER,
     STATUS_DRIVER_OK,
-    STATUS_FEATURES_OK,
     STATUS_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
     VirtioWorker,
 )
-from kvmkit.devices.virtio.queue import VIRTQ_DESC_F_WRITE
 from kvmkit.snapshot.format import SnapshotError
 from kvmkit.testing.netns import in_netns, temp_netns
 
@@ -48,13 +43,6 @@ RX_BUF = 1526 + 12  # Linux's small-buffer size (no GUEST_TSO), header included
 RX_DATA = 0x20000
 TAP = "kvmktap0"
 
-
-def wait_for(cond: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.002)
 
 
 @pytest.fixture
@@ -71,68 +59,14 @@ def worker() -> Iterator[VirtioWorker]:
     w.close()
 
 
-class Guest:
+class Guest(MmioGuest):
+    """The guest's net driver: rx and tx queues over virtio-mmio."""
+
+    rx_queue, rx_data, rx_buf = n.RX, RX_DATA, RX_BUF
+
     def __init__(self, dev: n.VirtioNet, size: int = 16) -> None:
-        self.mem = new_memory()
-        self.dev = dev
-        self.transport = r.VirtioMmio(dev, self.mem, NoIrq())
-        self.q = [
-            MockDriver(self.mem, size, rings=(0x1000 + 0x1000 * i, 0x8000 + 0x1000 * i,
-                                              0xC000 + 0x1000 * i), data_base=0x60000)
-            for i in range(2)
-        ]  # fmt: skip
-        self.size = size
-        self.rx_slot = 0
-
-    def wr(self, off: int, value: int) -> None:
-        self.transport.write(off, memoryview(bytearray(struct.pack("<I", value))))
-
-    def rd(self, off: int) -> int:
-        buf = bytearray(4)
-        self.transport.read(off, memoryview(buf))
-        return int(struct.unpack("<I", buf)[0])
-
-    def offered(self) -> int:
-        out = 0
-        for sel in (0, 1):
-            self.wr(r.DEVICE_FEATURES_SEL, sel)
-            out |= self.rd(r.DEVICE_FEATURES) << (32 * sel)
-        return out
-
-    def init(self, features: int) -> None:
-        self.wr(r.STATUS, 0)
-        self.wr(r.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
-        for sel in (0, 1):
-            self.wr(r.DRIVER_FEATURES_SEL, sel)
-            self.wr(r.DRIVER_FEATURES, (features >> (32 * sel)) & 0xFFFFFFFF)
-        self.wr(r.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
-        for i, drv in enumerate(self.q):
-            # A driver lays its rings out afresh after a reset (§3.1.1 step 7).
-            for area in (drv.desc_base, drv.avail_base, drv.used_base):
-                self.mem.write(area, bytes(0x1000))
-            drv.avail_idx = drv.free_head = drv.used_seen = 0
-            self.wr(r.QUEUE_SEL, i)
-            self.wr(r.QUEUE_NUM, self.size)
-            for low, addr in ((r.QUEUE_DESC_LOW, drv.desc_base),
-                              (r.QUEUE_DRIVER_LOW, drv.avail_base),
-                              (r.QUEUE_DEVICE_LOW, drv.used_base)):  # fmt: skip
-                self.wr(low, addr)
-                self.wr(low + 4, 0)
-            self.wr(r.QUEUE_READY, 1)
-        self.wr(
-            r.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
-        )
-
-    def give_rx(self, count: int, length: int = RX_BUF) -> None:
-        drv = self.q[n.RX]
-        for _ in range(count):
-            slot = self.rx_slot % self.size
-            self.rx_slot += 1
-            drv.write_desc(
-                drv.desc_base, slot, RX_DATA + slot * RX_BUF, length, VIRTQ_DESC_F_WRITE, 0
-            )
-            drv.publish(slot)
-        self.wr(r.QUEUE_NOTIFY, n.RX)
+        super().__init__(dev, 2, size, data_base=0x60000)
+        self.dev: n.VirtioNet = dev
 
     def received(self) -> list[bytes]:
         return [

@@ -8,20 +8,15 @@ import json
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from virtio_mock import MEM_SIZE, MockDriver, new_memory, restore_as_new_process
+from virtio_mock import MEM_SIZE, MmioGuest, restore_as_new_process, wait_for
 
-from kvmkit.devices.irq import NoIrq
 from kvmkit.devices.virtio import mmio as r
 from kvmkit.devices.virtio import vsock as v
 from kvmkit.devices.virtio.device import (
-    STATUS_ACKNOWLEDGE,
-    STATUS_DRIVER,
-    STATUS_DRIVER_OK,
-    STATUS_FEATURES_OK,
     STATUS_NEEDS_RESET,
     VirtioWorker,
 )
@@ -37,75 +32,16 @@ EVENT_DATA = 0xF8000  # event buffers (struct virtio_vsock_event, 4 bytes): one 
 Packet = tuple[int, int, int, int, int, int, int, int, int, int, bytes]
 
 
-def wait_for(cond: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.002)
 
-
-class Guest:
+class Guest(MmioGuest):
     """The guest's vsock driver: rx/tx/event queues over virtio-mmio, packets as tuples."""
 
+    rx_queue, rx_data, rx_buf = v.RX, RX_DATA, RX_BUF
+
     def __init__(self, dev: v.VirtioVsock, size: int = 16) -> None:
-        self.mem = new_memory()
-        self.dev = dev
-        self.transport = r.VirtioMmio(dev, self.mem, NoIrq())
-        self.q = [
-            MockDriver(self.mem, size, rings=(0x1000 + 0x1000 * i, 0x8000 + 0x1000 * i,
-                                              0xC000 + 0x1000 * i),
-                       data_base=TX_DATA, data_end=TX_END)
-            for i in range(3)
-        ]  # fmt: skip
-        self.size = size
-        self.rx_slot = 0
+        super().__init__(dev, 3, size, data_base=TX_DATA, data_end=TX_END)
+        self.dev: v.VirtioVsock = dev
         self.received: list[Packet] = []
-
-    def wr(self, off: int, value: int) -> None:
-        self.transport.write(off, memoryview(bytearray(struct.pack("<I", value))))
-
-    def rd(self, off: int) -> int:
-        buf = bytearray(4)
-        self.transport.read(off, memoryview(buf))
-        return int(struct.unpack("<I", buf)[0])
-
-    def init(self) -> None:
-        self.wr(r.STATUS, 0)
-        self.wr(r.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
-        for sel in (0, 1):
-            self.wr(r.DEVICE_FEATURES_SEL, sel)
-            features = self.rd(r.DEVICE_FEATURES)
-            self.wr(r.DRIVER_FEATURES_SEL, sel)
-            self.wr(r.DRIVER_FEATURES, features)
-        self.wr(r.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
-        for i, drv in enumerate(self.q):
-            # A driver lays its rings out afresh after a reset (§3.1.1 step 7).
-            for area in (drv.desc_base, drv.avail_base, drv.used_base):
-                self.mem.write(area, bytes(0x1000))
-            drv.avail_idx = drv.free_head = drv.used_seen = 0
-            self.wr(r.QUEUE_SEL, i)
-            self.wr(r.QUEUE_NUM, self.size)
-            for low, addr in ((r.QUEUE_DESC_LOW, drv.desc_base),
-                              (r.QUEUE_DRIVER_LOW, drv.avail_base),
-                              (r.QUEUE_DEVICE_LOW, drv.used_base)):  # fmt: skip
-                self.wr(low, addr)
-                self.wr(low + 4, 0)
-            self.wr(r.QUEUE_READY, 1)
-        self.wr(
-            r.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
-        )
-
-    def give_rx(self, count: int, length: int = RX_BUF) -> None:
-        drv = self.q[v.RX]
-        for _ in range(count):
-            slot = self.rx_slot % self.size
-            self.rx_slot += 1
-            drv.write_desc(
-                drv.desc_base, slot, RX_DATA + slot * RX_BUF, length, VIRTQ_DESC_F_WRITE, 0
-            )
-            drv.publish(slot)
-        self.wr(r.QUEUE_NOTIFY, v.RX)
 
     def give_events(self, count: int) -> None:
         """Event buffers, as Linux posts them at probe and after handling each event."""

@@ -5,10 +5,20 @@ and can also write arbitrary (hostile) descriptors."""
 from __future__ import annotations
 
 import struct
+import time
+from collections.abc import Callable
 from typing import Any
 
 from kvmkit.devices.irq import NoIrq
-from kvmkit.devices.virtio.device import VirtioDevice, VirtioWorker
+from kvmkit.devices.virtio import mmio as r
+from kvmkit.devices.virtio.device import (
+    STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    VirtioDevice,
+    VirtioWorker,
+)
 from kvmkit.devices.virtio.mmio import VirtioMmio
 from kvmkit.devices.virtio.queue import (
     VIRTQ_DESC_F_INDIRECT,
@@ -50,6 +60,92 @@ def restore_as_new_process(
     guest.transport.restore(transport_state)
     device.kick_ready_queues()
     worker.start()
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 5.0) -> None:
+    """Poll `cond` until it is true (the device works on its worker thread)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.002)
+
+
+class MmioGuest:
+    """A driver of one device over virtio-mmio: one MockDriver per queue (rings at 0x1000,
+    0x8000, 0xC000 + 0x1000 per queue), register access, the initialisation of §3.1.1 and
+    receive buffers `rx_buf` bytes each at `rx_data` + slot * `rx_buf` on queue `rx_queue`."""
+
+    rx_queue = 0
+    rx_data = 0x20000
+    rx_buf = 4096
+
+    def __init__(self, dev: VirtioDevice, queues: int, size: int = 16, **data: int) -> None:
+        self.mem = new_memory()
+        self.dev = dev
+        self.transport = VirtioMmio(dev, self.mem, NoIrq())
+        self.q = [
+            MockDriver(self.mem, size, rings=(0x1000 + 0x1000 * i, 0x8000 + 0x1000 * i,
+                                              0xC000 + 0x1000 * i), **data)
+            for i in range(queues)
+        ]  # fmt: skip
+        self.size = size
+        self.rx_slot = 0
+
+    def wr(self, off: int, value: int) -> None:
+        self.transport.write(off, memoryview(bytearray(struct.pack("<I", value))))
+
+    def rd(self, off: int) -> int:
+        buf = bytearray(4)
+        self.transport.read(off, memoryview(buf))
+        return int(struct.unpack("<I", buf)[0])
+
+    def offered(self) -> int:
+        out = 0
+        for sel in (0, 1):
+            self.wr(r.DEVICE_FEATURES_SEL, sel)
+            out |= self.rd(r.DEVICE_FEATURES) << (32 * sel)
+        return out
+
+    def init(self, features: int | None = None) -> None:
+        """Reset, negotiate `features` (default: all the device offers), lay out every
+        queue and set DRIVER_OK."""
+        if features is None:
+            features = self.offered()
+        self.wr(r.STATUS, 0)
+        self.wr(r.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+        for sel in (0, 1):
+            self.wr(r.DRIVER_FEATURES_SEL, sel)
+            self.wr(r.DRIVER_FEATURES, (features >> (32 * sel)) & 0xFFFFFFFF)
+        self.wr(r.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
+        for i, drv in enumerate(self.q):
+            # A driver lays its rings out afresh after a reset (§3.1.1 step 7).
+            for area in (drv.desc_base, drv.avail_base, drv.used_base):
+                self.mem.write(area, bytes(0x1000))
+            drv.avail_idx = drv.free_head = drv.used_seen = 0
+            self.wr(r.QUEUE_SEL, i)
+            self.wr(r.QUEUE_NUM, self.size)
+            for low, addr in ((r.QUEUE_DESC_LOW, drv.desc_base),
+                              (r.QUEUE_DRIVER_LOW, drv.avail_base),
+                              (r.QUEUE_DEVICE_LOW, drv.used_base)):  # fmt: skip
+                self.wr(low, addr)
+                self.wr(low + 4, 0)
+            self.wr(r.QUEUE_READY, 1)
+        self.wr(
+            r.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
+        )
+
+    def give_rx(self, count: int, length: int | None = None) -> None:
+        drv = self.q[self.rx_queue]
+        for _ in range(count):
+            slot = self.rx_slot % self.size
+            self.rx_slot += 1
+            size = self.rx_buf if length is None else length
+            drv.write_desc(
+                drv.desc_base, slot, self.rx_data + slot * self.rx_buf, size, VIRTQ_DESC_F_WRITE, 0
+            )
+            drv.publish(slot)
+        self.wr(r.QUEUE_NOTIFY, self.rx_queue)
 
 
 class MockDriver:
