@@ -14,7 +14,6 @@ reads 300 KB back. Both transfers are larger than the 256 KiB credit either side
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import http.server
 import os
@@ -23,69 +22,25 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
+from vsock_probe import drive_image, fnv1a, pattern
+
+from kvmkit.testing.netns import in_netns, temp_netns
 
 pytestmark = pytest.mark.hwvirt
 
-T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
-HERE = Path(__file__).parent
 SIZE = 400_000  # vsock transfers: more than the 256 KiB credit either side gives
-
-
-def pattern(n: int) -> bytes:
-    """vsock_probe.c's pattern: byte i is i % 251 (a prime: a chunk out of place shows)."""
-    return (bytes(range(251)) * (n // 251 + 1))[:n]
-
-
-def fnv1a(data: bytes) -> str:
-    h = 2166136261
-    for b in data:
-        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
-    return f"{h:08x}"
-
-
-def in_netns(ns: str, fn: Callable[[], T]) -> T:
-    """Run `fn` in a thread that joined netns `ns` (sockets it makes live there)."""
-    out: list[T] = []
-    errors: list[BaseException] = []
-
-    def body() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
-        finally:
-            os.close(fd)
-        try:
-            out.append(fn())
-        except BaseException as err:
-            errors.append(err)
-
-    t = threading.Thread(target=body)
-    t.start()
-    t.join(120)
-    if errors:
-        raise errors[0]
-    return out[0]
 
 
 @pytest.fixture
 def netns() -> Iterator[str]:
     if not os.path.exists("/dev/net/tun"):
         pytest.fail("no /dev/net/tun: run the lane with `--module tun`")
-    name = f"kvmkit-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
-    try:
+    with temp_netns() as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, timeout=30)
 
 
 def read_lines(
@@ -187,12 +142,7 @@ echo DONE
 
 
 def test_vsock_host_and_guest_initiated_streams(tmp_path: Path) -> None:
-    prog = tmp_path / "vp"
-    subprocess.run(["gcc", "-static", "-O2", "-o", str(prog), str(HERE / "vsock_probe.c")],
-                   check=True, timeout=120)  # fmt: skip
-    raw = prog.read_bytes()
-    drive = tmp_path / "vp.img"
-    drive.write_bytes(raw.ljust((len(raw) + 4095) // 4096 * 4096, b"\0"))
+    drive = drive_image(tmp_path)
     uds = tmp_path / "v.sock"
 
     # Host port 6000: what the guest sends is kept, 300 KB of pattern go back.
