@@ -2,9 +2,9 @@
 which must load the `tun` module: `kvmkit lane --module tun`, as scripts/hwvirt_tests.py does).
 
 net: a network namespace with a tap made by `kvmkit net setup` (10.0.77.1/24); kvmkit runs
-in that namespace with `--net tap=...,mac=...`; the guest takes 10.0.77.2, pings the host,
-downloads a file from a host HTTP server and uploads one to it (POST): the bytes are checked
-both ways (md5).
+in that namespace with `--net tap=...,mac=...` (over virtio-mmio and over virtio-pci); the
+guest takes 10.0.77.2, pings the host, downloads a 4 MB file from a host HTTP server and
+uploads a 3 MB one to it (POST): the bytes are checked both ways (md5).
 
 vsock: a static AF_VSOCK program goes to the guest as a read-only drive. The host connects
 through the Unix socket (`CONNECT 5000`) to the guest's echo server and checks 400 KB coming
@@ -64,7 +64,7 @@ if ping -c 2 -W 10 10.0.77.1 >/dev/null; then echo PING ok; else echo PING fail;
 timeout 120 wget -q -O /tmp/h.bin http://10.0.77.1:8000/h.bin
 echo "WGET $? $(md5sum < /tmp/h.bin | cut -d' ' -f1) $(wc -c < /tmp/h.bin)"
 # busybox wget posts its file as a C string: no NUL bytes in it
-head -c 300000 /dev/urandom | tr '\000' '\001' > /tmp/g.bin
+head -c 3000000 /dev/urandom | tr '\000' '\001' > /tmp/g.bin
 echo "GUESTFILE $(md5sum < /tmp/g.bin | cut -d' ' -f1)"
 timeout 120 wget -q -O /tmp/post.out --post-file /tmp/g.bin http://10.0.77.1:8000/upload
 echo "POST $?"
@@ -72,14 +72,15 @@ echo "TCP $(grep Tcp: /proc/net/snmp | tail -1)"
 """
 
 
-def test_net_tap_ping_and_tcp_both_ways(netns: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["mmio", "pci"])
+def test_net_tap_ping_and_tcp_both_ways(netns: str, tmp_path: Path, transport: str) -> None:
     setup = subprocess.run(
         ["ip", "netns", "exec", netns, sys.executable, "-m", "kvmkit", "net", "setup", "ktap0",
          "--address", "10.0.77.1/24"],
         capture_output=True, text=True, timeout=300,  # a Python start in a loaded lane is slow
     )  # fmt: skip
     assert setup.returncode == 0, setup.stderr
-    host_file = os.urandom(400_000)
+    host_file = os.urandom(4_000_000)
     www = tmp_path / "www"
     www.mkdir()
     (www / "h.bin").write_bytes(host_file)
@@ -106,7 +107,8 @@ def test_net_tap_ping_and_tcp_both_ways(netns: str, tmp_path: Path) -> None:
     try:
         proc = subprocess.run(
             ["ip", "netns", "exec", netns, sys.executable, "-m", "kvmkit", "run", "--timeout",
-             "500", "--net", "tap=ktap0,mac=02:00:00:00:77:02", "--", "sh", "-c", NET_SCRIPT],
+             "500", "--virtio-transport", transport, "--net", "tap=ktap0,mac=02:00:00:00:77:02",
+             "--", "sh", "-c", NET_SCRIPT],
             capture_output=True, timeout=560,
         )  # fmt: skip
         host_tcp = subprocess.run(["ip", "netns", "exec", netns, "grep", "Tcp:", "/proc/net/snmp"],
@@ -127,7 +129,7 @@ def test_net_tap_ping_and_tcp_both_ways(netns: str, tmp_path: Path) -> None:
     assert lines["WGET"] == f"0 {hashlib.md5(host_file).hexdigest()} {len(host_file)}", why
     # guest -> host over TCP: the bytes the host received are the guest's file
     assert lines["POST"] == "0", why
-    assert len(uploaded) == 1 and len(uploaded[0]) == 300000, why
+    assert len(uploaded) == 1 and len(uploaded[0]) == 3_000_000, why
     assert hashlib.md5(uploaded[0]).hexdigest() == lines["GUESTFILE"], why
 
 

@@ -38,6 +38,10 @@ class GuestMemory:
         self.regions: list[MemoryRegion] = []
         self._starts: list[int] = []
         self._vm: Vm | None = None
+        # (start, end, region) of the region the last lookup found: device queues touch the
+        # same region again and again, and this check is much cheaper than a bisect. One
+        # tuple, replaced whole, so threads sharing this object always see a consistent one.
+        self._last: tuple[int, int, MemoryRegion] | None = None
 
     # -- building
     def add(self, region: MemoryRegion) -> MemoryRegion:
@@ -81,6 +85,7 @@ class GuestMemory:
         )
 
     def close(self) -> None:
+        self._last = None
         for region in self.regions:
             region.close()
         self.regions.clear()
@@ -93,12 +98,17 @@ class GuestMemory:
     # -- lookup
     def region_for(self, gpa: int, length: int = 1) -> MemoryRegion:
         """The region holding all of [gpa, gpa+length), or GuestMemoryError."""
+        last = self._last
+        # A zero-length access still needs its address inside the region (max(length, 1)).
+        if last is not None and last[0] <= gpa and gpa + (length or 1) <= last[1] and length >= 0:
+            return last[2]
         if length < 0 or gpa < 0:
             raise GuestMemoryError(f"invalid guest access {gpa:#x}+{length:#x}")
         i = bisect.bisect_right(self._starts, gpa) - 1
         if i >= 0:
             region = self.regions[i]
             if region.contains(gpa, max(length, 1)):
+                self._last = (region.guest_phys_addr, region.end, region)
                 return region
         raise GuestMemoryError(
             f"guest address range {gpa:#x}..{gpa + length:#x} is outside guest memory"

@@ -13,7 +13,7 @@ see docs/virtio.md) maps its registers onto the state kept here:
 A subclass sets DEVICE_ID, `queue_sizes`, `features` and implements `process_queue(index)`
 (runs on the worker thread, holding `self.lock`) and optionally `config_bytes`,
 `config_write`, `activate`, `reset_device`, and for snapshots `quiesce`, `save_device`,
-`check_device_state`, `restore_device`, `restored` and `held_queues`.
+`check_device_state`, `restore_device`, `restored` and `held_chains`.
 
 Snapshots (docs/snapshot.md): `save()` returns the device's state as versioned plain data
 (status, features, config generation, every queue's registers and indexes, and the
@@ -216,24 +216,24 @@ class VirtioDevice:
         its watch). Runs under the device lock; OSError fails the restore."""
         self.activate()
 
-    def held_queues(self) -> tuple[int, ...]:
-        """Queues whose most recently taken chain the device holds unused (an rx buffer
-        waiting for data). A snapshot saves that chain as not taken yet, so the restored
-        device takes it again instead of losing it with this process."""
-        return ()
+    def held_chains(self) -> dict[int, int]:
+        """{queue: count} of the chains the device took most recently and holds unused (rx
+        buffers waiting for data). A snapshot saves them as not taken yet, so the restored
+        device takes them again instead of losing them with this process."""
+        return {}
 
     # -- snapshots
     def save(self) -> dict[str, Any]:
         """The device's state as plain data. Call with the worker paused (no chain in
         progress): then the queues' indexes match the rings in guest memory."""
         with self.lock:
-            held = self.held_queues()
+            held = self.held_chains()
             return {
                 "version": STATE_VERSION, "device_id": self.DEVICE_ID, "status": self.status,
                 "device_features": self.device_features,
                 "driver_features": self.driver_features,
                 "config_generation": self.config_generation, "activated": self.activated,
-                "queues": [q.save(held=int(i in held)) for i, q in enumerate(self.queues)],
+                "queues": [q.save(held=held.get(i, 0)) for i, q in enumerate(self.queues)],
                 "device": self.save_device(),
             }  # fmt: skip
 

@@ -6,10 +6,13 @@ what the tap speaks with IFF_VNET_HDR and TUNSETVNETHDRSZ 12: headers pass throu
 are and the tap does the checksum/segmentation work the header asks for.
 
 - TX: a chain's device-readable buffers (header + frame) go to the tap in one writev(2).
-- RX: the tap fd is watched by the worker; a frame is read with one readv(2) straight into
-  the guest's rx buffers. When the guest has no rx buffer left the tap is not read (nor
-  watched) until the guest adds some: frames wait in the tap's own queue (which drops when
-  full), never in kvmkit.
+- RX: the tap fd is watched by the worker; a frame is read whole into a frame buffer, then
+  copied into the guest's rx buffers: one buffer (chain), or with VIRTIO_NET_F_MRG_RXBUF as
+  many as it takes, `num_buffers` saying how many (§5.1.6.4). Linux then posts small
+  single-descriptor buffers instead of 64 KiB ones of 19 descriptors, which costs kvmkit far
+  less per frame. When the guest has no rx buffer left the frame read stays in kvmkit (one
+  frame at most) and the tap is not watched until the guest adds buffers: further frames
+  wait in the tap's own queue (which drops when full).
 
 Offloads are offered only as the tap accepts them (TUNSETOFFLOAD): GUEST_CSUM/GUEST_TSO4/6
 (the tap hands us partial-checksum and GSO frames) and CSUM/HOST_TSO4/6 (we hand them to it).
@@ -46,6 +49,7 @@ VIRTIO_NET_F_GUEST_TSO4 = 1 << 7
 VIRTIO_NET_F_GUEST_TSO6 = 1 << 8
 VIRTIO_NET_F_HOST_TSO4 = 1 << 11
 VIRTIO_NET_F_HOST_TSO6 = 1 << 12
+VIRTIO_NET_F_MRG_RXBUF = 1 << 15
 VIRTIO_NET_F_STATUS = 1 << 16
 VIRTIO_NET_S_LINK_UP = 1
 
@@ -62,6 +66,9 @@ VIRTIO_NET_HDR_GSO_ECN = 0x80
 # virtio_net and Firecracker use the same bound: 65550 + the 12-byte header).
 MAX_FRAME = 65550
 MIN_FRAME = 14  # an Ethernet header
+# Frames the worker takes from the tap per wake-up before it serves other devices (the tap
+# stays watched, so it comes back), and per used-buffer interrupt while it does.
+RX_BATCH = 64
 
 
 @dataclass
@@ -199,10 +206,20 @@ class VirtioNet(VirtioDevice):
             features |= VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_GUEST_TSO4
         if offloads & tun.TUN_F_TSO6:
             features |= VIRTIO_NET_F_HOST_TSO6 | VIRTIO_NET_F_GUEST_TSO6
+        # MRG_RXBUF needs nothing from the tap: kvmkit spreads a frame over the buffers.
+        features |= VIRTIO_NET_F_MRG_RXBUF
         super().__init__(name, [QUEUE_SIZE, QUEUE_SIZE], features)
-        self._rx_held: DescriptorChain | None = None
-        self._tap_readable = False
+        # rx chains taken from the ring and not used yet, oldest first (a frame that needs
+        # more mergeable buffers than the guest has posted so far).
+        self._rx_held: list[DescriptorChain] = []
+        # The frame read from the tap and not delivered yet (no rx buffers): its length in
+        # `_frame`, 0 when there is none.
+        self._frame = bytearray(NET_HDR_SIZE + MAX_FRAME)
+        self._frame_view = memoryview(self._frame)
+        self._pending = 0
         self._tap_watched = False
+        self._tap_failed = False
+        self._tx_gso_ok = frozenset({VIRTIO_NET_HDR_GSO_NONE})
         # Firecracker's net metrics, roughly: frames and bytes each way, frames dropped.
         self.rx_frames = self.rx_bytes = self.rx_dropped = 0
         self.tx_frames = self.tx_bytes = self.tx_dropped = 0
@@ -222,6 +239,13 @@ class VirtioNet(VirtioDevice):
             if self.has_feature(VIRTIO_NET_F_GUEST_TSO6):
                 flags |= tun.TUN_F_TSO6
         fcntl.ioctl(self.tap_fd, tun.TUNSETOFFLOAD, flags)
+        gso_ok = {VIRTIO_NET_HDR_GSO_NONE}
+        if self.has_feature(VIRTIO_NET_F_HOST_TSO4):
+            gso_ok.add(VIRTIO_NET_HDR_GSO_TCPV4)
+        if self.has_feature(VIRTIO_NET_F_HOST_TSO6):
+            gso_ok.add(VIRTIO_NET_HDR_GSO_TCPV6)
+        self._tx_gso_ok = frozenset(gso_ok)
+        self._tap_failed = False
         self._watch_tap(True)
 
     def stop_host_io(self) -> None:
@@ -250,13 +274,15 @@ class VirtioNet(VirtioDevice):
             raise SnapshotError(f"snapshot state: {path}: MAC {f.obj['mac']} was restored as "
                                 f"{format_mac(self.mac)}")  # fmt: skip
 
-    def held_queues(self) -> tuple[int, ...]:
-        return (RX,) if self._rx_held is not None else ()
+    def held_chains(self) -> dict[int, int]:
+        # A frame read but not delivered is not saved: like a frame on the wire, it is lost
+        # with this process (TCP sends it again).
+        return {RX: len(self._rx_held)} if self._rx_held else {}
 
     def reset_device(self) -> None:
         self._watch_tap(False)
-        self._rx_held = None
-        self._tap_readable = False
+        self._rx_held = []
+        self._pending = 0
 
     def close(self) -> None:
         with self.lock:
@@ -285,10 +311,11 @@ class VirtioNet(VirtioDevice):
     def _process_tx(self) -> None:
         assert self.mem is not None
         done = False
-        while (chain := self.queues[TX].pop(self.mem)) is not None:
+        queue, mem = self.queues[TX], self.mem
+        while (chain := queue.pop(mem)) is not None:
             self._transmit(chain)
             # §5.1.6.2: transmit buffers are device-readable only; nothing is written.
-            self.complete(TX, chain.head, 0)
+            queue.push(mem, chain.head, 0)
             done = True
         if done:
             self.signal_used(TX)
@@ -302,15 +329,16 @@ class VirtioNet(VirtioDevice):
             log.debug("virtio %s: tx packet of %d bytes dropped", self.name, total)
             self.tx_dropped += 1
             return
-        flags, gso_type, *_ = NET_HDR.unpack(iov.gather(self.mem, chain.readable, NET_HDR_SIZE))
+        first = chain.readable[0]
+        if first.length >= NET_HDR_SIZE:
+            header = self.mem.read(first.addr, NET_HDR_SIZE)
+        else:
+            header = iov.gather(self.mem, chain.readable, NET_HDR_SIZE)
+        flags, gso_type, *_ = NET_HDR.unpack(header)
         # §5.1.6.2.1: NEEDS_CSUM only with VIRTIO_NET_F_CSUM, GSO only with the matching
         # HOST_TSO feature; the tap would do the work anyway, but the guest broke the rule.
-        gso = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
-        allowed = {VIRTIO_NET_HDR_GSO_NONE: True,
-                   VIRTIO_NET_HDR_GSO_TCPV4: self.has_feature(VIRTIO_NET_F_HOST_TSO4),
-                   VIRTIO_NET_HDR_GSO_TCPV6: self.has_feature(VIRTIO_NET_F_HOST_TSO6)}  # fmt: skip
         if (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not self.has_feature(VIRTIO_NET_F_CSUM)) or (
-            not allowed.get(gso, False)
+            gso_type & ~VIRTIO_NET_HDR_GSO_ECN not in self._tx_gso_ok
         ):
             log.debug("virtio %s: tx header flags %#x gso %#x not negotiated", self.name, flags,
                       gso_type)  # fmt: skip
@@ -329,49 +357,95 @@ class VirtioNet(VirtioDevice):
 
     # -- RX
     def _tap_event(self, events: int) -> None:
-        # Stop watching: the tap stays readable until read, and we read only as long as the
-        # guest gives buffers (no busy loop while it gives none).
-        self._tap_readable = True
-        self._watch_tap(False)
         self._fill_rx()
 
     def _fill_rx(self) -> None:
+        """Move frames from the tap into rx buffers until the tap is empty (then it stays
+        watched), the guest has no buffer left (then it is not watched: the guest's next
+        rx notification brings us back), or RX_BATCH frames went in (the tap stays watched
+        and readable, so the worker returns after serving the others)."""
         assert self.mem is not None
-        used = False
-        while self._tap_readable:
-            chain = self._rx_held
-            self._rx_held = None
-            if chain is None:
-                chain = self.queues[RX].pop(self.mem)
-                if chain is None:
-                    break  # the rx notification brings us back
-                # §5.1.6.3.1: a receive buffer must at least hold the header (Linux makes
-                # them >= 1526 or 65562 bytes); shorter ones are a driver bug.
-                if chain.writable_length < NET_HDR_SIZE:
-                    raise QueueError(f"rx buffer of {chain.writable_length} bytes < header")
-            bufs = iov.limit(chain.writable, NET_HDR_SIZE + MAX_FRAME)
-            try:
-                n = os.readv(self.tap_fd, iov.views(self.mem, bufs, write=True))
-            except BlockingIOError:
-                self._rx_held = chain
-                self._tap_readable = False
-                self._watch_tap(True)
+        delivered = 0
+        for _ in range(RX_BATCH):
+            if not self._pending:
+                if self._tap_failed:
+                    break
+                try:
+                    n = os.readv(self.tap_fd, [self._frame_view])
+                except BlockingIOError:
+                    break
+                except OSError as err:
+                    # Not a state a frame can cause (the frame buffer takes the largest):
+                    # the tap is gone. Stop reading it rather than spin; tx goes on.
+                    log.warning("virtio %s: rx from tap %s: %s; rx stopped", self.name,
+                                self.tap_name, err)  # fmt: skip
+                    self._tap_failed = True
+                    break
+                if n < NET_HDR_SIZE + MIN_FRAME:
+                    self.rx_dropped += 1
+                    continue
+                self._pending = n
+            if not self._deliver(self._pending):
                 break
-            except OSError as err:
-                # The frame did not fit the buffers (the tap drops it): keep the chain.
-                log.debug("virtio %s: rx: %s", self.name, err)
-                self.rx_dropped += 1
-                self._rx_held = chain
-                continue
-            if n < NET_HDR_SIZE:
-                self._rx_held = chain
-                continue
-            # §5.1.6.4: without VIRTIO_NET_F_MRG_RXBUF num_buffers is 1 (one chain per frame);
-            # the tap leaves that field alone.
-            iov.scatter(self.mem, iov.skip(bufs, 10), struct.pack("<H", 1))
-            self.complete(RX, chain.head, n)
-            self.rx_frames += 1
-            self.rx_bytes += n - NET_HDR_SIZE
-            used = True
-        if used:
+            self._pending = 0
+            delivered += 1
+        # Watch the tap while a frame read from it could go somewhere: not while one waits
+        # for buffers (level-triggered, it would wake the worker in a loop).
+        self._watch_tap(not self._pending and not self._tap_failed)
+        if delivered:
             self.signal_used(RX)
+
+    def _take_rx(self, index: int) -> DescriptorChain | None:
+        """The `index`th rx chain of the held ones, taking more from the ring as needed."""
+        assert self.mem is not None
+        if index < len(self._rx_held):
+            return self._rx_held[index]
+        chain = self.queues[RX].pop(self.mem)
+        if chain is None:
+            return None  # pop() asked the driver to notify when it adds one
+        # §5.1.6.3.1: every receive buffer must at least hold the header (Linux makes them
+        # >= 1518 bytes mergeable, else >= 1526 or 65562); shorter ones are a driver bug.
+        if chain.writable_length < NET_HDR_SIZE:
+            raise QueueError(f"rx buffer of {chain.writable_length} bytes < header")
+        self._rx_held.append(chain)
+        return chain
+
+    def _deliver(self, n: int) -> bool:
+        """Put the pending frame of `n` bytes (header included) into rx buffers; False if the
+        guest has not posted enough of them yet (the frame stays pending, the chains taken
+        stay held)."""
+        assert self.mem is not None
+        mem, frame = self.mem, self._frame_view
+        mergeable = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
+        # §5.1.6.4: without MRG_RXBUF the frame goes into one chain; with it, into as many
+        # as it takes, consecutive in the used ring, the first header's num_buffers saying
+        # how many.
+        count, room = 0, 0
+        while True:
+            chain = self._take_rx(count)
+            if chain is None:
+                return False
+            count += 1
+            room += chain.writable_length
+            if room >= n:
+                break
+            if not mergeable:
+                # It does not fit (a frame above the MTU the buffers were sized for): a
+                # NIC drops it; the buffer waits for the next one.
+                self.rx_dropped += 1
+                return True
+        struct.pack_into("<H", frame, 10, count)  # the tap leaves num_buffers alone
+        queue, done = self.queues[RX], 0
+        for chain in self._rx_held[:count]:
+            start = done
+            for buf in chain.writable:
+                if done >= n:
+                    break
+                k = min(buf.length, n - done)
+                mem.write(buf.addr, frame[done : done + k])
+                done += k
+            queue.push(mem, chain.head, done - start)
+        del self._rx_held[:count]
+        self.rx_frames += 1
+        self.rx_bytes += n - NET_HDR_SIZE
+        return True

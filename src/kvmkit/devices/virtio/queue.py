@@ -23,7 +23,7 @@ import logging
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvmkit.memory import GuestMemory
 from kvmkit.memory.region import GuestMemoryError
@@ -60,9 +60,9 @@ class QueueError(Exception):
     """The driver broke a rule of §2.7; the device must enter NEEDS_RESET (§2.1.2)."""
 
 
-@dataclass(frozen=True)
-class Buffer:
-    """One guest buffer of a chain: `length` bytes at guest-physical `addr`."""
+class Buffer(NamedTuple):
+    """One guest buffer of a chain: `length` bytes at guest-physical `addr`. (A NamedTuple:
+    chains are built per request on the data path, and a tuple is the cheapest record.)"""
 
     addr: int
     length: int
@@ -224,29 +224,34 @@ class SplitQueue:
             raise QueueError(str(err)) from None
 
     # -- descriptor chains
-    def _read_desc(self, mem: GuestMemory, table: int, index: int) -> tuple[int, int, int, int]:
-        try:
-            raw = mem.read(table + DESC_SIZE * index, DESC_SIZE)
-        except GuestMemoryError as err:
-            raise QueueError(str(err)) from None
-        addr, length, flags, nxt = _DESC.unpack(raw)
-        return addr, length, flags, nxt
-
     def _walk(self, mem: GuestMemory, head: int) -> DescriptorChain:
         # §2.7.13.2 / §2.7.6: a ring entry is the index of a chain's head in the table.
         if head >= self.size:
             raise QueueError(f"chain head {head} is outside the table of {self.size}")
         chain = DescriptorChain(head)
-        table, table_size, index = self.desc_addr, self.size, head
+        readable, writable = chain.readable, chain.writable
+        # Descriptors of the ring's table are read one by one; an indirect table is read
+        # whole (one copy, then unpacked from it): chains of many buffers are indirect.
+        table_size, index = self.size, head
+        desc_addr = self.desc_addr
+        table: bytes | None = None
         # §2.7.5.3.1: "A driver MUST NOT create a descriptor chain longer than the Queue
         # Size of the device": counting descriptors also ends any loop.
         budget = self.size
         in_indirect = False
+        unpack = _DESC.unpack_from
+        region_for = mem.region_for
         while True:
             if budget == 0:
                 raise QueueError(f"descriptor chain from {head} is longer than its table (loop?)")
             budget -= 1
-            addr, length, flags, nxt = self._read_desc(mem, table, index)
+            if table is None:
+                try:
+                    addr, length, flags, nxt = unpack(mem.read(desc_addr + DESC_SIZE * index, 16))
+                except GuestMemoryError as err:
+                    raise QueueError(str(err)) from None
+            else:
+                addr, length, flags, nxt = unpack(table, DESC_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 # §2.7.5.3.1: "The driver MUST NOT set the VIRTQ_DESC_F_INDIRECT flag within
                 # an indirect descriptor" and "MUST NOT set both VIRTQ_DESC_F_INDIRECT and
@@ -263,36 +268,39 @@ class SplitQueue:
                 entries = length // DESC_SIZE
                 if entries > MAX_INDIRECT_ENTRIES:
                     raise QueueError(f"indirect table of {entries} descriptors is too long")
-                if not mem.is_valid(addr, length):
-                    raise QueueError(f"indirect table {addr:#x}+{length:#x} is outside memory")
+                try:
+                    table = mem.read(addr, length)
+                except GuestMemoryError:
+                    raise QueueError(
+                        f"indirect table {addr:#x}+{length:#x} is outside memory"
+                    ) from None
                 # §2.7.5.3.2: the device ignores WRITE on the descriptor of the table itself.
-                table, table_size, index = addr, entries, 0
+                table_size, index = entries, 0
                 budget = entries
                 in_indirect = True
                 continue
-            self._add_buffer(mem, chain, addr, length, bool(flags & VIRTQ_DESC_F_WRITE))
+            # The buffer must lie in guest RAM (one region): the device touches it through
+            # GuestMemory views only.
+            if length:
+                try:
+                    region_for(addr, length)
+                except GuestMemoryError:
+                    raise QueueError(
+                        f"buffer {addr:#x}+{length:#x} is outside guest memory"
+                    ) from None
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.append(Buffer(addr, length, True))
+            else:
+                # §2.7.4.2: "The driver MUST place any device-writable descriptor elements
+                # after any device-readable descriptor elements."
+                if writable:
+                    raise QueueError("device-readable buffer after a device-writable one")
+                readable.append(Buffer(addr, length, False))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return chain
             if nxt >= table_size:
                 raise QueueError(f"descriptor next {nxt} is outside the table of {table_size}")
             index = nxt
-
-    @staticmethod
-    def _add_buffer(
-        mem: GuestMemory, chain: DescriptorChain, addr: int, length: int, writable: bool
-    ) -> None:
-        # The buffer must lie in guest RAM (one region): the device touches it through
-        # GuestMemory views only.
-        if length and not mem.is_valid(addr, length):
-            raise QueueError(f"buffer {addr:#x}+{length:#x} is outside guest memory")
-        if writable:
-            chain.writable.append(Buffer(addr, length, True))
-        else:
-            # §2.7.4.2: "The driver MUST place any device-writable descriptor elements
-            # after any device-readable descriptor elements."
-            if chain.writable:
-                raise QueueError("device-readable buffer after a device-writable one")
-            chain.readable.append(Buffer(addr, length, False))
 
     # -- the device area
     def push(self, mem: GuestMemory, head: int, written: int) -> None:

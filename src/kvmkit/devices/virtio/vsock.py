@@ -262,8 +262,8 @@ class VirtioVsock(VirtioDevice):
         if self.queues[EVENT].ready:
             self._reset = RESET_SEND
 
-    def held_queues(self) -> tuple[int, ...]:
-        return (RX,) if self._rx_held is not None else ()
+    def held_chains(self) -> dict[int, int]:
+        return {RX: 1} if self._rx_held is not None else {}
 
     def process_queue(self, index: int) -> None:
         if index == TX:
