@@ -88,6 +88,7 @@ CHECKS = textwrap.dedent(
     out["cwd"] = os.getcwd()
     out["in_lane"] = os.environ.get("KVMKIT_IN_LANE")
     out["marker"] = os.environ.get("LANE_TEST_MARKER")
+    out["cpus"] = os.cpu_count()
     with open(os.path.join(sys.argv[1], "written-in-lane"), "w") as fh:
         fh.write("hello from the lane")
     print(json.dumps(out))
@@ -132,6 +133,7 @@ def test_status_streaming_channels_kvm_and_shares(tmp_path: Path) -> None:
     assert result["cwd"] == str(REPO)
     assert result["in_lane"] == "1"
     assert result["marker"] == "passed through"
+    assert result["cpus"] == 1  # the lane's default (docs/lane.md, "Why one vCPU")
     assert (share / "written-in-lane").read_text() == "hello from the lane"
     assert result["probe_status"] == 0, result["probe"]
     assert result["probe"]["implementation"] == "hardware-svm"

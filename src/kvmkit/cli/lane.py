@@ -24,7 +24,8 @@ def register(subparsers: Any) -> None:
         "lane", help="run a command inside the emulated hardware-virtualization lane",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--cpus", type=int, default=2, metavar="N", help="vCPUs (default 2)")
+    p.add_argument("--cpus", type=int, default=1, metavar="N",
+                   help="vCPUs (default 1; see docs/lane.md on more)")
     p.add_argument("--mem-mib", type=int, default=2048, metavar="M",
                    help="memory in MiB (default 2048)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",

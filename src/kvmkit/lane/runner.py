@@ -77,7 +77,9 @@ _CAUSES = {
 @dataclass
 class LaneOptions:
     command: Sequence[str]
-    cpus: int = 2
+    # One vCPU: with two, QEMU 7.2's multi-threaded TCG lets the lane kernel itself
+    # triple-fault under a long nested run (docs/lane.md, "Why one vCPU").
+    cpus: int = 1
     mem_mib: int = 2048
     timeout: float | None = None
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT
