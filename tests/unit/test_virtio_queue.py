@@ -53,6 +53,27 @@ def test_many_chains_wrap_the_rings() -> None:
         assert drv.used() == [(head, 8)]
 
 
+def test_batches_take_and_return_chains_in_ring_order_across_the_wrap() -> None:
+    """pop_batch gives what pop would, in order and at most `limit`; push_batch publishes
+    its elements in order with one used.idx; both across the rings' wrap."""
+    q, drv = setup(size=8, event_idx=True)
+    for round_ in range(6):  # 5 chains a round in a ring of 8: most rounds wrap
+        heads = [drv.add_chain([bytes([round_, i])], [4], indirect=True) for i in range(5)]
+        first = q.pop_batch(drv.mem, 3)
+        rest = q.pop_batch(drv.mem, 8)
+        assert [c.head for c in first] == heads[:3] and [c.head for c in rest] == heads[3:]
+        assert [drv.mem.read(c.readable[0].addr, 2) for c in first + rest] == [
+            bytes([round_, i]) for i in range(5)
+        ]
+        assert q.pop_batch(drv.mem, 8) == []  # empty: re-armed at the driver's index
+        assert drv.avail_event() == drv.avail_idx
+        q.push_batch(drv.mem, [(c.head, 4 + i) for i, c in enumerate(first + rest)])
+        assert drv.used() == [(h, 4 + i) for i, h in enumerate(heads)]
+    assert q.pop_batch(drv.mem, 0) == []
+    with pytest.raises(QueueError):
+        q.push_batch(drv.mem, [(0, 0)] * 9)  # more than the ring holds
+
+
 def test_no_interrupt_flag_without_event_idx() -> None:
     q, drv = setup()
     drv.add_chain([b"x"], [])
