@@ -25,7 +25,10 @@ tmpfs, so the figures measure each VMM's virtio path, not a disk.
 
 Needs hardware-style KVM: on a host without VMX/SVM run it in the lane:
 
-    python -m kvmkit lane --timeout 1500 --module tun -- $PWD/.venv/bin/python bench/virtio.py
+    python -m kvmkit lane --cpus 2 --timeout 1500 --module tun -- \
+        $PWD/.venv/bin/python bench/virtio.py
+
+(two lane vCPUs: kvmkit's device worker and vCPU threads then run side by side, as on a host)
 
 Net: each VMM run gets its own network namespace (`ip netns add`) holding a tap made by
 `kvmkit net setup` (10.0.78.1/24; the guest takes .2 with busybox `ip`); the VMM and the
