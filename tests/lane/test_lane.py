@@ -160,6 +160,10 @@ def test_interrupt_stops_qemu(tmp_path: Path) -> None:
         proc = subprocess.Popen(
             _lane("--verbose", "--", "sh", "-c", "echo up; sleep 1000"), env=_env(),
             stdout=subprocess.PIPE, stderr=errfile,
+            # A shell without job control starts background jobs with SIGINT ignored, and
+            # the child would inherit that (Python then installs no KeyboardInterrupt):
+            # the lane gets SIGINT's default disposition, as from a terminal.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"up\n"  # the command is running inside
