@@ -76,8 +76,8 @@ def run_lane(python: str, ids: list[str], progress: Path, outcomes: dict[str, st
     lane, or None when the pytest session ended by itself."""
     argv = [
         python, "-m", "kvmkit", "lane", "--timeout", str(int(sum(map(limit_for, ids)) + 600)),
-        # The lane's default is one vCPU (docs/lane.md); KVMKIT_HWVIRT_LANE_CPUS overrides it.
-        "--cpus", os.environ.get("KVMKIT_HWVIRT_LANE_CPUS", "1"),
+        # The lane's default of one vCPU (docs/lane.md), unless KVMKIT_HWVIRT_LANE_CPUS says.
+        *(["--cpus", cpus] if (cpus := os.environ.get("KVMKIT_HWVIRT_LANE_CPUS")) else []),
         "--module", "tun",  # tests/hwvirt/test_net_vsock_linux.py: taps for virtio-net
         "--", str(REPO / python) if not os.path.isabs(python) else python,
         "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfExX", *ids,

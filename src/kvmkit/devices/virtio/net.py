@@ -405,18 +405,18 @@ class VirtioNet(VirtioDevice):
         """The `index`th rx chain of the held ones, taking more from the ring as needed."""
         assert self.mem is not None
         held = self._rx_held
-        if index < len(held):
-            return held[index]
-        chains = self.queues[RX].pop_batch(self.mem, RX_TAKE)
-        if not chains:
-            return None  # pop_batch() asked the driver to notify when it adds one
-        for chain in chains:
-            # §5.1.6.3.1: every receive buffer must at least hold the header (Linux makes
-            # them >= 1518 bytes mergeable, else >= 1526 or 65562); shorter: a driver bug.
-            if chain.writable_length < NET_HDR_SIZE:
-                raise QueueError(f"rx buffer of {chain.writable_length} bytes < header")
-        held.extend(chains)
-        return held[index] if index < len(held) else self._take_rx(index)
+        while index >= len(held):
+            chains = self.queues[RX].pop_batch(self.mem, RX_TAKE)
+            if not chains:
+                return None  # pop_batch() asked the driver to notify when it adds one
+            for chain in chains:
+                # §5.1.6.3.1: every receive buffer must at least hold the header (Linux
+                # makes them >= 1518 bytes mergeable, else >= 1526 or 65562); shorter ones
+                # are a driver bug.
+                if chain.writable_length < NET_HDR_SIZE:
+                    raise QueueError(f"rx buffer of {chain.writable_length} bytes < header")
+            held.extend(chains)
+        return held[index]
 
     def _deliver(self, n: int) -> bool:
         """Put the pending frame of `n` bytes (header included) into rx buffers; False if the

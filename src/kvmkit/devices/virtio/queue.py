@@ -186,31 +186,18 @@ class SplitQueue:
         return count
 
     def pop(self, mem: GuestMemory) -> DescriptorChain | None:
-        """The next available chain, or None when the driver has made none available.
+        """The next available chain, or None when the driver has made none available
+        (`pop_batch` of one: with VIRTIO_F_EVENT_IDX an empty queue re-arms notifications)."""
+        chains = self.pop_batch(mem, 1)
+        return chains[0] if chains else None
+
+    def pop_batch(self, mem: GuestMemory, limit: int) -> list[DescriptorChain]:
+        """Up to `limit` available chains in ring order, their ring entries read at once
+        (one or two reads, at the ring's wrap).
 
         With VIRTIO_F_EVENT_IDX, an empty queue re-arms the driver's notifications: the
         device writes avail_event (§2.7.10) and looks again, so a chain added in between
         is not missed."""
-        if not self.ready:
-            return None
-        if self.pending(mem) == 0:
-            if not self.event_idx:
-                return None
-            self._set_avail_event(mem, self.last_avail)
-            full_fence()
-            if self.pending(mem) == 0:
-                return None
-        try:
-            head = mem.read_u16(self.avail_addr + 4 + 2 * (self.last_avail % self.size))
-        except GuestMemoryError as err:
-            raise QueueError(str(err)) from None
-        self.last_avail = (self.last_avail + 1) & 0xFFFF
-        return self._walk(mem, head)
-
-    def pop_batch(self, mem: GuestMemory, limit: int) -> list[DescriptorChain]:
-        """Up to `limit` available chains in ring order, as `pop` would give them one by
-        one (the same checks, the same re-arming when the queue is empty), with the ring
-        entries read at once: one or two reads (at the ring's wrap) instead of one each."""
         if not self.ready or limit <= 0:
             return []
         count = self.pending(mem)
@@ -337,19 +324,12 @@ class SplitQueue:
 
     # -- the device area
     def push(self, mem: GuestMemory, head: int, written: int) -> None:
-        """Return chain `head` to the driver with `written` bytes written into it (§2.7.8):
-        the element first, then used.idx that publishes it."""
-        slot = self.next_used % self.size
-        try:
-            mem.write(self.used_addr + 4 + 8 * slot, _USED_ELEM.pack(head, written))
-            self.next_used = (self.next_used + 1) & 0xFFFF
-            mem.write_u16(self.used_addr + 2, self.next_used)
-        except GuestMemoryError as err:
-            raise QueueError(str(err)) from None
+        """Return chain `head` to the driver with `written` bytes written into it (§2.7.8)."""
+        self.push_batch(mem, ((head, written),))
 
     def push_batch(self, mem: GuestMemory, used: Sequence[tuple[int, int]]) -> None:
-        """Return several chains, (head, written) each, in order: the elements in one or two
-        writes (at the ring's wrap), then one used.idx write that publishes them all."""
+        """Return chains, (head, written) each, in order (§2.7.8): the elements first, in
+        one or two writes (at the ring's wrap), then one used.idx write that publishes them."""
         count = len(used)
         if count == 0:
             return
