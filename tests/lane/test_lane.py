@@ -89,6 +89,12 @@ CHECKS = textwrap.dedent(
     out["in_lane"] = os.environ.get("KVMKIT_IN_LANE")
     out["marker"] = os.environ.get("LANE_TEST_MARKER")
     out["cpus"] = os.cpu_count()
+    import socket
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname(), timeout=10)
+    peer, _ = server.accept()
+    client.sendall(b"over loopback")
+    out["loopback"] = peer.recv(64).decode()
     with open(os.path.join(sys.argv[1], "written-in-lane"), "w") as fh:
         fh.write("hello from the lane")
     print(json.dumps(out))
@@ -134,6 +140,7 @@ def test_status_streaming_channels_kvm_and_shares(tmp_path: Path) -> None:
     assert result["in_lane"] == "1"
     assert result["marker"] == "passed through"
     assert result["cpus"] == 1  # the lane's default (docs/lane.md, "Why one vCPU")
+    assert result["loopback"] == "over loopback"  # lo is up (TCP on 127.0.0.1 works)
     assert (share / "written-in-lane").read_text() == "hello from the lane"
     assert result["probe_status"] == 0, result["probe"]
     assert result["probe"]["implementation"] == "hardware-svm"

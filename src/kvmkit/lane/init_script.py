@@ -110,6 +110,9 @@ sent() {
     echo "${n:--}"
 }
 exec 3>"$OUT" 4>"$ERR" 5<>"$CTL"
+# The loopback interface starts DOWN in a fresh kernel: without it anything on 127.0.0.1 (a
+# gdb stub, a TCP migration, a test server) fails with "Network is unreachable".
+$BB ip link set lo up || mark "fail net lo: cannot bring the loopback interface up"
 mark stage run
 echo ready >&5
 kvmkit_command </dev/null >&3 2>&4 3>&- 4>&- 5>&-
