@@ -56,7 +56,8 @@ class MemoryRegion:
             self.fd = -1
 
 
-def _host_address(mapping: mmap.mmap) -> int:
+def host_address(mapping: mmap.mmap) -> int:
+    """The address of a mapping in this process (what KVM and VFIO are given)."""
     # ctypes needs a writable buffer; from_buffer keeps an export on the mapping for as long
     # as the ctypes object lives, which is only for this call.
     anchor = ctypes.c_char.from_buffer(mapping)
@@ -75,7 +76,7 @@ def _check_size(gpa: int, size: int) -> None:
 def anonymous_region(gpa: int, size: int) -> MemoryRegion:
     _check_size(gpa, size)
     mapping = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return MemoryRegion(gpa, size, mapping, _host_address(mapping))
+    return MemoryRegion(gpa, size, mapping, host_address(mapping))
 
 
 def memfd_region(gpa: int, size: int, name: str = "kvmkit-guest-ram") -> MemoryRegion:
@@ -87,7 +88,7 @@ def memfd_region(gpa: int, size: int, name: str = "kvmkit-guest-ram") -> MemoryR
     except BaseException:
         os.close(fd)
         raise
-    return MemoryRegion(gpa, size, mapping, _host_address(mapping), fd=fd)
+    return MemoryRegion(gpa, size, mapping, host_address(mapping), fd=fd)
 
 
 def file_region(
@@ -112,4 +113,4 @@ def file_region(
     except BaseException:
         os.close(fd)
         raise
-    return MemoryRegion(gpa, size, mapping, _host_address(mapping), fd=fd)
+    return MemoryRegion(gpa, size, mapping, host_address(mapping), fd=fd)

@@ -9,7 +9,8 @@ a byte to 0xCFB first and expects the latch unchanged).
 
 BARs: one `PciMmioWindow` on the MMIO bus covers layout.PCI_MMIO_BASE..+PCI_MMIO_SIZE (the
 window the DSDT's host bridge announces) and forwards an access to the function whose
-enabled BAR holds it. The guest may move BARs (Linux reassigns them when it dislikes what
+enabled BAR holds it; with an I/O window, a `PciIoWindow` on the port bus does the same for
+I/O BARs (passthrough devices have them; kvmkit's own functions do not). The guest may move BARs (Linux reassigns them when it dislikes what
 firmware chose): a function recomputes its mappings after every write to its command
 register or a BAR, and a BAR that leaves the window, or whose memory decoding is off, is
 simply not served.
@@ -54,8 +55,10 @@ class PciFunction:
     def __init__(self, config: PciConfigSpace) -> None:
         self.config = config
         self.lock = threading.RLock()
-        # (start, size, bar index) of each BAR the function answers right now.
+        # (start, size, bar index) of each memory BAR the function answers right now, and
+        # of each I/O BAR (ports).
         self.mapped: list[tuple[int, int, int]] = []
+        self.io_mapped: list[tuple[int, int, int]] = []
         self.window: tuple[int, int] = (0, 0)  # set by the root: (base, size)
 
     # -- configuration space
@@ -119,15 +122,20 @@ class PciRoot:
     """Bus 0. `pio` is the BusDevice for ports 0xCF8-0xCFF, `mmio` the one for the BAR
     window; `add(function)` puts a function in the next free slot."""
 
-    def __init__(self, window_base: int, window_size: int) -> None:
+    def __init__(
+        self, window_base: int, window_size: int, io_window: tuple[int, int] | None = None
+    ) -> None:
         self.window_base = window_base
         self.window_size = window_size
+        self.io_window = io_window
         self.slots: list[PciFunction | None] = [None] * SLOTS
         self._address = 0
         self._lock = threading.Lock()
         self._next_bar = window_base
+        self._next_io = io_window[0] if io_window else 0
         self.pio = PciConfigIo(self)
         self.mmio = PciMmioWindow(self)
+        self.io = PciIoWindow(self) if io_window else None
         self.add(HostBridge())
 
     def add(self, function: PciFunction) -> int:
@@ -148,6 +156,20 @@ class PciRoot:
             raise ValueError("PCI MMIO window full")
         self._next_bar = addr + size
         return addr
+
+    def allocate_io_bar(self, size: int) -> int:
+        """A port range of `size` for an I/O BAR in the I/O window, naturally aligned."""
+        if self.io_window is None:
+            raise ValueError("this PCI bus has no I/O window")
+        base, length = self.io_window
+        addr = (self._next_io + size - 1) & ~(size - 1)
+        if addr + size > base + length:
+            raise ValueError("PCI I/O window full")
+        self._next_io = addr + size
+        return addr
+
+    def slot_of(self, function: PciFunction) -> int:
+        return self.slots.index(function)
 
     def function(self, bus: int, slot: int, fn: int) -> PciFunction | None:
         if bus != 0 or fn != 0 or not 0 <= slot < SLOTS:
@@ -199,6 +221,15 @@ class PciRoot:
                     return function, bar, addr - start
         return None
 
+    def find_io_bar(self, port: int, length: int) -> tuple[PciFunction, int, int] | None:
+        for function in self.slots:
+            if function is None:
+                continue
+            for start, size, bar in function.io_mapped:
+                if start <= port and port + length <= start + size:
+                    return function, bar, port - start
+        return None
+
     def save(self) -> dict[str, object]:
         with self._lock:
             return {"address": self._address}
@@ -238,6 +269,29 @@ class PciMmioWindow:
 
     def write(self, offset: int, data: memoryview) -> None:
         hit = self.root.find_bar(self.root.window_base + offset, len(data))
+        if hit is not None:
+            function, bar, off = hit
+            function.bar_write(bar, off, data)
+
+
+class PciIoWindow:
+    """The I/O window as a BusDevice on the port bus: offsets are relative to its base."""
+
+    def __init__(self, root: PciRoot) -> None:
+        self.root = root
+        assert root.io_window is not None
+        self.base = root.io_window[0]
+
+    def read(self, offset: int, data: memoryview) -> None:
+        hit = self.root.find_io_bar(self.base + offset, len(data))
+        if hit is None:
+            data[:] = b"\xff" * len(data)
+            return
+        function, bar, off = hit
+        function.bar_read(bar, off, data)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        hit = self.root.find_io_bar(self.base + offset, len(data))
         if hit is not None:
             function, bar, off = hit
             function.bar_write(bar, off, data)
