@@ -83,6 +83,11 @@ def register(sub: Any) -> None:
         "(Firecracker's CONNECT protocol, docs/virtio.md)",
     )  # fmt: skip
     p.add_argument(
+        "--vfio", action="append", default=[], metavar="DDDD:BB:DD.F",
+        help="give the guest this host PCI device (bound to vfio-pci; repeatable; "
+        "docs/vfio.md)",
+    )  # fmt: skip
+    p.add_argument(
         "--api-sock", metavar="PATH",
         help="serve kvmkit's Firecracker-compatible API on this Unix socket (docs/api.md); "
         "without a kernel, command or config file, wait for InstanceStart",
@@ -146,10 +151,12 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(
                 "--gdb and --snapshot-after do not combine with --api-sock/--config-file"
             )
+        vfio = [{"device_id": f"vfio{i}", "bdf": b} for i, b in enumerate(args.vfio)]
         return run_api(
             api_sock=args.api_sock, config_file=args.config_file, kernel=args.kernel,
             initrd=args.initrd, cmdline=args.cmdline, vcpus=args.vcpus, mem_mib=args.mem_mib,
             command=command, timeout=args.timeout,
+            extra_config={"vfio-devices": vfio} if vfio else None,
         )  # fmt: skip
     config = MachineConfig(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
@@ -163,6 +170,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
     config.rng = args.rng
     config.virtio_transport = args.virtio_transport
+    config.vfio = list(args.vfio)
+    if config.vfio and args.snapshot_after is not None:
+        from kvmkit.vmm.machine import VFIO_NO_SNAPSHOT
+
+        raise UserError(f"--snapshot-after: {VFIO_NO_SNAPSHOT}")
     config.validate()
     implementation, why = detect_implementation()
     if not implementation.startswith("hardware-") and not os.environ.get("KVMKIT_FORCE_RUN"):

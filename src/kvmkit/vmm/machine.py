@@ -52,6 +52,7 @@ from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.console import CommandOutput, ConsoleStream, new_nonce
 from kvmkit.vmm.pci import MachinePci
 from kvmkit.vmm.vcpu import VcpuEvent, VcpuEventKind, VcpuThread
+from kvmkit.vmm.vfio import MachineVfio
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ PANIC_MARKER = b"Kernel panic - not syncing"
 # After the command reported its status the init powers off; if that takes longer than
 # this, the VM is stopped anyway (the status is already known).
 POWEROFF_GRACE = 10.0
+VFIO_NO_SNAPSHOT = (
+    "a machine with passthrough devices (--vfio) cannot be snapshotted or migrated: their "
+    "state is in the hardware, not in kvmkit"
+)
 
 
 class EndReason(enum.Enum):
@@ -156,7 +161,8 @@ class Machine:
         # (base, irq, device); over PCI: (BAR address, -1: MSI-X, device)
         self.virtio: list[tuple[int, int, VirtioDevice]] = []
         self.virtio_transports: list[TransportState] = []  # in the order of self.virtio
-        self.pci: MachinePci | None = None  # the PCI bus, with virtio_transport="pci"
+        self.pci: MachinePci | None = None  # the PCI bus: virtio_transport="pci" or vfio
+        self.vfio: MachineVfio | None = None  # passthrough devices (config.vfio)
         self._virtio_worker: VirtioWorker | None = None
 
     # -- life cycle
@@ -176,6 +182,9 @@ class Machine:
             self.ring.stop()
             self.ring.ring.release()
             self.ring = None
+        if self.vfio is not None:  # before the VM: its slots and irqfds go first
+            self.vfio.close()
+            self.vfio = None
         if self.vm is not None:
             self.vm.close()
         if self._virtio_worker is not None:
@@ -216,8 +225,10 @@ class Machine:
         return image.kernel, image.initrd, cmdline + extra
 
     def uses_pci(self) -> bool:
-        """virtio devices over PCI: the guest needs its PCI bus (no `pci=off`)."""
-        return self.config.virtio_transport == "pci" and self.config.virtio_count > 0
+        """virtio devices over PCI or passthrough devices: the guest needs its PCI bus (no
+        `pci=off`)."""
+        cfg = self.config
+        return (cfg.virtio_transport == "pci" and cfg.virtio_count > 0) or bool(cfg.vfio)
 
     def base_cmdline(self) -> str:
         return BASE_CMDLINE.replace(" pci=off", "") if self.uses_pci() else BASE_CMDLINE
@@ -252,6 +263,8 @@ class Machine:
             reset_port=AcpiPower.RESET_PORT,
             virtio_mmio=[(b, layout.VIRTIO_MMIO_SIZE, irq) for b, irq in self.virtio_slots()],
             pci_window=(layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE) if self.uses_pci() else None,
+            pci_io_window=(layout.PCI_IO_BASE, layout.PCI_IO_SIZE) if cfg.vfio else None,
+            pci_intx=bool(cfg.vfio),
         )  # fmt: skip
         write_mptable(self.mem, cfg.vcpus)
         self.boot = load_linux(
@@ -302,6 +315,15 @@ class Machine:
         )
         self.pio.insert(power, AcpiPower.BASE, AcpiPower.LENGTH, "acpi-power")
         self._add_virtio(vm)
+        if self.config.vfio:
+            self.vfio = MachineVfio(self.config.vfio, self.mem, self._pci_bus(vm))
+            self.vfio.open()
+
+    def _pci_bus(self, vm: Vm) -> MachinePci:
+        if self.pci is None:
+            self.pci = MachinePci(vm, self.mem, self.pio, self.mmio,
+                                  io_window=bool(self.config.vfio))  # fmt: skip
+        return self.pci
 
     def virtio_slots(self) -> list[tuple[int, int]]:
         """(MMIO base, IRQ) of each virtio-mmio device, in order: drives, the rng, nets, vsock."""
@@ -337,9 +359,9 @@ class Machine:
             return
         self._virtio_worker = worker = VirtioWorker()
         if self.config.virtio_transport == "pci":
-            self.pci = MachinePci(vm, self.mem, self.pio, self.mmio)
+            pci = self._pci_bus(vm)
             for dev in devices:
-                function = self.pci.add_virtio(dev)
+                function = pci.add_virtio(dev)
                 worker.add(dev)
                 self.virtio.append((function.bar_address, -1, dev))
                 self.virtio_transports.append(function)
@@ -484,6 +506,9 @@ class Machine:
     def snapshot(self, path_state: str | Path, path_mem: str | Path, diff: bool = False) -> None:
         """Write a snapshot of the paused machine (diff: pages dirtied since the last one)."""
         from kvmkit.vmm.snapshot import snapshot_machine
+
+        if self.config.vfio:
+            raise UserError(VFIO_NO_SNAPSHOT)
 
         snapshot_machine(self, path_state, path_mem, diff=diff)
 

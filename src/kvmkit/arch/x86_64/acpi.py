@@ -230,14 +230,12 @@ def pci_routing_table_aml() -> bytes:
     """_PRT (ACPI 6.5 §6.2.13) for every slot of bus 0: Package {Address (slot << 16 |
     0xFFFF: any function), Pin (0 = INTA), Source (0: SourceIndex is a GSI), SourceIndex},
     the GSIs of layout.pci_intx_gsi (level-triggered, active low, as _PRT GSIs are)."""
-    entries = [
-        aml_package([
-            aml_integer((slot << 16) | 0xFFFF), aml_integer(pin - 1), aml_integer(0),
-            aml_integer(layout.pci_intx_gsi(slot, pin)),
-        ])  # fmt: skip
-        for slot in range(32)
-        for pin in range(1, 5)
-    ]
+    entries = []
+    for slot in range(32):
+        for pin in range(1, 5):
+            address, gsi = (slot << 16) | 0xFFFF, layout.pci_intx_gsi(slot, pin)
+            fields = [aml_integer(address), aml_integer(pin - 1), aml_integer(0), aml_integer(gsi)]
+            entries.append(aml_package(fields))
     return aml_name("_PRT", aml_package(entries))
 
 
@@ -433,7 +431,8 @@ def write_acpi_tables(
     fadt_addr = _align(xsdt_addr + xsdt_size)
     facs_addr = (fadt_addr + FADT_LENGTH + 63) & ~63  # the FACS must be 64-byte aligned
     dsdt_addr = _align(facs_addr + FACS_LENGTH)
-    dsdt = sdt(b"DSDT", DSDT_REVISION, dsdt_aml(s5_sleep_type, virtio_mmio, pci_window, pci_io_window, pci_intx))
+    aml = dsdt_aml(s5_sleep_type, virtio_mmio, pci_window, pci_io_window, pci_intx)
+    dsdt = sdt(b"DSDT", DSDT_REVISION, aml)
     madt_addr = _align(dsdt_addr + len(dsdt))
     madt = build_madt(nvcpus)
     end = madt_addr + len(madt)

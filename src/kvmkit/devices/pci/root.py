@@ -10,10 +10,10 @@ a byte to 0xCFB first and expects the latch unchanged).
 BARs: one `PciMmioWindow` on the MMIO bus covers layout.PCI_MMIO_BASE..+PCI_MMIO_SIZE (the
 window the DSDT's host bridge announces) and forwards an access to the function whose
 enabled BAR holds it; with an I/O window, a `PciIoWindow` on the port bus does the same for
-I/O BARs (passthrough devices have them; kvmkit's own functions do not). The guest may move BARs (Linux reassigns them when it dislikes what
-firmware chose): a function recomputes its mappings after every write to its command
-register or a BAR, and a BAR that leaves the window, or whose memory decoding is off, is
-simply not served.
+I/O BARs (passthrough devices have them; kvmkit's own functions do not). The guest may move
+BARs (Linux reassigns them when it dislikes what firmware chose): a function recomputes its
+mappings after every write to its command register or a BAR, and a BAR that leaves the
+window, or whose memory decoding is off, is simply not served.
 """
 
 from __future__ import annotations
