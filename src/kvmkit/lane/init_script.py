@@ -15,6 +15,7 @@ can only be reported there.
 The per-run settings come from /kvmkit/run.sh, in a second cpio archive appended to the
 cached initramfs; it defines two shell functions (written by runner.run_script):
   kvmkit_shares   calls `share TAG PATH` for each writable share
+  kvmkit_vfio     calls `bind_vfio BDF` for each passthrough device (--device)
   kvmkit_command  runs the command with the caller's environment (via `env -i`)
 """
 
@@ -113,6 +114,19 @@ exec 3>"$OUT" 4>"$ERR" 5<>"$CTL"
 # The loopback interface starts DOWN in a fresh kernel: without it anything on 127.0.0.1 (a
 # gdb stub, a TCP migration, a test server) fails with "Network is unreachable".
 $BB ip link set lo up || mark "fail net lo: cannot bring the loopback interface up"
+bind_vfio() {
+    # Give the device to vfio-pci (Documentation/driver-api/vfio.rst): whatever driver has
+    # it lets go, driver_override names the one that may take it, drivers_probe binds it.
+    d=/sys/bus/pci/devices/$1
+    if [ ! -e "$d" ]; then echo "kvmkit lane: --device $1: no such PCI device" >&4; return; fi
+    [ -e "$d/driver" ] && echo "$1" > "$d/driver/unbind"
+    echo vfio-pci > "$d/driver_override"
+    echo "$1" > /sys/bus/pci/drivers_probe
+    g=$($BB readlink "$d/iommu_group" 2>/dev/null)
+    [ -n "$g" ] && [ -e "/dev/vfio/${g##*/}" ] ||
+        echo "kvmkit lane: --device $1: not bound to vfio-pci (no /dev/vfio/${g##*/})" >&4
+}
+kvmkit_vfio
 mark stage run
 echo ready >&5
 kvmkit_command </dev/null >&3 2>&4 3>&- 4>&- 5>&-

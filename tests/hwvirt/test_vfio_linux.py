@@ -1,0 +1,243 @@
+"""VFIO passthrough of QEMU's `edu` device (PCI 1234:11e8, docs/specs/edu.rst) to a Linux
+guest, in a lane booted with `kvmkit lane --device edu ...` (the lane puts the devices
+behind QEMU's emulated VT-d and binds them to vfio-pci; scripts/hwvirt_tests.py boots one
+lane for this module, see the `lane_devices` marker).
+
+One guest boot does everything a user of the device would: the guest finds it in sysfs with
+its IDs and BAR0, reads the ID register and the liveness register with busybox `devmem`,
+has it compute 5!, reads BAR0 200,000 times without a vCPU exit (the BAR is a KVM memory
+slot), copies 2 KiB through the device and back by DMA (through the IOMMU's mapping of guest
+RAM), receives its factorial interrupt as MSI and as INTx (counted in /proc/interrupts), has
+it DMA outside guest RAM (the lane's IOMMU blocks it) and writes nonsense to its configuration
+space and BAR0 - and kvmkit stays up and reports the command's status.
+
+The other tests need no guest: the refusals (one line, exit status 2) and that a failed
+start leaves no VFIO file descriptor open.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmkit.lane import assets
+
+EDU = ("0x1234", "0x11e8")
+# The lane of this module: a single-function edu in its own IOMMU group, and a two-function
+# edu in slot 0x1e (one group: no ACS between functions) for the group-viability refusal.
+pytestmark = [
+    pytest.mark.hwvirt,
+    pytest.mark.lane_devices(
+        "edu", "edu,addr=0x1e.0,multifunction=on", "edu,addr=0x1e.1",
+        modules=("uio_pci_generic",),
+    ),
+]  # fmt: skip
+SOLO = "0000:00:10.0"  # the lane gives the first device without addr= slot 0x10
+PAIR = ("0000:00:1e.0", "0000:00:1e.1")
+SYSFS = Path("/sys/bus/pci/devices")
+MSI_VECTOR = 0xF5  # unused by Linux 6.1 (irq_vectors.h): counted as SPU, logged as spurious
+OUTSIDE_RAM = 0xC000000  # 192 MiB: past the guest's 128 MiB, inside edu's 28-bit DMA mask
+
+GUEST_SCRIPT = r"""
+B=
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat $d/vendor) $(cat $d/device)" = "0x1234 0x11e8" ] && B=${d##*/}
+done
+D=/sys/bus/pci/devices/$B
+echo "DEV $B $(cat $D/vendor) $(cat $D/device) $(cat $D/class)"
+echo "RES0 $(head -1 $D/resource)"
+bar=$(head -1 $D/resource | cut -d' ' -f1)
+echo "ID $(devmem $bar 32)"
+devmem $((bar + 4)) 32 0x12345678
+echo "LIVE $(devmem $((bar + 4)) 32)"
+devmem $((bar + 8)) 32 5
+while [ $(($(devmem $((bar + 0x20)) 32) & 1)) = 1 ]; do :; done
+echo "FACT $(devmem $((bar + 8)) 32)"
+mkdir /tmp/p && tar -x -f /dev/vda -C /tmp/p || echo "TAR failed"
+P=/tmp/p/edu_probe
+$P $B spin 200000
+$P $B dma
+spu() { awk '$1 == "SPU:" { print $2 }' /proc/interrupts; }
+S0=$(spu)
+$P $B msi VECTOR 3
+echo "SPU $S0 $(spu) $(dmesg | grep -c 'Spurious interrupt (vector VECTOR)')"
+insmod /tmp/p/uio.ko && insmod /tmp/p/uio_pci_generic.ko
+echo uio_pci_generic > $D/driver_override
+echo $B > /sys/bus/pci/drivers_probe
+echo "DRIVER $(basename $(readlink $D/driver))"
+$P $B intx 3
+grep uio_pci_generic /proc/interrupts | sed 's/^/IRQ /'
+echo $B > $D/driver/unbind
+$P $B dma-out OUTSIDE
+$P $B garbage 7
+echo SURVIVED
+""".replace("VECTOR", f"{MSI_VECTOR:#x}").replace("OUTSIDE", f"{OUTSIDE_RAM:#x}")
+
+
+def _driver(bdf: str) -> str | None:
+    link = SYSFS / bdf / "driver"
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+
+def _group(bdf: str) -> int:
+    return int(os.path.basename(os.readlink(SYSFS / bdf / "iommu_group")))
+
+
+def _bind(bdf: str, driver: str) -> None:
+    """Rebind as the lane's init does (driver_override + drivers_probe)."""
+    if _driver(bdf) is not None:
+        (SYSFS / bdf / "driver" / "unbind").write_text(bdf)
+    (SYSFS / bdf / "driver_override").write_text(driver)
+    Path("/sys/bus/pci/drivers_probe").write_text(bdf)
+    assert _driver(bdf) == driver
+
+
+def _kvmkit(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvmkit", "run", *args], capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def _probe_drive(tmp_path: Path) -> Path:
+    """The probe, built static, and the guest kernel's uio modules in a tar the guest
+    unpacks from /dev/vda."""
+    exe = tmp_path / "edu_probe"
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(exe),
+                    str(Path(__file__).with_name("edu_probe.c"))], check=True, timeout=120)
+    kernel = assets.ensure_kernel()
+    index = assets.module_index(kernel)
+    tar = tmp_path / "probe.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(exe, "edu_probe")
+        for name in ("uio", "uio_pci_generic"):
+            ko = tmp_path / f"{name}.ko"
+            ko.write_bytes(assets.read_module(index[name]))
+            t.add(ko, f"{name}.ko")
+    raw = tar.read_bytes()
+    tar.write_bytes(raw.ljust((len(raw) + 4095) // 4096 * 4096, b"\0"))
+    return tar
+
+
+@pytest.fixture
+def lane_edu() -> Iterator[None]:
+    if not (SYSFS / SOLO).exists() or _driver(SOLO) != "vfio-pci":
+        pytest.fail(f"{SOLO} is not an edu bound to vfio-pci: run in `kvmkit lane --device edu`")
+    yield
+
+
+def test_edu_passthrough_to_linux(tmp_path: Path, lane_edu: None) -> None:
+    drive = _probe_drive(tmp_path)
+    proc = _kvmkit(
+        "--stats", "--mem-mib", "128", "--timeout", "500", "--vfio", SOLO,
+        "--drive", f"{drive},ro", "--", "sh", "-c", GUEST_SCRIPT, timeout=600,
+    )  # fmt: skip
+    out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 0, f"status {proc.returncode}\n{out}\n{err}"
+    lines = [line.strip() for line in out.splitlines()]
+
+    def value(key: str) -> str:
+        found = [line[len(key) + 1 :] for line in lines if line.startswith(key + " ")]
+        assert found, f"no {key} line in\n{out}\n{err}"
+        return found[-1]
+
+    # sysfs: the function, its IDs, class 00ff00 (edu is "other") and a 1 MiB BAR0 inside
+    # kvmkit's PCI window.
+    bdf, vendor, device, cls = value("DEV").split()
+    assert bdf == "0000:00:01.0"  # slot 1 of kvmkit's bus, after the host bridge
+    assert (vendor, device, cls) == (*EDU, "0x00ff00")
+    start, end, flags = (int(x, 16) for x in value("RES0").split())
+    assert end - start + 1 == 1 << 20 and 0xE0000000 <= start < 0xEF000000, value("RES0")
+    assert flags & 0x200  # IORESOURCE_MEM
+    # The registers through BAR0 (busybox devmem): ID, liveness (inverse), 5! = 120.
+    assert value("ID") == "0x010000ED"
+    assert value("LIVE") == "0xEDCBA987"
+    assert int(value("FACT"), 16) == 120
+    assert value("SPIN") == "200000 of 200000"
+    # 200,000 reads of BAR0 and fewer exits than that in the whole run: BAR0 is mapped into
+    # the guest (a KVM memory slot), not trapped.
+    stats = re.search(r"(\d+) vCPU exits", err)
+    assert stats and int(stats.group(1)) < 200000, err
+    # DMA both ways through the IOMMU mapping of guest RAM.
+    assert value("DMA") == "ok 2048"
+    # MSI: 3 factorial interrupts with vector 0xf5 reached the guest's LAPIC.
+    assert value("MSI").startswith("sent 3 of 3"), out
+    spu_before, spu_after, logged = (int(x) for x in value("SPU").split())
+    assert spu_after - spu_before >= 3 and int(logged) >= 3, value("SPU")
+    # INTx: through uio_pci_generic, a level-triggered IO-APIC line (the DSDT's _PRT).
+    assert value("DRIVER") == "uio_pci_generic"
+    assert value("INTX") == "got 3 of 3"
+    irq = value("IRQ").split()
+    assert int(irq[1]) >= 3 and "IO-APIC" in irq and irq[-1] == "uio_pci_generic", irq
+    assert "fasteoi" in " ".join(irq)
+    # DMA outside guest RAM is not mapped in the IOMMU: the lane's VT-d reports a fault.
+    assert value("DMAOUT").startswith(f"{OUTSIDE_RAM:#x}")
+    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+    assert re.search(rf"DMAR: .*fault addr (0x)?0*{OUTSIDE_RAM:x}", dmesg), dmesg[-3000:]
+    # Nonsense in config space and BAR0 did not take kvmkit down: the command finished.
+    assert "GARBAGE bar done" in out and "SURVIVED" in lines, out
+    # Everything was released: the group can be opened again.
+    fd = os.open(f"/dev/vfio/{_group(SOLO)}", os.O_RDWR)
+    os.close(fd)
+
+
+def test_refusals_are_one_line(lane_edu: None) -> None:
+    def refused(*args: str) -> str:
+        proc = _kvmkit(*args, "--", "true")
+        assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        return lines[0]
+
+    assert "no such PCI device" in refused("--vfio", "0000:00:1d.7")
+    # The lane's own virtio-serial function is bound to virtio-pci.
+    other = next(p.name for p in SYSFS.iterdir() if _driver(p.name) == "virtio-pci")
+    line = refused("--vfio", other)
+    assert "bound to virtio-pci, not vfio-pci" in line and "driver_override" in line
+    # A group with another device bound to a host driver: not viable, the other one named.
+    assert _group(PAIR[0]) == _group(PAIR[1])
+    _bind(PAIR[1], "uio_pci_generic")
+    try:
+        line = refused("--vfio", PAIR[0])
+        assert f"IOMMU group {_group(PAIR[0])} is not viable" in line
+        assert f"{PAIR[1]} (1234:11e8) is bound to uio_pci_generic" in line
+    finally:
+        _bind(PAIR[1], "vfio-pci")
+    # A group another process holds.
+    busy = os.open(f"/dev/vfio/{_group(SOLO)}", os.O_RDWR)
+    try:
+        line = refused("--vfio", SOLO)
+    finally:
+        os.close(busy)
+    assert "in use by another process" in line, line
+
+
+def test_failed_start_releases_every_vfio_fd(lane_edu: None) -> None:
+    """In one process: the first device's group and the container are open when the second
+    one's group turns out to be busy; the error leaves nothing open."""
+    from kvmkit.errors import UserError
+    from kvmkit.vmm.config import MachineConfig
+    from kvmkit.vmm.machine import Machine
+
+    busy = os.open(f"/dev/vfio/{_group(PAIR[0])}", os.O_RDWR)
+    before = set(os.listdir("/proc/self/fd"))
+    try:
+        with pytest.raises(UserError, match="in use by another process"):
+            with Machine(MachineConfig(vfio=[SOLO, PAIR[0]], command=["true"])) as m:
+                m.build()
+    finally:
+        os.close(busy)
+    leaked = [
+        os.readlink(f"/proc/self/fd/{fd}") for fd in set(os.listdir("/proc/self/fd")) - before
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    ]  # fmt: skip
+    assert not [p for p in leaked if "vfio" in p], leaked
+    fd = os.open(f"/dev/vfio/{_group(SOLO)}", os.O_RDWR)  # not EBUSY: released
+    os.close(fd)
