@@ -3,13 +3,15 @@ guest, in a lane booted with `kvmkit lane --device edu ...` (the lane puts the d
 behind QEMU's emulated VT-d and binds them to vfio-pci; scripts/hwvirt_tests.py boots one
 lane for this module, see the `lane_devices` marker).
 
-One guest boot does everything a user of the device would: the guest finds it in sysfs with
-its IDs and BAR0, reads the ID register and the liveness register with busybox `devmem`,
-has it compute 5!, reads BAR0 200,000 times without a vCPU exit (the BAR is a KVM memory
-slot), copies 2 KiB through the device and back by DMA (through the IOMMU's mapping of guest
-RAM), receives its factorial interrupt as MSI and as INTx (counted in /proc/interrupts), has
-it DMA outside guest RAM (the lane's IOMMU blocks it) and writes nonsense to its configuration
-space and BAR0 - and kvmkit stays up and reports the command's status.
+One guest boot does everything a user of the devices would. A virtio-rng passed through is
+driven by the guest's virtio_pci over MSI-X and gives 4 KiB of entropy. The edu: the guest
+finds it in sysfs with its IDs and BAR0, reads the ID register and the liveness register
+with busybox `devmem`, has it compute 5!, reads BAR0 200,000 times without a vCPU exit (the
+BAR is a KVM memory slot), copies 2 KiB through the device and back by DMA (through the
+IOMMU's mapping of guest RAM), receives its factorial interrupt as MSI and as INTx (counted
+in /proc/interrupts), has it DMA outside guest RAM (the lane's IOMMU blocks it) and writes
+nonsense to its configuration space and BAR0 - and kvmkit stays up and reports the
+command's status.
 
 The other tests need no guest: the refusals (one line, exit status 2) and that a failed
 start leaves no VFIO file descriptor open.
@@ -30,16 +32,19 @@ import pytest
 from kvmkit.lane import assets
 
 EDU = ("0x1234", "0x11e8")
-# The lane of this module: a single-function edu in its own IOMMU group, and a two-function
-# edu in slot 0x1e (one group: no ACS between functions) for the group-viability refusal.
+# The lane of this module: a single-function edu in its own IOMMU group; QEMU's virtio-rng
+# (a device with MSI-X and a 64-bit BAR, its DMA through the IOMMU: iommu_platform=on); and
+# a two-function edu in slot 0x1e (one group: no ACS between the functions) for the
+# group-viability refusal.
 pytestmark = [
     pytest.mark.hwvirt,
     pytest.mark.lane_devices(
-        "edu", "edu,addr=0x1e.0,multifunction=on", "edu,addr=0x1e.1",
-        modules=("uio_pci_generic",),
+        "edu", "virtio-rng-pci,iommu_platform=on,disable-legacy=on",
+        "edu,addr=0x1e.0,multifunction=on", "edu,addr=0x1e.1", modules=("uio_pci_generic",),
     ),
 ]  # fmt: skip
-SOLO = "0000:00:10.0"  # the lane gives the first device without addr= slot 0x10
+SOLO = "0000:00:10.0"  # the lane gives devices without addr= slots 0x10, 0x11, ...
+RNG = "0000:00:11.0"
 PAIR = ("0000:00:1e.0", "0000:00:1e.1")
 SYSFS = Path("/sys/bus/pci/devices")
 MSI_VECTOR = 0xF5  # unused by Linux 6.1 (irq_vectors.h): counted as SPU, logged as spurious
@@ -63,6 +68,14 @@ echo "FACT $(devmem $((bar + 8)) 32)"
 mkdir /tmp/p && tar -x -f /dev/vda -C /tmp/p || echo "TAR failed"
 P=/tmp/p/edu_probe
 $P $B spin 200000
+R=
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat $d/vendor) $(cat $d/device)" = "0x1af4 0x1044" ] && R=${d##*/}
+done
+echo "RNGDEV $R $(basename $(readlink /sys/bus/pci/devices/$R/driver))"
+echo "RNG $(head -c 4096 /dev/hwrng | wc -c) $(cat /sys/class/misc/hw_random/rng_current)"
+echo "RNGMSI $(cat /sys/bus/pci/devices/$R/msi_irqs/* | sort -u)"
+grep -- '-input' /proc/interrupts | sed 's/^/RNGIRQ /'
 $P $B dma
 spu() { awk '$1 == "SPU:" { print $2 }' /proc/interrupts; }
 S0=$(spu)
@@ -136,7 +149,7 @@ def lane_edu() -> Iterator[None]:
 def test_edu_passthrough_to_linux(tmp_path: Path, lane_edu: None) -> None:
     drive = _probe_drive(tmp_path)
     proc = _kvmkit(
-        "--stats", "--mem-mib", "128", "--timeout", "500", "--vfio", SOLO,
+        "--stats", "--mem-mib", "128", "--timeout", "500", "--vfio", SOLO, "--vfio", RNG,
         "--drive", f"{drive},ro", "--", "sh", "-c", GUEST_SCRIPT, timeout=600,
     )  # fmt: skip
     out, err = proc.stdout, proc.stderr
@@ -165,6 +178,14 @@ def test_edu_passthrough_to_linux(tmp_path: Path, lane_edu: None) -> None:
     # the guest (a KVM memory slot), not trapped.
     stats = re.search(r"(\d+) vCPU exits", err)
     assert stats and int(stats.group(1)) < 200000, err
+    # virtio-rng, passed through: the guest's virtio_pci drives it over MSI-X (the table
+    # trapped and emulated by kvmkit) and reads 4 KiB of entropy by DMA.
+    assert value("RNGDEV") == "0000:00:02.0 virtio-pci"
+    count, current = value("RNG").split()
+    assert count == "4096" and current.startswith("virtio_rng"), value("RNG")
+    assert value("RNGMSI") == "msix"
+    rng_irq = value("RNGIRQ").split()
+    assert int(rng_irq[1]) > 0 and "PCI-MSI" in " ".join(rng_irq), rng_irq
     # DMA both ways through the IOMMU mapping of guest RAM.
     assert value("DMA") == "ok 2048"
     # MSI: 3 factorial interrupts with vector 0xf5 reached the guest's LAPIC.
@@ -184,8 +205,9 @@ def test_edu_passthrough_to_linux(tmp_path: Path, lane_edu: None) -> None:
     # Nonsense in config space and BAR0 did not take kvmkit down: the command finished.
     assert "GARBAGE bar done" in out and "SURVIVED" in lines, out
     # Everything was released: the group can be opened again.
-    fd = os.open(f"/dev/vfio/{_group(SOLO)}", os.O_RDWR)
-    os.close(fd)
+    for bdf in (SOLO, RNG):
+        fd = os.open(f"/dev/vfio/{_group(bdf)}", os.O_RDWR)
+        os.close(fd)
 
 
 def test_refusals_are_one_line(lane_edu: None) -> None:

@@ -138,7 +138,7 @@ class MachineVfio:
         except ValueError as err:  # BAR windows full, an I/O BAR without a window, ...
             device.close()
             raise VfioHostError(f"--vfio {host.bdf}: {err}") from None
-        except VfioError as err:
+        except OSError as err:  # VFIO refused a region or IRQ query, KVM an irqfd
             device.close()
             raise _explain(f"--vfio {host.bdf}", err) from None
         log.info("--vfio %s (%s): attached", host.bdf, host.ids)

@@ -103,7 +103,11 @@ class VfioPci(PciFunction):
             raise ValueError(f"{device.name} is not a vfio-pci device")
         self.can_reset = bool(info.flags & abi.DeviceFlag.RESET)
         if self.can_reset:
-            device.reset()  # start from the device's reset state, whatever its last user did
+            # Start from the device's reset state, whatever its last user left in it.
+            try:
+                device.reset()
+            except OSError as err:
+                log.warning("%s: VFIO_DEVICE_RESET at start failed: %s", device.name, err)
         self.config_region = device.region_info(abi.PciRegion.CONFIG)
         raw = device.pread(self.config_region.offset, CONFIG_SIZE)
         vendor, dev_id = struct.unpack_from("<HH", raw, VENDOR_ID)
@@ -407,7 +411,7 @@ class VfioPci(PciFunction):
             except OSError as err:
                 # Overlapping another mapping (a guest that placed two BARs on each other):
                 # this part is served by exits instead.
-                log.warning("%s BAR%d at %#x: not mapped (%s)", self.name, bar.spec.index,
+                log.info("%s BAR%d at %#x: not mapped (%s)", self.name, bar.spec.index,
                             addr + offset, err)  # fmt: skip
 
     def _unmap_bar(self, bar: _Bar) -> None:
