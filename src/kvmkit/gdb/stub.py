@@ -23,6 +23,7 @@ DR0-DR3/DR7 (KVM_GUESTDBG_USE_HW_BP).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -36,10 +37,11 @@ from typing import TYPE_CHECKING
 from kvmkit.abi.constants import Cap, GuestDebug, SyncRegs
 from kvmkit.gdb import rsp, target
 from kvmkit.gdb.paging import PagingState, TranslationError, read_virtual, translate, write_virtual
-from kvmkit.kvm import DebugExit, IntrExit, Vcpu, VmExit
+from kvmkit.kvm import DebugExit, Vcpu, VmExit
 from kvmkit.kvm.errors import KvmError
 from kvmkit.memory.guest import GuestMemory
 from kvmkit.memory.region import GuestMemoryError
+from kvmkit.vmm.runstate import Event, VcpuControl
 
 if TYPE_CHECKING:
     from kvmkit.testing.tinyguest import TinyGuest
@@ -99,8 +101,7 @@ class HwSlot:
 class _Cpu:
     vcpu: Vcpu
     index: int
-    parked: bool = False
-    resume: bool = False
+    control: VcpuControl  # the vCPU's run state (kvmkit.vmm.runstate), shared with its owner
     stepping: bool = False
     step_over: tuple[str, int] | None = None
     pending: StopEvent | None = None
@@ -124,13 +125,21 @@ class GdbStub:
         vcpus: Sequence[Vcpu],
         mem: GuestMemory,
         *,
+        controls: Sequence[VcpuControl] | None = None,
         alive: Callable[[int], bool] | None = None,
         on_kill: Callable[[], None] | None = None,
     ) -> None:
+        """`controls`: each vCPU's run state, owned by the thread that runs it (a
+        `VcpuThread`'s); one is made per vCPU when not given (tiny guests)."""
         if not vcpus:
             raise ValueError("a GDB stub needs at least one vCPU")
+        if controls is None:
+            controls = [VcpuControl(v) for v in vcpus]
+        if len(controls) != len(vcpus):
+            raise ValueError("one run-state control per vCPU")
         self.mem = mem
-        self._cpus = [_Cpu(v, i) for i, v in enumerate(vcpus)]
+        pairs = zip(vcpus, controls, strict=True)
+        self._cpus = [_Cpu(v, i, ctl) for i, (v, ctl) in enumerate(pairs)]
         self._by_vcpu = {id(c.vcpu): c for c in self._cpus}
         self._alive = alive or (lambda i: True)
         self._on_kill = on_kill
@@ -167,6 +176,8 @@ class GdbStub:
         if self._sync_sregs:
             for c in self._cpus:
                 c.vcpu.set_sync_valid(SyncRegs.SREGS)
+        for c in self._cpus:
+            c.control.on_release = functools.partial(self._released, c)
 
     # ------------------------------------------------------------------ set-up / API
     @classmethod
@@ -187,19 +198,29 @@ class GdbStub:
             t = threads[i].thread
             return t.ident is None or t.is_alive()
 
-        stub = cls([t.vcpu for t in threads], machine.mem, alive=alive, on_kill=machine.stop)
+        stub = cls([t.vcpu for t in threads], machine.mem,
+                   controls=[t.control for t in threads], alive=alive,
+                   on_kill=machine.stop)  # fmt: skip
         for t in threads:
-            t.on_debug = stub.on_debug
+            t.debug = stub.debug_hook(t.vcpu)
         if wait:
             stub.start_stopped()
         return stub
 
     def start_stopped(self) -> None:
-        """Make every vCPU park before it next runs guest code (the VM waits for GDB)."""
+        """DEBUG_STOP every vCPU before it next runs guest code (the VM waits for GDB)."""
         with self._cond:
             self._stop_wanted = True
-            for c in self._cpus:
-                c.vcpu.kick()
+        for c in self._cpus:
+            c.control.try_request(Event.DEBUG_STOP)
+
+    def control_of(self, vcpu: Vcpu) -> VcpuControl:
+        """The run state the stub stops and resumes `vcpu` with."""
+        return self._by_vcpu[id(vcpu)].control
+
+    def debug_hook(self, vcpu: Vcpu) -> Callable[[DebugExit], bool]:
+        """`vcpu`'s hook for KVM_EXIT_DEBUG (kvmkit.vmm.dispatch.DebugHook)."""
+        return functools.partial(self.on_debug_exit, vcpu)
 
     def listen(self, address: str) -> str:
         """Start serving on `address` (see parse_address); returns the bound address
@@ -246,11 +267,13 @@ class GdbStub:
         return True
 
     def vm_exited(self, status: int = 0) -> None:
-        """The VM ended: a waiting GDB gets `W` (process exited), parked vCPUs are freed."""
+        """The VM ended: a waiting GDB gets `W` (process exited), every vCPU is FINISHED."""
         with self._cond:
             if self.exited is None:
                 self.exited = status & 0xFF
             self._cond.notify_all()
+        for c in self._cpus:
+            c.control.request(Event.STOP)
         self._wake()
 
     def close(self) -> None:
@@ -260,10 +283,10 @@ class GdbStub:
                 return
             self._closed = True
             self._cleanup_debug_locked()
-            for c in self._cpus:
-                c.resume = True
             self._stop_wanted = False
             self._cond.notify_all()
+        for c in self._cpus:
+            c.control.try_request(Event.DEBUG_RESUME)
         self._wake()
         if self._listener is not None:
             with contextlib.suppress(OSError):
@@ -292,55 +315,41 @@ class GdbStub:
             return int(vcpu.sync_regs.sregs.cr3)
         return int(vcpu.get_sregs().cr3)
 
-    def on_debug(self, vcpu: Vcpu, exit_: VmExit) -> bool:
-        """Called by a vCPU thread on DebugExit and IntrExit. True: the exit was consumed
-        (run the vCPU again); False: not the debugger's, handle it as usual."""
+    def on_debug_exit(self, vcpu: Vcpu, exit_: DebugExit) -> bool:
+        """A vCPU thread's KVM_EXIT_DEBUG. True: the debugger's (the vCPU then goes to its
+        hold point, debug-stopped when this exit is a stop to report); False: not the
+        debugger's vCPU."""
         c = self._by_vcpu.get(id(vcpu))
         if c is None:
             return False
-        if isinstance(exit_, DebugExit):
-            exc, pc, dr6 = exit_.exception, exit_.pc, exit_.dr6
-            cr3 = self._read_cr3(vcpu)
-            with self._cond:
-                event = self._classify(c, exc, pc, dr6, cr3)
-                if event is not None and self._client and not self._closed:
-                    c.pending = event
-                    c.stop_cr3 = cr3
-                    self._stop_wanted = True
-                    self._park_locked(c)
-                elif event is None and self._stop_wanted and c.step_over is None:
-                    c.stop_cr3 = cr3
-                    self._park_locked(c)
-                else:
-                    c.stepping = False  # no debugger to report to
+        exc, pc, dr6 = exit_.exception, exit_.pc, exit_.dr6
+        cr3 = self._read_cr3(vcpu)
+        stop = False
+        with self._cond:
+            event = self._classify(c, exc, pc, dr6, cr3)
+            if event is not None and self._client and not self._closed:
+                c.pending = event
+                c.stop_cr3 = cr3
+                self._stop_wanted = True
+                stop = True
+            elif event is None and self._stop_wanted and c.step_over is None:
+                # A stop was asked while this vCPU finished a step-over: it stops now.
+                c.stop_cr3 = cr3
+                stop = True
+            else:
+                c.stepping = False  # no debugger to report to
+        if stop:
+            c.control.try_request(Event.DEBUG_STOP)
+            self._wake()  # the server reports the stop once every vCPU is held
+        else:
             self._apply(c)
-            return True
-        if isinstance(exit_, IntrExit):
-            with self._cond:
-                if not self._stop_wanted or self._closed:
-                    return False
-                if c.step_over is not None:
-                    vcpu.immediate_exit = False  # finish the step-over first
-                    return True
-                c.stop_cr3 = self._read_cr3(vcpu)
-                self._park_locked(c)
-            self._apply(c)
-            return True
-        return False
+        return True
 
-    def _park_locked(self, c: _Cpu) -> None:
-        vcpu = c.vcpu
-        vcpu.immediate_exit = False
-        c.parked, c.resume = True, False
-        self._cond.notify_all()
-        self._wake()
-        while not c.resume and not self._closed and self.exited is None:
-            self._cond.wait(0.25)
-            if vcpu.immediate_exit:
-                break  # someone else (the VMM ending the VM) kicked the parked vCPU
-        c.parked, c.resume = False, False
+    def _released(self, c: _Cpu) -> None:
+        """The vCPU's thread leaves a hold (VcpuControl.on_release): its registers may have
+        been written and breakpoints changed meanwhile; load its debug controls."""
         c.regcache = None
-        self._cond.notify_all()
+        self._apply(c)
 
     def _control(self, c: _Cpu) -> tuple[int, tuple[int, ...]]:
         if self._closed or not self._client:
@@ -441,20 +450,24 @@ class GdbStub:
         return self.exited is not None or not self._alive(c.index)
 
     def _stop_all(self) -> None:
-        """Kick every running vCPU and wait until all are parked (or gone)."""
+        """DEBUG_STOP every vCPU and wait until all are held (or gone). A vCPU in the middle
+        of a step-over finishes it first and stops itself at its debug exit
+        (on_debug_exit), so that the breakpoint it stepped over is planted again."""
         with self._cond:
             self._stop_wanted = True
-            last_kick = 0.0
-            while True:
-                waiting = [c for c in self._cpus if not c.parked and not self._gone(c)]
-                if not waiting or self._closed:
-                    return
-                now = time.monotonic()
-                if now - last_kick > 0.5:
-                    for c in waiting:
-                        c.vcpu.kick()
-                    last_kick = now
-                self._cond.wait(0.05)
+        while not self._closed:
+            waiting = [c for c in self._cpus if not c.control.held and not self._gone(c)]
+            if not waiting:
+                break
+            for c in waiting:
+                if c.step_over is None:
+                    c.control.try_request(Event.DEBUG_STOP)
+            waiting[0].control.wait_held(0.05)
+        # Where each vCPU stopped (stop replies carry it); one stopped at a breakpoint has it.
+        for c in self._cpus:
+            if c.pending is None and not self._gone(c):
+                with contextlib.suppress(KvmError):
+                    c.stop_cr3 = self._read_cr3(c.vcpu)
 
     def _take_stop(self, default_signal: int = SIGINT) -> tuple[_Cpu, StopEvent]:
         with self._cond:
@@ -474,6 +487,7 @@ class GdbStub:
     def _resume(self, actions: dict[int, str]) -> bool:
         """Resume: `actions` maps a vCPU index to "c" or "s" (missing: stays stopped).
         False when a stop is already pending (report it at once instead of running)."""
+        go = []
         with self._cond:
             if any(c.pending is not None for c in self._cpus):
                 return False
@@ -483,9 +497,17 @@ class GdbStub:
                 if act is None:
                     continue
                 c.stepping = act == "s"
-                c.resume = True
-            self._cond.notify_all()
+                go.append(c)
+        for c in go:
+            c.control.try_request(Event.DEBUG_RESUME)  # stays held if the VMM paused it
         return True
+
+    def _kill(self) -> None:
+        """`k`/`vKill`: end the VM (the owner's on_kill), every vCPU FINISHED."""
+        self.killed = True
+        if self._on_kill is not None:
+            self._on_kill()
+        self.vm_exited(0)
 
     def _cleanup_debug_locked(self) -> None:
         for bp in self._sw.values():
@@ -528,9 +550,10 @@ class GdbStub:
             self._cleanup_debug_locked()
             self._stop_wanted = False
             for c in self._cpus:
-                c.resume = True
                 c.pending = None
             self._cond.notify_all()
+        for c in self._cpus:
+            c.control.try_request(Event.DEBUG_RESUME)
         if was:
             log.info("gdb detached")
 
@@ -778,10 +801,7 @@ class _Session:
             self.send(b"OK")
             raise _Disconnect()
         if cmd == b"k":
-            stub.killed = True
-            if stub._on_kill is not None:
-                stub._on_kill()
-            stub.vm_exited(0)
+            stub._kill()
             raise _Disconnect()
         return b""
 
@@ -923,10 +943,7 @@ class _Session:
                 actions.setdefault(item_cpu.index, "c")
             return self.resume(actions)
         if p.startswith(b"vKill"):
-            stub.killed = True
-            if stub._on_kill is not None:
-                stub._on_kill()
-            stub.vm_exited(0)
+            stub._kill()
             self.send(b"OK")
             raise _Disconnect()
         return b""
@@ -978,26 +995,27 @@ class _Session:
 
 # ---------------------------------------------------------------------- tiny guests
 def run_tiny_guest(guest: TinyGuest, stub: GdbStub, *, timeout: float | None = 60.0) -> GuestOutput:
-    """Run vCPU 0 of `guest` with `TinyGuest.run`, `stub` consulted on debug exits and kicks.
+    """Run vCPU 0 of `guest` with `TinyGuest.run`, on the run state the stub stops and
+    resumes it with: debug exits go to the stub, and each kick reaches the hold point.
     Returns the guest's output when it reports DONE; tells GDB the VM exited."""
     from kvmkit.testing.ucall import GuestError
 
     cpu = guest.vcpu
+    control = stub.control_of(cpu)
 
-    def consult(exit_: VmExit) -> bool:
-        consumed = stub.on_debug(cpu, exit_)
-        if stub.killed:
+    def hold(exit_: VmExit) -> bool:
+        if not control.hold_point():
             raise GuestError("the debugger killed the VM")
-        return consumed
+        return True
+
+    def debug(exit_: VmExit) -> bool:
+        return isinstance(exit_, DebugExit) and stub.on_debug_exit(cpu, exit_) and hold(exit_)
 
     status = 0
     try:
         if stub.killed:
             raise GuestError("the debugger killed the VM")
-        output = guest.run(
-            vcpu=cpu, timeout=timeout, on_intr=consult,
-            on_exit=lambda exit_: isinstance(exit_, DebugExit) and consult(exit_),
-        )  # fmt: skip
+        output = guest.run(vcpu=cpu, timeout=timeout, on_intr=hold, on_exit=debug)
         status = output.status or 0
         return output
     finally:
