@@ -1,7 +1,7 @@
 """The vCPU run-state machine (kvmkit.vmm.runstate): every transition of the table, the
 illegal ones, and the hand-shake with a vCPU thread. The thread here is a loop that stands in
 for `VcpuThread._loop` (a kick makes the next "KVM_RUN" return EINTR), so the hand-shake
-is tested without KVM; tests/kvm/test_vcpu_runstate.py runs it on real vCPUs."""
+is tested without KVM; tests/kvm/test_runstate_vcpus.py runs it on real vCPUs."""
 
 from __future__ import annotations
 

@@ -92,8 +92,8 @@ POWEROFF_GRACE = 10.0
 PAUSE_TIMEOUT = 10.0
 # How `build` creates the VM (and a restore recreates it): Intel needs three pages for
 # real-mode emulation and an identity-map page below 4 GiB, outside RAM and device windows
-# (KVM API doc, KVM_SET_TSS_ADDR); the in-kernel irqchip and a PIT whose speaker port is
-# a dummy (KVM_PIT_SPEAKER_DUMMY: port 0x61 then exits to the VMM's devices).
+# (KVM API doc, KVM_SET_TSS_ADDR); the in-kernel irqchip and PIT, the PIT with KVM's stub of
+# the speaker port 0x61 (KVM_PIT_SPEAKER_DUMMY: arch/x86/kvm/i8254.c registers it in-kernel).
 SETUP = VmSetup(
     irqchip=True, pit=True, pit_flags=KVM_PIT_SPEAKER_DUMMY,
     tss_addr=0xFFFB_D000, identity_map_addr=0xFFFB_C000,
