@@ -158,8 +158,12 @@ def run_lane(
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("python", nargs="?", default=".venv/bin/python")
+    ap.add_argument("--lane-devices-only", action="store_true",
+                    help="only the tests that need a lane with devices (lane_devices marker)")
     args = ap.parse_args()
     groups = collect(args.python)
+    if args.lane_devices_only:
+        groups.pop(LaneConfig(), None)
     ids = [nodeid for group in groups.values() for nodeid in group]
     if not ids:
         print("hwvirt: 0 passed, 0 failed (no test selected)")
