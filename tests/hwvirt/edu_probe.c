@@ -159,12 +159,16 @@ static int do_dma_out(uint64_t addr) {
     return 0;
 }
 
-/* One factorial with the done-interrupt on; returns the result. */
+/* One factorial with the done-interrupt on; returns the result. The device clears its
+ * computing bit before it raises the interrupt: wait for the interrupt status too. */
 static uint32_t factorial(uint32_t n) {
     wr32(0x20, 0x80);
     wr32(0x08, n);
     if (wait_clear(0x20, 1))
         return 0;
+    double end = now() + 20;
+    while (!(rd32(0x24) & 1) && now() < end)
+        ;
     return rd32(0x08);
 }
 

@@ -65,7 +65,6 @@ echo "LIVE $(devmem $((bar + 4)) 32)"
 devmem $((bar + 8)) 32 5
 while [ $(($(devmem $((bar + 0x20)) 32) & 1)) = 1 ]; do :; done
 echo "FACT $(devmem $((bar + 8)) 32)"
-mkdir /tmp/p && tar -x -f /dev/vda -C /tmp/p || echo "TAR failed"
 P=/tmp/p/edu_probe
 $P $B spin 200000
 R=
@@ -119,17 +118,25 @@ def _kvmkit(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
     )  # fmt: skip
 
 
+# The guest's command: the script is too long for the kernel command line kvmkit passes a
+# command on, so it travels in the drive with the probe.
+GUEST_COMMAND = "mkdir /tmp/p && tar -x -f /dev/vda -C /tmp/p && sh /tmp/p/run.sh"
+
+
 def _probe_drive(tmp_path: Path) -> Path:
-    """The probe, built static, and the guest kernel's uio modules in a tar the guest
-    unpacks from /dev/vda."""
+    """The guest script, the probe (built static) and the guest kernel's uio modules in a
+    tar the guest unpacks from /dev/vda."""
     exe = tmp_path / "edu_probe"
     subprocess.run(["gcc", "-static", "-O2", "-o", str(exe),
                     str(Path(__file__).with_name("edu_probe.c"))], check=True, timeout=120)
     kernel = assets.ensure_kernel()
     index = assets.module_index(kernel)
     tar = tmp_path / "probe.tar"
+    script = tmp_path / "run.sh"
+    script.write_text(GUEST_SCRIPT)
     with tarfile.open(tar, "w") as t:
         t.add(exe, "edu_probe")
+        t.add(script, "run.sh")
         for name in ("uio", "uio_pci_generic"):
             ko = tmp_path / f"{name}.ko"
             ko.write_bytes(assets.read_module(index[name]))
@@ -150,7 +157,7 @@ def test_edu_passthrough_to_linux(tmp_path: Path, lane_edu: None) -> None:
     drive = _probe_drive(tmp_path)
     proc = _kvmkit(
         "--stats", "--mem-mib", "128", "--timeout", "500", "--vfio", SOLO, "--vfio", RNG,
-        "--drive", f"{drive},ro", "--", "sh", "-c", GUEST_SCRIPT, timeout=600,
+        "--drive", f"{drive},ro", "--", "sh", "-c", GUEST_COMMAND, timeout=600,
     )  # fmt: skip
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, f"status {proc.returncode}\n{out}\n{err}"
