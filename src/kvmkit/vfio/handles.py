@@ -15,9 +15,9 @@ import errno
 import mmap
 import os
 from dataclasses import dataclass, field
-from types import TracebackType
 
 from kvmkit.abi import vfio as abi
+from kvmkit.abi.structs import KvmStruct
 from kvmkit.kvm._ioctl import close_fd, ioctl_int, ioctl_ptr
 from kvmkit.kvm.errors import VfioError
 
@@ -43,6 +43,34 @@ def _caps(buf: bytes | bytearray, first: int, floor: int) -> dict[int, int]:
     return found
 
 
+def _cap_entries(
+    buf: bytes | bytearray, at: int, head: type[KvmStruct], count: int,
+    entry: type[KvmStruct],
+) -> list[KvmStruct]:  # fmt: skip
+    """The `count` `entry` structures after the capability header `head` at `at`, as many
+    as the buffer holds."""
+    size = ctypes.sizeof(entry)
+    first = at + ctypes.sizeof(head)
+    n = max(0, min(count, (len(buf) - first) // size))
+    return [entry.from_buffer_copy(buf, first + i * size) for i in range(n)]
+
+
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as err:
+        raise VfioError(f"open {path}", err.errno or errno.EIO) from None
+
+
+def _full_info(fd: int, op: str, request: int, first: KvmStruct) -> bytearray:
+    """Ask again with a buffer of the size the kernel said (first.argsz), the same input
+    fields: the fixed part and its capabilities."""
+    buf = bytearray(first.argsz)
+    buf[: ctypes.sizeof(first)] = bytes(first)
+    ioctl_ptr(fd, op, request, buf, error=VfioError)
+    return buf
+
+
 @dataclass(frozen=True)
 class IovaRange:
     start: int
@@ -59,23 +87,12 @@ class VfioContainer:
     """`/dev/vfio/vfio`: one IOMMU context that groups join and DMA maps live in."""
 
     def __init__(self, path: str = CONTAINER_PATH) -> None:
-        try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as err:
-            raise VfioError(f"open {path}", err.errno or errno.EIO) from None
+        self.fd = _open(path)
 
     def close(self) -> None:
         if self.fd >= 0:
             close_fd(self.fd)  # the kernel drops every DMA mapping and unpins the pages
             self.fd = -1
-
-    def __enter__(self) -> VfioContainer:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def api_version(self) -> int:
         return ioctl_int(self.fd, "VFIO_GET_API_VERSION", abi.GET_API_VERSION, error=VfioError)
@@ -95,23 +112,14 @@ class VfioContainer:
         ioctl_ptr(self.fd, "VFIO_IOMMU_GET_INFO", abi.IOMMU_GET_INFO, info, error=VfioError)
         ranges: list[IovaRange] = []
         if info.flags & abi.IommuInfoFlag.CAPS and ctypes.sizeof(info) < info.argsz <= _MAX_INFO:
-            buf = bytearray(info.argsz)
-            struct_view = abi.vfio_iommu_type1_info.from_buffer(buf)
-            struct_view.argsz = info.argsz
-            del struct_view
-            ioctl_ptr(self.fd, "VFIO_IOMMU_GET_INFO", abi.IOMMU_GET_INFO, buf, error=VfioError)
+            buf = _full_info(self.fd, "VFIO_IOMMU_GET_INFO", abi.IOMMU_GET_INFO, info)
             full = abi.vfio_iommu_type1_info.from_buffer_copy(buf)
             caps = _caps(buf, int(full.cap_offset), ctypes.sizeof(full))
             at = caps.get(abi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE)
             if at is not None:
                 head = abi.vfio_iommu_type1_info_cap_iova_range
-                cap = head.from_buffer_copy(buf, at)
-                entry = ctypes.sizeof(abi.vfio_iova_range)
-                first = at + ctypes.sizeof(head)
-                for i in range(int(cap.nr_iovas)):
-                    if first + (i + 1) * entry > len(buf):
-                        break
-                    r = abi.vfio_iova_range.from_buffer_copy(buf, first + i * entry)
+                count = int(head.from_buffer_copy(buf, at).nr_iovas)
+                for r in _cap_entries(buf, at, head, count, abi.vfio_iova_range):
                     ranges.append(IovaRange(int(r.start), int(r.end)))
         pgsizes = int(info.iova_pgsizes) if info.flags & abi.IommuInfoFlag.PGSIZES else 0
         return IommuInfo(pgsizes, tuple(ranges))
@@ -139,11 +147,7 @@ class VfioGroup:
 
     def __init__(self, number: int, dev_vfio: str = "/dev/vfio") -> None:
         self.number = number
-        path = f"{dev_vfio}/{number}"
-        try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as err:
-            raise VfioError(f"open {path}", err.errno or errno.EIO) from None
+        self.fd = _open(f"{dev_vfio}/{number}")
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -220,11 +224,7 @@ class VfioDevice:
         sparse = False
         msix_mappable = False
         if flags & abi.RegionFlag.CAPS and ctypes.sizeof(info) < info.argsz <= _MAX_INFO:
-            buf = bytearray(info.argsz)
-            head = abi.vfio_region_info.from_buffer(buf)
-            head.argsz, head.index = info.argsz, index
-            del head
-            ioctl_ptr(self.fd, op, abi.DEVICE_GET_REGION_INFO, buf, error=VfioError)
+            buf = _full_info(self.fd, op, abi.DEVICE_GET_REGION_INFO, info)
             full = abi.vfio_region_info.from_buffer_copy(buf, 0)
             caps = _caps(buf, int(full.cap_offset), ctypes.sizeof(full))
             msix_mappable = abi.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE in caps
@@ -232,13 +232,8 @@ class VfioDevice:
             if at is not None:
                 sparse = True
                 cap_t = abi.vfio_region_info_cap_sparse_mmap
-                cap = cap_t.from_buffer_copy(buf, at)
-                entry = ctypes.sizeof(abi.vfio_region_sparse_mmap_area)
-                first = at + ctypes.sizeof(cap_t)
-                for i in range(int(cap.nr_areas)):
-                    if first + (i + 1) * entry > len(buf):
-                        break
-                    a = abi.vfio_region_sparse_mmap_area.from_buffer_copy(buf, first + i * entry)
+                count = int(cap_t.from_buffer_copy(buf, at).nr_areas)
+                for a in _cap_entries(buf, at, cap_t, count, abi.vfio_region_sparse_mmap_area):
                     if a.size and a.offset + a.size <= info.size:
                         areas.append((int(a.offset), int(a.size)))
         if flags & abi.RegionFlag.MMAP and not sparse and info.size:

@@ -9,7 +9,7 @@ a byte to 0xCFB first and expects the latch unchanged).
 
 BARs: one `PciMmioWindow` on the MMIO bus covers layout.PCI_MMIO_BASE..+PCI_MMIO_SIZE (the
 window the DSDT's host bridge announces) and forwards an access to the function whose
-enabled BAR holds it; with an I/O window, a `PciIoWindow` on the port bus does the same for
+enabled BAR holds it; with an I/O window, another one on the port bus does the same for
 I/O BARs (passthrough devices have them; kvmkit's own functions do not). The guest may move
 BARs (Linux reassigns them when it dislikes what firmware chose): a function recomputes its
 mappings after every write to its command register or a BAR, and a BAR that leaves the
@@ -164,7 +164,7 @@ class PciRoot:
         self._next_io = io_window[0] if io_window else 0
         self.pio = PciConfigIo(self)
         self.mmio = PciMmioWindow(self)
-        self.io = PciIoWindow(self) if io_window else None
+        self.io = PciMmioWindow(self, io=True) if io_window else None
         self.add(HostBridge())
 
     def add(self, function: PciFunction) -> int:
@@ -241,22 +241,17 @@ class PciRoot:
                 function.config_write(reg, length, int.from_bytes(data, "little"))
 
     # -- BAR window
-    def find_bar(self, addr: int, length: int) -> tuple[PciFunction, int, int] | None:
+    def find_bar(
+        self, addr: int, length: int, *, io: bool = False
+    ) -> tuple[PciFunction, int, int] | None:
+        """(function, BAR index, offset in the BAR) of the enabled BAR holding all of
+        [addr, addr+length): a memory BAR, or with `io` an I/O BAR (ports)."""
         for function in self.slots:
             if function is None:
                 continue
-            for start, size, bar in function.mapped:
+            for start, size, bar in function.io_mapped if io else function.mapped:
                 if start <= addr and addr + length <= start + size:
                     return function, bar, addr - start
-        return None
-
-    def find_io_bar(self, port: int, length: int) -> tuple[PciFunction, int, int] | None:
-        for function in self.slots:
-            if function is None:
-                continue
-            for start, size, bar in function.io_mapped:
-                if start <= port and port + length <= start + size:
-                    return function, bar, port - start
         return None
 
     def save(self) -> PciRootState:
@@ -282,13 +277,20 @@ class PciConfigIo:
 
 
 class PciMmioWindow:
-    """The BAR window as a BusDevice: offsets are relative to the window base."""
+    """A BAR window as a BusDevice: offsets are relative to the window base. The memory
+    window by default; with `io`, the I/O window on the port bus."""
 
-    def __init__(self, root: PciRoot) -> None:
+    def __init__(self, root: PciRoot, *, io: bool = False) -> None:
         self.root = root
+        self.io = io
+        if io:
+            assert root.io_window is not None
+            self.base = root.io_window[0]
+        else:
+            self.base = root.window_base
 
     def read(self, offset: int, data: memoryview) -> None:
-        hit = self.root.find_bar(self.root.window_base + offset, len(data))
+        hit = self.root.find_bar(self.base + offset, len(data), io=self.io)
         if hit is None:
             data[:] = b"\xff" * len(data)  # nothing decodes it: all ones, as a PC bus reads
             return
@@ -296,30 +298,7 @@ class PciMmioWindow:
         function.bar_read(bar, off, data)
 
     def write(self, offset: int, data: memoryview) -> None:
-        hit = self.root.find_bar(self.root.window_base + offset, len(data))
-        if hit is not None:
-            function, bar, off = hit
-            function.bar_write(bar, off, data)
-
-
-class PciIoWindow:
-    """The I/O window as a BusDevice on the port bus: offsets are relative to its base."""
-
-    def __init__(self, root: PciRoot) -> None:
-        self.root = root
-        assert root.io_window is not None
-        self.base = root.io_window[0]
-
-    def read(self, offset: int, data: memoryview) -> None:
-        hit = self.root.find_io_bar(self.base + offset, len(data))
-        if hit is None:
-            data[:] = b"\xff" * len(data)
-            return
-        function, bar, off = hit
-        function.bar_read(bar, off, data)
-
-    def write(self, offset: int, data: memoryview) -> None:
-        hit = self.root.find_io_bar(self.base + offset, len(data))
+        hit = self.root.find_bar(self.base + offset, len(data), io=self.io)
         if hit is not None:
             function, bar, off = hit
             function.bar_write(bar, off, data)

@@ -22,7 +22,7 @@ from kvmkit.abi import vfio as abi
 from kvmkit.devices.irq import IrqLine, NoIrq
 from kvmkit.devices.pci.config import PciConfigSpace
 from kvmkit.devices.pci.msix import ENTRY_SIZE, VECTOR_CTRL_MASKED, Msix
-from kvmkit.devices.vfio.platform import VfioPlatform, eventfd_pending, new_eventfd
+from kvmkit.devices.vfio.platform import VfioPlatform, eventfd_pending, irqs_off, new_eventfd
 from kvmkit.vfio.handles import VfioDevice
 
 log = logging.getLogger(__name__)
@@ -169,10 +169,7 @@ class VfioMsi:
     def _disable(self) -> None:
         if not self.active:
             return
-        try:
-            self.device.set_irqs(abi.PciIrq.MSI, abi.IrqSetFlag.ACTION_TRIGGER, count=0)
-        except OSError as err:
-            log.warning("%s: disabling MSI failed: %s", self.device.name, err)
+        irqs_off(self.device, abi.PciIrq.MSI)
         if self.vectors is not None:
             self.vectors.unwire_all()
             for gsi in self.vectors.gsis:
@@ -292,10 +289,7 @@ class VfioMsix(Msix):
     def _disable(self) -> None:
         if not self.active:
             return
-        try:
-            self.device.set_irqs(abi.PciIrq.MSIX, abi.IrqSetFlag.ACTION_TRIGGER, count=0)
-        except OSError as err:
-            log.warning("%s: disabling MSI-X failed: %s", self.device.name, err)
+        irqs_off(self.device, abi.PciIrq.MSIX)
         self.active = False
         self.vectors.unwire_all()
         self.intx_on()

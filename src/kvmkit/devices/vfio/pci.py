@@ -67,7 +67,7 @@ from kvmkit.devices.vfio.layout import (
     mmap_segments,
 )
 from kvmkit.devices.vfio.msi import VfioMsi, VfioMsix
-from kvmkit.devices.vfio.platform import VfioPlatform, new_eventfd
+from kvmkit.devices.vfio.platform import VfioPlatform, irqs_off, new_eventfd
 from kvmkit.memory.region import host_address
 from kvmkit.vfio.handles import RegionInfo, VfioDevice
 
@@ -249,10 +249,7 @@ class VfioPci(PciFunction):
     def _disable_intx(self) -> None:
         if not self._intx_on:
             return
-        try:
-            self.device.set_irqs(abi.PciIrq.INTX, abi.IrqSetFlag.ACTION_TRIGGER, count=0)
-        except OSError as err:
-            log.warning("%s: disabling INTx failed: %s", self.name, err)
+        irqs_off(self.device, abi.PciIrq.INTX)
         self._intx_on = False
 
     def _enable_intx(self) -> None:

@@ -4,8 +4,14 @@ never touches the KVM wrappers (ARCHITECTURE.md: devices reach KVM through event
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Protocol
+
+from kvmkit.abi import vfio as abi
+from kvmkit.vfio.handles import VfioDevice
+
+log = logging.getLogger(__name__)
 
 
 class VfioPlatform(Protocol):
@@ -48,3 +54,12 @@ def eventfd_pending(fd: int) -> bool:
         return False
     os.eventfd_write(fd, value)
     return True
+
+
+def irqs_off(device: VfioDevice, index: abi.PciIrq) -> None:
+    """Turn VFIO's interrupt `index` (INTx, MSI, MSI-X) off: SET_IRQS TRIGGER with count 0.
+    A failure is only logged: nothing more can be done about it."""
+    try:
+        device.set_irqs(index, abi.IrqSetFlag.ACTION_TRIGGER, count=0)
+    except OSError as err:
+        log.warning("%s: turning %s off failed: %s", device.name, index.name, err)
