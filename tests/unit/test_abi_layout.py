@@ -73,7 +73,8 @@ def expected_lines() -> dict[str, int]:
         want[f"ioctl {name}"] = value
     for cap in constants.Cap:
         want[f"const KVM_CAP_{cap.name}"] = int(cap)
-    for name in ("KVM_COALESCED_MMIO_PAGE_OFFSET", "KVM_PIT_SPEAKER_DUMMY"):
+    for name in ("KVM_COALESCED_MMIO_PAGE_OFFSET", "KVM_PIT_SPEAKER_DUMMY", "KVM_DEV_TYPE_VFIO",
+                 "KVM_DEV_VFIO_GROUP", "KVM_DEV_VFIO_GROUP_ADD", "KVM_DEV_VFIO_GROUP_DEL"):
         want[f"const {name}"] = getattr(constants, name)
     for reason in constants.ExitReason:
         want[f"const KVM_EXIT_{reason.name}"] = int(reason)

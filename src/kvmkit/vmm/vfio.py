@@ -6,7 +6,10 @@ into the device), and each device as a `VfioPci` on the machine's PCI bus.
 The order is VFIO's (Documentation/driver-api/vfio.rst, "VFIO Usage Example"): open the
 container, check the API version and the IOMMU model, open each group and check it is
 viable, add it to the container, set the IOMMU model (only possible once a group is in),
-map DMA, then get the device file descriptors. Every failure before the VM runs is one line
+map DMA, then get the device file descriptors. Each group is also announced to KVM through
+its KVM-VFIO device (Documentation/virt/kvm/devices/vfio.rst), as QEMU and Cloud Hypervisor
+do: KVM then knows the VM may have non-coherent DMA and honours the guest's memory types
+(on Intel hosts whose IOMMU cannot enforce snooping). Every failure before the VM runs is one line
 for the user (`VfioHostError`, exit status 2) and releases what was opened; `close()`
 releases everything (device fds, groups, then the container, which drops the DMA maps and
 unpins guest RAM), and a process that dies releases it all through its file descriptors.
@@ -14,11 +17,19 @@ unpins guest RAM), and a process that dies releases it all through its file desc
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 
 from kvmkit.abi import vfio as abi
-from kvmkit.kvm.errors import VfioError
+from kvmkit.abi.constants import (
+    KVM_DEV_TYPE_VFIO,
+    KVM_DEV_VFIO_GROUP,
+    KVM_DEV_VFIO_GROUP_ADD,
+    KVM_DEV_VFIO_GROUP_DEL,
+)
+from kvmkit.kvm.device import KvmDevice
+from kvmkit.kvm.errors import KvmError, VfioError
 from kvmkit.memory import GuestMemory
 from kvmkit.vfio.handles import CONTAINER_PATH, VfioContainer, VfioDevice, VfioGroup
 from kvmkit.vfio.sysfs import (
@@ -53,6 +64,8 @@ class MachineVfio:
         self.container: VfioContainer | None = None
         self.groups: dict[int, VfioGroup] = {}
         self.model = 0
+        self.kvm_vfio: KvmDevice | None = None
+        self._announced: list[int] = []  # group fds the KVM-VFIO device holds
 
     def open(self) -> None:
         """Open, check, map and attach everything; VfioHostError (all released) if not."""
@@ -67,6 +80,7 @@ class MachineVfio:
             except VfioError as err:
                 raise _explain("VFIO_SET_IOMMU (type-1)", err) from None
             self._map_guest_ram()
+            self._announce_groups()
             for host in hosts:
                 self._attach(host)
         except BaseException:
@@ -126,6 +140,16 @@ class MachineVfio:
                     f"VFIO_IOMMU_MAP_DMA of guest RAM {start:#x}+{region.size:#x}", err
                 ) from None
 
+    def _announce_groups(self) -> None:
+        try:
+            self.kvm_vfio = self.pci.vm.create_device(KVM_DEV_TYPE_VFIO)
+            for group in self.groups.values():
+                fd = ctypes.c_int32(group.fd)
+                self.kvm_vfio.set_attr(KVM_DEV_VFIO_GROUP, KVM_DEV_VFIO_GROUP_ADD, fd)
+                self._announced.append(group.fd)
+        except KvmError as err:
+            raise VfioHostError(f"the KVM-VFIO device: {err}") from None
+
     def _attach(self, host: HostPciDevice) -> None:
         group = self.groups[host.group or 0]
         try:
@@ -148,6 +172,18 @@ class MachineVfio:
         for function in self.pci.vfio:
             function.close()
         self.pci.vfio.clear()
+        if self.kvm_vfio is not None:
+            # KVM holds a reference to each group it was told about until told otherwise
+            # (or until the VM goes): take them back so the groups close now.
+            for fd in self._announced:
+                try:
+                    value = ctypes.c_int32(fd)
+                    self.kvm_vfio.set_attr(KVM_DEV_VFIO_GROUP, KVM_DEV_VFIO_GROUP_DEL, value)
+                except KvmError:
+                    pass
+            self._announced.clear()
+            self.kvm_vfio.close()
+            self.kvm_vfio = None
         for group in self.groups.values():
             try:
                 if group.fd >= 0 and group.status() & abi.GroupFlag.CONTAINER_SET:
