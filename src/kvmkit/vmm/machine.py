@@ -23,12 +23,12 @@ from pathlib import Path
 from types import TracebackType
 
 from kvmkit.abi.constants import KVM_PIT_SPEAKER_DUMMY, Cap
-from kvmkit.arch.x86_64 import layout
+from kvmkit.arch.x86_64 import layout, mptable
 from kvmkit.arch.x86_64 import regs as x86
 from kvmkit.arch.x86_64.acpi import write_acpi_tables
 from kvmkit.arch.x86_64.cpuid import guest_cpuid
-from kvmkit.arch.x86_64.mptable import write_mptable
 from kvmkit.arch.x86_64.msrs import boot_msrs
+from kvmkit.arch.x86_64.numa import numa_tables
 from kvmkit.boot.loader import load_linux, setup_boot_vcpu
 from kvmkit.devices.bus import Bus
 from kvmkit.devices.irq import EventFdIrq
@@ -48,9 +48,11 @@ from kvmkit.kvm import Kvm, KvmError, Vcpu, Vm
 from kvmkit.kvm.coalesced import CoalescedRing, RingDrainer
 from kvmkit.kvm.kick import install_kick_handler
 from kvmkit.memory import GuestMemory
+from kvmkit.vmm import cpus
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.console import CommandOutput, ConsoleStream, new_nonce
 from kvmkit.vmm.pci import MachinePci
+from kvmkit.vmm.placement import add_guest_ram
 from kvmkit.vmm.vcpu import VcpuEvent, VcpuEventKind, VcpuThread
 
 log = logging.getLogger(__name__)
@@ -158,6 +160,7 @@ class Machine:
         self.virtio_transports: list[TransportState] = []  # in the order of self.virtio
         self.pci: MachinePci | None = None  # the PCI bus, with virtio_transport="pci"
         self._virtio_worker: VirtioWorker | None = None
+        self.x2apic_api = 0  # KVM_CAP_X2APIC_API flags enabled (APIC IDs above 254)
 
     # -- life cycle
     def __enter__(self) -> Machine:
@@ -230,11 +233,14 @@ class Machine:
             self.kvm = kvm = Kvm(self._kvm_device)
         except OSError as err:
             raise UserError(str(err.strerror or err)) from None
-        cfg.validate(kvm.check_extension(Cap.MAX_VCPUS) or kvm.check_extension(Cap.NR_VCPUS))
+        cfg.validate(cpus.host_limits(kvm))
+        topology = cfg.cpu_topology
+        apic_ids = topology.apic_ids()
         try:
             self.vm = vm = kvm.create_vm()
         except KvmError as err:
             raise UserError(f"cannot create a VM: {err}") from None
+        self.x2apic_api = cpus.prepare_vm(vm, topology)  # before any vCPU exists
         # Intel needs three pages for real-mode emulation and an identity-map page below
         # 4 GiB, outside RAM and device windows (KVM API doc, KVM_SET_TSS_ADDR).
         vm.set_tss_addr(0xFFFB_D000)
@@ -243,17 +249,23 @@ class Machine:
         vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
 
         mem_size = cfg.mem_mib << 20
-        for start, size in layout.ram_ranges(mem_size):
-            self.mem.add_memfd(start, size)
+        add_guest_ram(self.mem, cfg)
         self.mem.register(vm)
 
         rsdp = write_acpi_tables(
-            self.mem, cfg.vcpus, pm_port=AcpiPower.PM1_EVT_PORT,
+            self.mem, apic_ids, pm_port=AcpiPower.PM1_EVT_PORT,
             reset_port=AcpiPower.RESET_PORT,
             virtio_mmio=[(b, layout.VIRTIO_MMIO_SIZE, irq) for b, irq in self.virtio_slots()],
             pci_window=(layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE) if self.uses_pci() else None,
+            numa=numa_tables(cfg.numa, cfg.vcpus, mem_size) if cfg.numa else None,
         )  # fmt: skip
-        write_mptable(self.mem, cfg.vcpus)
+        # The MP table where it can describe the machine (8-bit APIC IDs, up to 40 vCPUs);
+        # Linux takes the MADT when there is ACPI, so larger machines lose nothing.
+        why_not = mptable.describes(apic_ids)
+        if why_not is None:
+            mptable.write_mptable(self.mem, apic_ids)
+        else:
+            log.debug("no MP table: %s", why_not)
         self.boot = load_linux(
             self.mem, kernel, initrd=initrd, cmdline=cmdline, mem_size=mem_size, rsdp_addr=rsdp
         )
@@ -266,14 +278,14 @@ class Machine:
         # verification failure") and leaves the guest without a working tick.
         tsc_deadline = kvm.check_extension(Cap.TSC_DEADLINE_TIMER) > 0
         msrs = boot_msrs()
-        for vcpu_id in range(cfg.vcpus):
-            vcpu = vm.create_vcpu(vcpu_id)
-            cpuid = guest_cpuid(supported, vcpu_id, cfg.vcpus, tsc_deadline=tsc_deadline)
+        for index in range(cfg.vcpus):
+            vcpu = cpus.create_vcpu(vm, topology, index)
+            cpuid = guest_cpuid(supported, topology, index, tsc_deadline=tsc_deadline)
             vcpu.set_cpuid2(cpuid)
             vcpu.set_msrs(msrs)
             self._setup_lapic(vcpu)
             self._setup_fpu(vcpu)
-            if vcpu_id == 0:
+            if index == 0:
                 setup_boot_vcpu(vcpu, self.boot, self.mem)
             self.threads.append(VcpuThread(vcpu, self.pio, self.mmio, self._on_vcpu_event))
 
@@ -385,8 +397,10 @@ class Machine:
         self.started_at = time.monotonic()
         if self._virtio_worker is not None:
             self._virtio_worker.start()
-        for t in self.threads:
-            t.start()
+        for index, t in enumerate(self.threads):
+            # --cpu-affinity: the thread inherits its CPUs from its first instruction.
+            with cpus.affinity(self.config.vcpu_affinity(index)):
+                t.start()
 
     def _attach_ring(self) -> None:
         if not self._coalesced_ports or not self.threads or self.ring is not None:
