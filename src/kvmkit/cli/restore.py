@@ -29,14 +29,21 @@ def register(sub: Any) -> None:
         "--base-mem", type=Path, help="for a diff snapshot: the memory file it was taken after"
     )
     p.add_argument("--timeout", type=float, default=None, help="stop the VM after S seconds")
+    p.add_argument(
+        "--cpu-affinity", action="append", default=[], metavar="[V=]CPUS",
+        help="host CPUs for the vCPU threads, as for kvmkit run (the snapshot does not "
+        "carry the host's CPUs)",
+    )  # fmt: skip
     p.set_defaults(func=restore)
 
 
 def restore(args: argparse.Namespace) -> int:
     from kvmkit.snapshot import core
+    from kvmkit.vmm.config import parse_cpu_affinity
     from kvmkit.vmm.snapshot import restore_machine
 
     core.read(args.state)  # a bad file is reported before anything else (exit status 2)
+    affinity = parse_cpu_affinity(args.cpu_affinity)
     implementation, why = detect_implementation()
     if not implementation.startswith("hardware-") and not os.environ.get("KVMKIT_FORCE_RUN"):
         raise UserError(
@@ -53,6 +60,8 @@ def restore(args: argparse.Namespace) -> int:
         args.state, args.mem, base_mem=args.base_mem, command_output=write_out
     )
     with machine:
+        machine.config.cpu_affinity = affinity
+        machine.config.validate_affinity()
         if not machine.config.command:
             machine.console.add_listener(write_out)
         machine.start()

@@ -6,7 +6,8 @@
     m = restore_machine("vm.state", "vm.mem", command_output=sys.stdout.buffer.write)
     m.start(); m.wait()
 
-What a Machine adds to the generic snapshot: its configuration and console nonce (meta), the
+What a Machine adds to the generic snapshot: its configuration (with the CPU topology, guest
+NUMA nodes and huge pages, so the restore rebuilds the same machine) and console nonce (meta), the
 serial port's registers and every virtio device with its transport (devices), and where the
 console protocol parser was (a command run under `kvmkit run -- COMMAND` keeps reporting its
 output and exit status to the restoring process). The i8042, RTC and ACPI power devices hold
@@ -24,6 +25,7 @@ sends the guest a transport reset.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import sys
 import time
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmkit.abi.constants import KVM_PIT_SPEAKER_DUMMY
+from kvmkit.arch.x86_64.numa import MAX_HOST_NODE, MAX_NODES, NumaNode
+from kvmkit.arch.x86_64.topology import LEVELS, MAX_VCPUS, Topology
 from kvmkit.devices.virtio.blk import DriveConfig, VirtioBlk
 from kvmkit.devices.virtio.device import VirtioDevice, VirtioState, parse_state
 from kvmkit.devices.virtio.net import NetConfig, VirtioNet, format_mac
@@ -40,6 +44,7 @@ from kvmkit.devices.virtio.vsock import VirtioVsock, VsockConfig
 from kvmkit.errors import UserError
 from kvmkit.kvm import Kvm, KvmError
 from kvmkit.kvm.kick import install_kick_handler
+from kvmkit.memory import HugePagesError
 from kvmkit.snapshot import core
 from kvmkit.snapshot.format import Fields, SnapshotError
 from kvmkit.snapshot.memory import enable_dirty_log
@@ -47,6 +52,7 @@ from kvmkit.snapshot.vcpu_state import resume_vcpu
 from kvmkit.unixsock import remove_stale_socket
 from kvmkit.vmm.config import MAX_VIRTIO_DEVICES, VIRTIO_TRANSPORTS, MachineConfig
 from kvmkit.vmm.console import CommandOutput
+from kvmkit.vmm.placement import bind_numa_nodes
 
 if TYPE_CHECKING:
     from kvmkit.vmm.machine import Machine
@@ -146,7 +152,7 @@ def snapshot_machine(
     meta: dict[str, Any] = {
         "config": {"vcpus": cfg.vcpus, "mem_mib": cfg.mem_mib, "command": list(cfg.command),
                    "drives": drives, "rng": cfg.rng, "virtio_transport": cfg.virtio_transport,
-                   "nets": nets, "vsock": vsock},
+                   "nets": nets, "vsock": vsock, **_save_cpu_memory(cfg)},
         "nonce": machine.nonce,
     }  # fmt: skip
     if machine.command is not None:
@@ -161,9 +167,10 @@ def snapshot_machine(
     devices["virtio"] = _save_virtio(machine)
     if machine.pci is not None:
         devices["pci_root"] = machine.pci.root.save()  # the 0xCF8 address latch
+    setup = dataclasses.replace(SETUP, x2apic_api=machine.x2apic_api)
     snap = core.capture(
         machine.kvm, machine.vm, [t.vcpu for t in machine.threads], machine.mem, mem_path,
-        SETUP, diff=diff, devices=devices, meta=meta,
+        setup, diff=diff, devices=devices, meta=meta,
     )  # fmt: skip
     core.save(state_path, snap)
     if not diff:
@@ -217,13 +224,48 @@ def _config_from(meta: Fields) -> MachineConfig:
         except ValueError as err:
             raise SnapshotError(f"snapshot state: {v.path}: {err}") from None
     config = MachineConfig(
-        vcpus=cfg.get_int("vcpus", 1, 255), mem_mib=cfg.get_int("mem_mib", 1, 1 << 20),
+        vcpus=cfg.get_int("vcpus", 1, MAX_VCPUS), mem_mib=cfg.get_int("mem_mib", 1, 1 << 20),
         command=command, drives=drives, rng=cfg.get_bool("rng") if cfg.has("rng") else False,
-        virtio_transport=transport, nets=nets, vsock=vsock,
+        virtio_transport=transport, nets=nets, vsock=vsock, **_load_cpu_memory(cfg),
     )  # fmt: skip
     if config.virtio_count > MAX_VIRTIO_DEVICES:
         raise SnapshotError(f"snapshot state: more than {MAX_VIRTIO_DEVICES} virtio devices")
+    try:
+        config.validate_shapes()
+    except UserError as err:
+        raise SnapshotError(f"snapshot state: meta.config: {err}") from None
     return config
+
+
+def _save_cpu_memory(cfg: MachineConfig) -> dict[str, Any]:
+    """The topology, guest NUMA nodes and huge pages of meta.config (docs/snapshot.md)."""
+    topo = cfg.cpu_topology
+    return {
+        "topology": {name: getattr(topo, name) for name in LEVELS},
+        "numa": [{"cpus": sorted(n.cpus), "mem_mib": n.mem_mib, "host_node": n.host_node}
+                 for n in cfg.numa],
+        "huge_pages": cfg.huge_pages,
+    }  # fmt: skip
+
+
+def _load_cpu_memory(cfg: Fields) -> dict[str, Any]:
+    """`_save_cpu_memory`'s fields, checked; absent in snapshots from before them (a flat
+    topology, no NUMA, base pages)."""
+    topology = None
+    if cfg.obj.get("topology") is not None:
+        t = cfg.get_obj("topology")
+        try:
+            topology = Topology(**{name: t.get_int(name, 1, MAX_VCPUS) for name in LEVELS})
+        except ValueError as err:
+            raise SnapshotError(f"snapshot state: {t.path}: {err}") from None
+    numa = []
+    for i, raw in enumerate(cfg.get_list("numa", MAX_NODES) if cfg.has("numa") else []):
+        n = Fields(raw, f"meta.config.numa[{i}]")
+        host = None if n.obj.get("host_node") is None else n.get_int("host_node", 0, MAX_HOST_NODE)
+        cpus = n.get_ints("cpus", MAX_VCPUS, width=16)
+        numa.append(NumaNode(frozenset(cpus), n.get_int("mem_mib", 1, 1 << 20), host))
+    huge = cfg.get_str("huge_pages", 16) if cfg.obj.get("huge_pages") is not None else None
+    return {"topology": topology, "numa": numa, "huge_pages": huge}
 
 
 def _virtio_classes(config: MachineConfig) -> list[type[VirtioDevice]]:
@@ -289,6 +331,12 @@ def restore_machine(
         raise SnapshotError("snapshot state: devices.serial0 is missing")
     if len(snap.vcpus) != config.vcpus:
         raise SnapshotError("snapshot state: vCPU count does not match the configuration")
+    topology = config.cpu_topology
+    if [v.id for v in snap.vcpus] != topology.apic_ids():
+        raise SnapshotError(f"snapshot state: vCPU ids are not the APIC IDs of {topology}")
+    if topology.needs_x2apic and not snap.setup.x2apic_api:
+        raise SnapshotError("snapshot state: APIC IDs above 254 without KVM_CAP_X2APIC_API")
+    config.validate_placement()  # huge pages free, host nodes present (UserError)
     virtio_saved = _check_virtio(Fields(snap.devices, "devices"), config)
     snap.memory.check_file(base_mem if snap.memory.diff and base_mem is not None else mem_path)
     if config.vsock is not None:
@@ -307,8 +355,15 @@ def restore_machine(
             machine.kvm = kvm = Kvm(kvm_device)
         except OSError as err:
             raise UserError(str(err.strerror or err)) from None
-        restored = core.load(kvm, snap, mem_path, base_mem=base_mem)
+        try:
+            restored = core.load(
+                kvm, snap, mem_path, base_mem=base_mem, huge_page_size=config.huge_page_size,
+                prepare_memory=lambda mem: bind_numa_nodes(mem, config),
+            )  # fmt: skip
+        except HugePagesError as err:
+            raise UserError(f"huge pages: {err}") from None
         machine.vm, machine.mem = restored.vm, restored.mem
+        machine.x2apic_api = snap.setup.x2apic_api
         machine._add_devices(restored.vm)
         assert machine.serial is not None
         try:
