@@ -19,8 +19,8 @@ from kvmkit.kvm import Kvm
 from kvmkit.memory import PAGE_SIZE, GuestMemory, HugePagesError, MemoryRegion, memfd_region
 from kvmkit.snapshot import core
 from kvmkit.snapshot.memory import enable_dirty_log
-from kvmkit.snapshot.pause import VcpuRunner
 from kvmkit.testing import TinyGuest
+from kvmkit.vmm.vcpu import VcpuRunner
 
 HUGE = 2 << 20
 NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
@@ -147,7 +147,7 @@ def test_machine_snapshot_restores_the_same_topology_numa_and_huge_pages(
     from kvmkit.arch.x86_64.topology import Topology
     from kvmkit.vmm.config import MachineConfig
     from kvmkit.vmm.machine import Machine
-    from kvmkit.vmm.snapshot import restore_machine
+    from kvmkit.vmm.snapshot import restore_machine, snapshot_machine
 
     src, obj, elf = tmp_path / "h.S", tmp_path / "h.o", tmp_path / "h.elf"
     src.write_text(HALT_KERNEL)
@@ -164,7 +164,7 @@ def test_machine_snapshot_restores_the_same_topology_numa_and_huge_pages(
         vm.start()
         assert vm.x2apic_api
         vm.pause()
-        vm.snapshot(state, mem)
+        snapshot_machine(vm, state, mem)
     meta = core.read(state).meta["config"]
     assert meta["topology"] == {"sockets": 3, "dies": 1, "cores": 65, "threads": 1}
     assert meta["huge_pages"] == "2M" and meta["numa"][0]["host_node"] == 0
