@@ -8,7 +8,6 @@ afterwards."""
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from kvmkit.kvm import Kvm
 from kvmkit.memory import PAGE_SIZE, GuestMemory, HugePagesError, MemoryRegion, memfd_region
 from kvmkit.snapshot import core
 from kvmkit.snapshot.memory import enable_dirty_log
-from kvmkit.testing import TinyGuest
+from kvmkit.testing import TinyGuest, pvh
 from kvmkit.vmm.vcpu import VcpuRunner
 
 HUGE = 2 << 20
@@ -113,24 +112,6 @@ def test_dirty_log_and_diff_snapshot_on_huge_pages(reserved: int, tmp_path: Path
     assert after.values[0] > saved and not after.unexpected
 
 
-# A PVH "kernel" that halts for good (interrupts off): the machine stays up, its vCPUs in
-# KVM_RUN, until it is paused.
-HALT_KERNEL = """
-    .section .note.Xen, "", @note
-    .balign 4
-    .long 4, 4, 18
-    .asciz "Xen"
-    .long _start
-    .text
-    .code32
-    .globl _start
-_start:
-    cli
-1:  hlt
-    jmp 1b
-"""
-
-
 def numa_line(mem: GuestMemory, gpa: int) -> list[str]:
     """The /proc/self/numa_maps fields of the mapping holding guest address `gpa`."""
     region = mem.region_for(gpa)
@@ -149,11 +130,7 @@ def test_machine_snapshot_restores_the_same_topology_numa_and_huge_pages(
     from kvmkit.vmm.machine import Machine
     from kvmkit.vmm.snapshot import restore_machine, snapshot_machine
 
-    src, obj, elf = tmp_path / "h.S", tmp_path / "h.o", tmp_path / "h.elf"
-    src.write_text(HALT_KERNEL)
-    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-N", "-Ttext=0x100000", "-e", "_start", "-o",
-                    str(elf), str(obj)], check=True)  # fmt: skip
+    elf = pvh.build(pvh.HALT, tmp_path / "halt.elf")  # stays up, touching nothing
     topology = Topology(sockets=3, cores=65)  # APIC IDs up to 320: KVM_CAP_X2APIC_API
     config = MachineConfig(
         kernel=elf, vcpus=195, mem_mib=MACHINE_MIB, topology=topology, huge_pages="2M",

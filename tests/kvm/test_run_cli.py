@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmkit.testing import pvh
+
 
 def kvmkit_run(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, KVMKIT_FORCE_RUN="1")
@@ -55,45 +57,21 @@ def test_absurd_sizes(option: str, value: str, needle: str) -> None:
     one_line_error(kvmkit_run(option, value, "--", "true"), needle)
 
 
-TRIPLE_FAULT_KERNEL = """
-	.section .note.Xen, "", @note
-	.balign 4
-	.long 4, 4, 18
-	.asciz "Xen"
-	.long _start
-	.text
-	.code32
-	.globl _start
-_start:
-	lidt idtr
-	ud2
-idtr:	.word 0
-	.long 0
-"""
-
-
 def test_triple_fault_ends_the_run_with_status_5(tmp_path: Path) -> None:
     # A PVH "kernel" that loads an empty IDT and faults: #UD -> #DF -> triple fault. It runs
     # on any KVM, PVM included (the machine set-up is the same as for Linux).
-    src, obj, elf = tmp_path / "tf.S", tmp_path / "tf.o", tmp_path / "tf.elf"
-    src.write_text(TRIPLE_FAULT_KERNEL)
-    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
-    subprocess.run(
-        ["ld", "-m", "elf_x86_64", "-N", "-Ttext=0x100000", "-e", "_start", "-o", str(elf),
-         str(obj)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    elf = pvh.build(pvh.TRIPLE_FAULT, tmp_path / "tf.elf")
     proc = kvmkit_run("--kernel", str(elf), "--mem-mib", "128", "--timeout", "60", "--", "true")
     assert proc.returncode == 5, proc.stderr
+    assert "the guest triple-faulted" in proc.stderr
+    # The report shows the state the fault left: the empty IDT the kernel loaded, and where.
+    assert "idt=0x0/0x0" in proc.stderr, proc.stderr
+    assert "rip=0x100007" in proc.stderr, proc.stderr  # the ud2 after the 7-byte lidt
     # 255 vCPUs (once a traceback: three limits disagreed): the machine is built, the MP
     # table left out (it cannot hold them), and the guest ends the same way.
     many = kvmkit_run("--kernel", str(elf), "--vcpus", "255", "--mem-mib", "128", "--timeout",
                       "120", "--", "true")  # fmt: skip
     assert many.returncode == 5 and "Traceback" not in many.stderr, many.stderr
-    assert "the guest triple-faulted" in proc.stderr
-    # The report shows the state the fault left: the empty IDT the kernel loaded, and where.
-    assert "idt=0x0/0x0" in proc.stderr, proc.stderr
-    assert "rip=0x100007" in proc.stderr, proc.stderr  # the ud2 after the 7-byte lidt
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ with guest NUMA nodes."""
 from __future__ import annotations
 
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from kvmkit.arch.x86_64.topology import Topology
 from kvmkit.errors import UserError
 from kvmkit.kvm import Kvm, KvmError
 from kvmkit.memory import GuestMemory
-from kvmkit.testing import TinyGuest
+from kvmkit.testing import TinyGuest, pvh
 from kvmkit.vmm import cpus
 from kvmkit.vmm.config import MachineConfig
 
@@ -111,34 +110,11 @@ def test_x2apic_lapic_state_restores_into_a_new_vm() -> None:
             other.set_lapic(saved)
 
 
-# A PVH "kernel" that stops at once (an empty IDT, then #UD: a triple fault), so that a whole
-# Machine can be built and run on any KVM, PVM included.
-TRIPLE_FAULT_KERNEL = """
-    .section .note.Xen, "", @note
-    .balign 4
-    .long 4, 4, 18
-    .asciz "Xen"
-    .long _start
-    .text
-    .code32
-    .globl _start
-_start:
-    lidt idtr
-    ud2
-idtr: .word 0
-    .long 0
-"""
-
-
 @pytest.fixture(scope="module")
 def pvh_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("pvh")
-    src, obj, elf = tmp / "tf.S", tmp / "tf.o", tmp / "tf.elf"
-    src.write_text(TRIPLE_FAULT_KERNEL)
-    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-N", "-Ttext=0x100000", "-e", "_start", "-o",
-                    str(elf), str(obj)], check=True)  # fmt: skip
-    return elf
+    """A PVH "kernel" that triple-faults at once: a whole Machine is built and run on any KVM,
+    PVM included."""
+    return pvh.build(pvh.TRIPLE_FAULT, tmp_path_factory.mktemp("pvh") / "tf.elf")
 
 
 def acpi_tables(mem: GuestMemory) -> dict[bytes, bytes]:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
+from test_lane import pytestmark as lane_marks
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE = Path(__file__).with_name("numa_probe.py")
@@ -28,13 +27,7 @@ TWO_NODES = (
     "-numa node,nodeid=0,cpus=0,memdev=m0 -numa node,nodeid=1,memdev=m1"
 )
 
-pytestmark = [
-    pytest.mark.lane,
-    pytest.mark.skipif(os.environ.get("KVMKIT_IN_LANE") == "1",
-                       reason="lane tests boot a lane; not nested inside one"),
-    pytest.mark.skipif(shutil.which(os.environ.get("KVMKIT_QEMU", "qemu-system-x86_64")) is None,
-                       reason="QEMU missing: run scripts/setup-host.sh"),
-]  # fmt: skip
+pytestmark = lane_marks  # a lane test: skipped inside a lane and without QEMU
 
 
 def numa_line(lines: list[str], policy: str) -> dict[str, str]:

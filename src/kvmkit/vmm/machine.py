@@ -5,10 +5,12 @@
         result = m.wait()
         print(result.exit_status, m.console.tail())
 
-Building follows the order KVM requires: VM, TSS/identity-map addresses, in-kernel irqchip
-and PIT, memory slots, guest tables (kernel, boot params, ACPI, MP table), devices and their
-irqfds, then vCPUs (CPUID before anything else on the vCPU, then MSRs, LAPIC LINT pins, FPU,
-and the boot registers on vCPU 0; the others wait for INIT/SIPI in the in-kernel LAPIC).
+Building follows the order KVM requires: VM (KVM_CAP_X2APIC_API when an APIC ID is above
+254), TSS/identity-map addresses, in-kernel irqchip and PIT, memory slots (guest RAM placed
+by kvmkit.vmm.placement), guest tables (kernel, boot params, ACPI, MP table where it fits),
+devices and their irqfds, then vCPUs, each with its APIC ID as its id (kvmkit.vmm.cpus;
+docs/topology.md): CPUID before anything else on the vCPU, then MSRs, LAPIC LINT pins, FPU,
+and the boot registers on vCPU 0; the others wait for INIT/SIPI in the in-kernel LAPIC.
 
 The operations state transfer is built on (snapshots: kvmkit.vmm.snapshot; migration):
 
