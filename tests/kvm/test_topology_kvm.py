@@ -5,6 +5,7 @@ with guest NUMA nodes."""
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -117,6 +118,12 @@ def pvh_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return pvh.build(pvh.TRIPLE_FAULT, tmp_path_factory.mktemp("pvh") / "tf.elf")
 
 
+@pytest.fixture(scope="module")
+def halt_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PVH "kernel" that halts with interrupts off: its vCPU threads stay up until stopped."""
+    return pvh.build(pvh.HALT, tmp_path_factory.mktemp("pvh") / "halt.elf")
+
+
 def acpi_tables(mem: GuestMemory) -> dict[bytes, bytes]:
     """The tables the XSDT lists, by signature."""
     xsdt = mem.read_u64(layout.ACPI_ADDR + 24)
@@ -135,14 +142,16 @@ def madt_entries(madt: bytes) -> list[bytes]:
     return out
 
 
-def test_machine_built_from_a_topology_with_numa_nodes(pvh_kernel: Path) -> None:
+def test_machine_built_from_a_topology_with_numa_nodes(halt_kernel: Path) -> None:
     from kvmkit.vmm.machine import EndReason, Machine
 
     topology = Topology(sockets=2, dies=2, cores=3, threads=2)  # 24 vCPUs, APIC IDs to 29
     config = MachineConfig(
-        kernel=pvh_kernel, vcpus=24, mem_mib=256, topology=topology,
+        kernel=halt_kernel, vcpus=24, mem_mib=256, topology=topology,
         numa=[NumaNode(frozenset(range(12)), 192, 0), NumaNode(frozenset(range(12, 24)), 64)],
+        cpu_affinity={-1: frozenset({0}), 5: frozenset({1})},
     )  # fmt: skip
+    before = os.sched_getaffinity(0)
     with Machine(config) as m:
         m.build()
         assert [t.vcpu.id for t in m.threads] == topology.apic_ids()
@@ -165,8 +174,13 @@ def test_machine_built_from_a_topology_with_numa_nodes(pvh_kernel: Path) -> None
         line = next(x for x in maps if int(x.split()[0], 16) == region.host_addr)
         assert "bind:0" in line.split()
         m.start()
+        # --cpu-affinity: vCPU 5 on host CPU 1, the others on CPU 0; this thread unchanged.
+        pinned = [os.sched_getaffinity(t.thread.native_id or 0) for t in m.threads]
+        assert pinned == [{1} if i == 5 else {0} for i in range(24)]
+        assert os.sched_getaffinity(0) == before
+        m.stop()
         result = m.wait(60)
-    assert result is not None and result.reason == EndReason.TRIPLE_FAULT
+    assert result is not None and result.reason == EndReason.STOPPED
 
 
 def test_machine_with_256_vcpus_uses_x2apic_and_no_mp_table(pvh_kernel: Path) -> None:
