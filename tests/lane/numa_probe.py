@@ -26,8 +26,9 @@ SYS_SET_MEMPOLICY = 238  # arch/x86/entry/syscalls/syscall_64.tbl
 MPOL_DEFAULT, MPOL_BIND = 0, 2  # include/uapi/linux/mempolicy.h
 libc = ctypes.CDLL(None, use_errno=True)
 
-# The guest: its view of CPUs and nodes, READY, 20 one-second sleeps (the host snapshots and
-# restores it meanwhile), AFTER and the nodes again from the restored machine.
+# The guest: its view of CPUs and nodes, READY, 6 one-second sleeps (the host pauses it
+# within a second of READY, snapshots and restores it), AFTER and the nodes again from the
+# restored machine.
 GUEST = (
     "for c in /sys/devices/system/cpu/cpu[0-9]*; do t=$c/topology; "
     "echo \"${c##*/} pkg=$(cat $t/physical_package_id) core=$(cat $t/core_id)\"; done; "
@@ -36,7 +37,7 @@ GUEST = (
     "echo \"${n##*/} cpus=$(cat $n/cpulist) kib=$(sed -n 's/.*MemTotal: *\\([0-9]*\\).*/\\1/p' "
     "$n/meminfo) distance=$(cat $n/distance)\"; done; "
     "dmesg | grep 'ACPI: SRAT: Node'; echo READY; "
-    "i=0; while [ $i -lt 20 ]; do sleep 1; i=$((i+1)); done; "
+    "i=0; while [ $i -lt 6 ]; do sleep 1; i=$((i+1)); done; "
     "echo AFTER; cat /sys/devices/system/node/node1/cpulist; nproc"
 )
 

@@ -49,7 +49,8 @@ def test_topology_numa_nodes_bound_to_host_nodes_on_huge_pages() -> None:
     print(f"two-node lane with the topology/NUMA guest: {time.monotonic() - t0:.1f} s")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    print({k: report[k] for k in ("boot_s", "total_s") if k in report})
+    print({k: report[k] for k in ("boot_s", "total_s", "numa_maps_before", "numa_maps_after",
+                                  "host_node_outside_cpuset", "no_huge_pages") if k in report})
     assert "console" not in report, report.get("console")
 
     # Started under taskset -c 0, in the cpuset, under MPOL_BIND(0): the VM and its vCPUs
