@@ -213,10 +213,25 @@ def test_mmap_segments_leave_out_the_msix_pages() -> None:
 def test_lane_devices_get_slots_and_addresses() -> None:
     got = runner.lane_devices(["edu", "edu,addr=0x10.1", "virtio-rng-pci,iommu_platform=on"])
     assert got == [
-        ("edu,addr=0x11.0", "0000:00:11.0"), ("edu,addr=0x10.1", "0000:00:10.1"),
-        ("virtio-rng-pci,iommu_platform=on,addr=0x12.0", "0000:00:12.0"),
+        runner.LaneDevice(("edu,addr=0x11.0",), "0000:00:11.0"),
+        runner.LaneDevice(("edu,addr=0x10.1",), "0000:00:10.1"),
+        runner.LaneDevice(("virtio-rng-pci,iommu_platform=on,addr=0x12.0",), "0000:00:12.0"),
+    ]
+    # root-port=on: a pcie-root-port of its own in the slot, the device on its secondary bus
+    # (bound by the port's address and the function's); each port a distinct chassis.
+    got = runner.lane_devices(["virtio-rng-pci,root-port=on", "edu,root-port=on,addr=0x1c"])
+    assert got == [
+        runner.LaneDevice(
+            ("pcie-root-port,id=kvmkit_rp1,chassis=1,addr=0x10.0",
+             "virtio-rng-pci,bus=kvmkit_rp1,addr=0x0.0"), "0000:00:10.0/00.0",
+        ),
+        runner.LaneDevice(
+            ("pcie-root-port,id=kvmkit_rp2,chassis=2,addr=0x1c.0",
+             "edu,bus=kvmkit_rp2,addr=0x0.0"), "0000:00:1c.0/00.0",
+        ),
     ]  # fmt: skip
-    for bad in ("edu,bus=pcie.1", "edu,addr=0x20", "edu,noequals", ",x=y"):
+    for bad in ("edu,bus=pcie.1", "edu,addr=0x20", "edu,noequals", ",x=y", "edu,root-port=yes",
+                "edu,root-port=on,addr=0x10.1"):  # fmt: skip
         with pytest.raises(UserError):
             runner.lane_devices([bad])
 
@@ -235,5 +250,10 @@ def test_lane_qemu_argv_puts_devices_behind_the_iommu(tmp_path: Path) -> None:
     plain = runner.qemu_argv("qemu", runner.LaneOptions(command=["true"]), kernel,
                              tmp_path / "initrd", [], fds)  # fmt: skip
     assert "intel-iommu,intremap=on" not in plain and "q35,accel=tcg" in plain
-    script = runner.run_script(["true"], tmp_path, {}, [], ["0000:00:10.0"])
-    assert "bind_vfio 0000:00:10.0" in script
+    script = runner.run_script(["true"], tmp_path, {}, [], ["0000:00:10.0", "0000:00:11.0/00.0"])
+    assert "bind_vfio 0000:00:10.0\n" in script and "bind_vfio 0000:00:11.0/00.0\n" in script
+    port = runner.LaneOptions(command=["true"], devices=["virtio-rng-pci,root-port=on"])
+    argv = runner.qemu_argv("qemu", port, kernel, tmp_path / "initrd", [], fds)
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devices[-2:] == ["pcie-root-port,id=kvmkit_rp1,chassis=1,addr=0x10.0",
+                            "virtio-rng-pci,bus=kvmkit_rp1,addr=0x0.0"]  # fmt: skip

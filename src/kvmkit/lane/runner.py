@@ -170,28 +170,51 @@ def _devfn(addr: str) -> tuple[int, int]:
     return slot, fn
 
 
-def lane_devices(specs: Sequence[str]) -> list[tuple[str, str]]:
-    """(QEMU -device argument, the function's BDF inside the lane) for each `--device`
-    NAME[,OPTIONS]; a device without `addr=` gets the next free slot from 0x10 on bus 0."""
+ROOT_PORT_OPTION = "root-port=on"  # kvmkit's, not QEMU's: the device behind a root port
+
+
+@dataclass(frozen=True)
+class LaneDevice:
+    """One `--device`: its QEMU -device arguments and what the lane's init binds to vfio-pci,
+    a BDF (bus 0) or PORT/DEVFN (function DEVFN on the secondary bus of the root port at
+    BDF PORT, whose number the lane's kernel chooses)."""
+
+    qemu: tuple[str, ...]
+    bind: str
+
+
+def lane_devices(specs: Sequence[str]) -> list[LaneDevice]:
+    """The QEMU devices and lane addresses of each `--device` NAME[,OPTIONS]: a device
+    without `addr=` gets the next free slot from 0x10 on bus 0; with `root-port=on` it sits
+    alone behind a PCI Express root port (QEMU's pcie-root-port) in that slot, so a PCIe
+    device is a PCIe endpoint (function-level reset, as on real hosts) rather than an
+    integrated one on the root bus."""
     taken: set[int] = set()
-    parsed: list[tuple[str, tuple[int, int] | None]] = []
+    parsed: list[tuple[str, list[str], tuple[int, int] | None, bool]] = []
     for spec in specs:
         name, *opts = spec.split(",")
         if not name or not all("=" in o for o in opts):
             raise UserError(f"--device {spec!r}: expected NAME[,KEY=VALUE...]")
+        port = ROOT_PORT_OPTION in opts
+        opts = [o for o in opts if o != ROOT_PORT_OPTION]
+        if any(o.startswith("root-port=") for o in opts):
+            raise UserError(f"--device {spec!r}: root-port takes only `on`")
         addr = next((o.split("=", 1)[1] for o in opts if o.startswith("addr=")), None)
         if any(o.startswith("bus=") for o in opts):
-            raise UserError(f"--device {spec!r}: only bus 0 (pcie.0) is supported")
+            raise UserError(f"--device {spec!r}: bus 0 only (or root-port=on)")
         try:
             devfn = _devfn(addr) if addr is not None else None
         except ValueError:
             raise UserError(f"--device {spec!r}: addr must be SLOT[.FN] in hex") from None
+        if port and devfn is not None and devfn[1]:
+            raise UserError(f"--device {spec!r}: a root port takes a whole slot (addr=SLOT)")
         if devfn is not None:
             taken.add(devfn[0])
-        parsed.append((spec, devfn))
-    out: list[tuple[str, str]] = []
+        parsed.append((name, [o for o in opts if not o.startswith("addr=")], devfn, port))
+    out: list[LaneDevice] = []
     next_slot = FIRST_DEVICE_SLOT
-    for spec, devfn in parsed:
+    ports = 0
+    for name, opts, devfn, port in parsed:
         if devfn is None:
             while next_slot in taken:
                 next_slot += 1
@@ -199,8 +222,19 @@ def lane_devices(specs: Sequence[str]) -> list[tuple[str, str]]:
                 raise UserError("--device: no free PCI slot left on the lane's bus 0")
             devfn = (next_slot, 0)
             taken.add(next_slot)
-            spec = f"{spec},addr={next_slot:#x}.0"
-        out.append((spec, f"0000:00:{devfn[0]:02x}.{devfn[1]}"))
+        at = f"0000:00:{devfn[0]:02x}.{devfn[1]}"
+        if port:
+            ports += 1
+            # chassis/slot must be unique per port (QEMU's pcie_chassis_add_slot).
+            port_id = f"kvmkit_rp{ports}"
+            qemu = (
+                f"pcie-root-port,id={port_id},chassis={ports},addr={devfn[0]:#x}.0",
+                ",".join([name, *opts, f"bus={port_id}", "addr=0x0.0"]),
+            )
+            out.append(LaneDevice(qemu, f"{at}/00.0"))
+        else:
+            device = ",".join([name, *opts, f"addr={devfn[0]:#x}.{devfn[1]}"])
+            out.append(LaneDevice((device,), at))
     return out
 
 
@@ -267,8 +301,9 @@ def qemu_argv(qemu: str, opts: LaneOptions, kernel: assets.LaneKernel, initrd: P
     argv += ["-virtfs", _virtfs(Path("/"), "hostroot", readonly=True)]
     for i, path in enumerate(shares):
         argv += ["-virtfs", _virtfs(path, f"kvmkit{i}", readonly=False)]
-    for spec, _ in devices:
-        argv += ["-device", spec]
+    for device in devices:
+        for arg in device.qemu:
+            argv += ["-device", arg]
     # For experiments and extra devices (e.g. `-device edu`) without a new option each time.
     argv += shlex.split(os.environ.get("KVMKIT_LANE_QEMU_ARGS", ""))
     return argv
@@ -442,7 +477,7 @@ def run(opts: LaneOptions) -> int:
     devices = lane_devices(opts.devices)
     modules = (*opts.extra_modules, *(VFIO_MODULES if devices else ()))
     kernel, base = prepare(modules)
-    script = run_script(opts.command, cwd, env, shares, [bdf for _, bdf in devices])
+    script = run_script(opts.command, cwd, env, shares, [d.bind for d in devices])
 
     lane = _Lane(opts)
     with tempfile.TemporaryDirectory(prefix="kvmkit-lane-") as tmp:
