@@ -4,7 +4,10 @@ behind QEMU's emulated VT-d and binds them to vfio-pci; scripts/hwvirt_tests.py 
 lane for this module, see the `lane_devices` marker).
 
 One guest boot does everything a user of the devices would. A virtio-rng passed through is
-driven by the guest's virtio_pci over MSI-X and gives 4 KiB of entropy. The edu: the guest
+driven by the guest's virtio_pci over MSI-X and gives 4 KiB of entropy; the guest resets it
+with a function-level reset (kvmkit's VFIO_DEVICE_RESET: the device status reads 0 after it)
+and its driver takes it again. QEMU's pci-testdev answers through its I/O BAR (port exits
+served by VFIO region reads and writes) and its expansion ROM. The edu: the guest
 finds it in sysfs with its IDs and BAR0, reads the ID register and the liveness register
 with busybox `devmem`, has it compute 5!, reads BAR0 200,000 times without a vCPU exit (the
 BAR is a KVM memory slot), copies 2 KiB through the device and back by DMA (through the
@@ -19,6 +22,7 @@ start leaves no VFIO file descriptor open.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -33,18 +37,23 @@ from kvmkit.lane import assets
 
 EDU = ("0x1234", "0x11e8")
 # The lane of this module: a single-function edu in its own IOMMU group; QEMU's virtio-rng
-# (a device with MSI-X and a 64-bit BAR, its DMA through the IOMMU: iommu_platform=on); and
-# a two-function edu in slot 0x1e (one group: no ACS between the functions) for the
-# group-viability refusal.
+# (a device with MSI-X and a 64-bit BAR, its DMA through the IOMMU: iommu_platform=on) behind
+# a PCI Express root port of its own, which makes it a PCIe endpoint with function-level
+# reset; QEMU's pci-testdev (an I/O BAR) with an option ROM (iPXE's, a dependency of Debian's
+# qemu-system-x86); and a two-function edu in slot 0x1e (one group: no ACS between the
+# functions) for the group-viability refusal.
+ROM_FILE = Path("/usr/lib/ipxe/qemu/pxe-virtio.rom")
 pytestmark = [
     pytest.mark.hwvirt,
     pytest.mark.lane_devices(
-        "edu", "virtio-rng-pci,iommu_platform=on,disable-legacy=on",
-        "edu,addr=0x1e.0,multifunction=on", "edu,addr=0x1e.1", modules=("uio_pci_generic",),
+        "edu", "virtio-rng-pci,iommu_platform=on,disable-legacy=on,root-port=on",
+        f"pci-testdev,romfile={ROM_FILE}", "edu,addr=0x1e.0,multifunction=on",
+        "edu,addr=0x1e.1", modules=("uio_pci_generic",),
     ),
 ]  # fmt: skip
 SOLO = "0000:00:10.0"  # the lane gives devices without addr= slots 0x10, 0x11, ...
-RNG = "0000:00:11.0"
+RNG_PORT = "0000:00:11.0"  # the rng is the first function behind this root port
+TESTDEV = "0000:00:12.0"
 PAIR = ("0000:00:1e.0", "0000:00:1e.1")
 SYSFS = Path("/sys/bus/pci/devices")
 MSI_VECTOR = 0xF5  # unused by Linux 6.1 (irq_vectors.h): counted as SPU, logged as spurious
@@ -65,7 +74,7 @@ echo "LIVE $(devmem $((bar + 4)) 32)"
 devmem $((bar + 8)) 32 5
 while [ $(($(devmem $((bar + 0x20)) 32) & 1)) = 1 ]; do :; done
 echo "FACT $(devmem $((bar + 8)) 32)"
-P=/tmp/p/edu_probe
+P=/tmp/p/vfio_probe
 $P $B spin 200000
 R=
 for d in /sys/bus/pci/devices/*; do
@@ -75,6 +84,21 @@ echo "RNGDEV $R $(basename $(readlink /sys/bus/pci/devices/$R/driver))"
 echo "RNG $(head -c 4096 /dev/hwrng | wc -c) $(cat /sys/class/misc/hw_random/rng_current)"
 echo "RNGMSI $(cat /sys/bus/pci/devices/$R/msi_irqs/* | sort -u)"
 grep -- '-input' /proc/interrupts | sed 's/^/RNGIRQ /'
+echo $R > /sys/bus/pci/devices/$R/driver/unbind
+echo "RESETMETHOD $(cat /sys/bus/pci/devices/$R/reset_method)"
+$P $R virtio-flr
+echo $R > /sys/bus/pci/drivers_probe
+echo "RNGAGAIN $(head -c 512 /dev/hwrng | wc -c) $(cat /sys/class/misc/hw_random/rng_current)"
+T=
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat $d/vendor) $(cat $d/device)" = "0x1b36 0x0005" ] && T=${d##*/}
+done
+echo "TESTDEV $T $(sed -n 2p /sys/bus/pci/devices/$T/resource)"
+$P $T portio 5
+echo 1 > /sys/bus/pci/devices/$T/rom
+echo "ROM $(dd if=/sys/bus/pci/devices/$T/rom bs=2 count=1 2>/dev/null | od -An -tx1 | tr -d ' ')\
+ $(dd if=/sys/bus/pci/devices/$T/rom bs=512 skip=1 count=1 2>/dev/null | sha256sum)"
+echo 0 > /sys/bus/pci/devices/$T/rom
 $P $B dma
 spu() { awk '$1 == "SPU:" { print $2 }' /proc/interrupts; }
 S0=$(spu)
@@ -96,6 +120,14 @@ echo SURVIVED
 def _driver(bdf: str) -> str | None:
     link = SYSFS / bdf / "driver"
     return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+
+def _behind(port: str) -> str:
+    """The BDF of the function the lane put behind root port `port` (`root-port=on`): the
+    first function of the port's secondary bus, whose number the lane's kernel chose."""
+    found = sorted(p.name for p in (SYSFS / port).glob("0000:*:00.0"))
+    assert found, f"nothing behind the root port {port}"
+    return found[0]
 
 
 def _group(bdf: str) -> int:
@@ -126,16 +158,16 @@ GUEST_COMMAND = "mkdir /tmp/p && tar -x -f /dev/vda -C /tmp/p && sh /tmp/p/run.s
 def _probe_drive(tmp_path: Path) -> Path:
     """The guest script, the probe (built static) and the guest kernel's uio modules in a
     tar the guest unpacks from /dev/vda."""
-    exe = tmp_path / "edu_probe"
+    exe = tmp_path / "vfio_probe"
     subprocess.run(["gcc", "-static", "-O2", "-o", str(exe),
-                    str(Path(__file__).with_name("edu_probe.c"))], check=True, timeout=120)
+                    str(Path(__file__).with_name("vfio_probe.c"))], check=True, timeout=120)
     kernel = assets.ensure_kernel()
     index = assets.module_index(kernel)
     tar = tmp_path / "probe.tar"
     script = tmp_path / "run.sh"
     script.write_text(GUEST_SCRIPT)
     with tarfile.open(tar, "w") as t:
-        t.add(exe, "edu_probe")
+        t.add(exe, "vfio_probe")
         t.add(script, "run.sh")
         for name in ("uio", "uio_pci_generic"):
             ko = tmp_path / f"{name}.ko"
@@ -155,9 +187,11 @@ def lane_edu() -> Iterator[None]:
 
 def test_edu_passthrough_to_linux(tmp_path: Path, lane_edu: None) -> None:
     drive = _probe_drive(tmp_path)
+    rng = _behind(RNG_PORT)
     proc = _kvmkit(
-        "--stats", "--mem-mib", "128", "--timeout", "500", "--vfio", SOLO, "--vfio", RNG,
-        "--drive", f"{drive},ro", "--", "sh", "-c", GUEST_COMMAND, timeout=600,
+        "--stats", "--mem-mib", "128", "--timeout", "500", "--vfio", SOLO, "--vfio", rng,
+        "--vfio", TESTDEV, "--drive", f"{drive},ro", "--", "sh", "-c", GUEST_COMMAND,
+        timeout=600,
     )  # fmt: skip
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, f"status {proc.returncode}\n{out}\n{err}"
@@ -193,6 +227,28 @@ def test_edu_passthrough_to_linux(tmp_path: Path, lane_edu: None) -> None:
     assert value("RNGMSI") == "msix"
     rng_irq = value("RNGIRQ").split()
     assert int(rng_irq[1]) > 0 and "PCI-MSI" in " ".join(rng_irq), rng_irq
+    # Function-level reset: the guest sees the rng's FLR capability (its PCI Express
+    # capability is the device's), its reset through sysfs is an FLR, which kvmkit turns into
+    # VFIO_DEVICE_RESET (the device never sees the guest's FLR bit): the virtio status the
+    # probe set (ACKNOWLEDGE | DRIVER) is 0 afterwards. Linux restores the BARs and MSI-X
+    # after the reset, and virtio_pci drives the device again.
+    assert value("RESETMETHOD").split()[0] == "flr", value("RESETMETHOD")
+    assert value("VIRTIOFLR") == "0 3 0"
+    count, current = value("RNGAGAIN").split()
+    assert count == "512" and current.startswith("virtio_rng"), value("RNGAGAIN")
+    # pci-testdev in slot 3: its I/O BAR (256 ports) in kvmkit's I/O window, and reads and
+    # writes through it reach the device (port exits, VFIO region reads and writes).
+    testdev, io_start, io_end, io_flags = value("TESTDEV").split()
+    assert testdev == "0000:00:03.0"
+    start = int(io_start, 16)
+    assert 0xC000 <= start and int(io_end, 16) - start + 1 == 256, value("TESTDEV")
+    assert int(io_flags, 16) & 0x100  # IORESOURCE_IO
+    assert value("PORTIO") == "portio-no-eventfd 131 5"
+    # Its expansion ROM (trapped, read through VFIO's ROM region): the option ROM's 55 AA
+    # signature and the bytes of the file QEMU loaded.
+    magic, digest = value("ROM").split()[:2]
+    assert magic == "55aa"
+    assert digest == hashlib.sha256(ROM_FILE.read_bytes()[512:1024]).hexdigest()
     # DMA both ways through the IOMMU mapping of guest RAM.
     assert value("DMA") == "ok 2048"
     # MSI: 3 factorial interrupts with vector 0xf5 reached the guest's LAPIC.
@@ -212,7 +268,7 @@ def test_edu_passthrough_to_linux(tmp_path: Path, lane_edu: None) -> None:
     # Nonsense in config space and BAR0 did not take kvmkit down: the command finished.
     assert "GARBAGE bar done" in out and "SURVIVED" in lines, out
     # Everything was released: the group can be opened again.
-    for bdf in (SOLO, RNG):
+    for bdf in (SOLO, rng, TESTDEV):
         fd = os.open(f"/dev/vfio/{_group(bdf)}", os.O_RDWR)
         os.close(fd)
 

@@ -1,12 +1,20 @@
-/* edu_probe: drives QEMU's edu device (docs/specs/edu.rst) from a kvmkit guest, where it is
- * a VFIO passthrough function. Built static by tests/hwvirt/test_vfio_linux.py.
+/* vfio_probe: drives the devices tests/hwvirt/test_vfio_linux.py passes through to a kvmkit
+ * guest (VFIO functions there) where the guest has no driver for them. Built static by the test.
  *
- *   edu_probe BDF spin N            read the ID register N times (BAR0 is guest memory: no exits)
- *   edu_probe BDF dma               copy 2 KiB into the device and back by DMA; compare
- *   edu_probe BDF dma-out ADDR      DMA the device's buffer to guest-physical ADDR
- *   edu_probe BDF msi VECTOR N      N factorial interrupts as MSI with vector VECTOR
- *   edu_probe BDF intx N            N factorial interrupts as INTx, through uio_pci_generic
- *   edu_probe BDF garbage SEED      nonsense to the config space and BAR0, then a last read
+ * QEMU's edu device (docs/specs/edu.rst):
+ *   vfio_probe BDF spin N            read the ID register N times (BAR0 is guest memory: no exits)
+ *   vfio_probe BDF dma               copy 2 KiB into the device and back by DMA; compare
+ *   vfio_probe BDF dma-out ADDR      DMA the device's buffer to guest-physical ADDR
+ *   vfio_probe BDF msi VECTOR N      N factorial interrupts as MSI with vector VECTOR
+ *   vfio_probe BDF intx N            N factorial interrupts as INTx, through uio_pci_generic
+ *   vfio_probe BDF garbage SEED      nonsense to the config space and BAR0, then a last read
+ * QEMU's pci-testdev (hw/misc/pci-testdev.c), through its I/O BAR (BAR1):
+ *   vfio_probe BDF portio N          select the port test, read its name, write its counting
+ *                                    port N times and read the count back
+ * A virtio device with function-level reset (its driver unbound):
+ *   vfio_probe BDF virtio-flr        set the device status, reset the function through sysfs
+ *                                    (an FLR), read the status again (virtio 1.2 §2.1: 0 after
+ *                                    a reset)
  *
  * The guest has no edu driver and no MSI-capable generic one, so MSI is programmed here
  * through the sysfs config file: address 0xFEE00000 (the LAPIC of CPU 0, fixed delivery),
@@ -24,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -62,20 +71,37 @@ static int wait_clear(unsigned off, uint32_t mask) {
     return 0;
 }
 
-static void open_device(void) {
+static void open_config(void) {
     char path[256];
     snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/config", bdf);
     cfg = open(path, O_RDWR);
     if (cfg < 0)
         die(path);
-    snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/resource0", bdf);
+}
+
+/* Map memory BAR `index` (its sysfs resource file); *size gets its length. */
+static volatile uint8_t *map_bar(int index, size_t *size) {
+    char path[256];
+    struct stat st;
+    snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/resource%d", bdf, index);
     int fd = open(path, O_RDWR | O_SYNC);
-    if (fd < 0)
+    if (fd < 0 || fstat(fd, &st) < 0)
         die(path);
-    void *p = mmap(NULL, BAR_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    void *p = mmap(NULL, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED)
-        die("mmap resource0");
-    bar = p;
+        die("mmap resource");
+    *size = st.st_size;
+    return p;
+}
+
+/* The edu's BAR0. */
+static void open_device(void) {
+    size_t size;
+    bar = (volatile uint32_t *)map_bar(0, &size);
+    if (size < BAR_SIZE) {
+        printf("ERROR BAR0 is %zu bytes\n", size);
+        exit(1);
+    }
 }
 
 static uint32_t cfg_read(unsigned off, unsigned len) {
@@ -270,15 +296,91 @@ static int do_garbage(unsigned seed) {
     return 0;
 }
 
+/* pci-testdev's I/O BAR (hw/misc/pci-testdev.c): byte 0 selects a test (0: the port
+ * I/O test without an eventfd), the header reads back byte by byte (name from offset 16, the
+ * port that counts at offset 4, the count at 12), and each byte written to that port with
+ * the test's data value (0xFA) adds one. Accesses go through the sysfs resource file, i.e.
+ * in/out instructions: port exits that kvmkit serves by VFIO region reads and writes. */
+static int do_portio(int n) {
+    char path[256], name[33] = {0};
+    snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/resource1", bdf);
+    int fd = open(path, O_RDWR);
+    if (fd < 0)
+        die(path);
+    uint8_t zero = 0, data = 0xfa;
+    uint32_t port = 0, count = 0;
+    if (pwrite(fd, &zero, 1, 0) != 1)
+        die("portio select");
+    for (int i = 0; i < 32; i++) {
+        if (pread(fd, &name[i], 1, 16 + i) != 1)
+            die("portio name");
+        if (!name[i])
+            break;
+    }
+    if (pread(fd, &port, 4, 4) != 4)
+        die("portio offset");
+    for (int i = 0; i < n; i++)
+        if (pwrite(fd, &data, 1, port) != 1)
+            die("portio count");
+    if (pread(fd, &count, 4, 12) != 4)
+        die("portio read count");
+    printf("PORTIO %s %u %u\n", name, port, count);
+    return 0;
+}
+
+/* Function-level reset of a virtio device whose driver is unbound: ACKNOWLEDGE|DRIVER in the
+ * device status of its common configuration (virtio 1.2 §4.1.4.3: the vendor capability with
+ * cfg_type 1 names its BAR and offset; device_status is byte 20), then the kernel's reset of
+ * the function (`reset` in sysfs, which uses FLR when the device offers it), then the status
+ * again: a device reset clears it (§2.1). */
+static int do_virtio_flr(void) {
+    unsigned cap = cfg_read(0x34, 1) & 0xfc;
+    for (int i = 0; i < 48 && cap >= 0x40; i++) {
+        if (cfg_read(cap, 1) == 0x09 && cfg_read(cap + 3, 1) == 1)
+            break;
+        cap = cfg_read(cap + 1, 1) & 0xfc;
+    }
+    if (cap < 0x40) {
+        printf("VIRTIOFLR no common configuration\n");
+        return 1;
+    }
+    size_t size;
+    volatile uint8_t *base = map_bar(cfg_read(cap + 4, 1), &size);
+    uint32_t off = cfg_read(cap + 8, 4);
+    if (off + 21 > size) {
+        printf("VIRTIOFLR common configuration outside its BAR\n");
+        return 1;
+    }
+    volatile uint8_t *status = base + off + 20;
+    unsigned before = *status;
+    *status = 1;
+    *status = 3;
+    unsigned set = *status;
+    char path[256];
+    snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/reset", bdf);
+    int fd = open(path, O_WRONLY);
+    if (fd < 0 || write(fd, "1", 1) != 1)
+        die(path);
+    close(fd);
+    printf("VIRTIOFLR %u %u %u\n", before, set, (unsigned)*status);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: edu_probe BDF spin N|dma|dma-out A|msi V N|intx N|garbage S\n");
+        fprintf(stderr, "usage: vfio_probe BDF spin N|dma|dma-out A|msi V N|intx N|garbage S|"
+                        "portio N|virtio-flr\n");
         return 2;
     }
     setvbuf(stdout, NULL, _IONBF, 0);
     bdf = argv[1];
-    open_device();
+    open_config();
     const char *cmd = argv[2];
+    if (!strcmp(cmd, "portio") && argc > 3)
+        return do_portio(atoi(argv[3]));
+    if (!strcmp(cmd, "virtio-flr"))
+        return do_virtio_flr();
+    open_device();
     if (!strcmp(cmd, "spin") && argc > 3)
         return do_spin(atol(argv[3]));
     if (!strcmp(cmd, "dma"))
@@ -291,6 +393,6 @@ int main(int argc, char **argv) {
         return do_intx(atoi(argv[3]));
     if (!strcmp(cmd, "garbage") && argc > 3)
         return do_garbage(strtoul(argv[3], NULL, 0));
-    fprintf(stderr, "edu_probe: bad command\n");
+    fprintf(stderr, "vfio_probe: bad command\n");
     return 2;
 }
