@@ -197,9 +197,6 @@ class PciRoot:
         self._next_io = addr + size
         return addr
 
-    def slot_of(self, function: PciFunction) -> int:
-        return self.slots.index(function)
-
     def function(self, bus: int, slot: int, fn: int) -> PciFunction | None:
         if bus != 0 or fn != 0 or not 0 <= slot < SLOTS:
             return None  # single-function devices on bus 0 only
