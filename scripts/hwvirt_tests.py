@@ -66,12 +66,12 @@ class LaneConfig:
         return "lane " + " ".join(self.args())
 
 
-def collect(python: str) -> dict[LaneConfig, list[str]]:
-    """The selected test ids by the lane they need, the default lane first."""
+def collect(python: str, paths: tuple[str, ...] = ("tests",)) -> dict[LaneConfig, list[str]]:
+    """The selected test ids (under `paths`) by the lane they need, the default lane first."""
     with tempfile.NamedTemporaryFile(prefix="hwvirt-lanes-", suffix=".jsonl") as out:
         proc = subprocess.run(
             [python, "-m", "pytest", "-p", "no:cacheprovider", "-m", "hwvirt", "--collect-only",
-             "-q", "tests"],
+             "-q", *paths],
             cwd=REPO, capture_output=True, text=True, check=False,
             env=dict(os.environ, KVMKIT_LANE_CONFIGS=out.name),
         )  # fmt: skip
@@ -109,12 +109,10 @@ def read_progress(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def run_lane(
-    python: str, ids: list[str], progress: Path, outcomes: dict[str, str], lane: LaneConfig
-) -> str | None:
-    """One lane boot running `ids` in order. Returns the id of the test that wedged the
-    lane, or None when the pytest session ended by itself."""
-    argv = [
+def lane_argv(python: str, ids: list[str], lane: LaneConfig) -> list[str]:
+    """The `kvmkit lane` command that runs `ids` in one pytest session in a lane booted for
+    `lane` (its --device and --module options)."""
+    return [
         python, "-m", "kvmkit", "lane", "--timeout", str(int(sum(map(limit_for, ids)) + 600)),
         # The lane's default of one vCPU (docs/lane.md), unless KVMKIT_HWVIRT_LANE_CPUS says.
         *(["--cpus", cpus] if (cpus := os.environ.get("KVMKIT_HWVIRT_LANE_CPUS")) else []),
@@ -123,6 +121,14 @@ def run_lane(
         "--", str(REPO / python) if not os.path.isabs(python) else python,
         "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfExX", *ids,
     ]  # fmt: skip
+
+
+def run_lane(
+    python: str, ids: list[str], progress: Path, outcomes: dict[str, str], lane: LaneConfig
+) -> str | None:
+    """One lane boot running `ids` in order. Returns the id of the test that wedged the
+    lane, or None when the pytest session ended by itself."""
+    argv = lane_argv(python, ids, lane)
     env = dict(os.environ, KVMKIT_TEST_PROGRESS=str(progress))
     proc = subprocess.Popen(argv, cwd=REPO, env=env)
     seen = len(read_progress(progress))
