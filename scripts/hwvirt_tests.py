@@ -4,8 +4,10 @@ Used by scripts/run-hwvirt-tests.sh on hosts without VMX/SVM. Tests are grouped 
 they need: most run in the default lane, and a module or test marked
 `@pytest.mark.lane_devices("edu", ..., modules=(...))` runs in a lane booted with those
 `--device`s and `--module`s (the VFIO tests: an emulated IOMMU slows every DMA in the lane,
-so the others do not get one). Each group runs in a single lane boot (one pytest session);
-the groups run one after the other, default first.
+so the others do not get one). Each group runs in a single lane boot (one pytest session),
+except the default lane's tests, which are split by file into as many boots as there are lanes
+to spare: KVMKIT_HWVIRT_LANES (default 2, one per core of a 2-core host; each lane has one
+TCG vCPU) lane boots run at once. WEIGHTS balances the split.
 
 The nested KVM under QEMU/TCG has been seen to wedge: the whole lane VM goes idle and no
 timeout inside it fires. So each test has a time limit watched from outside (the conftest
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,6 +164,80 @@ def run_lane(
             return current
 
 
+# Seconds a test file took in a one-vCPU lane (CI of 2026-12-03), used only to balance the
+# default lane's tests across the concurrent lanes; a file not listed counts DEFAULT_WEIGHT.
+WEIGHTS = {
+    "tests/hwvirt/test_linux_boot.py": 520.0,
+    "tests/hwvirt/test_gdb_linux.py": 150.0,
+    "tests/hwvirt/test_topology_linux.py": 120.0,
+    "tests/hwvirt/test_net_vsock_linux.py": 120.0,
+    "tests/hwvirt/test_snapshot_linux.py": 100.0,
+}
+DEFAULT_WEIGHT = 80.0
+
+
+def lanes_wanted() -> int:
+    """How many lanes run at once: KVMKIT_HWVIRT_LANES, else 2 (one per core of a 2-core
+    host; each lane is one TCG vCPU, so two lanes use both cores)."""
+    raw = os.environ.get("KVMKIT_HWVIRT_LANES", "2")
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        raise SystemExit(f"KVMKIT_HWVIRT_LANES={raw!r}: expected a number") from None
+
+
+def shard(ids: list[str], count: int) -> list[list[str]]:
+    """Split `ids` into at most `count` lists of whole test files (a file's tests share its
+    module fixtures, often one guest boot), longest file first onto the lightest list, each
+    list in the original order."""
+    files: dict[str, list[str]] = {}
+    for nodeid in ids:
+        files.setdefault(nodeid.split("::", 1)[0], []).append(nodeid)
+    loads = [0.0] * max(1, min(count, len(files)))
+    chosen: list[set[str]] = [set() for _ in loads]
+    for name in sorted(files, key=lambda f: -WEIGHTS.get(f, DEFAULT_WEIGHT)):
+        i = loads.index(min(loads))
+        loads[i] += WEIGHTS.get(name, DEFAULT_WEIGHT)
+        chosen[i].add(name)
+    return [[n for n in ids if n.split("::", 1)[0] in names] for names in chosen if names]
+
+
+def jobs_for(groups: dict[LaneConfig, list[str]], lanes: int) -> list[tuple[LaneConfig, list[str]]]:
+    """The lane boots of one round: each device group whole, the default lane's tests split
+    so that all the jobs together fill `lanes` lanes."""
+    jobs: list[tuple[LaneConfig, list[str]]] = []
+    for lane, group in groups.items():
+        if lane == LaneConfig():
+            spare = max(1, lanes - (len(groups) - 1))
+            jobs += [(lane, part) for part in shard(group, spare)]
+        else:
+            jobs.append((lane, group))
+    return jobs
+
+
+def run_round(
+    python: str, groups: dict[LaneConfig, list[str]], tmp: Path, tag: str,
+    wedges: dict[str, int], lanes: int,
+) -> Round:  # fmt: skip
+    """Run every group's tests, up to `lanes` lane boots at once (each job its own progress
+    file and resume loop); prints a line per job as it ends."""
+    jobs = jobs_for(groups, lanes)
+    total = Round()
+
+    def one(n: int, lane: LaneConfig, ids: list[str]) -> Round:
+        started = time.monotonic()
+        part = run_all(python, ids, tmp / f"{tag}{n}", wedges, lane)
+        print(f"hwvirt tests: {lane.describe()} (job {n + 1}/{len(jobs)}): {len(ids)} test(s), "
+              f"{part.boots} boot(s), {time.monotonic() - started:.0f} s", flush=True)  # fmt: skip
+        return part
+
+    with ThreadPoolExecutor(max_workers=lanes) as pool:
+        parts = [pool.submit(one, n, lane, ids) for n, (lane, ids) in enumerate(jobs)]
+        for future in parts:
+            total.merge(future.result())
+    return total
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("python", nargs="?", default=".venv/bin/python")
@@ -174,32 +251,24 @@ def main() -> int:
     if not ids:
         print("hwvirt: 0 passed, 0 failed (no test selected)")
         return 0
+    lanes = lanes_wanted()
     wedges: dict[str, int] = {}
-    boots = 0
     (REPO / "build").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hwvirt-", dir=REPO / "build") as tmp:
-        first = Round({}, 0, "")
-        for n, (lane, group) in enumerate(groups.items()):
-            started = time.monotonic()
-            part = run_all(args.python, group, Path(tmp) / f"progress{n}", wedges, lane)
-            first.merge(part)
-            print(f"hwvirt tests: {lane.describe()}: {len(group)} test(s), {part.boots} "
-                  f"boot(s), {time.monotonic() - started:.0f} s", flush=True)  # fmt: skip
-        boots += first.boots
+        first = run_round(args.python, groups, Path(tmp), "progress", wedges, lanes)
+        boots = first.boots
         again = [i for i in ids if first.outcomes.get(i) not in GOOD]
         second = Round()
         if again:
             print(f"hwvirt tests: {len(again)} failed; running them once more in a new lane",
                   flush=True)  # fmt: skip
-            for n, (lane, group) in enumerate(groups.items()):
-                retry = [i for i in group if i in again]
-                if retry:
-                    part = run_all(args.python, retry, Path(tmp) / f"again{n}", wedges, lane)
-                    second.merge(part)
+            retry = {lane: [i for i in group if i in again] for lane, group in groups.items()}
+            retry = {lane: group for lane, group in retry.items() if group}
+            second = run_round(args.python, retry, Path(tmp), "again", wedges, lanes)
             boots += second.boots
     flaky = [i for i in again if second.outcomes.get(i) in GOOD]
     failed = [i for i in again if second.outcomes.get(i) not in GOOD]
-    print(f"hwvirt tests: {len(ids)} tests, {boots} lane boot(s), "
+    print(f"hwvirt tests: {len(ids)} tests, {boots} lane boot(s) ({lanes} at a time), "
           f"{sum(wedges.values())} wedge(s) resumed")  # fmt: skip
     if first.log:
         print("hwvirt tests: failures of the first run:\n" + first.log)

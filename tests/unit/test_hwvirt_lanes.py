@@ -52,3 +52,22 @@ def test_vfio_tests_get_a_lane_of_their_own(hwvirt_tests: ModuleType) -> None:
     # The default lane gets no --device (no emulated IOMMU slowing its DMA).
     assert "--device" not in hwvirt_tests.lane_argv(".venv/bin/python", groups[default], default)
 
+
+def test_the_default_lane_is_split_by_whole_files_across_the_spare_lanes(
+    hwvirt_tests: ModuleType,
+) -> None:
+    boot = "tests/hwvirt/test_linux_boot.py"
+    ids = [f"{boot}::a", "tests/hwvirt/test_x.py::b", f"{boot}::c", "tests/hwvirt/test_y.py::d"]
+    default = hwvirt_tests.LaneConfig()
+    vfio = hwvirt_tests.LaneConfig(("edu",), ("vfio_pci",))
+    jobs = hwvirt_tests.jobs_for({default: ids, vfio: ["tests/hwvirt/test_vfio_linux.py::e"]}, 3)
+    # Three lanes: the VFIO group whole in one, the default lane's tests in the two others,
+    # a file's tests together (the heaviest file alone) and in their original order.
+    assert [lane for lane, _ in jobs] == [default, default, vfio]
+    parts = sorted((ids for _, ids in jobs[:2]), key=len)
+    assert parts == [
+        [f"{boot}::a", f"{boot}::c"],
+        ["tests/hwvirt/test_x.py::b", "tests/hwvirt/test_y.py::d"],
+    ]
+    # One lane: no split; the runner then runs the jobs one after the other.
+    assert [len(ids) for _, ids in hwvirt_tests.jobs_for({default: ids}, 1)] == [4]
