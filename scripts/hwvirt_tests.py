@@ -122,7 +122,7 @@ def lane_argv(python: str, ids: list[str], lane: LaneConfig) -> list[str]:
         "--module", "tun",  # tests/hwvirt/test_net_vsock_linux.py: taps for virtio-net
         *lane.args(),
         "--", str(REPO / python) if not os.path.isabs(python) else python,
-        "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfExX", *ids,
+        "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfExX", "--durations=10", *ids,
     ]  # fmt: skip
 
 
