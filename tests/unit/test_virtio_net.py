@@ -28,8 +28,8 @@ from kvmkit.devices.virtio.device import (
     STATUS_DRIVER_OK,
     STATUS_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
-    VirtioWorker,
 )
+from kvmkit.devices.virtio.worker import VirtioWorkers
 from kvmkit.snapshot.format import SnapshotError
 from kvmkit.testing.netns import in_netns, temp_netns
 
@@ -52,8 +52,8 @@ def netns() -> Iterator[str]:
 
 
 @pytest.fixture
-def worker() -> Iterator[VirtioWorker]:
-    w = VirtioWorker()
+def worker() -> Iterator[VirtioWorkers]:
+    w = VirtioWorkers()
     w.start()
     yield w
     w.close()
@@ -85,7 +85,7 @@ def frame(dst: bytes, src: bytes, payload: bytes) -> bytes:
 
 
 @pytest.fixture
-def setup(netns: str, worker: VirtioWorker) -> Iterator[tuple[Guest, socket.socket]]:
+def setup(netns: str, worker: VirtioWorkers) -> Iterator[tuple[Guest, socket.socket]]:
     """The `kvmkit net setup` helper makes the tap (so it is tested too); the device
     attaches to it; an AF_PACKET socket is the host's side of the wire."""
     proc = subprocess.run(
@@ -257,7 +257,7 @@ def test_mergeable_rx_buffers_carry_a_frame_larger_than_one(
 
 
 def test_snapshot_saves_held_rx_chains_as_not_taken(
-    setup: tuple[Guest, socket.socket], netns: str,
+    setup: tuple[Guest, socket.socket], netns: str, worker: VirtioWorkers,
 ) -> None:  # fmt: skip
     """Chains a mergeable frame took while waiting for more are saved as not taken: the
     restored device uses them for the next frames (the waiting frame itself is lost with
@@ -269,8 +269,7 @@ def test_snapshot_saves_held_rx_chains_as_not_taken(
     g.give_rx(2, length=512)
     sock.send(frame(g.dev.mac, src, b"L" * 1400))  # needs 3 buffers
     wait_for(lambda: g.dev.held_chains() == {n.RX: 2})
-    worker = g.dev.watcher
-    assert isinstance(worker, VirtioWorker) and worker.pause()
+    assert worker.pause()
     state = json.loads(json.dumps(g.dev.save()))
     # Both held chains are saved as not taken.
     assert state["queues"][n.RX]["last_avail"] == g.dev.queues[n.RX].last_avail - 2
@@ -278,7 +277,7 @@ def test_snapshot_saves_held_rx_chains_as_not_taken(
     memory = g.mem.read(0, MEM_SIZE)
     g.dev.close()
     dev2 = in_netns(netns, lambda: n.VirtioNet(TAP, n.parse_mac("02:00:00:00:00:07")))
-    worker2 = VirtioWorker()
+    worker2 = VirtioWorkers()
     try:
         restore_as_new_process(g, dev2, worker2, memory, state, transport_state)
         after = [frame(dev2.mac, src, b"after %d" % i) for i in range(2)]
@@ -318,7 +317,7 @@ def tap_offloads(netns: str) -> tuple[int, int]:
 
 
 def test_snapshot_restore_reapplies_offloads_and_rx_resumes(
-    setup: tuple[Guest, socket.socket], netns: str,
+    setup: tuple[Guest, socket.socket], netns: str, worker: VirtioWorkers,
 ) -> None:  # fmt: skip
     """A device saved with the worker paused and restored, as in another process, over a
     copy of guest memory: the tap is reopened, gets the offloads the driver negotiated
@@ -344,8 +343,7 @@ def test_snapshot_restore_reapplies_offloads_and_rx_resumes(
     # Chains the device took in a batch and holds unused are saved as not taken.
     taken = g.dev.queues[n.RX].last_avail - g.dev.held_chains().get(n.RX, 0)
 
-    worker = g.dev.watcher
-    assert isinstance(worker, VirtioWorker) and worker.pause()
+    assert worker.pause()
     state = json.loads(json.dumps(g.dev.save()))
     transport_state = g.transport.save()
     assert state["device"] == {"tap": TAP, "mac": "02:00:00:00:00:07"}
@@ -354,7 +352,7 @@ def test_snapshot_restore_reapplies_offloads_and_rx_resumes(
     g.dev.close()  # the old process ends; the tap (made by `kvmkit net setup`) stays
 
     dev2 = in_netns(netns, lambda: n.VirtioNet(TAP, n.parse_mac("02:00:00:00:00:07")))
-    worker2 = VirtioWorker()
+    worker2 = VirtioWorkers()
     try:
         # The reopened tap starts without offloads (kvmkit probes them at open).
         assert tap_offloads(netns) == (0, 0)

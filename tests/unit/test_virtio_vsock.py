@@ -18,9 +18,9 @@ from kvmkit.devices.virtio import mmio as r
 from kvmkit.devices.virtio import vsock as v
 from kvmkit.devices.virtio.device import (
     STATUS_NEEDS_RESET,
-    VirtioWorker,
 )
 from kvmkit.devices.virtio.queue import VIRTQ_DESC_F_WRITE
+from kvmkit.devices.virtio.worker import VirtioWorkers
 from kvmkit.snapshot.format import SnapshotError
 
 CID = 42
@@ -90,15 +90,15 @@ class Guest(MmioGuest):
 
 
 @pytest.fixture
-def worker() -> Iterator[VirtioWorker]:
-    w = VirtioWorker()
+def worker() -> Iterator[VirtioWorkers]:
+    w = VirtioWorkers()
     w.start()
     yield w
     w.close()
 
 
 @pytest.fixture
-def guest(tmp_path: Path, worker: VirtioWorker) -> Iterator[Guest]:
+def guest(tmp_path: Path, worker: VirtioWorkers) -> Iterator[Guest]:
     dev = v.VirtioVsock(CID, tmp_path / "v.sock")
     worker.add(dev)
     g = Guest(dev)
@@ -307,7 +307,7 @@ def test_reset_closes_host_connections(guest: Guest) -> None:
 
 @pytest.mark.parametrize("posted", [4, 0], ids=["event-buffers-posted", "none-yet"])
 def test_restore_resets_the_guest_then_new_connections_work(
-    guest: Guest, worker: VirtioWorker, posted: int
+    guest: Guest, worker: VirtioWorkers, posted: int
 ) -> None:
     """Firecracker's behaviour: connections do not survive a snapshot. The device restored
     (as in another process, over a copy of guest memory) has none; it sends the guest
@@ -338,7 +338,7 @@ def test_restore_resets_the_guest_then_new_connections_work(
     assert g.events() == []  # nothing was sent while running
 
     dev2 = v.VirtioVsock(CID, uds)
-    worker2 = VirtioWorker()
+    worker2 = VirtioWorkers()
     try:
         restore_as_new_process(g, dev2, worker2, memory, state, transport_state)
         if not posted:

@@ -37,12 +37,13 @@ from kvmkit.devices.legacy.power import AcpiPower
 from kvmkit.devices.legacy.rtc import CmosRtc
 from kvmkit.devices.legacy.serial import Serial8250
 from kvmkit.devices.virtio.blk import VirtioBlk
-from kvmkit.devices.virtio.device import TransportState, VirtioDevice, VirtioWorker
+from kvmkit.devices.virtio.device import TransportState, VirtioDevice
 from kvmkit.devices.virtio.mmio import VirtioMmio
 from kvmkit.devices.virtio.mmio import cmdline_entry as virtio_cmdline_entry
 from kvmkit.devices.virtio.net import VirtioNet, parse_mac
 from kvmkit.devices.virtio.rng import VirtioRng
 from kvmkit.devices.virtio.vsock import VirtioVsock
+from kvmkit.devices.virtio.worker import VirtioWorkers
 from kvmkit.errors import UserError
 from kvmkit.kvm import Kvm, KvmError, Vcpu, Vm
 from kvmkit.kvm.coalesced import CoalescedRing, RingDrainer
@@ -157,7 +158,8 @@ class Machine:
         self.virtio: list[tuple[int, int, VirtioDevice]] = []
         self.virtio_transports: list[TransportState] = []  # in the order of self.virtio
         self.pci: MachinePci | None = None  # the PCI bus, with virtio_transport="pci"
-        self._virtio_worker: VirtioWorker | None = None
+        # The virtio queue workers (devices/virtio/worker.py); snapshots pause them.
+        self._virtio_worker: VirtioWorkers | None = None
 
     # -- life cycle
     def __enter__(self) -> Machine:
@@ -335,7 +337,7 @@ class Machine:
             raise UserError(f"{what}: {err}") from None
         if not devices:
             return
-        self._virtio_worker = worker = VirtioWorker()
+        self._virtio_worker = worker = VirtioWorkers()
         if self.config.virtio_transport == "pci":
             self.pci = MachinePci(vm, self.mem, self.pio, self.mmio)
             for dev in devices:

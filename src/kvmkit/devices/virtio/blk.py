@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmkit.devices.virtio import iov
-from kvmkit.devices.virtio.device import VirtioDevice
+from kvmkit.devices.virtio.device import Budget, VirtioDevice
 from kvmkit.devices.virtio.queue import Buffer, DescriptorChain, QueueError
 from kvmkit.snapshot.format import Fields, SnapshotError
 
@@ -165,11 +165,11 @@ class VirtioBlk(VirtioDevice):
             os.close(self.fd)
             self.fd = -1
 
-    def process_queue(self, index: int) -> None:
+    def process_queue(self, index: int, budget: Budget) -> None:
         assert self.mem is not None
         queue = self.queues[index]
         done = False
-        while (chain := queue.pop(self.mem)) is not None:
+        while budget.take() and (chain := queue.pop(self.mem)) is not None:
             written = self.handle(chain)
             self.complete(index, chain.head, written)
             done = True

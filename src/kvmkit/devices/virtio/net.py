@@ -31,7 +31,7 @@ from typing import Any
 
 from kvmkit.abi import tun
 from kvmkit.devices.virtio import iov
-from kvmkit.devices.virtio.device import VirtioDevice
+from kvmkit.devices.virtio.device import Budget, VirtioDevice
 from kvmkit.devices.virtio.queue import DescriptorChain, QueueError
 from kvmkit.snapshot.format import Fields, SnapshotError
 
@@ -306,18 +306,18 @@ class VirtioNet(VirtioDevice):
             self.watcher.unwatch(self.tap_fd)
         self._tap_watched = on
 
-    def process_queue(self, index: int) -> None:
+    def process_queue(self, index: int, budget: Budget) -> None:
         if index == TX:
-            self._process_tx()
+            self._process_tx(budget)
         else:
             self._fill_rx()  # new rx buffers: frames waiting in the tap can come in
 
-    # -- TX
-    def _process_tx(self) -> None:
+    # -- TX (its own worker thread)
+    def _process_tx(self, budget: Budget) -> None:
         assert self.mem is not None
         done = False
         queue, mem = self.queues[TX], self.mem
-        while chains := queue.pop_batch(mem, TX_BATCH):
+        while (n := budget.grant(TX_BATCH)) and (chains := queue.pop_batch(mem, n)):
             for chain in chains:
                 self._transmit(chain)
             # §5.1.6.2: transmit buffers are device-readable only; nothing is written.
@@ -361,7 +361,7 @@ class VirtioNet(VirtioDevice):
         self.tx_frames += 1
         self.tx_bytes += total - NET_HDR_SIZE
 
-    # -- RX
+    # -- RX (its own worker thread, which also watches the tap: HOST_GROUP is RX's)
     def _tap_event(self, events: int) -> None:
         self._fill_rx()
 

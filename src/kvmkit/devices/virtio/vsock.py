@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmkit.devices.virtio import iov
-from kvmkit.devices.virtio.device import VirtioDevice
+from kvmkit.devices.virtio.device import Budget, VirtioDevice
 from kvmkit.devices.virtio.queue import Buffer, DescriptorChain, QueueError
 from kvmkit.snapshot.format import Fields, SnapshotError
 
@@ -265,9 +265,14 @@ class VirtioVsock(VirtioDevice):
     def held_chains(self) -> dict[int, int]:
         return {RX: 1} if self._rx_held is not None else {}
 
-    def process_queue(self, index: int) -> None:
+    def worker_groups(self) -> list[list[int]]:
+        # One worker for the three queues: they share the connections (a tx packet queues
+        # an rx answer; a host socket's data goes out on rx).
+        return [[RX, TX, EVENT]]
+
+    def process_queue(self, index: int, budget: Budget) -> None:
         if index == TX:
-            self._process_tx()
+            self._process_tx(budget)
         # An rx notification means new rx buffers: packets waiting for them can go now. An
         # event queue notification (new event buffers) may be the driver's answer to a
         # TRANSPORT_RESET, which _fill_rx waits for.
@@ -304,10 +309,10 @@ class VirtioVsock(VirtioDevice):
         return True
 
     # -- guest -> host
-    def _process_tx(self) -> None:
+    def _process_tx(self, budget: Budget) -> None:
         assert self.mem is not None
         done = False
-        while (chain := self.queues[TX].pop(self.mem)) is not None:
+        while budget.take() and (chain := self.queues[TX].pop(self.mem)) is not None:
             self._handle_tx(chain)
             self.complete(TX, chain.head, 0)
             done = True
