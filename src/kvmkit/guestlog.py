@@ -85,6 +85,15 @@ class GuestLog:
     def warning(self, msg: str, *args: Any) -> None:
         self.log(logging.WARNING, msg, *args)
 
+    def exception(self, msg: str, *args: Any) -> None:
+        """An ERROR line with the exception being handled (a device bug a guest hit)."""
+        if not self.logger.isEnabledFor(logging.ERROR):
+            return
+        dropped = self._allow(msg)
+        if dropped is not None:
+            suffix = f" ({dropped} more suppressed)" if dropped else ""
+            self.logger.error(msg + suffix, *args, exc_info=True)
+
 
 class ErrorRecord:
     """A device's error messages in bounded memory: the first `keep_first` (what started it)

@@ -3,6 +3,7 @@ block device over real files and the entropy device, served by the real worker t
 
 from __future__ import annotations
 
+import logging
 import struct
 import time
 from collections.abc import Iterator
@@ -371,3 +372,31 @@ def test_enabling_a_bad_queue_on_a_live_device_is_a_device_error(worker: VirtioW
     assert drv.rd(r.STATUS) & STATUS_NEEDS_RESET
     assert drv.rd(r.QUEUE_READY) == 0 and not rng.queues[0].ready
     assert "outside guest memory" in rng.errors[0]
+
+
+def test_a_guest_failing_over_and_over_grows_neither_memory_nor_the_log(
+    worker: VirtioWorkers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A driver that corrupts its ring after every reset, 200 times: the device keeps a
+    bounded record of its errors (the first and the last ones, and a count) and logs a
+    burst of warnings, then about one per 10 s (kvmkit.guestlog), not one per error."""
+    caplog.set_level(logging.WARNING, logger="kvmkit.devices.virtio.device")
+    dev = VirtioRng()
+    drv = attach(dev, worker)
+    rounds = 200
+    for _ in range(rounds):
+        drv.avail_idx = drv.used_seen = drv.free_head = 0
+        drv.mem.fill(AVAIL_BASE, 0x100)
+        drv.mem.fill(USED_BASE, 0x100)
+        drv.init()
+        drv.write_desc(DESC_BASE, 0, 0x20000, 4, VIRTQ_DESC_F_NEXT, 0)  # a loop to itself
+        drv.publish(0)
+        drv.wr(r.QUEUE_NOTIFY, 0)
+        deadline = time.monotonic() + 5
+        while not drv.rd(r.STATUS) & STATUS_NEEDS_RESET and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert drv.rd(r.STATUS) & STATUS_NEEDS_RESET
+    warnings = [rec for rec in caplog.records if "needs reset" in rec.getMessage()]
+    assert len(warnings) <= 12
+    assert len(dev.errors) <= 16 and "longer" in dev.errors[0] and "longer" in dev.errors[-1]
+    assert dev.errors.count == rounds

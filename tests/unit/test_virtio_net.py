@@ -443,3 +443,22 @@ def test_net_helper_refuses_bad_input(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "prefix length" in proc.stderr
+
+
+def test_a_tap_gone_at_driver_ok_is_needs_reset_not_the_end_of_the_vm(
+    setup: tuple[Guest, socket.socket], netns: str,
+) -> None:  # fmt: skip
+    """The tap is deleted before the guest's driver finishes initialising: TUNSETOFFLOAD at
+    DRIVER_OK fails (EBADFD). That is a host error, not a reason to end the VM: the register
+    write returns, the device is in NEEDS_RESET and the driver is told by a configuration
+    change interrupt (§2.1.2); the other device state stays usable (a reset works)."""
+    g, _ = setup
+    subprocess.run(["ip", "-n", netns, "link", "del", TAP], check=True, timeout=30)
+    g.init(VIRTIO_F_VERSION_1 | n.VIRTIO_NET_F_MAC | n.VIRTIO_NET_F_GUEST_CSUM)
+    status = g.rd(r.STATUS)
+    assert status & STATUS_NEEDS_RESET and status & STATUS_DRIVER_OK
+    assert not g.dev.activated
+    assert g.rd(r.INTERRUPT_STATUS) & 2  # INT_CONFIG
+    assert "activation" in g.dev.errors[0]
+    g.wr(r.STATUS, 0)
+    assert g.rd(r.STATUS) == 0

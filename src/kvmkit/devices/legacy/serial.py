@@ -53,8 +53,11 @@ from collections.abc import Callable
 from typing import Any
 
 from kvmkit.devices.irq import IrqLine
+from kvmkit.guestlog import GuestLog
 
 log = logging.getLogger(__name__)
+# Lines a guest can cause, rate-limited (kvmkit.guestlog).
+glog = GuestLog(log)
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -210,7 +213,7 @@ class Serial8250:
     # -- BusDevice
     def read(self, offset: int, data: memoryview) -> None:
         if len(data) != 1 or not 0 <= offset < PORT_COUNT:
-            log.debug("serial: ignored %d-byte read at offset %d", len(data), offset)
+            glog.debug("serial: ignored %d-byte read at offset %d", len(data), offset)
             data[:] = b"\xff" * len(data)
             return
         with self._lock:
@@ -245,7 +248,7 @@ class Serial8250:
 
     def write(self, offset: int, data: memoryview) -> None:
         if len(data) != 1 or not 0 <= offset < PORT_COUNT:
-            log.debug("serial: ignored %d-byte write at offset %d", len(data), offset)
+            glog.debug("serial: ignored %d-byte write at offset %d", len(data), offset)
             return
         value = data[0]
         fire = False
@@ -314,7 +317,7 @@ class Serial8250:
                     self._out(data)
                 except Exception:  # a broken console must not take the vCPU thread down
                     self.missed_write_count += len(data)
-                    log.exception("serial: output callback failed")
+                    glog.exception("serial: output callback failed")
                 self._thre_pending = True
                 fire = bool(self._ier & IER_THRE)
         if not transmit:
@@ -333,7 +336,7 @@ class Serial8250:
             self._out(bytes([byte]))
         except Exception:  # a broken console must not take the vCPU thread down
             self.missed_write_count += 1
-            log.exception("serial: output callback failed")
+            glog.exception("serial: output callback failed")
 
     def _receive_locked(self, data: bytes) -> int:
         room = self.fifo_size - len(self._rx)

@@ -215,7 +215,7 @@ class VirtioBlk(VirtioDevice):
             else:
                 status = VIRTIO_BLK_S_UNSUPP
         except OSError as err:
-            log.warning("virtio %s: %s: I/O error: %s", self.name, self.path, err)
+            self.glog.warning("virtio %s: %s: I/O error: %s", self.name, self.path, err)
             status = VIRTIO_BLK_S_IOERR
         self.mem.write_u8(status_addr, status)
         return written + 1
@@ -270,7 +270,9 @@ class VirtioBlk(VirtioDevice):
             if count > MAX_DISCARD_SECTORS or not self._in_range(sector, count * SECTOR_SIZE):
                 return VIRTIO_BLK_S_IOERR
         for sector, count, _ in segments:
-            _punch_hole(self.fd, sector * SECTOR_SIZE, count * SECTOR_SIZE)
+            err = _punch_hole(self.fd, sector * SECTOR_SIZE, count * SECTOR_SIZE)
+            if err:
+                self.glog.debug("virtio %s: discard: fallocate: %s", self.name, os.strerror(err))
         return VIRTIO_BLK_S_OK
 
     def _get_id(self, bufs: list[Buffer]) -> tuple[int, int]:
@@ -296,16 +298,16 @@ class VirtioBlk(VirtioDevice):
         return out
 
 
-def _punch_hole(fd: int, offset: int, length: int) -> None:
+def _punch_hole(fd: int, offset: int, length: int) -> int:
     """fallocate(PUNCH_HOLE | KEEP_SIZE); a file system without holes keeps the data (a
-    discard is a hint, §5.2.6.2)."""
+    discard is a hint, §5.2.6.2). Returns the errno, 0 on success."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
     if libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
-        err = ctypes.get_errno()
-        log.debug("discard: fallocate: %s", os.strerror(err))
+        return ctypes.get_errno()
+    return 0
 
 
 

@@ -332,7 +332,7 @@ class VirtioNet(VirtioDevice):
         # §5.1.6.2: each packet is the header followed by the frame; a packet shorter than
         # header + Ethernet header or longer than the largest frame is dropped.
         if not NET_HDR_SIZE + MIN_FRAME <= total <= NET_HDR_SIZE + MAX_FRAME:
-            log.debug("virtio %s: tx packet of %d bytes dropped", self.name, total)
+            self.glog.debug("virtio %s: tx packet of %d bytes dropped", self.name, total)
             self.tx_dropped += 1
             return
         first = chain.readable[0]
@@ -346,8 +346,8 @@ class VirtioNet(VirtioDevice):
         if (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not self.has_feature(VIRTIO_NET_F_CSUM)) or (
             gso_type & ~VIRTIO_NET_HDR_GSO_ECN not in self._tx_gso_ok
         ):
-            log.debug("virtio %s: tx header flags %#x gso %#x not negotiated", self.name, flags,
-                      gso_type)  # fmt: skip
+            self.glog.debug("virtio %s: tx header flags %#x gso %#x not negotiated", self.name,
+                            flags, gso_type)  # fmt: skip
             self.tx_dropped += 1
             return
         try:
@@ -355,7 +355,7 @@ class VirtioNet(VirtioDevice):
         except OSError as err:
             # EIO: the tap is down; EINVAL: a header the tap refuses; EAGAIN: its queue is
             # full. A NIC drops such frames too.
-            log.debug("virtio %s: tx: %s", self.name, err)
+            self.glog.debug("virtio %s: tx: %s", self.name, err)
             self.tx_dropped += 1
             return
         self.tx_frames += 1
@@ -383,7 +383,7 @@ class VirtioNet(VirtioDevice):
                 except OSError as err:
                     # Not a state a frame can cause (the frame buffer takes the largest):
                     # the tap is gone. Stop reading it rather than spin; tx goes on.
-                    log.warning("virtio %s: rx from tap %s: %s; rx stopped", self.name,
+                    self.glog.warning("virtio %s: rx from tap %s: %s; rx stopped", self.name,
                                 self.tap_name, err)  # fmt: skip
                     self._tap_failed = True
                     break

@@ -218,7 +218,8 @@ class VirtioPci(PciFunction):
         except OSError as err:
             # Another function's BAR overlaps (the guest placed them so): KVM refuses the
             # duplicate; notifications still work through MMIO exits.
-            log.warning("virtio-pci %s: ioeventfd at %#x: %s", self.device.name, base, err)
+            self.device.glog.warning("virtio-pci %s: ioeventfd at %#x: %s", self.device.name, base,
+                                     err)  # fmt: skip
             for index, fd in enumerate(fds):
                 try:
                     vm.ioeventfd(fd, base + NOTIFY_OFFSET + 4 * index, 2, deassign=True)

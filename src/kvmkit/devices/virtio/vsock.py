@@ -302,7 +302,7 @@ class VirtioVsock(VirtioDevice):
             self._reset = RESET_ACK
             queue.notify_on_next(self.mem)  # with EVENT_IDX the answer must notify too
             self.signal_used(EVENT)
-            log.info("virtio %s: transport reset sent", self.name)
+            self.glog.info("virtio %s: transport reset sent", self.name)
         if queue.pending(self.mem) <= self._reset_level:
             return False
         self._reset = None
@@ -344,7 +344,7 @@ class VirtioVsock(VirtioDevice):
                         OP_CREDIT_UPDATE, OP_CREDIT_REQUEST):  # fmt: skip
             bad = f"unknown op {op}"
         if bad:
-            log.info("virtio %s: bad tx packet: %s", self.name, bad)
+            self.glog.info("virtio %s: bad tx packet: %s", self.name, bad)
             if op != OP_RST:  # §5.10.6.4: never answer a RST with a RST
                 self._send_rst_raw(dst_port, src_port, src_cid)
                 conn = self.conns.get((dst_port, src_port))
@@ -397,7 +397,8 @@ class VirtioVsock(VirtioDevice):
         except OSError as err:
             # Nothing listens there (ENOENT, ECONNREFUSED) or its backlog is full (EAGAIN):
             # the guest's connect fails with ECONNRESET, as when nobody listens.
-            log.debug("virtio %s: connect %s_%d: %s", self.name, self.uds_path, local_port, err)
+            self.glog.debug("virtio %s: connect %s_%d: %s", self.name, self.uds_path, local_port,
+                            err)  # fmt: skip
             sock.close()
             self._send_rst_raw(local_port, peer_port, self.cid)
             return
@@ -435,7 +436,8 @@ class VirtioVsock(VirtioDevice):
         # not taken yet must fit in it. More is a guest bug: reset the connection rather
         # than buffer without bound.
         if len(conn.pending) + length > CONN_BUF_ALLOC:
-            log.info("virtio %s: port %d: guest exceeded its credit", self.name, conn.peer_port)
+            self.glog.info("virtio %s: port %d: guest exceeded its credit", self.name,
+                           conn.peer_port)  # fmt: skip
             self._close(conn, rst=True)
             return
         views = iov.views(self.mem, payload)
@@ -494,7 +496,7 @@ class VirtioVsock(VirtioDevice):
             except BlockingIOError:
                 return
             except OSError as err:
-                log.warning("virtio %s: accept: %s", self.name, err)
+                self.glog.warning("virtio %s: accept: %s", self.name, err)
                 return
             if len(self.clients) >= MAX_PENDING_CLIENTS:
                 sock.close()

@@ -216,7 +216,7 @@ def _guarded(device: VirtioDevice, call: Callable[..., None], *args: Any) -> Non
     try:
         call(*args)
     except Exception as err:
-        log.exception("virtio %s: device error", device.name)
+        device.glog.exception("virtio %s: device error", device.name)
         device.device_error(f"internal error: {err!r}")
 
 
