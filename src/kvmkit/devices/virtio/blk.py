@@ -22,6 +22,7 @@ from typing import Any
 from kvmkit.devices.virtio import iov
 from kvmkit.devices.virtio.device import Budget, VirtioDevice
 from kvmkit.devices.virtio.queue import Buffer, DescriptorChain, QueueError
+from kvmkit.guestlog import GuestLog
 from kvmkit.snapshot.format import Fields, SnapshotError
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class VirtioBlk(VirtioDevice):
         else:
             features |= VIRTIO_BLK_F_DISCARD
         super().__init__(name, [QUEUE_SIZE], features)
+        self.glog = GuestLog(log)  # this module's logger, rate-limited
         # Firecracker's block metrics (read by kvmkit.api.metrics): bytes and requests that
         # completed with VIRTIO_BLK_S_OK, flushes served.
         self.read_bytes = 0

@@ -33,6 +33,7 @@ from kvmkit.abi import tun
 from kvmkit.devices.virtio import iov
 from kvmkit.devices.virtio.device import Budget, VirtioDevice
 from kvmkit.devices.virtio.queue import DescriptorChain, QueueError
+from kvmkit.guestlog import GuestLog
 from kvmkit.snapshot.format import Fields, SnapshotError
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ class VirtioNet(VirtioDevice):
         # MRG_RXBUF needs nothing from the tap: kvmkit spreads a frame over the buffers.
         features |= VIRTIO_NET_F_MRG_RXBUF
         super().__init__(name, [QUEUE_SIZE, QUEUE_SIZE], features)
+        self.glog = GuestLog(log)  # this module's logger, rate-limited
         # rx chains taken from the ring and not used yet, oldest first (a frame that needs
         # more mergeable buffers than the guest has posted so far).
         self._rx_held: list[DescriptorChain] = []
