@@ -49,6 +49,7 @@ from kvmkit.kvm import Kvm, KvmError, Vcpu, Vm
 from kvmkit.kvm.coalesced import CoalescedRing, RingDrainer
 from kvmkit.kvm.kick import install_kick_handler
 from kvmkit.memory import GuestMemory
+from kvmkit.threads import ThreadKind, start_thread
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.console import CommandOutput, ConsoleStream, new_nonce
 from kvmkit.vmm.pci import MachinePci
@@ -70,6 +71,8 @@ PANIC_MARKER = b"Kernel panic - not syncing"
 # After the command reported its status the init powers off; if that takes longer than
 # this, the VM is stopped anyway (the status is already known).
 POWEROFF_GRACE = 10.0
+# How long close() waits for the VM's threads in all before leaving stuck ones behind.
+CLOSE_TIMEOUT = 10.0
 
 
 class EndReason(enum.Enum):
@@ -171,17 +174,33 @@ class Machine:
         self.close()
 
     def close(self) -> None:
+        """Stop everything and release it, in bounded time (CLOSE_TIMEOUT for the threads
+        in all): a thread that does not stop (a vCPU or worker stuck in the kernel, a
+        console reader that never reads) is left behind as a daemon thread, and what it may
+        still touch (guest memory, the vCPU mappings, device fds) is not unmapped or closed
+        under it; the process is about to end anyway."""
         self.stop()
+        deadline = time.monotonic() + CLOSE_TIMEOUT
         for t in self.threads:
-            t.join(5)
+            t.join(max(0.0, deadline - time.monotonic()))
+        stuck = [f"vcpu{t.vcpu.id}" for t in self.threads if t.thread.is_alive()]
         if self.ring is not None:
-            self.ring.stop()
-            self.ring.ring.release()
+            if self.ring.stop(max(0.0, deadline - time.monotonic())):
+                self.ring.ring.release()
+            else:
+                stuck.append("coalesced-drain")
             self.ring = None
+        if self._virtio_worker is not None:
+            if not self._virtio_worker.stop(max(0.0, deadline - time.monotonic())):
+                stuck.append("virtio worker")
+            self._virtio_worker.close()
+        self.console.close(max(0.0, deadline - time.monotonic()))
+        if stuck:
+            log.warning("closing the VM with %s still running: its memory stays mapped",
+                        ", ".join(stuck))  # fmt: skip
+            return
         if self.vm is not None:
             self.vm.close()
-        if self._virtio_worker is not None:
-            self._virtio_worker.close()
         for _, _, dev in self.virtio:
             dev.close()
         for irq in self._irqs:
@@ -189,7 +208,6 @@ class Machine:
         if self.pci is not None:
             self.pci.close()
         self.mem.close()
-        self.console.close()
         if self.kvm is not None:
             self.kvm.close()
 
@@ -283,7 +301,9 @@ class Machine:
         serial_irq = EventFdIrq(SERIAL_IRQ)
         self._irqs.append(serial_irq)
         vm.irqfd(serial_irq.fd, serial_irq.gsi)
-        self.serial = Serial8250(serial_irq, self.console.feed, fifo64=self.config.serial_fifo64)
+        self.serial = Serial8250(serial_irq, self.console.feed, fifo64=self.config.serial_fifo64,
+                                 tx_ready=self.console.has_room)  # fmt: skip
+        self.console.on_room = self.serial.tx_space
         self.pio.insert(self.serial, SERIAL_PORT, 8, "serial0")
         if self.config.coalesce_serial and vm.check_extension(Cap.COALESCED_PIO) > 0:
             # THR writes queue in KVM's ring instead of exiting one by one: with nested
@@ -382,7 +402,7 @@ class Machine:
                 sink = self._command_output or (lambda data: None)
                 self.command = CommandOutput(self.nonce, sink)
             self.console.add_listener(self.command.feed)
-            threading.Thread(target=self._watch_command, daemon=True).start()
+            start_thread(ThreadKind.WATCH, "command", self._watch_command)
         self._attach_ring()
         self.started_at = time.monotonic()
         if self._virtio_worker is not None:
@@ -448,8 +468,13 @@ class Machine:
             status = self.command.status if self.command is not None else None
             self._result = MachineResult(reason, status, detail)
         self._done.set()
+        # Every vCPU is asked to stop even if asking one fails (a kick that finds its
+        # thread gone): one error must not leave the others running.
         for t in self.threads:
-            t.stop()
+            try:
+                t.stop()
+            except Exception:
+                log.exception("vcpu%d: stop failed", t.vcpu.id)
 
     def stop(self) -> None:
         self._finish(EndReason.STOPPED)
@@ -458,17 +483,26 @@ class Machine:
         """Block until the VM ends; None on timeout (the VM keeps running)."""
         if not self._done.wait(timeout):
             return None
+        deadline = time.monotonic() + CLOSE_TIMEOUT
         for t in self.threads:
-            t.join(10)
-        self.drain_coalesced()
-        self.console.flush()  # the guest's last bytes reach the listeners before the result
+            t.join(max(0.0, deadline - time.monotonic()))
+        if self.ring is not None:
+            self.ring.drain(max(0.0, deadline - time.monotonic()))
+        # The guest's last bytes reach the listeners before the result (bounded: a reader
+        # that stopped reading is given up on, vmm/console.py).
+        delivered = self.console.flush()
         assert self._result is not None
         if self.command is not None:
-            self.command.flush()
+            if delivered:
+                self.command.flush()
             # The EXIT marker may still have been in the console's delivery buffer when the
-            # VM ended: take the status the parser has now.
+            # VM ended: take the status the parser has now, or find the marker in the raw
+            # console if the output could not all be delivered.
             if self._result.command_status is None:
-                self._result.command_status = self.command.status
+                status = self.command.status
+                if status is None and not delivered:
+                    status = self.command.status_in(self.console.tail(64 * 1024))
+                self._result.command_status = status
         return self._result
 
     # -- snapshots (kvmkit.vmm.snapshot)

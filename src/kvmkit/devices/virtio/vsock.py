@@ -25,11 +25,11 @@ that connection (its buf_alloc, §5.10.6.3) bounds: a guest that sends beyond it
 The credit of all connections together is capped too (`CREDIT_TOTAL`, 32 MiB): a new
 connection gets CONN_BUF_ALLOC (256 KiB) or what is left when that is less, and is refused
 (RST) when less than MIN_CONN_CREDIT is left; a closed connection gives its credit back.
-A connection's credit never shrinks (a Linux 6.1 guest computes its credit as an unsigned
-buf_alloc - in flight, which a smaller buf_alloc would wrap). So guest data held by kvmkit
-is at most CREDIT_TOTAL. Data from a host socket is read straight into guest rx buffers,
-only as much as the guest's credit allows and only while the guest has rx buffers
-available: otherwise the socket is not read.
+A connection's credit never shrinks (a sender computing its free space as buf_alloc minus
+the bytes in flight in unsigned arithmetic, as Linux does, would wrap below zero). So guest
+data held by kvmkit is at most CREDIT_TOTAL. Data from a host socket is read straight into
+guest rx buffers, only as much as the guest's credit allows and only while the guest has rx
+buffers available: otherwise the socket is not read.
 """
 
 from __future__ import annotations
