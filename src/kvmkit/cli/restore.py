@@ -53,6 +53,9 @@ def restore(args: argparse.Namespace) -> int:
         args.state, args.mem, base_mem=args.base_mem, command_output=write_out
     )
     with machine:
+        from kvmkit.cli.run import _dump_on_sigusr1
+
+        _dump_on_sigusr1(machine)
         if not machine.config.command:
             machine.console.add_listener(write_out)
         machine.start()

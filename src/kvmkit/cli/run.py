@@ -185,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
 
     with Machine(config, command_output=write_out) as machine:
         machine.build()
+        _dump_on_sigusr1(machine)
         gdb_stub = _start_gdb(machine, args) if getattr(args, "gdb", None) else None
         interactive = not command
         stop_input = threading.Event()
@@ -228,6 +229,21 @@ def run(args: argparse.Namespace) -> int:
         return result.command_status
     print(f"kvmkit run: {result.message}", file=sys.stderr)
     return result.exit_status
+
+
+def _dump_on_sigusr1(machine: Machine) -> None:
+    """`kill -USR1 PID` prints the VM's state (vCPUs, console, virtio queues beside the
+    guest's rings, worker threads) to stderr: what to look at when a run seems stuck."""
+    import signal
+
+    def dump(signum: int, frame: object) -> None:
+        try:
+            sys.stderr.write(machine.describe())
+            sys.stderr.flush()
+        except Exception as err:  # a diagnostic must not end the run
+            print(f"kvmkit run: state dump failed: {err!r}", file=sys.stderr)
+
+    signal.signal(signal.SIGUSR1, dump)
 
 
 def _print_stats(machine: Machine) -> None:

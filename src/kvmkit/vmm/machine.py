@@ -533,6 +533,27 @@ class Machine:
 
         return restore_machine(state_path, mem_path, command_output=command_output)
 
+    def describe(self) -> str:
+        """The machine's state as text, for a VM that seems stuck (`kvmkit run` prints it on
+        SIGUSR1): vCPU threads and their exits, the console, each virtio device and queue
+        (kvmkit's indexes beside the guest's rings) and the worker threads. Never blocks."""
+        lines = [f"kvmkit VM state after {time.monotonic() - self.started_at:.1f} s"]
+        for t in self.threads:
+            lines.append(
+                f"vcpu{t.vcpu.id}: {'running' if t.thread.is_alive() else 'ended'}, {t.exits} "
+                f"exits (io in {t.exit_io_in}, out {t.exit_io_out}, mmio read "
+                f"{t.exit_mmio_read}, write {t.exit_mmio_write})"
+            )
+        c = self.console
+        lines.append(f"console: {c.total} bytes from the guest, {c.dropped} dropped")
+        for (_, _, dev), transport in zip(self.virtio, self.virtio_transports, strict=True):
+            lines.extend(dev.describe())
+            isr = getattr(transport, "isr", getattr(transport, "_isr", None))
+            lines.append(f"  transport {transport.KIND}: interrupt status {isr}")
+        if self._virtio_worker is not None:
+            lines.extend(self._virtio_worker.describe())
+        return "\n".join(lines) + "\n"
+
     @property
     def exits(self) -> int:
         return sum(t.exits for t in self.threads)

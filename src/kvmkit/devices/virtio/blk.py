@@ -118,6 +118,10 @@ class VirtioBlk(VirtioDevice):
             b"", 0, 0, 1, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1,
         )  # fmt: skip
 
+    def describe_device(self) -> str:
+        return (f"{self.path}: {self.read_count} reads, {self.write_count} writes, "
+                f"{self.flush_count} flushes")
+
     # -- snapshots: the image is not in the snapshot; its identity is (docs/snapshot.md)
     def quiesce(self) -> None:
         # What the guest wrote reaches the disk before the snapshot exists: a restore in

@@ -563,6 +563,43 @@ class VirtioDevice:
         if self.queues[index].needs_interrupt(self.mem) and self.interrupt is not None:
             self.interrupt.signal(INT_VRING, index)
 
+    # -- diagnostics
+    def describe_device(self) -> str:
+        """One line of the subclass's own state for `describe` (empty: nothing to add)."""
+        return ""
+
+    def describe(self) -> list[str]:
+        """The device's state as lines of text, for a stalled VM (`kvmkit run` prints it on
+        SIGUSR1): status, each queue's indexes beside what the guest's rings say. Reads
+        without locks: a snapshot that may be a moment inconsistent, never blocking."""
+        lines = [
+            f"virtio {self.name} (device {self.DEVICE_ID}): status {self.status:#x}"
+            f"{' live' if self.activated else ''}, features {self.driver_features:#x}, "
+            f"errors {self.errors.count}{': ' + self.errors[-1] if self.errors else ''}"
+        ]
+        mem = self.mem
+        for i, q in enumerate(self.queues):
+            guest = ""
+            if q.ready and mem is not None:
+                try:
+                    guest = (
+                        f" | guest avail.idx {mem.read_u16(q.avail_addr + 2)} "
+                        f"flags {mem.read_u16(q.avail_addr)} used.idx "
+                        f"{mem.read_u16(q.used_addr + 2)} used_event "
+                        f"{mem.read_u16(q.avail_addr + 4 + 2 * q.size)} avail_event "
+                        f"{mem.read_u16(q.used_addr + 4 + 8 * q.size)}"
+                    )
+                except Exception as err:  # a ring the guest placed badly
+                    guest = f" | rings unreadable: {err}"
+            lines.append(
+                f"  q{i}: {'ready' if q.ready else 'off'} size {q.size} last_avail "
+                f"{q.last_avail} next_used {q.next_used}{guest}"
+            )
+        extra = self.describe_device()
+        if extra:
+            lines.append(f"  {extra}")
+        return lines
+
     def close(self) -> None:
         for fd in self.notify_fds:
             os.close(fd)

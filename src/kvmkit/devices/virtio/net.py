@@ -281,6 +281,12 @@ class VirtioNet(VirtioDevice):
             raise SnapshotError(f"snapshot state: {path}: MAC {f.obj['mac']} was restored as "
                                 f"{format_mac(self.mac)}")  # fmt: skip
 
+    def describe_device(self) -> str:
+        return (f"tap {self.tap_name}: {'watched' if self._tap_watched else 'not watched'}"
+                f"{', failed' if self._tap_failed else ''}; frame waiting {self._pending} B; "
+                f"rx held {len(self._rx_held)}; rx {self.rx_frames} frames "
+                f"({self.rx_dropped} dropped), tx {self.tx_frames} ({self.tx_dropped} dropped)")
+
     def held_chains(self) -> dict[int, int]:
         # A frame read but not delivered is not saved: like a frame on the wire, it is lost
         # with this process (TCP sends it again).

@@ -248,6 +248,12 @@ class VirtioVsock(VirtioDevice):
         if self.queues[EVENT].ready:
             self._reset = RESET_SEND
 
+    def describe_device(self) -> str:
+        pending = sum(len(c.pending) for c in self.conns.values())
+        return (f"{len(self.conns)} connections, {pending} B of guest data held, credit free "
+                f"{self.credit_free}; {len(self._control)} control packets waiting "
+                f"({self.dropped_control} dropped); {len(self.host.clients)} host clients")
+
     def held_chains(self) -> dict[int, int]:
         return {RX: 1} if self._rx_held is not None else {}
 

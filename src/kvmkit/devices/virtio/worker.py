@@ -160,6 +160,16 @@ class QueueWorker:
                 with serve_lock:
                     _guarded(device, device.host_event, data.callback, events)
 
+    def describe(self) -> str:
+        thread = self._thread
+        state = ("parked" if self._parked else "stopped" if thread is None or not
+                 thread.is_alive() else "running")  # fmt: skip
+        try:
+            fds = len(self._sel.get_map())
+        except RuntimeError:
+            fds = 0
+        return f"worker {self.name}: {state}, {fds} fds watched"
+
     def request_stop(self) -> None:
         with self._cond:
             self._stop = True
@@ -265,6 +275,9 @@ class VirtioWorkers:
             w.request_stop()
         deadline = time.monotonic() + timeout
         return all([w.stop(max(0.0, deadline - time.monotonic())) for w in self.workers])
+
+    def describe(self) -> list[str]:
+        return [w.describe() for w in self.workers]
 
     def close(self) -> None:
         self.stop()
