@@ -32,8 +32,8 @@ def new_nonce() -> str:
 # (flow control, see ConsoleStream); SLACK covers what a guest still writes after the UART
 # said stop (a FIFO load already under way, the kernel's polled printk giving up after
 # 10 ms per character), beyond which bytes are dropped.
-BUFFER = 256 * 1024
-SLACK = 64 * 1024
+BUFFER = 64 * 1024  # as much again as a pipe holds (Linux's default pipe size)
+SLACK = 16 * 1024
 FLUSH_STALL = 30.0  # flush() gives up when the readers took nothing for this long
 
 
