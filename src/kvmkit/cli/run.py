@@ -20,6 +20,7 @@ from kvmkit.devices.virtio.net import NetConfig
 from kvmkit.devices.virtio.vsock import VsockConfig
 from kvmkit.errors import UserError
 from kvmkit.probe import detect_implementation
+from kvmkit.threads import ThreadKind, start_thread
 from kvmkit.vmm.config import MachineConfig
 
 if TYPE_CHECKING:
@@ -197,9 +198,8 @@ def run(args: argparse.Namespace) -> int:
                 stack.enter_context(_raw_terminal(stdin_fd))
                 _progress("console attached; Ctrl-A x quits\r")
             if interactive and stdin_fd >= 0:
-                threading.Thread(
-                    target=_forward_input, args=(machine, stdin_fd, stop_input), daemon=True
-                ).start()
+                start_thread(ThreadKind.INPUT, "stdin", _forward_input, machine, stdin_fd,
+                             stop_input)  # fmt: skip
             machine.start()
             if args.snapshot_after is not None:
                 from kvmkit.vmm.snapshot import snapshot_after
