@@ -171,7 +171,6 @@ def parse_state(obj: Any, path: str) -> VirtioState:
     )  # fmt: skip
 
 
-
 class Budget:
     """How much one pass over a queue may do: `grant(n)` gives up to n chains until
     QUEUE_BUDGET were given, or nothing once `halt()` says stop (a pause or the worker's
