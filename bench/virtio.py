@@ -398,8 +398,7 @@ def figures(lines: dict[str, list[str]]) -> dict[str, float]:
 
 
 def run_one(
-    name: str, image_kernel: Path, image_initrd: Path, tools: Path, disk: Path,
-    netns: NetNs | None, timeout: float,
+    name: str, tools: Path, disk: Path, netns: NetNs | None, timeout: float,
 ) -> dict[str, float]:  # fmt: skip
     net = netns is not None
     if name.startswith("kvmkit"):
@@ -407,7 +406,10 @@ def run_one(
         nonce = None
     else:
         nonce = new_nonce()
-        argv = qemu_argv(image_kernel, image_initrd, tools, disk, nonce, net)
+        # Looked up per run, as kvmkit does: the image in the shared cache may be rebuilt
+        # (a new kernel package) while the bench runs.
+        image = default_image()
+        argv = qemu_argv(image.kernel, image.initrd, tools, disk, nonce, net)
     lines = run_guest(netns.wrap(argv) if netns is not None else argv, nonce, timeout,
                       netns.state if netns is not None else None)  # fmt: skip
     out = figures(lines)
@@ -463,10 +465,10 @@ def main() -> int:
                 try:
                     if net_mib > 0:
                         with NetNs(workdir / "rio", net_mib, args.net_seconds) as ns:
-                            sample = run_one(s.name, image.kernel, image.initrd, tools, disk, ns,
+                            sample = run_one(s.name, tools, disk, ns,
                                              args.run_timeout)  # fmt: skip
                     else:
-                        sample = run_one(s.name, image.kernel, image.initrd, tools, disk, None,
+                        sample = run_one(s.name, tools, disk, None,
                                          args.run_timeout)  # fmt: skip
                 except (RuntimeError, subprocess.SubprocessError) as err:
                     # One failed run is reported and the others go on: the table says how
