@@ -112,6 +112,8 @@ def test_sigusr1_prints_the_vm_state_and_the_run_goes_on(tmp_path: Path) -> None
     try:
         time.sleep(8)  # started (Python imports, the VM built)
         proc.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        proc.send_signal(signal.SIGUSR1)  # answered again: the run goes on
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()

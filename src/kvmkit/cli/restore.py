@@ -33,9 +33,11 @@ def register(sub: Any) -> None:
 
 
 def restore(args: argparse.Namespace) -> int:
+    from kvmkit.cli.run import StateDump
     from kvmkit.snapshot import core
     from kvmkit.vmm.snapshot import restore_machine
 
+    dump = StateDump()  # kill -USR1 prints the VM's state (kvmkit run's)
     core.read(args.state)  # a bad file is reported before anything else (exit status 2)
     implementation, why = detect_implementation()
     if not implementation.startswith("hardware-") and not os.environ.get("KVMKIT_FORCE_RUN"):
@@ -52,10 +54,8 @@ def restore(args: argparse.Namespace) -> int:
     machine = restore_machine(
         args.state, args.mem, base_mem=args.base_mem, command_output=write_out
     )
+    dump.machine = machine
     with machine:
-        from kvmkit.cli.run import _dump_on_sigusr1
-
-        _dump_on_sigusr1(machine)
         if not machine.config.command:
             machine.console.add_listener(write_out)
         machine.start()

@@ -137,6 +137,7 @@ def _forward_input(machine: Machine, fd: int, stop: threading.Event) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    dump = StateDump()
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -185,8 +186,8 @@ def run(args: argparse.Namespace) -> int:
     from kvmkit.vmm.machine import EndReason, Machine  # here: `kvmkit --help` stays light
 
     with Machine(config, command_output=write_out) as machine:
+        dump.machine = machine
         machine.build()
-        _dump_on_sigusr1(machine)
         gdb_stub = _start_gdb(machine, args) if getattr(args, "gdb", None) else None
         interactive = not command
         stop_input = threading.Event()
@@ -231,19 +232,26 @@ def run(args: argparse.Namespace) -> int:
     return result.exit_status
 
 
-def _dump_on_sigusr1(machine: Machine) -> None:
+class StateDump:
     """`kill -USR1 PID` prints the VM's state (vCPUs, console, virtio queues beside the
-    guest's rings, worker threads) to stderr: what to look at when a run seems stuck."""
-    import signal
+    guest's rings, worker threads) to stderr: what to look at when a run seems stuck.
+    Installed first thing, so a signal sent while the VM is still being built is answered
+    (not the default action, which ends the process)."""
 
-    def dump(signum: int, frame: object) -> None:
+    def __init__(self) -> None:
+        import signal
+
+        self.machine: Machine | None = None
+        signal.signal(signal.SIGUSR1, self._dump)
+
+    def _dump(self, signum: int, frame: object) -> None:
         try:
-            sys.stderr.write(machine.describe())
+            machine = self.machine
+            text = machine.describe() if machine is not None else "kvmkit: no VM yet\n"
+            sys.stderr.write(text)
             sys.stderr.flush()
         except Exception as err:  # a diagnostic must not end the run
-            print(f"kvmkit run: state dump failed: {err!r}", file=sys.stderr)
-
-    signal.signal(signal.SIGUSR1, dump)
+            print(f"kvmkit: state dump failed: {err!r}", file=sys.stderr)
 
 
 def _print_stats(machine: Machine) -> None:
