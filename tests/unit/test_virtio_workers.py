@@ -130,3 +130,26 @@ def test_a_busy_device_does_not_starve_another_and_pause_stays_prompt(
     assert not g_slow.rd(r.STATUS) & STATUS_NEEDS_RESET
     for dev in (slow, fast):
         dev.close()
+
+
+def test_closing_does_not_wait_for_a_hung_disk(slow_disk: FuseFile) -> None:
+    """A worker stuck in a disk request that never returns is left behind by close() after
+    its bounded wait (the process can end); a driver reset meanwhile would wait for it (the
+    request in progress finishes before the rings are reset), so the test releases it."""
+    workers = VirtioWorkers()
+    dev = VirtioBlk(slow_disk.path)
+    g = MmioGuest(dev, 1)
+    workers.add(dev)
+    workers.start()
+    g.init()
+    slow_disk.hold()
+    read_request(g)
+    g.wr(r.QUEUE_NOTIFY, 0)
+    assert slow_disk.wait_waiting(1)
+    start = time.monotonic()
+    assert not workers.stop(timeout=1.0)
+    workers.close()
+    assert time.monotonic() - start < 3.0
+    slow_disk.release()
+    wait_for(lambda: g.q[0].used())  # the request completes once the disk answers
+    dev.close()

@@ -237,6 +237,7 @@ class VirtioWorkers:
     def __init__(self) -> None:
         self.workers: list[QueueWorker] = []
         self._started = False
+        self._stopped = False
 
     def add(self, device: VirtioDevice) -> None:
         mine = [QueueWorker(device, g, queues) for g, queues in enumerate(device.worker_groups())]
@@ -271,6 +272,7 @@ class VirtioWorkers:
     def stop(self, timeout: float = STOP_TIMEOUT) -> bool:
         """Stop every worker, waiting `timeout` s in all (bounded: a worker stuck in a hung
         disk request is left behind, a daemon thread); False if one did not stop."""
+        self._stopped = True
         for w in self.workers:
             w.request_stop()
         deadline = time.monotonic() + timeout
@@ -280,6 +282,9 @@ class VirtioWorkers:
         return [w.describe() for w in self.workers]
 
     def close(self) -> None:
-        self.stop()
+        """Stop (unless `stop` already ran: its bounded wait is not repeated) and release
+        the workers' fds; a worker still stuck keeps its own."""
+        if not self._stopped:
+            self.stop()
         for w in self.workers:
             w.close()
