@@ -35,6 +35,7 @@ from kvmkit import __version__
 from kvmkit.api import logger as api_logger
 from kvmkit.api.metrics import Metrics
 from kvmkit.api.schema import SchemaError, validate
+from kvmkit.arch.x86_64.topology import Topology
 from kvmkit.devices.virtio.blk import DriveConfig, VirtioBlk
 from kvmkit.devices.virtio.net import NetConfig
 from kvmkit.devices.virtio.vsock import VsockConfig
@@ -88,6 +89,19 @@ def _check(body: Any, schema: str) -> dict[str, Any]:
         raise ApiError(str(err)) from None
     assert isinstance(body, dict)
     return body
+
+
+def _cpu_memory_options(mc: dict[str, Any]) -> dict[str, Any]:
+    """machine-config's `smt` and `huge_pages` as MachineConfig fields: SMT is one socket of
+    two-thread cores (Firecracker's; the vCPU count must be 1 or even), "2M" hugetlbfs."""
+    topology = None
+    if mc.get("smt"):
+        try:
+            topology = Topology.smt(mc["vcpu_count"])
+        except ValueError as err:
+            raise ApiError(f"machine-config.smt: {err}") from None
+    huge = mc.get("huge_pages", "None")
+    return {"topology": topology, "huge_pages": None if huge == "None" else huge}
 
 
 class Vmm:
@@ -189,10 +203,9 @@ class Vmm:
             self._set_machine_config({**self.machine_config, **body})
 
     def _set_machine_config(self, cfg: dict[str, Any]) -> None:
-        if cfg.get("smt"):
-            raise ApiError("machine-config.smt: kvmkit does not implement SMT topologies")
         try:
-            MachineConfig(vcpus=cfg["vcpu_count"], mem_mib=cfg["mem_size_mib"]).validate()
+            MachineConfig(vcpus=cfg["vcpu_count"], mem_mib=cfg["mem_size_mib"],
+                          **_cpu_memory_options(cfg)).validate()  # fmt: skip
         except UserError as err:
             raise ApiError(f"machine-config: {err}") from None
         cfg.pop("cpu_template", None)  # only "None" is accepted: the same as none
@@ -360,13 +373,13 @@ class Vmm:
                 cmdline=bs.get("boot_args"), vcpus=mc["vcpu_count"],
                 mem_mib=mc["mem_size_mib"], command=list(self.command or []),
                 drives=self._drive_configs(), nets=self._net_configs(),
-                vsock=self._vsock_config(),
+                vsock=self._vsock_config(), **_cpu_memory_options(mc),
             )  # fmt: skip
         if self.command is not None:
             return MachineConfig(
                 vcpus=mc["vcpu_count"], mem_mib=mc["mem_size_mib"], command=list(self.command),
                 drives=self._drive_configs(), nets=self._net_configs(),
-                vsock=self._vsock_config(),
+                vsock=self._vsock_config(), **_cpu_memory_options(mc),
             )
         raise ApiError("Cannot start microvm without kernel configuration.")
 
@@ -442,17 +455,9 @@ class Vmm:
             # Firecracker's console: the guest never waits for the VMM's stdout; output that
             # does not fit while stdout is full is dropped and counted (vmm/console.py).
             machine.console.add_listener(self.console_output, lossless=False)
-        if paused:
-            for t in machine.threads:
-                t.pause_point.request(t.vcpu)
-        machine.start()
+        machine.start(paused=paused)
         self.machine = machine
-        self.state = State.RUNNING
-        if paused:
-            from kvmkit.vmm.snapshot import pause_machine
-
-            pause_machine(machine)
-            self.state = State.PAUSED
+        self.state = State.PAUSED if paused else State.RUNNING
         threading.Thread(target=self._watch, args=(machine,), name="vmm-watch",
                          daemon=True).start()  # fmt: skip
 
@@ -513,9 +518,11 @@ class Vmm:
             assert self.machine is not None
             t0 = time.monotonic()
             from kvmkit.kvm import KvmError
+            from kvmkit.vmm.snapshot import snapshot_machine
 
             try:
-                self.machine.snapshot(body["snapshot_path"], body["mem_file_path"], diff=diff)
+                snapshot_machine(self.machine, body["snapshot_path"], body["mem_file_path"],
+                                 diff=diff)  # fmt: skip
             except (UserError, KvmError, OSError) as err:
                 raise ApiError(f"Cannot create a snapshot: {err}") from None
             self._latency("diff_create_snapshot" if diff else "full_create_snapshot", t0)
@@ -593,7 +600,7 @@ class Vmm:
         totals = {"exit_io_in": 0, "exit_io_out": 0, "exit_mmio_read": 0, "exit_mmio_write": 0}
         for t in machine.threads:
             for name in totals:
-                totals[name] += getattr(t, name, 0)
+                totals[name] += getattr(t.stats, name)
         for name, value in totals.items():
             metrics.set("vcpu", name, value)
         if self.result is not None and self.result.reason.value == "error":

@@ -5,14 +5,28 @@
         result = m.wait()
         print(result.exit_status, m.console.tail())
 
-Building follows the order KVM requires: VM, TSS/identity-map addresses, in-kernel irqchip
-and PIT, memory slots, guest tables (kernel, boot params, ACPI, MP table), devices and their
-irqfds, then vCPUs (CPUID before anything else on the vCPU, then MSRs, LAPIC LINT pins, FPU,
-and the boot registers on vCPU 0; the others wait for INIT/SIPI in the in-kernel LAPIC).
+Building follows the order KVM requires: VM (KVM_CAP_X2APIC_API when an APIC ID is above
+254), TSS/identity-map addresses, in-kernel irqchip and PIT, memory slots (guest RAM placed
+by kvmkit.vmm.placement), guest tables (kernel, boot params, ACPI, MP table where it fits),
+devices and their irqfds, then vCPUs, each with its APIC ID as its id (kvmkit.vmm.cpus;
+docs/topology.md): CPUID before anything else on the vCPU, then MSRs, LAPIC LINT pins, FPU,
+and the boot registers on vCPU 0; the others wait for INIT/SIPI in the in-kernel LAPIC.
+
+The operations state transfer is built on (snapshots: kvmkit.vmm.snapshot; migration):
+
+    m.pause()                  every vCPU held outside KVM_RUN, the virtio workers parked
+    state = m.capture_state()  a kvmkit.vmm.persist.MachineState (no guest memory)
+    m.resume()
+    m2 = Machine.from_state(state, memory)   memory: a GuestMemory from any source
+    m2.start()                 (start(paused=True): built and held, for a later resume())
+
+Each vCPU thread owns its run state (kvmkit.vmm.runstate): pause and resume are events on
+it, as are the GDB stub's stops.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import threading
@@ -23,12 +37,12 @@ from pathlib import Path
 from types import TracebackType
 
 from kvmkit.abi.constants import KVM_PIT_SPEAKER_DUMMY, Cap
-from kvmkit.arch.x86_64 import layout
+from kvmkit.arch.x86_64 import layout, mptable
 from kvmkit.arch.x86_64 import regs as x86
 from kvmkit.arch.x86_64.acpi import write_acpi_tables
 from kvmkit.arch.x86_64.cpuid import guest_cpuid
-from kvmkit.arch.x86_64.mptable import write_mptable
 from kvmkit.arch.x86_64.msrs import boot_msrs
+from kvmkit.arch.x86_64.numa import numa_tables
 from kvmkit.boot.loader import load_linux, setup_boot_vcpu
 from kvmkit.devices.bus import Bus
 from kvmkit.devices.irq import EventFdIrq
@@ -37,10 +51,11 @@ from kvmkit.devices.legacy.power import AcpiPower
 from kvmkit.devices.legacy.rtc import CmosRtc
 from kvmkit.devices.legacy.serial import Serial8250
 from kvmkit.devices.virtio.blk import VirtioBlk
-from kvmkit.devices.virtio.device import TransportState, VirtioDevice
-from kvmkit.devices.virtio.mmio import VirtioMmio
+from kvmkit.devices.virtio.device import VirtioDevice
+from kvmkit.devices.virtio.mmio import MmioTransportState, VirtioMmio
 from kvmkit.devices.virtio.mmio import cmdline_entry as virtio_cmdline_entry
-from kvmkit.devices.virtio.net import VirtioNet, parse_mac
+from kvmkit.devices.virtio.net import NetConfig, VirtioNet, format_mac, parse_mac
+from kvmkit.devices.virtio.pci import PciTransportState, VirtioPci
 from kvmkit.devices.virtio.rng import VirtioRng
 from kvmkit.devices.virtio.vsock import VirtioVsock
 from kvmkit.devices.virtio.worker import VirtioWorkers
@@ -49,11 +64,20 @@ from kvmkit.kvm import Kvm, KvmError, Vcpu, Vm
 from kvmkit.kvm.coalesced import CoalescedRing, RingDrainer
 from kvmkit.kvm.kick import install_kick_handler
 from kvmkit.memory import GuestMemory
+from kvmkit.snapshot.core import VmSetup, build_vm, capture_kvm_state
+from kvmkit.snapshot.format import SnapshotError
+from kvmkit.snapshot.vcpu_state import resume_vcpu
 from kvmkit.threads import ThreadKind, start_thread
+from kvmkit.unixsock import remove_stale_socket
+from kvmkit.vmm import cpus
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.console import CommandOutput, ConsoleStream, new_nonce
+from kvmkit.vmm.dispatch import StopKind, Stopped
 from kvmkit.vmm.pci import MachinePci
-from kvmkit.vmm.vcpu import VcpuEvent, VcpuEventKind, VcpuThread
+from kvmkit.vmm.persist import DeviceStates, MachineState, VirtioEntry
+from kvmkit.vmm.placement import add_guest_ram
+from kvmkit.vmm.runstate import Event, RunState
+from kvmkit.vmm.vcpu import VcpuThread
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +97,15 @@ PANIC_MARKER = b"Kernel panic - not syncing"
 POWEROFF_GRACE = 10.0
 # How long close() waits for the VM's threads in all before leaving stuck ones behind.
 CLOSE_TIMEOUT = 10.0
+PAUSE_TIMEOUT = 10.0
+# How `build` creates the VM (and a restore recreates it): Intel needs three pages for
+# real-mode emulation and an identity-map page below 4 GiB, outside RAM and device windows
+# (KVM API doc, KVM_SET_TSS_ADDR); the in-kernel irqchip and PIT, the PIT with KVM's stub of
+# the speaker port 0x61 (KVM_PIT_SPEAKER_DUMMY: arch/x86/kvm/i8254.c registers it in-kernel).
+SETUP = VmSetup(
+    irqchip=True, pit=True, pit_flags=KVM_PIT_SPEAKER_DUMMY,
+    tss_addr=0xFFFB_D000, identity_map_addr=0xFFFB_C000,
+)  # fmt: skip
 
 
 class EndReason(enum.Enum):
@@ -159,10 +192,12 @@ class Machine:
         self.started_at = 0.0
         # (base, irq, device); over PCI: (BAR address, -1: MSI-X, device)
         self.virtio: list[tuple[int, int, VirtioDevice]] = []
-        self.virtio_transports: list[TransportState] = []  # in the order of self.virtio
+        self.virtio_transports: list[VirtioMmio | VirtioPci] = []  # in the order of self.virtio
         self.pci: MachinePci | None = None  # the PCI bus, with virtio_transport="pci"
-        # The virtio queue workers (devices/virtio/worker.py); snapshots pause them.
-        self._virtio_worker: VirtioWorkers | None = None
+        # The virtio queue workers (devices/virtio/worker.py); pause parks them.
+        self._virtio_workers: VirtioWorkers | None = None
+        self._restored = False  # built by from_state: KVM_KVMCLOCK_CTRL before the vCPUs run
+        self.x2apic_api = 0  # KVM_CAP_X2APIC_API flags enabled (APIC IDs above 254)
 
     # -- life cycle
     def __enter__(self) -> Machine:
@@ -190,10 +225,10 @@ class Machine:
             else:
                 stuck.append("coalesced-drain")
             self.ring = None
-        if self._virtio_worker is not None:
-            if not self._virtio_worker.stop(max(0.0, deadline - time.monotonic())):
-                stuck.append("virtio worker")
-            self._virtio_worker.close()
+        if (workers := self._virtio_workers) is not None:
+            if not workers.stop(max(0.0, deadline - time.monotonic())):
+                stuck.extend(f"virtio worker {name}" for name in workers.not_parked())
+            workers.close()
         self.console.close(max(0.0, deadline - time.monotonic()))
         if stuck:
             log.warning("closing the VM with %s still running: its memory stays mapped",
@@ -250,30 +285,38 @@ class Machine:
             self.kvm = kvm = Kvm(self._kvm_device)
         except OSError as err:
             raise UserError(str(err.strerror or err)) from None
-        cfg.validate(kvm.check_extension(Cap.MAX_VCPUS) or kvm.check_extension(Cap.NR_VCPUS))
+        cfg.validate(cpus.host_limits(kvm))
+        topology = cfg.cpu_topology
+        apic_ids = topology.apic_ids()
         try:
             self.vm = vm = kvm.create_vm()
         except KvmError as err:
             raise UserError(f"cannot create a VM: {err}") from None
-        # Intel needs three pages for real-mode emulation and an identity-map page below
-        # 4 GiB, outside RAM and device windows (KVM API doc, KVM_SET_TSS_ADDR).
-        vm.set_tss_addr(0xFFFB_D000)
-        vm.set_identity_map_addr(0xFFFB_C000)
+        self.x2apic_api = cpus.prepare_vm(vm, topology)  # before any vCPU exists
+        assert SETUP.identity_map_addr is not None
+        vm.set_tss_addr(SETUP.tss_addr)
+        vm.set_identity_map_addr(SETUP.identity_map_addr)
         vm.create_irqchip()
-        vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
+        vm.create_pit2(SETUP.pit_flags)
 
         mem_size = cfg.mem_mib << 20
-        for start, size in layout.ram_ranges(mem_size):
-            self.mem.add_memfd(start, size)
+        add_guest_ram(self.mem, cfg)
         self.mem.register(vm)
 
         rsdp = write_acpi_tables(
-            self.mem, cfg.vcpus, pm_port=AcpiPower.PM1_EVT_PORT,
+            self.mem, apic_ids, pm_port=AcpiPower.PM1_EVT_PORT,
             reset_port=AcpiPower.RESET_PORT,
             virtio_mmio=[(b, layout.VIRTIO_MMIO_SIZE, irq) for b, irq in self.virtio_slots()],
             pci_window=(layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE) if self.uses_pci() else None,
+            numa=numa_tables(cfg.numa, cfg.vcpus, mem_size) if cfg.numa else None,
         )  # fmt: skip
-        write_mptable(self.mem, cfg.vcpus)
+        # The MP table where it can describe the machine (8-bit APIC IDs, up to 40 vCPUs);
+        # Linux takes the MADT when there is ACPI, so larger machines lose nothing.
+        why_not = mptable.describes(apic_ids)
+        if why_not is None:
+            mptable.write_mptable(self.mem, apic_ids)
+        else:
+            log.debug("no MP table: %s", why_not)
         self.boot = load_linux(
             self.mem, kernel, initrd=initrd, cmdline=cmdline, mem_size=mem_size, rsdp_addr=rsdp
         )
@@ -286,16 +329,16 @@ class Machine:
         # verification failure") and leaves the guest without a working tick.
         tsc_deadline = kvm.check_extension(Cap.TSC_DEADLINE_TIMER) > 0
         msrs = boot_msrs()
-        for vcpu_id in range(cfg.vcpus):
-            vcpu = vm.create_vcpu(vcpu_id)
-            cpuid = guest_cpuid(supported, vcpu_id, cfg.vcpus, tsc_deadline=tsc_deadline)
+        for index in range(cfg.vcpus):
+            vcpu = cpus.create_vcpu(vm, topology, index)
+            cpuid = guest_cpuid(supported, topology, index, tsc_deadline=tsc_deadline)
             vcpu.set_cpuid2(cpuid)
             vcpu.set_msrs(msrs)
             self._setup_lapic(vcpu)
             self._setup_fpu(vcpu)
-            if vcpu_id == 0:
+            if index == 0:
                 setup_boot_vcpu(vcpu, self.boot, self.mem)
-            self.threads.append(VcpuThread(vcpu, self.pio, self.mmio, self._on_vcpu_event))
+            self.threads.append(VcpuThread(vcpu, self.pio, self.mmio, self._on_vcpu_stopped))
 
     def _add_devices(self, vm: Vm) -> None:
         serial_irq = EventFdIrq(SERIAL_IRQ)
@@ -357,7 +400,7 @@ class Machine:
             raise UserError(f"{what}: {err}") from None
         if not devices:
             return
-        self._virtio_worker = worker = VirtioWorkers()
+        self._virtio_workers = worker = VirtioWorkers()
         if self.config.virtio_transport == "pci":
             self.pci = MachinePci(vm, self.mem, self.pio, self.mmio)
             for dev in devices:
@@ -394,21 +437,34 @@ class Machine:
         vcpu.set_fpu(fpu)
 
     # -- running
-    def start(self) -> None:
+    def start(self, *, paused: bool = False) -> None:
+        """Build the VM if needed and start the vCPU threads; with `paused` each vCPU is held
+        before its first instruction (a restored machine loaded paused) until `resume()`."""
         if self.vm is None:
             self.build()
         if self.config.command:
-            if self.command is None:  # a restored machine brings its own (vmm/snapshot.py)
+            if self.command is None:  # a restored machine brings its own (from_state)
                 sink = self._command_output or (lambda data: None)
                 self.command = CommandOutput(self.nonce, sink)
             self.console.add_listener(self.command.feed)
             start_thread(ThreadKind.WATCH, "command", self._watch_command)
         self._attach_ring()
         self.started_at = time.monotonic()
-        if self._virtio_worker is not None:
-            self._virtio_worker.start()
-        for t in self.threads:
-            t.start()
+        if self._virtio_workers is not None:
+            self._virtio_workers.start()
+        if self._restored:
+            # KVM_KVMCLOCK_CTRL right before the vCPUs run again: the guest learns it was
+            # paused (no soft-lockup reports for the time it spent on disk or on the wire).
+            for t in self.threads:
+                resume_vcpu(t.vcpu)
+        for index, t in enumerate(self.threads):
+            if paused:
+                t.control.request(Event.PAUSE)  # the first KVM_RUN returns at once
+            # --cpu-affinity: the thread inherits its CPUs from its first instruction.
+            with cpus.affinity(self.config.vcpu_affinity(index)):
+                t.start()
+        if paused:
+            self.pause()
 
     def _attach_ring(self) -> None:
         if not self._coalesced_ports or not self.threads or self.ring is not None:
@@ -447,17 +503,17 @@ class Machine:
         if self.serial is not None:
             self.serial.enqueue_input(data)
 
-    def _on_vcpu_event(self, event: VcpuEvent) -> None:
-        kinds = {
-            VcpuEventKind.SHUTDOWN: EndReason.TRIPLE_FAULT,
-            VcpuEventKind.SYSTEM_RESET: EndReason.REBOOT,
-            VcpuEventKind.SYSTEM_SHUTDOWN: EndReason.POWEROFF,
-            VcpuEventKind.SYSTEM_CRASH: EndReason.PANIC,
-            VcpuEventKind.ERROR: EndReason.ERROR,
-            VcpuEventKind.STOPPED: EndReason.STOPPED,
+    def _on_vcpu_stopped(self, vcpu_id: int, stopped: Stopped) -> None:
+        reasons = {
+            StopKind.SHUTDOWN: EndReason.TRIPLE_FAULT,
+            StopKind.SYSTEM_RESET: EndReason.REBOOT,
+            StopKind.SYSTEM_SHUTDOWN: EndReason.POWEROFF,
+            StopKind.SYSTEM_CRASH: EndReason.PANIC,
+            StopKind.ERROR: EndReason.ERROR,
+            StopKind.STOPPED: EndReason.STOPPED,
         }
-        detail = f"vcpu{event.vcpu_id}: {event.detail}" if event.detail else ""
-        self._finish(kinds[event.kind], detail)
+        detail = f"vcpu{vcpu_id}: {stopped.detail}" if stopped.detail else ""
+        self._finish(reasons[stopped.kind], detail)
 
     def _finish(self, reason: EndReason, detail: str = "") -> None:
         with self._lock:
@@ -505,33 +561,178 @@ class Machine:
                 self._result.command_status = status
         return self._result
 
-    # -- snapshots (kvmkit.vmm.snapshot)
-    def pause(self) -> None:
-        """Stop every vCPU outside KVM_RUN, at a consistent point."""
-        from kvmkit.vmm.snapshot import pause_machine
+    # -- pause, capture, rebuild: what snapshots and migration are built on
+    @property
+    def paused(self) -> bool:
+        """Every vCPU held by a pause outside KVM_RUN (or ended) and every virtio queue
+        worker parked: the state `capture_state()` reads is final."""
+        workers = self._virtio_workers
+        if workers is not None and not workers.paused:
+            return False
+        return bool(self.threads) and all(
+            t.control.state is RunState.FINISHED
+            or (t.control.held and (t.control.state is RunState.PAUSED
+                                    or t.control.status.pause_pending))
+            or not t.alive
+            for t in self.threads
+        )  # fmt: skip
 
-        pause_machine(self)
+    def pause(self, timeout: float = PAUSE_TIMEOUT) -> None:
+        """The PAUSE event on every vCPU, then wait until each is held outside KVM_RUN (or
+        has ended); then park every virtio queue worker between passes (after the vCPUs: no
+        new notification arrives; a worker finishes at most the chain it is serving, its
+        pass being cut there), make the devices' effects durable (virtio-blk fdatasync) and
+        hand the coalesced ring's writes to their devices. A vCPU the debugger holds is held
+        already (kvmkit.vmm.runstate). UserError, with the machine running again, when a
+        vCPU or a worker does not stop within `timeout`."""
+        if self.vm is None or not self.threads:
+            raise UserError("the machine is not running: nothing to pause")
+        for t in self.threads:
+            t.control.try_request(Event.PAUSE)  # already paused, or finished: nothing to do
+        for t in self.threads:
+            if not t.control.wait_held(timeout, lambda t=t: t.alive):  # type: ignore[misc]
+                self.resume()
+                raise UserError(f"vcpu{t.vcpu.id} did not pause within {timeout} s")
+        workers = self._virtio_workers
+        try:
+            if workers is not None and not workers.pause(timeout):
+                busy = ", ".join(workers.not_parked())
+                raise UserError(f"virtio worker {busy} did not pause within {timeout} s")
+            for _, _, dev in self.virtio:
+                try:
+                    dev.quiesce()
+                except OSError as err:
+                    raise UserError(f"virtio {dev.name}: {err}") from None
+        except UserError:
+            self.resume()
+            raise
+        self.drain_coalesced()  # device state includes every write the guest made
 
     def resume(self) -> None:
-        from kvmkit.vmm.snapshot import resume_machine
+        """The virtio queue workers run again, then the RESUME event on every paused vCPU,
+        each told first that it was paused (KVM_KVMCLOCK_CTRL)."""
+        if self._virtio_workers is not None:
+            self._virtio_workers.resume()
+        for t in self.threads:
+            status = t.control.status
+            if status.state is RunState.PAUSED or status.pause_pending:
+                if t.control.parked:
+                    resume_vcpu(t.vcpu)
+                t.control.request(Event.RESUME)
 
-        resume_machine(self)
-
-    def snapshot(self, path_state: str | Path, path_mem: str | Path, diff: bool = False) -> None:
-        """Write a snapshot of the paused machine (diff: pages dirtied since the last one)."""
-        from kvmkit.vmm.snapshot import snapshot_machine
-
-        snapshot_machine(self, path_state, path_mem, diff=diff)
+    def capture_state(self) -> MachineState:
+        """The state of the paused machine, without guest memory (kvmkit.vmm.persist)."""
+        if self.vm is None or self.kvm is None or not self.threads:
+            raise UserError("the machine is not running: nothing to capture")
+        if not self.paused:
+            raise UserError("pause the machine before taking its state")
+        self.console.flush()  # the parser state below must include every byte printed so far
+        cfg = self.config
+        # The MAC the guest knows (a random one when none was configured) and the tap by name.
+        nets = [NetConfig(dev.tap_name, format_mac(dev.mac))
+                for _, _, dev in self.virtio if isinstance(dev, VirtioNet)]  # fmt: skip
+        config = dataclasses.replace(cfg, nets=nets)
+        assert self.serial is not None
+        devices = DeviceStates(
+            serial=self.serial.save(),
+            virtio=[VirtioEntry(base, irq, transport.save(), dev.save())
+                    for (base, irq, dev), transport in zip(self.virtio, self.virtio_transports,
+                                                           strict=True)],
+            pci_root=self.pci.root.save() if self.pci is not None else None,
+        )  # fmt: skip
+        return MachineState(
+            kvm=capture_kvm_state(self.kvm, self.vm, [t.vcpu for t in self.threads],
+                                  dataclasses.replace(SETUP, x2apic_api=self.x2apic_api)),
+            config=config, drive_sizes=tuple(d.path.stat().st_size for d in cfg.drives),
+            nonce=self.nonce, command=self.command.save() if self.command is not None else None,
+            devices=devices,
+        )  # fmt: skip
 
     @classmethod
-    def restore(
-        cls, state_path: str | Path, mem_path: str | Path, *,
-        command_output: Callable[[bytes], None] | None = None,
+    def from_state(
+        cls, state: MachineState, memory: GuestMemory, *,
+        command_output: Callable[[bytes], None] | None = None, kvm_device: str = "/dev/kvm",
     ) -> Machine:  # fmt: skip
-        """A machine rebuilt from a snapshot; `start()` resumes the guest where it was."""
-        from kvmkit.vmm.snapshot import restore_machine
+        """A machine rebuilt from a checked state onto `memory` (its regions laid out as the
+        state's machine had them, not yet registered with a VM; the machine owns it from
+        here, also on failure). `start()` resumes the guest where it was paused.
 
-        return restore_machine(state_path, mem_path, command_output=command_output)
+        The restore order, and why:
+          1. the host side the devices reopen: a vsock socket file a killed process left
+             behind is removed (a live one is refused), before anything else exists
+          2. KVM: VM, TSS/identity map, irqchip and PIT, memory slots, every vCPU (CPUID
+             first ... vCPU events last), the VM state (PIT -> clock -> irqchip); no vCPU
+             runs before KVM_SET_CLOCK (kvmkit.snapshot.core.build_vm)
+          3. devices rebuilt from the configuration at the same slots (irqfds, ioeventfds,
+             MSI routes), then their state taken over without a reset: the serial port, each
+             virtio device and its transport (a pending interrupt status is raised again:
+             the irqchip is restored, so the edge is not lost), the PCI root's latch; every
+             ready queue is kicked once
+          4. the command-output parser, then the vCPU threads (not started)
+          5. at start(): KVM_KVMCLOCK_CTRL on each vCPU, then they run
+        """
+        config = state.config
+        machine = cls(config, command_output=command_output, kvm_device=kvm_device)
+        machine.mem.close()
+        machine.mem = memory
+        machine.nonce = state.nonce
+        machine._restored = True
+        try:
+            if config.vsock is not None:
+                # The process that took the state removes its socket when it exits; a killed
+                # one leaves the file. A live socket (that VM still runs) is not taken over.
+                try:
+                    remove_stale_socket(config.vsock.uds_path)
+                except OSError as err:
+                    raise UserError(f"vsock: {err.strerror or err}") from None
+            install_kick_handler()
+            try:
+                machine.kvm = kvm = Kvm(kvm_device)
+            except OSError as err:
+                raise UserError(str(err.strerror or err)) from None
+            restored = build_vm(kvm, state.kvm, memory)
+            machine.vm = restored.vm
+            machine.x2apic_api = state.kvm.setup.x2apic_api
+            machine._add_devices(restored.vm)
+            machine._restore_devices(state.devices)
+            if config.command:
+                sink = command_output or (lambda data: None)
+                machine.command = CommandOutput(state.nonce, sink)
+                if state.command is not None:
+                    machine.command.restore(state.command)
+            for vcpu in restored.vcpus:
+                machine.threads.append(
+                    VcpuThread(vcpu, machine.pio, machine.mmio, machine._on_vcpu_stopped)
+                )
+        except BaseException:
+            machine.close()
+            raise
+        return machine
+
+    def _restore_devices(self, devices: DeviceStates) -> None:
+        """Step 3 of `from_state`: checked device states onto the rebuilt devices."""
+        assert self.serial is not None
+        self.serial.restore(devices.serial)
+        entries = zip(self.virtio, self.virtio_transports, devices.virtio, strict=True)
+        for i, ((base, irq, dev), transport, saved) in enumerate(entries):
+            path = f"devices.virtio[{i}]"
+            # irq -1: a PCI function (its interrupts are MSI-X vectors, in the transport state)
+            if (saved.base, saved.irq) != (base, irq):
+                raise SnapshotError(f"snapshot state: {path}: not at this machine's slot")
+            mmio = isinstance(transport, VirtioMmio)
+            if isinstance(saved.transport, MmioTransportState) != mmio:
+                raise SnapshotError(f"snapshot state: {path}: not a {transport.KIND} device")
+            dev.restore(saved.device, f"{path}.device")
+            if isinstance(transport, VirtioMmio):
+                assert isinstance(saved.transport, MmioTransportState)
+                transport.restore(saved.transport)
+            else:
+                assert isinstance(saved.transport, PciTransportState)
+                transport.restore(saved.transport)
+        if self.pci is not None and devices.pci_root is not None:
+            self.pci.root.restore(devices.pci_root)
+        for _, _, dev in self.virtio:
+            dev.kick_ready_queues()
 
     def describe(self) -> str:
         """The machine's state as text, for a VM that seems stuck (`kvmkit run` prints it on
@@ -539,10 +740,12 @@ class Machine:
         (kvmkit's indexes beside the guest's rings) and the worker threads. Never blocks."""
         lines = [f"kvmkit VM state after {time.monotonic() - self.started_at:.1f} s"]
         for t in self.threads:
+            st = t.stats
             lines.append(
-                f"vcpu{t.vcpu.id}: {'running' if t.thread.is_alive() else 'ended'}, {t.exits} "
-                f"exits (io in {t.exit_io_in}, out {t.exit_io_out}, mmio read "
-                f"{t.exit_mmio_read}, write {t.exit_mmio_write})"
+                f"vcpu{t.vcpu.id}: {t.control.state.value}"
+                f"{'' if t.thread.is_alive() else ' (thread ended)'}, {t.exits} exits (io in "
+                f"{st.exit_io_in}, out {st.exit_io_out}, mmio read {st.exit_mmio_read}, write "
+                f"{st.exit_mmio_write})"
             )
         c = self.console
         lines.append(f"console: {c.total} bytes from the guest, {c.dropped} dropped")
@@ -550,8 +753,8 @@ class Machine:
             lines.extend(dev.describe())
             isr = getattr(transport, "isr", getattr(transport, "_isr", None))
             lines.append(f"  transport {transport.KIND}: interrupt status {isr}")
-        if self._virtio_worker is not None:
-            lines.extend(self._virtio_worker.describe())
+        if self._virtio_workers is not None:
+            lines.extend(self._virtio_workers.describe())
         return "\n".join(lines) + "\n"
 
     @property

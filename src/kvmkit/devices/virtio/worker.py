@@ -278,6 +278,10 @@ class VirtioWorkers:
         deadline = time.monotonic() + timeout
         return all([w.stop(max(0.0, deadline - time.monotonic())) for w in self.workers])
 
+    def not_parked(self) -> list[str]:
+        """The names of the workers still running (neither parked nor ended)."""
+        return [w.name for w in self.workers if not w.parked]
+
     def describe(self) -> list[str]:
         return [w.describe() for w in self.workers]
 
