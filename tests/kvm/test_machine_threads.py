@@ -1,15 +1,18 @@
 """A Machine's threads against the host side failing or stalling (real /dev/kvm, tiny PVH
 kernels): a console reader that never reads does not stop the vCPUs or the shutdown, a
 guest driving the UART the way Linux does loses nothing to a slow reader, and one vCPU whose
-stop fails does not leave the others running."""
+stop fails does not leave the others running; a pause parks every virtio queue worker."""
 
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from pathlib import Path
 
+from kvmkit.devices.virtio.blk import DriveConfig
+from kvmkit.devices.virtio.vsock import VsockConfig
 from kvmkit.testing import pvh
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.machine import Machine
@@ -76,3 +79,32 @@ def test_every_vcpu_stops_when_stopping_one_fails(tmp_path: Path) -> None:
         assert not any(t.thread.is_alive() for t in m.threads)
     finally:
         assert closes_within(m, 20)
+
+
+def test_pause_parks_every_queue_worker_and_resume_releases_them(tmp_path: Path) -> None:
+    """Machine.pause parks each virtio queue worker (a thread per queue group: the drive's
+    queue, the rng's, vsock's three queues together), not one worker for all; `paused` holds
+    only then, and resume() lets every one run again."""
+    kernel = pvh.build(pvh.HALT, tmp_path / "halt.elf")
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 20))
+    sock = Path(f"/tmp/kvmkit-test-{os.getpid()}-pause.sock")
+    cfg = MachineConfig(
+        kernel=kernel, cmdline="", mem_mib=64, drives=[DriveConfig(img)], rng=True,
+        vsock=VsockConfig(3, sock),
+    )  # fmt: skip
+    names = ("vda/0", "rng/0", "vsock/0+1+2")
+    with Machine(cfg) as m:
+        m.start()
+        threads = {t.name for t in threading.enumerate()}
+        assert {f"virtio:{n}" for n in names} <= threads, threads
+        m.pause()
+        assert m.paused
+        text = m.describe()
+        for n in names:
+            assert f"worker {n}: parked" in text, text
+        m.resume()
+        assert not m.paused
+        text = m.describe()
+        for n in names:
+            assert f"worker {n}: running" in text, text

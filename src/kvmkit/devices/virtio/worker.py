@@ -84,8 +84,11 @@ class QueueWorker:
             )
 
     def resume(self) -> None:
+        # Not parked from here on (the thread may take a moment to wake): a pause asked
+        # right after waits for it to park again, which the loop below does.
         with self._cond:
             self._pause_requested = False
+            self._parked = False
             self._cond.notify_all()
 
     def _halted(self) -> bool:
@@ -96,9 +99,9 @@ class QueueWorker:
         with self._cond:
             if not self._pause_requested:
                 return
-            self._parked = True
-            self._cond.notify_all()
             while self._pause_requested and not self._stop:
+                self._parked = True
+                self._cond.notify_all()
                 self._cond.wait()
             self._parked = False
 
