@@ -4,8 +4,9 @@ A VMM process has few kinds of thread, each with one job; naming them makes them
 (`/proc/PID/task/*/comm`, py-spy, gdb's `info threads`) and gives per-thread policies (a
 seccomp filter per kind) one place to hook in:
 
-- `vcpu`, one per vCPU (vmm/vcpu.py): KVM_RUN, exits to the port/MMIO buses and so the
-  devices' registers;
+- `vcpu`, one per vCPU (vmm/vcpu.py; Python name `vcpuN`, kernel name `vcpu-N`): KVM_RUN,
+  exits to the port/MMIO buses and so the devices' registers, its run state (pause, debug
+  stop, stop);
 - `virtio`, one per virtio queue group (devices/virtio/worker.py): serves a device's queues
   and the host fds it watches (disk, tap, sockets);
 - `console`, one per machine (vmm/console.py): hands guest console output to its readers;
@@ -51,12 +52,18 @@ def _set_comm(name: str) -> None:
         pass  # only a name
 
 
+def name_thread(kind: ThreadKind, name: str) -> None:
+    """Give the calling thread the kernel name `kind-name` (for threads started elsewhere:
+    the vCPU threads, whose Thread objects exist before they start)."""
+    _set_comm(f"{kind.value}-{name}")
+
+
 def start_thread(kind: ThreadKind, name: str, target: Callable[..., Any], *args: Any
                  ) -> threading.Thread:  # fmt: skip
     """Start `target(*args)` on a daemon thread of `kind` named `name`."""
 
     def body() -> None:
-        _set_comm(f"{kind.value}-{name}")
+        name_thread(kind, name)
         target(*args)
 
     thread = threading.Thread(target=body, name=f"{kind.value}:{name}", daemon=True)

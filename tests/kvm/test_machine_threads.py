@@ -84,7 +84,8 @@ def test_every_vcpu_stops_when_stopping_one_fails(tmp_path: Path) -> None:
 def test_pause_parks_every_queue_worker_and_resume_releases_them(tmp_path: Path) -> None:
     """Machine.pause parks each virtio queue worker (a thread per queue group: the drive's
     queue, the rng's, vsock's three queues together), not one worker for all; `paused` holds
-    only then, and resume() lets every one run again."""
+    only then, and resume() lets every one run again. Each thread carries its kind in its
+    name."""
     kernel = pvh.build(pvh.HALT, tmp_path / "halt.elf")
     img = tmp_path / "d.img"
     img.write_bytes(bytes(1 << 20))
@@ -98,6 +99,21 @@ def test_pause_parks_every_queue_worker_and_resume_releases_them(tmp_path: Path)
         m.start()
         threads = {t.name for t in threading.enumerate()}
         assert {f"virtio:{n}" for n in names} <= threads, threads
+        # Kernel names too (what /proc, ps and a stall report show), 15 bytes at most; a
+        # thread names itself as it starts.
+        want = {"vcpu-0", "virtio-vda/0", "virtio-rng/0", "virtio-vsock/0+"}
+        deadline = time.monotonic() + 10
+        while True:
+            comms = set()
+            for task in Path("/proc/self/task").iterdir():
+                try:
+                    comms.add((task / "comm").read_text().strip())
+                except OSError:
+                    pass  # a thread that ended meanwhile
+            if want <= comms or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert want <= comms, comms
         m.pause()
         assert m.paused
         text = m.describe()
