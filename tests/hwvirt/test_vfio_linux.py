@@ -235,7 +235,10 @@ def test_edu_passthrough_to_linux(tmp_path: Path, lane_edu: None) -> None:
     # probe set (ACKNOWLEDGE | DRIVER) is 0 afterwards. Linux restores the BARs and MSI-X
     # after the reset, and virtio_pci drives the device again.
     assert value("RESETMETHOD").split()[0] == "flr", value("RESETMETHOD")
-    assert value("VIRTIOFLR") == "0 3 0"
+    # The status before the probe's writes is not checked: Linux's virtio_dev_remove sets
+    # ACKNOWLEDGE again after the driver's reset when virtio_pci lets go (seen: 1).
+    _, set_status, after_flr = value("VIRTIOFLR").split()
+    assert (set_status, after_flr) == ("3", "0"), value("VIRTIOFLR")
     count, current = value("RNGAGAIN").split()
     assert count == "512" and current.startswith("virtio_rng"), value("RNGAGAIN")
     # pci-testdev in slot 3: its I/O BAR (256 ports) in kvmkit's I/O window, and reads and
