@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 from dataclasses import dataclass, field
 
 PAGE_SIZE = 4096
@@ -29,8 +30,12 @@ class MemoryRegion:
     fd: int = -1  # memfd or file descriptor backing the region, -1 for anonymous memory
     read_only: bool = False
     log_dirty: bool = False
-    # Pages written by the VMM itself (device emulation), which KVM's dirty log cannot see.
+    # Pages written by the VMM itself (device emulation), which KVM's dirty log cannot see:
+    # one bit per page, empty while nobody tracks them. Device threads set bits while a
+    # migration takes them (`take_vmm_dirty`): the lock keeps a bit set between the two
+    # from being lost.
     vmm_dirty: bytearray = field(default_factory=bytearray)
+    dirty_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def end(self) -> int:
@@ -43,8 +48,20 @@ class MemoryRegion:
         if not self.vmm_dirty or length <= 0:
             return
         first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
-        for page in range(first, last + 1):
-            self.vmm_dirty[page >> 3] |= 1 << (page & 7)
+        with self.dirty_lock:
+            bitmap = self.vmm_dirty
+            if not bitmap:  # tracking stopped meanwhile
+                return
+            for page in range(first, last + 1):
+                bitmap[page >> 3] |= 1 << (page & 7)
+
+    def take_vmm_dirty(self) -> bytes:
+        """The VMM-dirty bitmap so far, cleared at once (b"" when nobody tracks)."""
+        with self.dirty_lock:
+            taken = bytes(self.vmm_dirty)
+            if taken:
+                self.vmm_dirty[:] = bytes(len(taken))
+            return taken
 
     def close(self) -> None:
         try:

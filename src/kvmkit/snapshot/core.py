@@ -22,16 +22,18 @@ KVM_KVMCLOCK_CTRL on each.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmkit.abi.constants import Cap
-from kvmkit.kvm import Kvm, Vcpu, Vm
+from kvmkit.abi.constants import Cap, ClockFlag
+from kvmkit.kvm import IntrExit, Kvm, KvmError, Vcpu, Vm
 from kvmkit.memory import GuestMemory
 from kvmkit.snapshot.format import Fields, SnapshotError, read_state, write_state
 from kvmkit.snapshot.memory import MemoryState, restore_memory, write_memory
 from kvmkit.snapshot.vcpu_state import (
     VcpuState,
+    interrupts_unchanged,
     restore_vcpu,
     resume_vcpu,
     save_vcpu,
@@ -106,10 +108,54 @@ class KvmState:
         return cls(setup, vm, vcpus)
 
 
-def capture_kvm_state(kvm: Kvm, vm: Vm, vcpus: list[Vcpu], setup: VmSetup) -> KvmState:
-    """The KVM state of a VM whose vCPUs are all held outside KVM_RUN (paused)."""
+# Rounds of "deliver pending timers, read, check nothing came since" before the state is
+# taken as it is (only a timer firing every few microseconds could keep it changing).
+SETTLE_ROUNDS = 4
+OnVcpu = Callable[[Vcpu, Callable[[], Any]], Any]
+
+
+def _here(vcpu: Vcpu, fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+def deliver_pending_timers(vcpu: Vcpu, on_vcpu: OnVcpu = _here) -> None:
+    """Move LAPIC timer interrupts KVM holds as pending into the vCPU's IRR, where
+    KVM_GET_LAPIC sees them (`Vcpu.inject_pending_timers`), on the vCPU's thread."""
+    exit_ = on_vcpu(vcpu, vcpu.inject_pending_timers)
+    if not isinstance(exit_, IntrExit):
+        raise SnapshotError(
+            f"vcpu{vcpu.id}: KVM reported {exit_.describe()} for the paused vCPU; "
+            "its state was not taken"
+        )
+
+
+def capture_kvm_state(
+    kvm: Kvm, vm: Vm, vcpus: list[Vcpu], setup: VmSetup, *, on_vcpu: OnVcpu = _here
+) -> KvmState:
+    """The KVM state of a VM whose vCPUs are all held outside KVM_RUN (paused).
+
+    A LAPIC timer that expired while its vCPU was paused is only a count inside KVM
+    (`Vcpu.inject_pending_timers`): KVM_GET_LAPIC does not show it and a restore would lose
+    the interrupt. So each vCPU first lets KVM deliver such timers into its IRR; after the
+    state is read, once more, and a vCPU that got an interrupt in between (a timer that
+    expired during the read) is read again. `on_vcpu(vcpu, fn)` runs `fn` on the vCPU's own
+    thread (a VcpuControl's `call_held`); the default runs it here, which works but makes KVM
+    switch the vCPU's task (a synchronize_rcu) twice."""
     msrs = saveable_msrs(kvm, vcpus[0])
+    if setup.irqchip:
+        for v in vcpus:
+            deliver_pending_timers(v, on_vcpu)
     vcpu_states = [save_vcpu(v, msrs, irqchip=setup.irqchip) for v in vcpus]
+    for _ in range(SETTLE_ROUNDS if setup.irqchip else 0):
+        changed = []
+        for i, v in enumerate(vcpus):
+            deliver_pending_timers(v, on_vcpu)
+            if not interrupts_unchanged(v, vcpu_states[i]):
+                changed.append(i)
+        if not changed:
+            break
+        for i in changed:
+            vcpu_states[i] = save_vcpu(vcpus[i], msrs, irqchip=setup.irqchip)
     return KvmState(setup, save_vm(vm, irqchip=setup.irqchip, pit=setup.pit), vcpu_states)
 
 
@@ -189,11 +235,16 @@ class Restored:
         self.mem.close()
 
 
-def build_vm(kvm: Kvm, state: KvmState, mem: GuestMemory) -> Restored:
+def build_vm(kvm: Kvm, state: KvmState, mem: GuestMemory, *, advance_clock: bool = False
+             ) -> Restored:  # fmt: skip
     """A new VM from a checked KVM state and guest memory from any source (a snapshot's
     memory file, pages received over a migration stream), in the order KVM needs: VM, TSS
     and identity map, irqchip and PIT, memory slots, vCPUs (each restored, vcpu_state.py),
-    then the VM state (PIT -> clock -> irqchip). `mem` stays the caller's on failure."""
+    then the VM state (PIT -> clock -> irqchip). `mem` stays the caller's on failure.
+
+    `advance_clock` (live migration): the guest's clocks move on by the time since the state
+    was taken instead of continuing from it: kvmclock (vm_state.py), and the TSC of every
+    vCPU where both hosts gave the host TSC with the clock (`advance_tsc`)."""
     setup = state.setup
     vm = kvm.create_vm()
     try:
@@ -214,11 +265,47 @@ def build_vm(kvm: Kvm, state: KvmState, mem: GuestMemory) -> Restored:
             vcpu = vm.create_vcpu(vcpu_state.id)
             restore_vcpu(vcpu, vcpu_state)
             vcpus.append(vcpu)
-        restore_vm(vm, state.vm)
+        restore_vm(vm, state.vm, advance=advance_clock)
+        if advance_clock:
+            advance_tsc(vm, vcpus, state)
     except BaseException:
         vm.close()
         raise
     return Restored(vm, mem, vcpus, state)
+
+
+def advance_tsc(vm: Vm, vcpus: list[Vcpu], state: KvmState) -> bool:
+    """Move each vCPU's TSC on by the time since the source took `state`, after the clock
+    was set (KVM API doc 4.133, KVM_VCPU_TSC_CTRL, steps 4-7 of its migration recipe):
+
+        offset_dest = offset_src + (clock_dest - clock_src) * tsc_khz / 1e6
+                      + (host_tsc_src - host_tsc_dest)
+
+    where clock_* are kvmclock nanoseconds and host_tsc_* the host TSC read with them
+    (KVM_CLOCK_HOST_TSC). Needs the TSC-offset attribute on both hosts and a stable master
+    clock on both (KVM gives HOST_TSC only then). Where any of that is missing the vCPUs
+    keep the TSC restored through IA32_TSC: it continues from its value at the pause, as
+    after a snapshot, while kvmclock (which Linux guests keep time with) still advances.
+    Returns whether the TSCs were moved."""
+    if state.vm.host_tsc is None:
+        return False
+    saved = list(zip(vcpus, state.vcpus, strict=True))
+    if any(s.tsc_offset is None or not s.tsc_khz for _, s in saved):
+        return False
+    if not all(v.has_tsc_offset() for v in vcpus):
+        return False
+    now = vm.get_clock()
+    if not now.flags & ClockFlag.HOST_TSC:
+        return False
+    elapsed_ns = max(0, int(now.clock) - state.vm.clock)
+    for vcpu, s in saved:
+        assert s.tsc_offset is not None and s.tsc_khz is not None
+        ticks = elapsed_ns * s.tsc_khz // 1_000_000
+        try:
+            vcpu.set_tsc_offset(s.tsc_offset + ticks + state.vm.host_tsc - int(now.host_tsc))
+        except KvmError:
+            return False
+    return True
 
 
 def load(
