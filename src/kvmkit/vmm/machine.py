@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from kvmkit.abi.constants import KVM_PIT_SPEAKER_DUMMY, Cap
 from kvmkit.arch.x86_64 import layout
@@ -73,6 +74,9 @@ from kvmkit.vmm.persist import DeviceStates, MachineState, VirtioEntry
 from kvmkit.vmm.runstate import Event, RunState
 from kvmkit.vmm.vcpu import VcpuThread
 
+if TYPE_CHECKING:
+    from kvmkit.migration.send import MigrationProgress, MigrationResult
+
 log = logging.getLogger(__name__)
 
 SERIAL_PORT = 0x3F8
@@ -90,6 +94,7 @@ PANIC_MARKER = b"Kernel panic - not syncing"
 # this, the VM is stopped anyway (the status is already known).
 POWEROFF_GRACE = 10.0
 PAUSE_TIMEOUT = 10.0
+DEFAULT_MAX_DOWNTIME_MS = 300  # QEMU's default downtime limit (migrate_set_parameter)
 # How `build` creates the VM (and a restore recreates it): Intel needs three pages for
 # real-mode emulation and an identity-map page below 4 GiB, outside RAM and device windows
 # (KVM API doc, KVM_SET_TSS_ADDR); the in-kernel irqchip and PIT, the PIT with KVM's stub of
@@ -107,6 +112,7 @@ class EndReason(enum.Enum):
     TRIPLE_FAULT = "triple-fault"
     ERROR = "error"
     STOPPED = "stopped"
+    MIGRATED = "migrated"
 
 
 # `kvmkit run` exit statuses when no command status is available (documented in the README).
@@ -117,6 +123,7 @@ EXIT_STATUS = {
     EndReason.TRIPLE_FAULT: 5,
     EndReason.ERROR: 6,
     EndReason.STOPPED: 130,
+    EndReason.MIGRATED: 0,
 }
 MESSAGES = {
     EndReason.POWEROFF: "the guest powered off",
@@ -125,6 +132,7 @@ MESSAGES = {
     EndReason.TRIPLE_FAULT: "the guest triple-faulted (CPU reset)",
     EndReason.ERROR: "the VM stopped on an error",
     EndReason.STOPPED: "the VM was stopped",
+    EndReason.MIGRATED: "the guest migrated away",
 }
 
 
@@ -151,6 +159,13 @@ def _cmdline_quote(argv: list[str]) -> str:
     import json
 
     return base64.urlsafe_b64encode(json.dumps(argv).encode()).decode().rstrip("=")
+
+
+def add_guest_ram(mem: GuestMemory, config: MachineConfig) -> None:
+    """The guest RAM a machine of `config` has, laid out by the memory map (`layout.py`):
+    built at boot, and by a migration's destination before the pages arrive."""
+    for start, size in layout.ram_ranges(config.mem_mib << 20):
+        mem.add_memfd(start, size)
 
 
 class Machine:
@@ -272,8 +287,7 @@ class Machine:
         vm.create_pit2(SETUP.pit_flags)
 
         mem_size = cfg.mem_mib << 20
-        for start, size in layout.ram_ranges(mem_size):
-            self.mem.add_memfd(start, size)
+        add_guest_ram(self.mem, cfg)
         self.mem.register(vm)
 
         rsdp = write_acpi_tables(
@@ -566,6 +580,15 @@ class Machine:
                     resume_vcpu(t.vcpu)
                 t.control.request(Event.RESUME)
 
+    def state_config(self) -> tuple[MachineConfig, tuple[int, ...]]:
+        """The configuration a state of this machine carries, with each drive's image size:
+        each net with the MAC the guest knows (a random one when none was configured) and
+        its tap by name."""
+        nets = [NetConfig(dev.tap_name, format_mac(dev.mac))
+                for _, _, dev in self.virtio if isinstance(dev, VirtioNet)]  # fmt: skip
+        config = dataclasses.replace(self.config, nets=nets)
+        return config, tuple(d.path.stat().st_size for d in self.config.drives)
+
     def capture_state(self) -> MachineState:
         """The state of the paused machine, without guest memory (kvmkit.vmm.persist)."""
         if self.vm is None or self.kvm is None or not self.threads:
@@ -573,11 +596,7 @@ class Machine:
         if not self.paused:
             raise UserError("pause the machine before taking its state")
         self.console.flush()  # the parser state below must include every byte printed so far
-        cfg = self.config
-        # The MAC the guest knows (a random one when none was configured) and the tap by name.
-        nets = [NetConfig(dev.tap_name, format_mac(dev.mac))
-                for _, _, dev in self.virtio if isinstance(dev, VirtioNet)]  # fmt: skip
-        config = dataclasses.replace(cfg, nets=nets)
+        config, drive_sizes = self.state_config()
         assert self.serial is not None
         devices = DeviceStates(
             serial=self.serial.save(),
@@ -587,20 +606,64 @@ class Machine:
             pci_root=self.pci.root.save() if self.pci is not None else None,
         )  # fmt: skip
         return MachineState(
-            kvm=capture_kvm_state(self.kvm, self.vm, [t.vcpu for t in self.threads], SETUP),
-            config=config, drive_sizes=tuple(d.path.stat().st_size for d in cfg.drives),
-            nonce=self.nonce, command=self.command.save() if self.command is not None else None,
-            devices=devices,
+            kvm=capture_kvm_state(self.kvm, self.vm, [t.vcpu for t in self.threads], SETUP,
+                                  on_vcpu=self._on_vcpu_thread),
+            config=config, drive_sizes=drive_sizes, nonce=self.nonce,
+            command=self.command.save() if self.command is not None else None, devices=devices,
         )  # fmt: skip
+
+    def _on_vcpu_thread(self, vcpu: Vcpu, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the thread of a held vCPU (capture_kvm_state's timer delivery)."""
+        thread = next(t for t in self.threads if t.vcpu is vcpu)
+        return thread.control.call_held(fn, thread_alive=thread.thread.is_alive)
+
+    def migrate(
+        self, destination: str, *, max_downtime_ms: int = DEFAULT_MAX_DOWNTIME_MS,
+        bandwidth_mib_s: float | None = None,
+        progress: Callable[[MigrationProgress], None] | None = None,
+    ) -> MigrationResult:  # fmt: skip
+        """Live-migrate the running guest to a `kvmkit restore --incoming` (or
+        `kvmkit.migration.receive_migration`) listening at `destination` (`unix:PATH` or
+        `tcp:HOST:PORT`); see kvmkit.migration. On success the guest runs there and this
+        machine has ended (EndReason.MIGRATED); on any failure MigrationError is raised and
+        the guest runs on here."""
+        from kvmkit.migration.machine import migrate_machine
+
+        return migrate_machine(self, destination, max_downtime_ms=max_downtime_ms,
+                               bandwidth_mib_s=bandwidth_mib_s, progress=progress)  # fmt: skip
+
+    def release_host_devices(self) -> None:
+        """A migration's hand-over: give up the host side the destination's devices open
+        by name (taps, the vsock socket). The machine must be paused."""
+        for _, _, dev in self.virtio:
+            dev.release_host()
+
+    def reacquire_host_devices(self) -> None:
+        """Undo `release_host_devices` (the migration failed after it). A device whose host
+        side cannot be opened again goes into its error state; the guest runs on."""
+        for _, _, dev in self.virtio:
+            try:
+                dev.reacquire_host()
+            except OSError as err:
+                dev.device_error(f"cannot take its host side back: {err}")
+
+    def finish_migrated(self, detail: str) -> None:
+        """The destination took the guest over: end this machine (the vCPUs stay paused
+        until they stop)."""
+        self._finish(EndReason.MIGRATED, detail)
 
     @classmethod
     def from_state(
         cls, state: MachineState, memory: GuestMemory, *,
         command_output: Callable[[bytes], None] | None = None, kvm_device: str = "/dev/kvm",
+        advance_clock: bool = False,
     ) -> Machine:  # fmt: skip
         """A machine rebuilt from a checked state onto `memory` (its regions laid out as the
         state's machine had them, not yet registered with a VM; the machine owns it from
         here, also on failure). `start()` resumes the guest where it was paused.
+        `advance_clock` (a live migration): the guest's kvmclock and TSC move on by the time
+        since the state was taken (kvmkit.snapshot.core.build_vm) instead of continuing
+        from where they were (a snapshot).
 
         The restore order, and why:
           1. the host side the devices reopen: a vsock socket file a killed process left
@@ -635,7 +698,7 @@ class Machine:
                 machine.kvm = kvm = Kvm(kvm_device)
             except OSError as err:
                 raise UserError(str(err.strerror or err)) from None
-            restored = build_vm(kvm, state.kvm, memory)
+            restored = build_vm(kvm, state.kvm, memory, advance_clock=advance_clock)
             machine.vm = restored.vm
             machine._add_devices(restored.vm)
             machine._restore_devices(state.devices)

@@ -236,6 +236,38 @@ class VirtioVsock(VirtioDevice):
                     pass
         super().close()
 
+    # -- live migration: the destination binds the socket path; connections are reset
+    def release_host(self) -> None:
+        with self.lock:
+            self.reset_device()  # host clients see EOF, as when a snapshotted VM stops
+            if self.listener.fileno() >= 0:
+                self.listener.close()
+                try:
+                    st = os.stat(self.uds_path)
+                    if (st.st_dev, st.st_ino) == self._uds_id:
+                        self.uds_path.unlink()
+                except OSError:
+                    pass
+
+    def reacquire_host(self) -> None:
+        with self.lock:
+            if self.listener.fileno() >= 0:
+                return
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                listener.bind(os.fspath(self.uds_path))
+                listener.listen(16)
+            except OSError:
+                listener.close()
+                raise
+            listener.setblocking(False)
+            st = os.stat(self.uds_path)
+            self.listener, self._uds_id = listener, (st.st_dev, st.st_ino)
+            if self.activated:
+                # The guest's connections were reset on the host side: tell it (as after a
+                # restore), and watch the new listener.
+                self.restored()
+
     # -- snapshots: the guest CID and the next host port; no connection is saved
     def save_device(self) -> dict[str, Any]:
         return {"cid": self.cid, "next_port": self._next_port}

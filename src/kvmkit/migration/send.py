@@ -1,0 +1,335 @@
+"""The source side of a live migration: pre-copy rounds, the stop-and-copy, the hand-over.
+
+    result = send_vm(source, parse_address("unix:/tmp/mig.sock"), max_downtime_ms=300)
+
+`source` is anything with guest memory, a KVM VM and the operations of a `Source` (a
+`Machine` through kvmkit.migration.machine, a bare KVM VM through kvmkit.migration.bare).
+The algorithm (docs/migration.md):
+
+1. connect, exchange preambles, send SETUP (what to build, the memory layout); the
+   destination checks it, allocates memory and answers READY;
+2. dirty logging on (kvmkit.memory.dirty), then round 0: every page that may hold data (a
+   memfd's holes are skipped: the destination's fresh memory reads zero there), zero pages
+   as an 8-byte marker;
+3. rounds of the pages dirtied meanwhile (each chunk re-protected just before it is read)
+   until the pages still dirty would go out within `max_downtime_ms` at the bandwidth seen
+   so far, or the rounds stop converging (no fewer dirty pages than the best of the last
+   three rounds), or `max_rounds` is reached;
+4. pause the guest, send the last dirty pages and the state (the snapshot state format:
+   magic, version, CRC32), and wait: the destination checks the state (PREPARED), the source
+   releases the host side of its devices (taps, vsock sockets: HANDOVER), the destination
+   builds the machine and acknowledges (ACK). Only then does the source end its guest.
+
+Any failure before the ACK (connection lost, the destination refused or died, a timeout)
+gives the host devices back, resumes the guest if it was paused and raises MigrationError:
+the guest runs on where it was. Downtime is measured from the pause to the ACK.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from kvmkit.errors import UserError
+from kvmkit.kvm import KvmError, Vm
+from kvmkit.memory import PAGE_SIZE, GuestMemory, MemoryRegion
+from kvmkit.memory.dirty import CLEAR_ALIGN, DirtyLog, count_bits, set_bits
+from kvmkit.migration.stream import (
+    MAX_BATCH,
+    PROTOCOL_VERSION,
+    Address,
+    Channel,
+    Kind,
+    MigrationError,
+    Pacer,
+    PageBatch,
+    connect,
+)
+from kvmkit.snapshot.format import SnapshotError, encode
+from kvmkit.snapshot.memory import data_ranges
+
+MAX_ROUNDS = 30
+CONVERGE_WINDOW = 3  # rounds without a new low in dirty pages: not converging
+CHUNK_PAGES = 16 * CLEAR_ALIGN  # pages re-protected and read together (4 MiB)
+CONNECT_TIMEOUT = 10.0
+IO_TIMEOUT = 60.0  # any single send or receive
+BUILD_TIMEOUT = 120.0  # the destination building the machine (opening images, taps)
+_MIB = 1 << 20
+
+
+class Source(Protocol):
+    """What the sender needs of the machine it moves."""
+
+    mem: GuestMemory
+    vm: Vm
+
+    def setup(self) -> dict[str, Any]:
+        """SETUP's payload: `kind`, and whatever the destination needs to build memory."""
+        ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def capture(self) -> dict[str, Any]:
+        """The paused guest's state payload (plain data; `kvmkit.snapshot.format`)."""
+        ...
+
+    def release(self) -> None:
+        """Give up the host side of devices the destination will open (it checked the
+        state); `reacquire` undoes it if the migration fails after all."""
+        ...
+
+    def reacquire(self) -> None: ...
+
+    def committed(self, detail: str) -> None:
+        """The destination acknowledged: end the guest here."""
+        ...
+
+
+@dataclass
+class MigrationProgress:
+    """What `GET /migration` and `kvmkit migrate` show while a migration runs."""
+
+    state: str = "setup"  # setup, precopy, stop-and-copy, completed, failed
+    round: int = 0
+    pages_sent: int = 0  # pages that went out (data and zero markers), all rounds
+    zero_pages: int = 0
+    bytes_sent: int = 0
+    dirty_pages: int = 0  # dirty at the end of the last round
+    dirty_rate_mib_s: float = 0.0  # guest writes during the last round
+    bandwidth_mib_s: float = 0.0  # throughput so far
+    expected_downtime_ms: float = 0.0
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("dirty_rate_mib_s", "bandwidth_mib_s", "expected_downtime_ms", "elapsed_s"):
+            out[key] = round(out[key], 3)
+        return out
+
+
+@dataclass
+class MigrationResult:
+    destination: str
+    downtime_ms: float
+    total_s: float
+    rounds: int
+    pages_sent: int
+    zero_pages: int
+    bytes_sent: int
+    final_pages: int  # sent while the guest was paused
+    converged: bool  # False: stopped by the round limit or a stall, not the downtime target
+    progress: MigrationProgress = field(default_factory=MigrationProgress)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "destination": self.destination, "downtime_ms": round(self.downtime_ms, 1),
+            "total_s": round(self.total_s, 3), "rounds": self.rounds,
+            "pages_sent": self.pages_sent, "zero_pages": self.zero_pages,
+            "bytes_sent": self.bytes_sent, "final_pages": self.final_pages,
+            "converged": self.converged,
+        }  # fmt: skip
+
+    def summary(self) -> str:
+        how = "" if self.converged else ", stopped by the round limit"
+        return (
+            f"downtime {self.downtime_ms:.0f} ms, total {self.total_s:.2f} s "
+            f"({self.rounds} rounds, {self.pages_sent} pages, "
+            f"{self.bytes_sent / _MIB:.1f} MiB sent{how})"
+        )
+
+
+class _Sender:
+    def __init__(self, source: Source, channel: Channel, pacer: Pacer,
+                 progress: Callable[[MigrationProgress], None] | None) -> None:  # fmt: skip
+        self.source = source
+        self.ch = channel
+        self.pacer = pacer
+        self.report = progress
+        self.progress = MigrationProgress()
+        self.t0 = time.monotonic()
+        self.send_time = 0.0  # seconds spent sending pages (for the bandwidth estimate)
+        self.page_bytes = 0
+
+    def publish(self, **changes: Any) -> None:
+        for key, value in changes.items():
+            setattr(self.progress, key, value)
+        self.progress.elapsed_s = time.monotonic() - self.t0
+        self.progress.bytes_sent = self.ch.bytes_sent
+        if self.report is not None:
+            self.report(MigrationProgress(**asdict(self.progress)))
+
+    def bandwidth(self) -> float:
+        """Bytes/s the stream has managed so far (the cap's rate before any page went)."""
+        if self.send_time > 0 and self.page_bytes:
+            measured = self.page_bytes / self.send_time
+            return min(measured, self.pacer.rate) if self.pacer.rate else measured
+        return self.pacer.rate or 100 * _MIB
+
+    def flush(self, batch: PageBatch) -> PageBatch:
+        if not batch:
+            return batch
+        t = time.monotonic()
+        self.ch.send(Kind.PAGES, *batch.parts())
+        self.pacer.spend(batch.wire_bytes)
+        self.send_time += time.monotonic() - t
+        self.page_bytes += batch.wire_bytes
+        self.progress.pages_sent += len(batch)
+        self.progress.zero_pages += batch.zero
+        return PageBatch()
+
+    def send_all(self) -> None:
+        """Round 0: every page of every region that may hold data."""
+        batch = PageBatch()
+        for region in self.source.mem.regions:
+            mapping = region.mapping
+            for start, end in data_ranges(region):
+                for off in range(start, end, PAGE_SIZE):
+                    batch.add(region.guest_phys_addr + off, mapping[off : off + PAGE_SIZE])
+                    if len(batch) >= MAX_BATCH:
+                        batch = self.flush(batch)
+                        self.maybe_publish()
+        self.flush(batch)
+
+    def send_dirty(self, log: DirtyLog, bitmaps: list[tuple[MemoryRegion, bytearray]]) -> int:
+        """One round: the pages of `bitmaps`, chunk by chunk, each chunk re-protected in
+        KVM's log before its pages are read. Returns the number of pages sent."""
+        batch, sent = PageBatch(), 0
+        for region, bitmap in bitmaps:
+            mapping, base = region.mapping, region.guest_phys_addr
+            npages = region.size // PAGE_SIZE
+            chunk_bytes = CHUNK_PAGES // 8
+            for first_byte in range(0, len(bitmap), chunk_bytes):
+                bits = bitmap[first_byte : first_byte + chunk_bytes]
+                if not any(bits):
+                    continue
+                first = first_byte * 8
+                log.protect(region, first, bits, min(CHUNK_PAGES, npages - first))
+                for i in set_bits(bits):
+                    off = (first + i) * PAGE_SIZE
+                    batch.add(base + off, mapping[off : off + PAGE_SIZE])
+                    sent += 1
+                    if len(batch) >= MAX_BATCH:
+                        batch = self.flush(batch)
+                        self.maybe_publish()
+        self.flush(batch)
+        return sent
+
+    _last_publish = 0.0
+
+    def maybe_publish(self) -> None:
+        now = time.monotonic()
+        if now - self._last_publish >= 0.5:
+            self._last_publish = now
+            self.publish()
+
+
+def _dirty(log: DirtyLog) -> tuple[list[tuple[MemoryRegion, bytearray]], int]:
+    bitmaps = list(log.collect())
+    return bitmaps, sum(count_bits(b) for _, b in bitmaps)
+
+
+def send_vm(
+    source: Source, address: Address, *, max_downtime_ms: float = 300,
+    bandwidth_mib_s: float | None = None, max_rounds: int = MAX_ROUNDS,
+    progress: Callable[[MigrationProgress], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> MigrationResult:  # fmt: skip
+    """Migrate `source` to the destination listening at `address` (module docstring)."""
+    if max_downtime_ms <= 0:
+        raise UserError("the downtime target must be positive")
+    if bandwidth_mib_s is not None and bandwidth_mib_s <= 0:
+        raise UserError("the bandwidth cap must be positive")
+    t0 = time.monotonic()
+    setup = source.setup()  # before connecting: a machine that cannot migrate says so
+    ch = Channel(connect(address, CONNECT_TIMEOUT), f"the destination {address}", IO_TIMEOUT)
+    pacer = Pacer(bandwidth_mib_s * _MIB if bandwidth_mib_s else None)
+    s = _Sender(source, ch, pacer, progress)
+    log = DirtyLog(source.mem, source.vm)
+    paused = released = False
+    try:
+        ch.send_preamble()
+        version = ch.read_preamble()
+        if version != PROTOCOL_VERSION:
+            raise MigrationError(
+                f"the destination speaks migration protocol {version}, this kvmkit "
+                f"{PROTOCOL_VERSION}"
+            )
+        ch.send_json(Kind.SETUP, setup)
+        ch.recv_json(Kind.READY)
+        log.start()
+        collected = time.monotonic()
+        s.publish(state="precopy", round=0)
+        s.send_all()
+        history: list[int] = []
+        converged = False
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise MigrationError("cancelled")
+            bitmaps, dirty = _dirty(log)
+            now = time.monotonic()
+            # Pages the guest (and the devices) dirtied since the last collect, per second.
+            rate = dirty * PAGE_SIZE / max(now - collected, 1e-6) / _MIB
+            collected = now
+            bandwidth = s.bandwidth()
+            expected_ms = dirty * (PAGE_SIZE + 8) / bandwidth * 1000
+            s.publish(dirty_pages=dirty, bandwidth_mib_s=bandwidth / _MIB,
+                      expected_downtime_ms=expected_ms, dirty_rate_mib_s=rate)  # fmt: skip
+            if expected_ms <= max_downtime_ms:
+                converged = True
+                break
+            stalled = len(history) >= CONVERGE_WINDOW and dirty >= min(history[-CONVERGE_WINDOW:])
+            if stalled or s.progress.round + 1 >= max_rounds:
+                break
+            history.append(dirty)
+            s.progress.round += 1
+            s.send_dirty(log, bitmaps)
+            ch.send_json(Kind.ROUND, {"round": s.progress.round, "pages": dirty})
+        # Stop and copy.
+        s.publish(state="stop-and-copy")
+        t_pause = time.monotonic()
+        source.pause()
+        paused = True
+        bitmaps, _ = _dirty(log)
+        final = s.send_dirty(log, bitmaps)
+        try:
+            state = encode(source.capture())
+        except (KvmError, SnapshotError) as err:
+            raise MigrationError(f"cannot take the guest's state: {err}") from None
+        ch.send(Kind.STATE, state)
+        ch.settimeout(BUILD_TIMEOUT)
+        ch.recv_json(Kind.PREPARED)
+        source.release()
+        released = True
+        ch.send_json(Kind.HANDOVER, {})
+        ch.recv_json(Kind.ACK)
+        downtime_ms = (time.monotonic() - t_pause) * 1000
+    except BaseException as err:
+        reason = str(err) if isinstance(err, UserError | OSError) else repr(err)
+        if isinstance(err, MigrationError) and not err.remote:
+            reason = ch.peek_error() or reason  # the destination may have said why it quit
+        ch.close()
+        log.stop(everything_dirty=True)
+        if released:
+            source.reacquire()
+        if paused:
+            source.resume()
+        s.publish(state="failed")
+        if isinstance(err, MigrationError | UserError | KvmError | OSError):
+            raise MigrationError(f"migration failed, the guest runs on here: {reason}") from None
+        raise
+    ch.close()
+    log.stop()
+    s.publish(state="completed")
+    result = MigrationResult(
+        destination=str(address), downtime_ms=downtime_ms, total_s=time.monotonic() - t0,
+        rounds=s.progress.round + 1, pages_sent=s.progress.pages_sent,
+        zero_pages=s.progress.zero_pages, bytes_sent=ch.bytes_sent, final_pages=final,
+        converged=converged, progress=s.progress,
+    )  # fmt: skip
+    source.committed(f"to {address}")
+    return result
