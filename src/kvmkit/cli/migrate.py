@@ -48,6 +48,17 @@ def _line(info: dict[str, Any]) -> str:
     )
 
 
+def _show(info: dict[str, Any], printed: int) -> int:
+    """Print the rounds of `info["history"]` not printed yet; how many are printed now."""
+    history = info.get("history")
+    if not isinstance(history, list):
+        return printed
+    for entry in history[printed:]:
+        if isinstance(entry, dict):
+            print(f"kvmkit migrate: {_line(entry)}", flush=True)
+    return max(printed, len(history))
+
+
 def migrate(args: argparse.Namespace) -> int:
     from kvmkit.api.client import request
     from kvmkit.migration.stream import parse_address
@@ -72,8 +83,8 @@ def migrate(args: argparse.Namespace) -> int:
 
     worker = threading.Thread(target=put, name="migrate-put", daemon=True)
     worker.start()
-    last: tuple[Any, ...] = ()
-    shown = 0.0
+    printed = 0  # rounds of the history shown so far
+    shown = time.monotonic()
     while worker.is_alive():
         worker.join(POLL)
         try:
@@ -82,13 +93,13 @@ def migrate(args: argparse.Namespace) -> int:
             continue  # the VMM ends as the migration completes
         if status != 200 or not isinstance(info, dict):
             continue
-        state = info.get("state")
-        key = (state, info.get("round"))
         now = time.monotonic()
-        if state in ("precopy", "stop-and-copy") and (key != last or now - shown >= QUIET):
-            prefix = "stop and copy: " if state == "stop-and-copy" else ""
-            print(f"kvmkit migrate: {prefix}{_line(info)}", flush=True)
-            last, shown = key, now
+        before, printed = printed, _show(info, printed)
+        if printed > before:
+            shown = now
+        elif info.get("state") in ("precopy", "stop-and-copy") and now - shown >= QUIET:
+            print(f"kvmkit migrate: {_line(info)} ({info['state']})", flush=True)  # a long round
+            shown = now
     if "error" in answer:
         print(f"kvmkit migrate: failed: the VMM did not answer: {answer['error']}",
               file=sys.stderr)  # fmt: skip
@@ -98,7 +109,9 @@ def migrate(args: argparse.Namespace) -> int:
         fault = value.get("fault_message") if isinstance(value, dict) else value
         print(f"kvmkit migrate: {fault}", file=sys.stderr)
         return 1
-    how = "" if value.get("converged", True) else ", stopped by the round limit"
+    _show(value, printed)
+    how = "" if value.get("converged", True) else \
+        f", stop-and-copy forced: {value.get('stop_reason', 'round limit')}"
     print(
         f"kvmkit migrate: migrated to {args.to}: downtime {value['downtime_ms']:.0f} ms, "
         f"total {value['total_s']:.2f} s ({value['rounds']} rounds, {value['pages_sent']} "

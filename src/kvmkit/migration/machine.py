@@ -63,7 +63,10 @@ class MachineSource:
         self.vm: Vm = machine.vm
 
     def setup(self) -> dict[str, Any]:
-        config, sizes = self.machine.state_config()
+        try:
+            config, sizes = self.machine.state_config()
+        except OSError as err:  # a drive image gone from under the running guest
+            raise UserError(f"cannot migrate: {err.filename}: {err.strerror}") from None
         return {"kind": KIND, "config": config_to_dict(config, sizes),
                 "memory": memory_layout(self.mem)}  # fmt: skip
 
@@ -124,7 +127,15 @@ class MachineSink:
 
     def check(self, payload: dict[str, Any]) -> MachineState:
         state = MachineState.from_dict(payload)
-        if config_to_dict(state.config, state.drive_sizes) != self.setup["config"]:
+        config = config_to_dict(state.config, state.drive_sizes)
+        before = self.setup["config"]
+        for now, then in zip(config["drives"], before.get("drives", []), strict=False):
+            if now["path"] == then.get("path") and now["size"] != then.get("size"):
+                raise SnapshotError(
+                    f"drive {now['path']}: the image is {now['size']} bytes now, it was "
+                    f"{then.get('size')} when the migration started"
+                )
+        if config != before:
             raise SnapshotError("migration state: the configuration differs from SETUP's")
         return state
 

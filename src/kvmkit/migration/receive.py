@@ -76,12 +76,12 @@ def receive_vm(
     built: T | None = None
     try:
         version = ch.read_preamble()
+        ch.send_preamble()  # first, so a source of another version can read why it ends
         if version != PROTOCOL_VERSION:
             raise MigrationError(
                 f"the source speaks migration protocol {version}, this kvmkit "
                 f"{PROTOCOL_VERSION}"
             )
-        ch.send_preamble()
         setup = ch.recv_json(Kind.SETUP)
         memory = sink.prepare(setup)
         ch.send_json(Kind.READY, {})

@@ -104,12 +104,21 @@ class MigrationProgress:
     bandwidth_mib_s: float = 0.0  # throughput so far
     expected_downtime_ms: float = 0.0
     elapsed_s: float = 0.0
+    # One entry per decision point (the end of each round): the fields above as they were.
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("dirty_rate_mib_s", "bandwidth_mib_s", "expected_downtime_ms", "elapsed_s"):
+        for key in ROUNDED:
             out[key] = round(out[key], 3)
         return out
+
+    def snapshot(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.to_dict().items() if k not in ("history", "state")}
+        return out
+
+
+ROUNDED = ("dirty_rate_mib_s", "bandwidth_mib_s", "expected_downtime_ms", "elapsed_s")
 
 
 @dataclass
@@ -123,6 +132,7 @@ class MigrationResult:
     bytes_sent: int
     final_pages: int  # sent while the guest was paused
     converged: bool  # False: stopped by the round limit or a stall, not the downtime target
+    stop_reason: str = "downtime target"  # or "not converging", "round limit"
     progress: MigrationProgress = field(default_factory=MigrationProgress)
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,11 +141,12 @@ class MigrationResult:
             "total_s": round(self.total_s, 3), "rounds": self.rounds,
             "pages_sent": self.pages_sent, "zero_pages": self.zero_pages,
             "bytes_sent": self.bytes_sent, "final_pages": self.final_pages,
-            "converged": self.converged,
+            "converged": self.converged, "stop_reason": self.stop_reason,
+            "history": [dict(h) for h in self.progress.history],
         }  # fmt: skip
 
     def summary(self) -> str:
-        how = "" if self.converged else ", stopped by the round limit"
+        how = "" if self.converged else f", stop-and-copy forced: {self.stop_reason}"
         return (
             f"downtime {self.downtime_ms:.0f} ms, total {self.total_s:.2f} s "
             f"({self.rounds} rounds, {self.pages_sent} pages, "
@@ -161,7 +172,9 @@ class _Sender:
         self.progress.elapsed_s = time.monotonic() - self.t0
         self.progress.bytes_sent = self.ch.bytes_sent
         if self.report is not None:
-            self.report(MigrationProgress(**asdict(self.progress)))
+            copy = MigrationProgress(**asdict(self.progress))
+            copy.history = [dict(h) for h in self.progress.history]
+            self.report(copy)
 
     def bandwidth(self) -> float:
         """Bytes/s the stream has managed so far (the cap's rate before any page went)."""
@@ -266,7 +279,7 @@ def send_vm(
         s.publish(state="precopy", round=0)
         s.send_all()
         history: list[int] = []
-        converged = False
+        converged, stop_reason = False, "downtime target"
         while True:
             if cancel is not None and cancel.is_set():
                 raise MigrationError("cancelled")
@@ -277,13 +290,19 @@ def send_vm(
             collected = now
             bandwidth = s.bandwidth()
             expected_ms = dirty * (PAGE_SIZE + 8) / bandwidth * 1000
-            s.publish(dirty_pages=dirty, bandwidth_mib_s=bandwidth / _MIB,
-                      expected_downtime_ms=expected_ms, dirty_rate_mib_s=rate)  # fmt: skip
+            s.progress.dirty_pages, s.progress.bandwidth_mib_s = dirty, bandwidth / _MIB
+            s.progress.expected_downtime_ms, s.progress.dirty_rate_mib_s = expected_ms, rate
+            s.progress.elapsed_s = now - s.t0
+            s.progress.history.append(s.progress.snapshot())
+            s.publish()
             if expected_ms <= max_downtime_ms:
                 converged = True
                 break
-            stalled = len(history) >= CONVERGE_WINDOW and dirty >= min(history[-CONVERGE_WINDOW:])
-            if stalled or s.progress.round + 1 >= max_rounds:
+            if len(history) >= CONVERGE_WINDOW and dirty >= min(history[-CONVERGE_WINDOW:]):
+                stop_reason = "not converging"
+                break
+            if s.progress.round + 1 >= max_rounds:
+                stop_reason = "round limit"
                 break
             history.append(dirty)
             s.progress.round += 1
@@ -329,7 +348,7 @@ def send_vm(
         destination=str(address), downtime_ms=downtime_ms, total_s=time.monotonic() - t0,
         rounds=s.progress.round + 1, pages_sent=s.progress.pages_sent,
         zero_pages=s.progress.zero_pages, bytes_sent=ch.bytes_sent, final_pages=final,
-        converged=converged, progress=s.progress,
+        converged=converged, stop_reason=stop_reason, progress=s.progress,
     )  # fmt: skip
     source.committed(f"to {address}")
     return result

@@ -199,11 +199,11 @@ class Snapshot:
 def capture(
     kvm: Kvm, vm: Vm, vcpus: list[Vcpu], mem: GuestMemory, mem_path: str | os.PathLike[str],
     setup: VmSetup, *, diff: bool = False, devices: dict[str, Any] | None = None,
-    meta: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None, on_vcpu: OnVcpu = _here,
 ) -> Snapshot:  # fmt: skip
     """Snapshot a VM whose vCPUs are all paused (outside KVM_RUN): writes the memory file and
-    returns the state (write it with `save`)."""
-    state = capture_kvm_state(kvm, vm, vcpus, setup)
+    returns the state (write it with `save`). `on_vcpu`: see `capture_kvm_state`."""
+    state = capture_kvm_state(kvm, vm, vcpus, setup, on_vcpu=on_vcpu)
     memory = write_memory(mem, mem_path, vm=vm, diff=diff)
     return Snapshot(state.setup, state.vm, state.vcpus, memory, dict(devices or {}),
                     dict(meta or {}))  # fmt: skip

@@ -50,7 +50,7 @@ LVT_TIMER_MODE_MASK = 3 << 17
 MAX_TSC_KHZ = 2**32 - 1  # KVM_SET_TSC_KHZ takes a u32
 # The LAPIC registers an interrupt moves through: ISR 0x100-0x17F, TMR, IRR 0x200-0x27F
 # (SDM vol. 3A 11.8.4); the span KVM changes when it delivers a pending timer interrupt.
-_DELIVERY_SPAN = slice(0x100, 0x280)
+_DELIVERY_SPAN = slice(x86.APIC_ISR, x86.APIC_IRR + 0x80)
 _SIZES = {
     "regs": ctypes.sizeof(structs.kvm_regs),
     "sregs": ctypes.sizeof(structs.kvm_sregs),
