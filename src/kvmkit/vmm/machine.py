@@ -515,7 +515,9 @@ class Machine:
         self.drain_coalesced()
         self.console.flush()  # the guest's last bytes reach the listeners before the result
         assert self._result is not None
-        if self.command is not None:
+        if self.command is not None and self._result.reason is not EndReason.MIGRATED:
+            # (A guest that migrated goes on printing at the destination, which has the
+            # bytes held back here in the parser state it received.)
             self.command.flush()
             # The EXIT marker may still have been in the console's delivery buffer when the
             # VM ended: take the status the parser has now.
@@ -567,10 +569,14 @@ class Machine:
             self.resume()
             raise
         self.drain_coalesced()  # device state includes every write the guest made
+        if self.command is not None:
+            self.command.freeze(True)
 
     def resume(self) -> None:
         """The virtio worker runs again, then the RESUME event on every paused vCPU, each told
         first that it was paused (KVM_KVMCLOCK_CTRL)."""
+        if self.command is not None:
+            self.command.freeze(False)
         if self._virtio_worker is not None:
             self._virtio_worker.resume()
         for t in self.threads:
