@@ -118,4 +118,8 @@ def migrate(args: argparse.Namespace) -> int:
         f"pages, {value['bytes_sent'] / 2**20:.1f} MiB sent{how})",
         flush=True,
     )
+    phases = value.get("downtime_phases_ms")
+    if isinstance(phases, dict) and phases:
+        print("kvmkit migrate: downtime: " + ", ".join(f"{k} {v:.0f} ms"
+                                                        for k, v in phases.items()))  # fmt: skip
     return 0

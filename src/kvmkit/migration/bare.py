@@ -101,10 +101,12 @@ def send_bare(
     vm: BareVm, destination: str, *, max_downtime_ms: float = 300,
     bandwidth_mib_s: float | None = None, max_rounds: int | None = None,
     progress: Callable[[MigrationProgress], None] | None = None,
+    manual_dirty_log: bool | None = None,
 ) -> MigrationResult:  # fmt: skip
     kwargs: dict[str, Any] = {} if max_rounds is None else {"max_rounds": max_rounds}
     return send_vm(vm, parse_address(destination), max_downtime_ms=max_downtime_ms,
-                   bandwidth_mib_s=bandwidth_mib_s, progress=progress, **kwargs)  # fmt: skip
+                   bandwidth_mib_s=bandwidth_mib_s, progress=progress,
+                   manual_dirty_log=manual_dirty_log, **kwargs)  # fmt: skip
 
 
 class BareSink:
@@ -135,6 +137,9 @@ class BareSink:
 
     def discard(self, built: Restored) -> None:
         built.close()
+
+    def describe(self, built: Restored) -> str:
+        return ""
 
 
 def receive_bare(listener: socket.socket, kvm: Kvm, *,

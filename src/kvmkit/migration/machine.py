@@ -146,6 +146,9 @@ class MachineSink:
     def discard(self, built: Machine) -> None:
         built.close()
 
+    def describe(self, built: Machine) -> str:
+        return "".join(f", {k} {v:.0f} ms" for k, v in built.rebuild_ms.items())
+
 
 class Incoming:
     """A listening destination (`kvmkit restore --incoming`): `address` is where it listens

@@ -56,6 +56,10 @@ class Sink(Protocol, Generic[T]):
         """The source went away after `build`: close what was built, run nothing."""
         ...
 
+    def describe(self, built: T) -> str:
+        """Details of the build for the destination's log (", kvm 3 ms, ..." or "")."""
+        ...
+
 
 def receive_vm(
     listener: socket.socket, sink: Sink[T], *, accept_timeout: float | None = None,
@@ -97,13 +101,19 @@ def receive_vm(
                     f"({pages.zero_pages} zero) in {time.monotonic() - t0:.1f} s")  # fmt: skip
             else:
                 break
+        t_state = time.monotonic()
         state = decode(bytes(payload), what="migration state")
         checked = sink.check(state)
+        t_checked = time.monotonic()
         ch.send_json(Kind.PREPARED, {})
         ch.recv_json(Kind.HANDOVER)
+        t_handover = time.monotonic()
         built = sink.build(checked, memory)
         memory = None  # the built guest owns it now
         ch.send_json(Kind.ACK, {})
+        say(f"{pages.pages} pages received ({pages.zero_pages} zero); state checked in "
+            f"{(t_checked - t_state) * 1e3:.0f} ms, machine built in "
+            f"{(time.monotonic() - t_handover) * 1e3:.0f} ms{sink.describe(built)}")  # fmt: skip
     except BaseException as err:
         if not (isinstance(err, MigrationError) and err.remote):
             ch.send_error(str(err) if isinstance(err, UserError | KvmError) else repr(err))

@@ -27,7 +27,6 @@ the guest runs on where it was. Downtime is measured from the pause to the ACK.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,7 @@ from kvmkit.memory.dirty import CLEAR_ALIGN, DirtyLog, count_bits, set_bits
 from kvmkit.migration.stream import (
     MAX_BATCH,
     PROTOCOL_VERSION,
+    ZERO_PAGE,
     Address,
     Channel,
     Kind,
@@ -58,6 +58,8 @@ CONNECT_TIMEOUT = 10.0
 IO_TIMEOUT = 60.0  # any single send or receive
 BUILD_TIMEOUT = 120.0  # the destination building the machine (opening images, taps)
 _MIB = 1 << 20
+_ZERO_CHUNK_SIZE = _MIB
+_ZERO_CHUNK = bytes(_ZERO_CHUNK_SIZE)
 
 
 class Source(Protocol):
@@ -134,6 +136,9 @@ class MigrationResult:
     converged: bool  # False: stopped by the round limit or a stall, not the downtime target
     stop_reason: str = "downtime target"  # or "not converging", "round limit"
     progress: MigrationProgress = field(default_factory=MigrationProgress)
+    # Where the downtime went: pause, last pages, state capture, state check (sending the
+    # state and the destination checking it), destination build (hand-over, build, ACK).
+    phases_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +148,7 @@ class MigrationResult:
             "bytes_sent": self.bytes_sent, "final_pages": self.final_pages,
             "converged": self.converged, "stop_reason": self.stop_reason,
             "history": [dict(h) for h in self.progress.history],
+            "downtime_phases_ms": {k: round(v, 1) for k, v in self.phases_ms.items()},
         }  # fmt: skip
 
     def summary(self) -> str:
@@ -196,16 +202,25 @@ class _Sender:
         return PageBatch()
 
     def send_all(self) -> None:
-        """Round 0: every page of every region that may hold data."""
+        """Round 0: every page of every region that may hold data. Zero pages are not sent
+        at all: the destination's memory starts zeroed (a page that is zero later, after the
+        guest wrote it, goes as a marker in a dirty round)."""
         batch = PageBatch()
         for region in self.source.mem.regions:
-            mapping = region.mapping
+            mapping, base = region.mapping, region.guest_phys_addr
             for start, end in data_ranges(region):
-                for off in range(start, end, PAGE_SIZE):
-                    batch.add(region.guest_phys_addr + off, mapping[off : off + PAGE_SIZE])
-                    if len(batch) >= MAX_BATCH:
-                        batch = self.flush(batch)
-                        self.maybe_publish()
+                for chunk in range(start, end, _ZERO_CHUNK_SIZE):
+                    stop = min(chunk + _ZERO_CHUNK_SIZE, end)
+                    if mapping[chunk:stop] == _ZERO_CHUNK[: stop - chunk]:
+                        continue  # (one compare for 256 zero pages)
+                    for off in range(chunk, stop, PAGE_SIZE):
+                        page = mapping[off : off + PAGE_SIZE]
+                        if page == ZERO_PAGE:
+                            continue
+                        batch.add(base + off, page)
+                        if len(batch) >= MAX_BATCH:
+                            batch = self.flush(batch)
+                            self.maybe_publish()
         self.flush(batch)
 
     def send_dirty(self, log: DirtyLog, bitmaps: list[tuple[MemoryRegion, bytearray]]) -> int:
@@ -241,6 +256,32 @@ class _Sender:
             self.publish()
 
 
+class _Phases:
+    """Milliseconds of each step of the stop-and-copy, from the pause on."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name] = (now - self.last) * 1000
+        self.last = now
+
+    def total_ms(self) -> float:
+        return (self.last - self.start) * 1000
+
+
+def _union(a: list[tuple[MemoryRegion, bytearray]], b: list[tuple[MemoryRegion, bytearray]]
+           ) -> list[tuple[MemoryRegion, bytearray]]:  # fmt: skip
+    out = []
+    for (region, x), (other, y) in zip(a, b, strict=True):
+        assert region is other
+        merged = int.from_bytes(x, "little") | int.from_bytes(y, "little")
+        out.append((region, bytearray(merged.to_bytes(len(x), "little"))))
+    return out
+
+
 def _dirty(log: DirtyLog) -> tuple[list[tuple[MemoryRegion, bytearray]], int]:
     bitmaps = list(log.collect())
     return bitmaps, sum(count_bits(b) for _, b in bitmaps)
@@ -250,9 +291,11 @@ def send_vm(
     source: Source, address: Address, *, max_downtime_ms: float = 300,
     bandwidth_mib_s: float | None = None, max_rounds: int = MAX_ROUNDS,
     progress: Callable[[MigrationProgress], None] | None = None,
-    cancel: threading.Event | None = None,
+    manual_dirty_log: bool | None = None,
 ) -> MigrationResult:  # fmt: skip
-    """Migrate `source` to the destination listening at `address` (module docstring)."""
+    """Migrate `source` to the destination listening at `address` (module docstring).
+    `manual_dirty_log=False` uses KVM_GET_DIRTY_LOG's own re-protection even where the
+    kernel has manual protection (None: manual where it can)."""
     if max_downtime_ms <= 0:
         raise UserError("the downtime target must be positive")
     if bandwidth_mib_s is not None and bandwidth_mib_s <= 0:
@@ -262,7 +305,7 @@ def send_vm(
     ch = Channel(connect(address, CONNECT_TIMEOUT), f"the destination {address}", IO_TIMEOUT)
     pacer = Pacer(bandwidth_mib_s * _MIB if bandwidth_mib_s else None)
     s = _Sender(source, ch, pacer, progress)
-    log = DirtyLog(source.mem, source.vm)
+    log = DirtyLog(source.mem, source.vm, manual=manual_dirty_log)
     paused = released = False
     try:
         ch.send_preamble()
@@ -281,8 +324,6 @@ def send_vm(
         history: list[int] = []
         converged, stop_reason = False, "downtime target"
         while True:
-            if cancel is not None and cancel.is_set():
-                raise MigrationError("cancelled")
             bitmaps, dirty = _dirty(log)
             now = time.monotonic()
             # Pages the guest (and the devices) dirtied since the last collect, per second.
@@ -310,23 +351,31 @@ def send_vm(
             ch.send_json(Kind.ROUND, {"round": s.progress.round, "pages": dirty})
         # Stop and copy.
         s.publish(state="stop-and-copy")
-        t_pause = time.monotonic()
+        clock = _Phases()
         source.pause()
         paused = True
-        bitmaps, _ = _dirty(log)
+        clock.mark("pause")
+        # The pages dirty at the last decision (not sent: pre-copy stopped there) and those
+        # dirtied until the pause. (Without manual protection KVM cleared its bits of the
+        # first collect already, and the VMM's bits are taken by every collect.)
+        bitmaps = _union(bitmaps, _dirty(log)[0])
         final = s.send_dirty(log, bitmaps)
+        clock.mark("last pages")
         try:
             state = encode(source.capture())
         except (KvmError, SnapshotError) as err:
             raise MigrationError(f"cannot take the guest's state: {err}") from None
+        clock.mark("state capture")
         ch.send(Kind.STATE, state)
         ch.settimeout(BUILD_TIMEOUT)
         ch.recv_json(Kind.PREPARED)
+        clock.mark("state check")
         source.release()
         released = True
         ch.send_json(Kind.HANDOVER, {})
         ch.recv_json(Kind.ACK)
-        downtime_ms = (time.monotonic() - t_pause) * 1000
+        clock.mark("destination build")
+        downtime_ms = clock.total_ms()
     except BaseException as err:
         reason = str(err) if isinstance(err, UserError | OSError) else repr(err)
         if isinstance(err, MigrationError) and not err.remote:
@@ -349,6 +398,7 @@ def send_vm(
         rounds=s.progress.round + 1, pages_sent=s.progress.pages_sent,
         zero_pages=s.progress.zero_pages, bytes_sent=ch.bytes_sent, final_pages=final,
         converged=converged, stop_reason=stop_reason, progress=s.progress,
+        phases_ms=clock.phases,
     )  # fmt: skip
     source.committed(f"to {address}")
     return result
