@@ -2,7 +2,8 @@
 --api-sock` as the source, `kvmkit restore --incoming` as the destination, `kvmkit migrate`
 between them. The guest is a tiny PVH kernel (it runs on this PVM host, as the API tests'
 does) that keeps rewriting a counter into 2048 pages and prints a '.' per pass, so its
-console shows whether it runs. KVMKIT_FORCE_RUN lets the VMMs start on a PVM host.
+console shows whether it runs; the machine has two vCPUs (the second waits for INIT, as an
+AP does before Linux starts it), so every vCPU's state is taken and rebuilt. KVMKIT_FORCE_RUN lets the VMMs start on a PVM host.
 
 - over TCP, then on from that destination over a Unix socket (a migrated VM migrates
   again): `kvmkit migrate` shows rounds and ends with `downtime N ms`; each source exits 0
@@ -104,7 +105,7 @@ def kernel(tmp: Path) -> Path:
 def source(tmp: Path, procs: list[Proc], *extra: str, name: str = "src") -> Proc:
     sock = str(tmp / f"{name}.sock")
     p = Proc(tmp, name, "run", "--api-sock", sock, "--kernel", str(kernel(tmp)),
-             "--cmdline", "x", "--mem-mib", "64", *extra)  # fmt: skip
+             "--cmdline", "x", "--mem-mib", "64", "--vcpus", "2", *extra)  # fmt: skip
     procs.append(p)
     p.wait_stderr("API on")
     assert p.grows(), p.stderr()
