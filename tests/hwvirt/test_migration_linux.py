@@ -52,14 +52,17 @@ while :; do
     echo "tick $i $(mono)"
     o=$(order)
     if [ "$o" = dirty ] && [ -z "$dd_pid" ]; then
-        dd if=/dev/zero of=/dev/null bs=16M count=1000000 2>/dev/null &
+        # 16 MiB of data (not zeros: those would go as 8-byte markers), copied into a fresh
+        # 16 MiB buffer again and again.
+        yes kvmkit-dirty-data | head -c 16m > /tmp/seed
+        (while :; do dd if=/tmp/seed of=/dev/null bs=16M count=1 2>/dev/null; done) &
         dd_pid=$!
         echo "dirtying from tick $i"
     fi
     [ "$o" = stop ] && break
     sleep 0.5
 done
-[ -n "$dd_pid" ] && kill $dd_pid
+[ -n "$dd_pid" ] && kill $dd_pid && sleep 0.2
 echo 3 > /proc/sys/vm/drop_caches
 echo "readback $i $(head -c $((8*i)) /dev/vda | md5sum | cut -d' ' -f1)"
 exit 5
@@ -217,7 +220,7 @@ def test_linux_guest_migrates_three_times_mid_command(tmp_path: Path) -> None:
     print(f"downtimes: tcp {down1:.0f} ms, unix {down2:.0f} ms, capped and dirtying "
           f"{down3:.0f} ms ({last_dirty} pages dirty when pre-copy stopped: {at_cap_ms:.0f} ms "
           f"at {CAP} MiB/s)")  # fmt: skip
-    assert last_dirty > 1000 and down3 >= at_cap_ms, hop3
+    assert last_dirty > 1000 and down3 >= max(1000, at_cap_ms / 2), hop3
 
     # The guest's monotonic clock: forward at every tick, and across each move by no more
     # than a tick plus that move's downtime.

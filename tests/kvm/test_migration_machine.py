@@ -3,7 +3,8 @@
 between them. The guest is a tiny PVH kernel (it runs on this PVM host, as the API tests'
 does) that keeps rewriting a counter into 2048 pages and prints a '.' per pass, so its
 console shows whether it runs; the machine has two vCPUs (the second waits for INIT, as an
-AP does before Linux starts it), so every vCPU's state is taken and rebuilt. KVMKIT_FORCE_RUN lets the VMMs start on a PVM host.
+AP does before Linux starts it), so every vCPU's state is taken and rebuilt.
+KVMKIT_FORCE_RUN lets the VMMs start on a PVM host.
 
 - over TCP, then on from that destination over a Unix socket (a migrated VM migrates
   again): `kvmkit migrate` shows rounds and ends with `downtime N ms`; each source exits 0
@@ -297,7 +298,7 @@ def test_a_truncated_stream_is_refused_with_status_2_and_nothing_run(
     config = MachineConfig(kernel=kernel(tmp_path), cmdline="x", mem_mib=64)
     ch.send_json(Kind.SETUP, {
         "kind": "kvmkit-machine", "config": config_to_dict(config, ()),
-        "memory": [[s, n] for s, n in layout.ram_ranges(64 << 20)],
+        "memory": [[s, n] for s, n in layout.ram_ranges(64 << 20)], "handover": False,
     })  # fmt: skip
     ch.recv_json(Kind.READY)
     batch = PageBatch()

@@ -50,6 +50,7 @@ class Vcpu:
         self._exits = ExitTable(self.run_page, self._mapping)
         self._run_request = ioctls.RUN
         self._thread: int | None = None  # thread inside run(), for kick()
+        self._has_tsc_offset: bool | None = None
 
     def close(self) -> None:
         if self.fd < 0:
@@ -343,14 +344,17 @@ class Vcpu:
         return ioctl_ptr(self.fd, op, request, attr)
 
     def has_tsc_offset(self) -> bool:
-        """The KVM_VCPU_TSC_OFFSET attribute exists (Linux 5.16, KVM_CAP_VCPU_ATTRIBUTES)."""
-        if self.vm.kvm.check_extension(Cap.VCPU_ATTRIBUTES) <= 0:
-            return False
-        try:
-            self._tsc_attr("KVM_HAS_DEVICE_ATTR(TSC_OFFSET)", ioctls.HAS_DEVICE_ATTR, None)
-        except KvmError:
-            return False
-        return True
+        """The KVM_VCPU_TSC_OFFSET attribute exists (Linux 5.16, KVM_CAP_VCPU_ATTRIBUTES);
+        asked once per vCPU."""
+        if self._has_tsc_offset is None:
+            self._has_tsc_offset = self.vm.kvm.check_extension(Cap.VCPU_ATTRIBUTES) > 0
+            if self._has_tsc_offset:
+                try:
+                    self._tsc_attr("KVM_HAS_DEVICE_ATTR(TSC_OFFSET)", ioctls.HAS_DEVICE_ATTR,
+                                   None)  # fmt: skip
+                except KvmError:
+                    self._has_tsc_offset = False
+        return self._has_tsc_offset
 
     def get_tsc_offset(self) -> int:
         """The guest TSC's offset from the host TSC (guest TSC = host TSC + offset, modulo

@@ -141,6 +141,9 @@ class BareSink:
     def describe(self, built: Restored) -> str:
         return ""
 
+    def abort(self) -> None:
+        pass
+
 
 def receive_bare(listener: socket.socket, kvm: Kvm, *,
                  accept_timeout: float | None = None) -> Restored:  # fmt: skip

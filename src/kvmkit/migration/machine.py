@@ -28,7 +28,7 @@ from typing import Any
 
 from kvmkit.arch.x86_64 import layout
 from kvmkit.errors import UserError
-from kvmkit.kvm import Vm
+from kvmkit.kvm import Kvm, Vm
 from kvmkit.memory import GuestMemory
 from kvmkit.migration.bare import memory_layout
 from kvmkit.migration.receive import receive_vm
@@ -40,8 +40,9 @@ from kvmkit.migration.stream import (
     listen,
     parse_address,
 )
+from kvmkit.snapshot.core import prepare_vm
 from kvmkit.snapshot.format import SnapshotError
-from kvmkit.vmm.machine import Machine, add_guest_ram
+from kvmkit.vmm.machine import SETUP, Machine, add_guest_ram
 from kvmkit.vmm.persist import MachineState, config_from_dict, config_to_dict
 from kvmkit.vmm.runstate import RunState
 
@@ -67,8 +68,11 @@ class MachineSource:
             config, sizes = self.machine.state_config()
         except OSError as err:  # a drive image gone from under the running guest
             raise UserError(f"cannot migrate: {err.filename}: {err.strerror}") from None
+        # Taps and vsock sockets are opened by name at the destination: the source lets go
+        # of them first (PREPARED/HANDOVER). Without them the destination builds at once.
+        handover = bool(config.nets) or config.vsock is not None
         return {"kind": KIND, "config": config_to_dict(config, sizes),
-                "memory": memory_layout(self.mem)}  # fmt: skip
+                "memory": memory_layout(self.mem), "handover": handover}  # fmt: skip
 
     def pause(self) -> None:
         self.machine.pause()
@@ -108,6 +112,9 @@ class MachineSink:
         self.command_output = command_output
         self.kvm_device = kvm_device
         self.setup: dict[str, Any] = {}
+        # The VM, made with the memory while the pages arrive (kvmkit.snapshot.core
+        # .prepare_vm: registering guest RAM is the slowest part of a rebuild).
+        self.prepared: tuple[Kvm, Vm] | None = None
 
     def prepare(self, setup: dict[str, Any]) -> GuestMemory:
         if setup.get("kind") != KIND:
@@ -116,9 +123,20 @@ class MachineSink:
         want = [[start, size] for start, size in layout.ram_ranges(config.mem_mib << 20)]
         if setup.get("memory") != want:
             raise SnapshotError("SETUP.memory is not the memory map of the machine's size")
+        if setup.get("handover") is not (bool(config.nets) or config.vsock is not None):
+            raise SnapshotError("SETUP.handover must say whether taps or vsock change hands")
         mem = GuestMemory()
         try:
             add_guest_ram(mem, config)
+            try:
+                kvm = Kvm(self.kvm_device)
+            except OSError as err:
+                raise UserError(f"{self.kvm_device}: {err.strerror or err}") from None
+            try:
+                self.prepared = (kvm, prepare_vm(kvm, SETUP, mem))
+            except BaseException:
+                kvm.close()
+                raise
         except BaseException:
             mem.close()
             raise
@@ -127,6 +145,8 @@ class MachineSink:
 
     def check(self, payload: dict[str, Any]) -> MachineState:
         state = MachineState.from_dict(payload)
+        if state.kvm.setup != SETUP:
+            raise SnapshotError("migration state: the VM was set up another way than kvmkit's")
         config = config_to_dict(state.config, state.drive_sizes)
         before = self.setup["config"]
         for now, then in zip(config["drives"], before.get("drives", []), strict=False):
@@ -140,11 +160,20 @@ class MachineSink:
         return state
 
     def build(self, checked: MachineState, memory: GuestMemory) -> Machine:
+        prepared, self.prepared = self.prepared, None
         return Machine.from_state(checked, memory, command_output=self.command_output,
-                                  kvm_device=self.kvm_device, advance_clock=True)  # fmt: skip
+                                  kvm_device=self.kvm_device, advance_clock=True,
+                                  prepared=prepared)  # fmt: skip
 
     def discard(self, built: Machine) -> None:
         built.close()
+
+    def abort(self) -> None:
+        if self.prepared is not None:
+            kvm, vm = self.prepared
+            self.prepared = None
+            vm.close()
+            kvm.close()
 
     def describe(self, built: Machine) -> str:
         return "".join(f", {k} {v:.0f} ms" for k, v in built.rebuild_ms.items())

@@ -60,6 +60,11 @@ class Sink(Protocol, Generic[T]):
         """Details of the build for the destination's log (", kvm 3 ms, ..." or "")."""
         ...
 
+    def abort(self) -> None:
+        """The migration failed before `build`: release what `prepare` made besides the
+        memory (the caller closes that)."""
+        ...
+
 
 def receive_vm(
     listener: socket.socket, sink: Sink[T], *, accept_timeout: float | None = None,
@@ -105,8 +110,9 @@ def receive_vm(
         state = decode(bytes(payload), what="migration state")
         checked = sink.check(state)
         t_checked = time.monotonic()
-        ch.send_json(Kind.PREPARED, {})
-        ch.recv_json(Kind.HANDOVER)
+        if setup.get("handover") is True:  # host devices change hands: wait for the source
+            ch.send_json(Kind.PREPARED, {})
+            ch.recv_json(Kind.HANDOVER)
         t_handover = time.monotonic()
         built = sink.build(checked, memory)
         memory = None  # the built guest owns it now
@@ -120,6 +126,8 @@ def receive_vm(
         ch.close()
         if built is not None:
             sink.discard(built)
+        else:
+            sink.abort()
         if memory is not None:
             memory.close()
         if isinstance(err, MigrationError):

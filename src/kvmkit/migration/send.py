@@ -52,6 +52,10 @@ from kvmkit.snapshot.format import SnapshotError, encode
 from kvmkit.snapshot.memory import data_ranges
 
 MAX_ROUNDS = 30
+# Once the rest fits the downtime target: up to this many more live rounds, while each
+# leaves at most 3/4 of the pages of the one before and more than FINAL_PAGES are dirty.
+EXTRA_ROUNDS = 2
+FINAL_PAGES = 64
 CONVERGE_WINDOW = 3  # rounds without a new low in dirty pages: not converging
 CHUNK_PAGES = 16 * CLEAR_ALIGN  # pages re-protected and read together (4 MiB)
 CONNECT_TIMEOUT = 10.0
@@ -223,9 +227,11 @@ class _Sender:
                             self.maybe_publish()
         self.flush(batch)
 
-    def send_dirty(self, log: DirtyLog, bitmaps: list[tuple[MemoryRegion, bytearray]]) -> int:
+    def send_dirty(self, log: DirtyLog, bitmaps: list[tuple[MemoryRegion, bytearray]], *,
+                   protect: bool = True) -> int:  # fmt: skip
         """One round: the pages of `bitmaps`, chunk by chunk, each chunk re-protected in
-        KVM's log before its pages are read. Returns the number of pages sent."""
+        KVM's log before its pages are read (not in the stop-and-copy: the guest is paused
+        and nothing is collected after it). Returns the number of pages sent."""
         batch, sent = PageBatch(), 0
         for region, bitmap in bitmaps:
             mapping, base = region.mapping, region.guest_phys_addr
@@ -236,7 +242,8 @@ class _Sender:
                 if not any(bits):
                     continue
                 first = first_byte * 8
-                log.protect(region, first, bits, min(CHUNK_PAGES, npages - first))
+                if protect:
+                    log.protect(region, first, bits, min(CHUNK_PAGES, npages - first))
                 for i in set_bits(bits):
                     off = (first + i) * PAGE_SIZE
                     batch.add(base + off, mapping[off : off + PAGE_SIZE])
@@ -322,7 +329,7 @@ def send_vm(
         s.publish(state="precopy", round=0)
         s.send_all()
         history: list[int] = []
-        converged, stop_reason = False, "downtime target"
+        converged, stop_reason, extra = False, "downtime target", 0
         while True:
             bitmaps, dirty = _dirty(log)
             now = time.monotonic()
@@ -338,8 +345,13 @@ def send_vm(
             s.publish()
             if expected_ms <= max_downtime_ms:
                 converged = True
-                break
-            if len(history) >= CONVERGE_WINDOW and dirty >= min(history[-CONVERGE_WINDOW:]):
+                # Within the target: a live round more is cheap and usually leaves fewer
+                # pages for the pause, while it keeps shrinking the set.
+                shrinking = not history or dirty < history[-1] * 3 // 4
+                if extra >= EXTRA_ROUNDS or dirty <= FINAL_PAGES or not shrinking:
+                    break
+                extra += 1
+            elif len(history) >= CONVERGE_WINDOW and dirty >= min(history[-CONVERGE_WINDOW:]):
                 stop_reason = "not converging"
                 break
             if s.progress.round + 1 >= max_rounds:
@@ -359,7 +371,7 @@ def send_vm(
         # dirtied until the pause. (Without manual protection KVM cleared its bits of the
         # first collect already, and the VMM's bits are taken by every collect.)
         bitmaps = _union(bitmaps, _dirty(log)[0])
-        final = s.send_dirty(log, bitmaps)
+        final = s.send_dirty(log, bitmaps, protect=False)
         clock.mark("last pages")
         try:
             state = encode(source.capture())
@@ -368,11 +380,12 @@ def send_vm(
         clock.mark("state capture")
         ch.send(Kind.STATE, state)
         ch.settimeout(BUILD_TIMEOUT)
-        ch.recv_json(Kind.PREPARED)
-        clock.mark("state check")
-        source.release()
-        released = True
-        ch.send_json(Kind.HANDOVER, {})
+        if setup.get("handover"):
+            ch.recv_json(Kind.PREPARED)
+            clock.mark("state check")
+            source.release()
+            released = True
+            ch.send_json(Kind.HANDOVER, {})
         ch.recv_json(Kind.ACK)
         clock.mark("destination build")
         downtime_ms = clock.total_ms()

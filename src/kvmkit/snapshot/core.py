@@ -130,8 +130,9 @@ def deliver_pending_timers(vcpu: Vcpu, on_vcpu: OnVcpu = _here) -> None:
 
 
 def capture_kvm_state(
-    kvm: Kvm, vm: Vm, vcpus: list[Vcpu], setup: VmSetup, *, on_vcpu: OnVcpu = _here
-) -> KvmState:
+    kvm: Kvm, vm: Vm, vcpus: list[Vcpu], setup: VmSetup, *, on_vcpu: OnVcpu = _here,
+    msr_indices: list[int] | None = None,
+) -> KvmState:  # fmt: skip
     """The KVM state of a VM whose vCPUs are all held outside KVM_RUN (paused).
 
     A LAPIC timer that expired while its vCPU was paused is only a count inside KVM
@@ -140,8 +141,9 @@ def capture_kvm_state(
     state is read, once more, and a vCPU that got an interrupt in between (a timer that
     expired during the read) is read again. `on_vcpu(vcpu, fn)` runs `fn` on the vCPU's own
     thread (a VcpuControl's `call_held`); the default runs it here, which works but makes KVM
-    switch the vCPU's task (a synchronize_rcu) twice."""
-    msrs = saveable_msrs(kvm, vcpus[0])
+    switch the vCPU's task (a synchronize_rcu) twice. `msr_indices`: `saveable_msrs` found
+    before (it does not change for a VM; finding it costs an ioctl per refused MSR)."""
+    msrs = saveable_msrs(kvm, vcpus[0]) if msr_indices is None else msr_indices
     if setup.irqchip:
         for v in vcpus:
             deliver_pending_timers(v, on_vcpu)
@@ -235,17 +237,11 @@ class Restored:
         self.mem.close()
 
 
-def build_vm(kvm: Kvm, state: KvmState, mem: GuestMemory, *, advance_clock: bool = False
-             ) -> Restored:  # fmt: skip
-    """A new VM from a checked KVM state and guest memory from any source (a snapshot's
-    memory file, pages received over a migration stream), in the order KVM needs: VM, TSS
-    and identity map, irqchip and PIT, memory slots, vCPUs (each restored, vcpu_state.py),
-    then the VM state (PIT -> clock -> irqchip). `mem` stays the caller's on failure.
-
-    `advance_clock` (live migration): the guest's clocks move on by the time since the state
-    was taken instead of continuing from it: kvmclock (vm_state.py), and the TSC of every
-    vCPU where both hosts gave the host TSC with the clock (`advance_tsc`)."""
-    setup = state.setup
+def prepare_vm(kvm: Kvm, setup: VmSetup, mem: GuestMemory) -> Vm:
+    """The first part of `build_vm`, which needs no state: the VM, TSS and identity map,
+    irqchip and PIT, memory slots. A migration's destination does this while the pages
+    arrive (registering guest RAM is the slowest step of a rebuild) and hands the VM to
+    `build_vm(prepared=...)` once the state is in."""
     vm = kvm.create_vm()
     try:
         vm.set_tss_addr(setup.tss_addr)
@@ -256,6 +252,26 @@ def build_vm(kvm: Kvm, state: KvmState, mem: GuestMemory, *, advance_clock: bool
         if setup.pit:
             vm.create_pit2(setup.pit_flags)
         mem.register(vm)
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+def build_vm(kvm: Kvm, state: KvmState, mem: GuestMemory, *, advance_clock: bool = False,
+             prepared: Vm | None = None) -> Restored:  # fmt: skip
+    """A new VM from a checked KVM state and guest memory from any source (a snapshot's
+    memory file, pages received over a migration stream), in the order KVM needs: VM, TSS
+    and identity map, irqchip and PIT, memory slots (`prepare_vm`, or `prepared`: a VM
+    `prepare_vm` made for this state's setup and `mem`), vCPUs (each restored,
+    vcpu_state.py), then the VM state (PIT -> clock -> irqchip). `mem` stays the caller's
+    on failure; the VM is closed.
+
+    `advance_clock` (live migration): the guest's clocks move on by the time since the state
+    was taken instead of continuing from it: kvmclock (vm_state.py), and the TSC of every
+    vCPU where both hosts gave the host TSC with the clock (`advance_tsc`)."""
+    vm = prepared if prepared is not None else prepare_vm(kvm, state.setup, mem)
+    try:
         if vm.check_extension(Cap.MAX_VCPU_ID) and any(
             v.id >= max(vm.check_extension(Cap.MAX_VCPU_ID), 1) for v in state.vcpus
         ):

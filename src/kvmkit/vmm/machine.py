@@ -64,7 +64,7 @@ from kvmkit.kvm.kick import install_kick_handler
 from kvmkit.memory import GuestMemory
 from kvmkit.snapshot.core import VmSetup, build_vm, capture_kvm_state
 from kvmkit.snapshot.format import SnapshotError
-from kvmkit.snapshot.vcpu_state import resume_vcpu
+from kvmkit.snapshot.vcpu_state import resume_vcpu, saveable_msrs
 from kvmkit.unixsock import remove_stale_socket
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.console import CommandOutput, ConsoleStream, new_nonce
@@ -204,6 +204,9 @@ class Machine:
         self._virtio_worker: VirtioWorker | None = None
         self._restored = False  # built by from_state: KVM_KVMCLOCK_CTRL before the vCPUs run
         self.rebuild_ms: dict[str, float] = {}  # from_state's steps, in milliseconds
+        # The MSRs a state of this machine holds, found before any vCPU runs (the vCPUs
+        # would hold their mutex in KVM_RUN): saves the probing from a migration's downtime.
+        self._msr_indices: list[int] | None = None
 
     # -- life cycle
     def __enter__(self) -> Machine:
@@ -320,6 +323,7 @@ class Machine:
             if vcpu_id == 0:
                 setup_boot_vcpu(vcpu, self.boot, self.mem)
             self.threads.append(VcpuThread(vcpu, self.pio, self.mmio, self._on_vcpu_stopped))
+        self._msr_indices = saveable_msrs(kvm, self.threads[0].vcpu)
 
     def _add_devices(self, vm: Vm) -> None:
         serial_irq = EventFdIrq(SERIAL_IRQ)
@@ -614,7 +618,8 @@ class Machine:
         )  # fmt: skip
         return MachineState(
             kvm=capture_kvm_state(self.kvm, self.vm, [t.vcpu for t in self.threads], SETUP,
-                                  on_vcpu=self._on_vcpu_thread),
+                                  on_vcpu=self._on_vcpu_thread,
+                                  msr_indices=self._msr_indices),
             config=config, drive_sizes=drive_sizes, nonce=self.nonce,
             command=self.command.save() if self.command is not None else None, devices=devices,
         )  # fmt: skip
@@ -663,14 +668,16 @@ class Machine:
     def from_state(
         cls, state: MachineState, memory: GuestMemory, *,
         command_output: Callable[[bytes], None] | None = None, kvm_device: str = "/dev/kvm",
-        advance_clock: bool = False,
+        advance_clock: bool = False, prepared: tuple[Kvm, Vm] | None = None,
     ) -> Machine:  # fmt: skip
         """A machine rebuilt from a checked state onto `memory` (its regions laid out as the
         state's machine had them, not yet registered with a VM; the machine owns it from
         here, also on failure). `start()` resumes the guest where it was paused.
         `advance_clock` (a live migration): the guest's kvmclock and TSC move on by the time
         since the state was taken (kvmkit.snapshot.core.build_vm) instead of continuing
-        from where they were (a snapshot).
+        from where they were (a snapshot). `prepared`: a /dev/kvm handle and a VM that
+        `kvmkit.snapshot.core.prepare_vm` made for `SETUP` and `memory` beforehand (a
+        migration's destination, while the pages arrived); the machine owns them from here.
 
         The restore order, and why:
           1. the host side the devices reopen: a vsock socket file a killed process left
@@ -701,12 +708,20 @@ class Machine:
                 except OSError as err:
                     raise UserError(f"vsock: {err.strerror or err}") from None
             install_kick_handler()
+            vm = None
+            if prepared is not None:
+                machine.kvm, vm = prepared
+                prepared = None  # owned now: closed with the machine
+                if state.kvm.setup != SETUP:
+                    vm.close()
+                    raise SnapshotError("snapshot state: the VM was set up another way")
             try:
-                machine.kvm = kvm = Kvm(kvm_device)
+                machine.kvm = kvm = machine.kvm or Kvm(kvm_device)
             except OSError as err:
                 raise UserError(str(err.strerror or err)) from None
             t0 = time.monotonic()
-            restored = build_vm(kvm, state.kvm, memory, advance_clock=advance_clock)
+            restored = build_vm(kvm, state.kvm, memory, advance_clock=advance_clock,
+                                prepared=vm)  # fmt: skip
             machine.vm = restored.vm
             t1 = time.monotonic()
             machine._add_devices(restored.vm)
@@ -725,7 +740,11 @@ class Machine:
                 machine.threads.append(
                     VcpuThread(vcpu, machine.pio, machine.mmio, machine._on_vcpu_stopped)
                 )
+            machine._msr_indices = saveable_msrs(kvm, restored.vcpus[0])
         except BaseException:
+            if prepared is not None:
+                prepared[1].close()
+                prepared[0].close()
             machine.close()
             raise
         return machine
