@@ -10,13 +10,15 @@ and PIT, memory slots, guest tables (kernel, boot params, ACPI, MP table), devic
 irqfds, then vCPUs (CPUID before anything else on the vCPU, then MSRs, LAPIC LINT pins, FPU,
 and the boot registers on vCPU 0; the others wait for INIT/SIPI in the in-kernel LAPIC).
 
-The operations state transfer is built on (snapshots: kvmkit.vmm.snapshot; migration):
+The operations state transfer is built on (snapshots: kvmkit.vmm.snapshot; live migration:
+kvmkit.migration):
 
     m.pause()                  every vCPU held outside KVM_RUN, the virtio worker parked
     state = m.capture_state()  a kvmkit.vmm.persist.MachineState (no guest memory)
     m.resume()
     m2 = Machine.from_state(state, memory)   memory: a GuestMemory from any source
     m2.start()                 (start(paused=True): built and held, for a later resume())
+    m.migrate("unix:/tmp/m")   live migration (kvmkit.migration), the same state over a socket
 
 Each vCPU thread owns its run state (kvmkit.vmm.runstate): pause and resume are events on
 it, as are the GDB stub's stops.
