@@ -82,12 +82,13 @@ class TickClock:
 
     def __init__(self) -> None:
         self.ticks = Ticks()
-        self.seen: list[float] = []
+        self.seen: list[float] = []  # when each "tick " arrived (it may come in pieces)
 
     def feed(self, data: bytes) -> None:
         self.ticks.feed(data)
-        if b"tick" in data:
-            self.seen.append(time.monotonic())
+        now = time.monotonic()
+        while len(self.seen) < self.ticks.buf.count(b"tick "):
+            self.seen.append(now)
 
 
 def progress(text: str) -> None:
