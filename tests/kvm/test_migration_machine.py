@@ -289,6 +289,7 @@ def test_a_truncated_stream_is_refused_with_status_2_and_nothing_run(
 ) -> None:
     from kvmkit.arch.x86_64 import layout
     from kvmkit.migration.stream import Channel, Kind, PageBatch, connect, parse_address
+    from kvmkit.vmm.machine import SETUP
     from kvmkit.vmm.persist import config_to_dict
 
     dest, url = destination(tmp_path, procs, f"unix:{tmp_path}/in.sock", "d")
@@ -299,6 +300,7 @@ def test_a_truncated_stream_is_refused_with_status_2_and_nothing_run(
     ch.send_json(Kind.SETUP, {
         "kind": "kvmkit-machine", "config": config_to_dict(config, ()),
         "memory": [[s, n] for s, n in layout.ram_ranges(64 << 20)], "handover": False,
+        "vm_setup": SETUP.to_dict(),
     })  # fmt: skip
     ch.recv_json(Kind.READY)
     batch = PageBatch()

@@ -31,6 +31,7 @@ from kvmkit.migration.stream import (
 )
 from kvmkit.snapshot.format import encode
 from kvmkit.vmm.config import MachineConfig
+from kvmkit.vmm.machine import SETUP
 from kvmkit.vmm.persist import config_to_dict
 
 
@@ -47,7 +48,7 @@ def setup_payload(mem_mib: int = 4) -> dict[str, Any]:
     config = MachineConfig(mem_mib=mem_mib, command=["true"])
     return {"kind": "kvmkit-machine", "config": config_to_dict(config, ()),
             "memory": [[s, n] for s, n in layout.ram_ranges(mem_mib << 20)],
-            "handover": False}  # fmt: skip
+            "handover": False, "vm_setup": SETUP.to_dict()}  # fmt: skip
 
 
 def feed(script: Callable[[Channel], None]) -> tuple[str, str | None]:

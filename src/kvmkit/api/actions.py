@@ -35,6 +35,7 @@ from kvmkit import __version__
 from kvmkit.api import logger as api_logger
 from kvmkit.api.metrics import Metrics
 from kvmkit.api.schema import SchemaError, validate
+from kvmkit.arch.x86_64.topology import Topology
 from kvmkit.devices.virtio.blk import DriveConfig, VirtioBlk
 from kvmkit.devices.virtio.net import NetConfig
 from kvmkit.devices.virtio.vsock import VsockConfig
@@ -91,6 +92,19 @@ def _check(body: Any, schema: str) -> dict[str, Any]:
         raise ApiError(str(err)) from None
     assert isinstance(body, dict)
     return body
+
+
+def _cpu_memory_options(mc: dict[str, Any]) -> dict[str, Any]:
+    """machine-config's `smt` and `huge_pages` as MachineConfig fields: SMT is one socket of
+    two-thread cores (Firecracker's; the vCPU count must be 1 or even), "2M" hugetlbfs."""
+    topology = None
+    if mc.get("smt"):
+        try:
+            topology = Topology.smt(mc["vcpu_count"])
+        except ValueError as err:
+            raise ApiError(f"machine-config.smt: {err}") from None
+    huge = mc.get("huge_pages", "None")
+    return {"topology": topology, "huge_pages": None if huge == "None" else huge}
 
 
 class Vmm:
@@ -199,10 +213,9 @@ class Vmm:
             self._set_machine_config({**self.machine_config, **body})
 
     def _set_machine_config(self, cfg: dict[str, Any]) -> None:
-        if cfg.get("smt"):
-            raise ApiError("machine-config.smt: kvmkit does not implement SMT topologies")
         try:
-            MachineConfig(vcpus=cfg["vcpu_count"], mem_mib=cfg["mem_size_mib"]).validate()
+            MachineConfig(vcpus=cfg["vcpu_count"], mem_mib=cfg["mem_size_mib"],
+                          **_cpu_memory_options(cfg)).validate()  # fmt: skip
         except UserError as err:
             raise ApiError(f"machine-config: {err}") from None
         cfg.pop("cpu_template", None)  # only "None" is accepted: the same as none
@@ -370,13 +383,13 @@ class Vmm:
                 cmdline=bs.get("boot_args"), vcpus=mc["vcpu_count"],
                 mem_mib=mc["mem_size_mib"], command=list(self.command or []),
                 drives=self._drive_configs(), nets=self._net_configs(),
-                vsock=self._vsock_config(),
+                vsock=self._vsock_config(), **_cpu_memory_options(mc),
             )  # fmt: skip
         if self.command is not None:
             return MachineConfig(
                 vcpus=mc["vcpu_count"], mem_mib=mc["mem_size_mib"], command=list(self.command),
                 drives=self._drive_configs(), nets=self._net_configs(),
-                vsock=self._vsock_config(),
+                vsock=self._vsock_config(), **_cpu_memory_options(mc),
             )
         raise ApiError("Cannot start microvm without kernel configuration.")
 

@@ -46,6 +46,11 @@ def register(sub: Any) -> None:
                    help="serve kvmkit's API for the restored microVM on this socket")  # fmt: skip
     p.add_argument("--timeout", type=float, default=None,
                    help="stop the VM after S seconds (--incoming: once it arrived)")  # fmt: skip
+    p.add_argument(
+        "--cpu-affinity", action="append", default=[], metavar="[V=]CPUS",
+        help="host CPUs for the vCPU threads, as for kvmkit run (the snapshot or migration "
+        "does not carry the host's CPUs)",
+    )  # fmt: skip
     p.set_defaults(func=restore)
 
 
@@ -59,6 +64,9 @@ def _check_host(how: str) -> None:
 
 
 def restore(args: argparse.Namespace) -> int:
+    from kvmkit.vmm.config import parse_cpu_affinity
+
+    args.affinity = parse_cpu_affinity(args.cpu_affinity)
     if args.incoming is not None:
         if args.state is not None or args.mem is not None or args.base_mem is not None:
             raise UserError("--incoming receives the state and memory: no --state/--mem")
@@ -148,6 +156,8 @@ def _run(args: argparse.Namespace, machine: Machine, write_out: Callable[[bytes]
             machine.close()
             raise
     try:
+        machine.config.cpu_affinity = args.affinity
+        machine.config.validate_affinity()
         if not machine.config.command:
             if vmm is not None:
                 vmm.console_output = write_out

@@ -40,10 +40,11 @@ from kvmkit.migration.stream import (
     listen,
     parse_address,
 )
-from kvmkit.snapshot.core import prepare_vm
+from kvmkit.snapshot.core import VmSetup, prepare_vm
 from kvmkit.snapshot.format import SnapshotError
-from kvmkit.vmm.machine import SETUP, Machine, add_guest_ram
+from kvmkit.vmm.machine import Machine
 from kvmkit.vmm.persist import MachineState, config_from_dict, config_to_dict
+from kvmkit.vmm.placement import add_guest_ram
 from kvmkit.vmm.runstate import RunState
 
 KIND = "kvmkit-machine"
@@ -72,7 +73,8 @@ class MachineSource:
         # of them first (PREPARED/HANDOVER). Without them the destination builds at once.
         handover = bool(config.nets) or config.vsock is not None
         return {"kind": KIND, "config": config_to_dict(config, sizes),
-                "memory": memory_layout(self.mem), "handover": handover}  # fmt: skip
+                "memory": memory_layout(self.mem), "handover": handover,
+                "vm_setup": self.machine.vm_setup().to_dict()}  # fmt: skip
 
     def pause(self) -> None:
         self.machine.pause()
@@ -115,6 +117,7 @@ class MachineSink:
         # The VM, made with the memory while the pages arrive (kvmkit.snapshot.core
         # .prepare_vm: registering guest RAM is the slowest part of a rebuild).
         self.prepared: tuple[Kvm, Vm] | None = None
+        self.vm_setup = VmSetup()
 
     def prepare(self, setup: dict[str, Any]) -> GuestMemory:
         if setup.get("kind") != KIND:
@@ -125,15 +128,17 @@ class MachineSink:
             raise SnapshotError("SETUP.memory is not the memory map of the machine's size")
         if setup.get("handover") is not (bool(config.nets) or config.vsock is not None):
             raise SnapshotError("SETUP.handover must say whether taps or vsock change hands")
+        self.vm_setup = VmSetup.from_dict(setup.get("vm_setup"))
+        config.validate_placement()  # the huge pages and host nodes it names (UserError)
         mem = GuestMemory()
         try:
-            add_guest_ram(mem, config)
+            add_guest_ram(mem, config)  # as the machine's own build(): huge pages, NUMA nodes
             try:
                 kvm = Kvm(self.kvm_device)
             except OSError as err:
                 raise UserError(f"{self.kvm_device}: {err.strerror or err}") from None
             try:
-                self.prepared = (kvm, prepare_vm(kvm, SETUP, mem))
+                self.prepared = (kvm, prepare_vm(kvm, self.vm_setup, mem))
             except BaseException:
                 kvm.close()
                 raise
@@ -145,8 +150,8 @@ class MachineSink:
 
     def check(self, payload: dict[str, Any]) -> MachineState:
         state = MachineState.from_dict(payload)
-        if state.kvm.setup != SETUP:
-            raise SnapshotError("migration state: the VM was set up another way than kvmkit's")
+        if state.kvm.setup != self.vm_setup:
+            raise SnapshotError("migration state: the VM was set up another way than SETUP said")
         config = config_to_dict(state.config, state.drive_sizes)
         before = self.setup["config"]
         for now, then in zip(config["drives"], before.get("drives", []), strict=False):

@@ -38,6 +38,15 @@ HALT = _NOTE + """
 	jmp 1b
 """
 
+# Loads an empty IDT and executes ud2: #UD -> #DF -> triple fault at once (the machine is
+# built whole, then ends with KVM_EXIT_SHUTDOWN).
+TRIPLE_FAULT = _NOTE + """
+	lidt idtr
+	ud2
+idtr:	.word 0
+	.long 0
+"""
+
 
 # Rewrites a counter into every page from 16 MiB to 16 MiB + PAGES pages, then writes '.' to
 # the serial port and counts the pass: a guest that keeps dirtying memory (at CPL0 it runs

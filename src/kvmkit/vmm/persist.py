@@ -7,8 +7,9 @@ One capture and one apply of state, two transports. `Machine.capture_state()` re
               (`kvmkit.snapshot.core.KvmState`)
     devices   the serial port; every virtio device with its transport (virtio-mmio or
               virtio-pci: config space, MSI-X table); the PCI root's address latch
-    meta      the configuration (drives with their image sizes, nets with the MAC the guest
-              knows, vsock), the console nonce, where the command-output parser was
+    meta      the configuration (the CPU topology, guest NUMA nodes and huge pages, so the
+              machine is rebuilt the same; drives with their image sizes, nets with the MAC
+              the guest knows, vsock), the console nonce, where the command-output parser was
 
 Guest memory is not in it: each transport carries memory its own way. The snapshot file pair
 (`kvmkit.vmm.snapshot`) writes the state file and a sparse memory file beside it; a
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmkit.arch.x86_64.numa import MAX_HOST_NODE, MAX_NODES, NumaNode
+from kvmkit.arch.x86_64.topology import LEVELS, Topology
 from kvmkit.devices.legacy.serial import SerialState
 from kvmkit.devices.pci.root import PciRootState
 from kvmkit.devices.virtio.blk import DriveConfig, VirtioBlk
@@ -40,6 +43,7 @@ from kvmkit.devices.virtio.net import NetConfig, VirtioNet
 from kvmkit.devices.virtio.pci import PciTransportState
 from kvmkit.devices.virtio.rng import VirtioRng
 from kvmkit.devices.virtio.vsock import VirtioVsock, VsockConfig
+from kvmkit.errors import UserError
 from kvmkit.snapshot.core import KIND, KvmState
 from kvmkit.snapshot.format import Fields, SnapshotError
 from kvmkit.vmm.config import MAX_VCPUS, MAX_VIRTIO_DEVICES, VIRTIO_TRANSPORTS, MachineConfig
@@ -165,6 +169,11 @@ class MachineState:
         config, sizes = _config_from(meta)
         if len(kvm.vcpus) != config.vcpus:
             raise SnapshotError("snapshot state: vCPU count does not match the configuration")
+        topology = config.cpu_topology
+        if [v.id for v in kvm.vcpus] != topology.apic_ids():
+            raise SnapshotError(f"snapshot state: vCPU ids are not the APIC IDs of {topology}")
+        if topology.needs_x2apic and not kvm.setup.x2apic_api:
+            raise SnapshotError("snapshot state: APIC IDs above 254 without KVM_CAP_X2APIC_API")
         command = None
         if meta.has("command"):
             command = CommandState.from_dict(meta.obj["command"], "meta.command")
@@ -188,7 +197,7 @@ def config_to_dict(cfg: MachineConfig, drive_sizes: tuple[int, ...]) -> dict[str
     return {"vcpus": cfg.vcpus, "mem_mib": cfg.mem_mib, "command": list(cfg.command),
             "drives": drives, "rng": cfg.rng, "virtio_transport": cfg.virtio_transport,
             "nets": [{"tap": n.tap, "mac": n.mac} for n in cfg.nets],
-            "vsock": vsock}  # fmt: skip
+            "vsock": vsock, **_save_cpu_memory(cfg)}  # fmt: skip
 
 
 def config_from_dict(obj: Any) -> tuple[MachineConfig, tuple[int, ...]]:
@@ -247,8 +256,43 @@ def _config_from(meta: Fields) -> tuple[MachineConfig, tuple[int, ...]]:
     config = MachineConfig(
         vcpus=cfg.get_int("vcpus", 1, MAX_VCPUS), mem_mib=cfg.get_int("mem_mib", 1, 1 << 20),
         command=command, drives=drives, rng=cfg.get_bool("rng") if cfg.has("rng") else False,
-        virtio_transport=transport, nets=nets, vsock=vsock,
+        virtio_transport=transport, nets=nets, vsock=vsock, **_load_cpu_memory(cfg),
     )  # fmt: skip
     if config.virtio_count > MAX_VIRTIO_DEVICES:
         raise SnapshotError(f"snapshot state: more than {MAX_VIRTIO_DEVICES} virtio devices")
+    try:
+        config.validate_shapes()
+    except UserError as err:
+        raise SnapshotError(f"snapshot state: meta.config: {err}") from None
     return config, tuple(sizes)
+
+
+def _save_cpu_memory(cfg: MachineConfig) -> dict[str, Any]:
+    """The topology, guest NUMA nodes and huge pages of meta.config (docs/topology.md)."""
+    topo = cfg.topology  # None: one socket with one core per vCPU
+    return {
+        "topology": None if topo is None else {name: getattr(topo, name) for name in LEVELS},
+        "numa": [{"cpus": sorted(n.cpus), "mem_mib": n.mem_mib, "host_node": n.host_node}
+                 for n in cfg.numa],
+        "huge_pages": cfg.huge_pages,
+    }  # fmt: skip
+
+
+def _load_cpu_memory(cfg: Fields) -> dict[str, Any]:
+    """`_save_cpu_memory`'s fields, checked; absent in states from before them (a flat
+    topology, no NUMA, base pages)."""
+    topology = None
+    if cfg.obj.get("topology") is not None:
+        t = cfg.get_obj("topology")
+        try:
+            topology = Topology(**{name: t.get_int(name, 1, MAX_VCPUS) for name in LEVELS})
+        except ValueError as err:
+            raise SnapshotError(f"snapshot state: {t.path}: {err}") from None
+    numa = []
+    for i, raw in enumerate(cfg.get_list("numa", MAX_NODES) if cfg.has("numa") else []):
+        n = Fields(raw, f"meta.config.numa[{i}]")
+        host = None if n.obj.get("host_node") is None else n.get_int("host_node", 0, MAX_HOST_NODE)
+        cpus = n.get_ints("cpus", MAX_VCPUS, width=16)
+        numa.append(NumaNode(frozenset(cpus), n.get_int("mem_mib", 1, 1 << 20), host))
+    huge = cfg.get_str("huge_pages", 16) if cfg.obj.get("huge_pages") is not None else None
+    return {"topology": topology, "numa": numa, "huge_pages": huge}
