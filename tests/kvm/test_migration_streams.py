@@ -42,7 +42,7 @@ def frame(kind: int, payload: bytes, *, crc: int | None = None) -> bytes:
     return head + struct.pack("<I", crc) + payload
 
 
-def setup_payload(mem_mib: int = 4) -> dict[str, Any]:
+def setup_payload(mem_mib: int = 32) -> dict[str, Any]:
     from kvmkit.arch.x86_64 import layout
 
     config = MachineConfig(mem_mib=mem_mib, command=["true"])
