@@ -12,7 +12,9 @@ KVMKIT_FORCE_RUN lets the VMMs start on a PVM host.
 - the destination killed mid-stream, and the destination refusing the state after the pause
   (the drive image changed size meanwhile): `kvmkit migrate` exits 1 with the reason, the
   source's guest runs on (API state Running, console growing) and migrates fine afterwards;
-- a vsock socket and a tap change hands on one host (the source lets go at the hand-over).
+- a vsock socket and a tap change hands on one host (the source lets go at the hand-over);
+- a 195-vCPU machine with APIC IDs past 254, guest RAM on huge pages and a guest NUMA node
+  bound to a host node arrives with the same topology, memory backing and binding.
 The Linux-guest cases run in the lane (tests/hwvirt/test_migration_linux.py).
 """
 
@@ -31,6 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_huge_pages_kvm import (  # `reserved` is a fixture
+    HUGE,
+    MACHINE_MIB,
+    kernel_page_size,
+    numa_line,
+    reserved,  # noqa: F401
+)
 
 from kvmkit.api.client import request
 from kvmkit.devices.virtio.net import NetConfig
@@ -314,3 +323,38 @@ def test_a_truncated_stream_is_refused_with_status_2_and_nothing_run(
     assert "closed the connection in the middle of a frame" in err, err
     assert "Traceback" not in err
     assert dest.stdout() == b""  # no guest ran: no console output
+
+
+@pytest.mark.usefixtures("reserved")
+def test_huge_pages_numa_and_a_large_topology_migrate(tmp_path: Path) -> None:
+    # Guest RAM on 2 MiB huge pages with a guest NUMA node bound to host node 0, and APIC
+    # IDs past 254 (KVM_CAP_X2APIC_API): the destination builds the same memory and VM.
+    # (`reserved`: tests/kvm/test_huge_pages_kvm.py's fixture, huge pages for two machines.)
+    from kvmkit.arch.x86_64.numa import NumaNode
+    from kvmkit.arch.x86_64.topology import Topology
+
+    install_kick_handler()
+    topology = Topology(sockets=3, cores=65)
+    config = MachineConfig(
+        kernel=pvh.build(pvh.HALT, tmp_path / "halt.elf"), vcpus=195, mem_mib=MACHINE_MIB,
+        topology=topology, huge_pages="2M",
+        numa=[NumaNode(frozenset(range(130)), 32, 0), NumaNode(frozenset(range(130, 195)), 32)],
+    )  # fmt: skip
+    with Incoming(f"unix:{tmp_path}/in.sock") as incoming:
+        got: dict[str, Any] = {}
+        receiver = threading.Thread(target=lambda: got.update(m=incoming.receive()))
+        receiver.start()
+        with Machine(config) as vm:
+            vm.start()
+            result = vm.migrate(f"unix:{tmp_path}/in.sock")
+            receiver.join(120)
+        print(result.summary())
+        dest = got["m"]
+        with dest:
+            assert dest.config.cpu_topology == topology and dest.x2apic_api
+            assert [t.vcpu.id for t in dest.threads] == topology.apic_ids()
+            (region,) = dest.mem.regions
+            assert region.huge_page_size == HUGE and kernel_page_size(region) == HUGE
+            assert "bind:0" in numa_line(dest.mem, 0) and "huge" in numa_line(dest.mem, 0)
+            dest.start()
+            dest.pause()  # the 195 vCPUs run, and stop, at the destination
