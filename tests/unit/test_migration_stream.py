@@ -186,3 +186,24 @@ def test_json_payloads_are_capped() -> None:
     other.sendall(FRAME.pack(Kind.SETUP, 0, len(big), 0))
     with pytest.raises(MigrationError, match="over its"):
         ch.recv([Kind.SETUP])
+
+
+def test_runs_of_pages_go_into_memfd_memory_whole() -> None:
+    # Consecutive pages are written with one pwritev on the region's memfd; a zero marker
+    # for a page written before ends the run and zeroes it; a page in another region, or
+    # not next to the last one, starts a new run.
+    mem = GuestMemory()
+    mem.add_memfd(0, 16 * PAGE_SIZE)
+    mem.add_memfd(0x100000, 16 * PAGE_SIZE)
+    sink = PageSink(mem)
+    gpas = [0x1000, 0x2000, 0x3000, 0x5000, 0x100000, 0x101000]
+    pages = {gpa: bytes([i + 1]) * PAGE_SIZE for i, gpa in enumerate(gpas)}
+    sink.apply(batch_payload(list(pages.items())), "src")
+    for gpa, data in pages.items():
+        assert mem.read(gpa, PAGE_SIZE) == data
+    sink.apply(batch_payload([(0x1000, b"\x77" * PAGE_SIZE), (0x2000, None),
+                              (0x3000, b"\x88" * PAGE_SIZE)]), "src")  # fmt: skip
+    assert mem.read(0x1000, PAGE_SIZE) == b"\x77" * PAGE_SIZE
+    assert mem.read(0x2000, PAGE_SIZE) == bytes(PAGE_SIZE)
+    assert mem.read(0x3000, PAGE_SIZE) == b"\x88" * PAGE_SIZE
+    assert mem.read(0x4000, PAGE_SIZE) == bytes(PAGE_SIZE)  # untouched between the runs
