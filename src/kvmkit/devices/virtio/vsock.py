@@ -265,8 +265,11 @@ class VirtioVsock(VirtioDevice):
             self.listener, self._uds_id = listener, (st.st_dev, st.st_ino)
             if self.activated:
                 # The guest's connections were reset on the host side: tell it (as after a
-                # restore), and watch the new listener.
+                # restore), and watch the new listener. The worker sends the reset when it
+                # serves a queue: kick them, as a restore does, or the guest would not hear
+                # of it until it next notified one.
                 self.restored()
+                self.kick_ready_queues()
 
     # -- snapshots: the guest CID and the next host port; no connection is saved
     def save_device(self) -> dict[str, Any]:
