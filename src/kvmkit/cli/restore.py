@@ -25,6 +25,7 @@ from kvmkit.errors import UserError
 from kvmkit.probe import detect_implementation
 
 if TYPE_CHECKING:
+    from kvmkit.cli.run import StateDump
     from kvmkit.vmm.machine import Machine, MachineResult
 
 
@@ -64,13 +65,15 @@ def _check_host(how: str) -> None:
 
 
 def restore(args: argparse.Namespace) -> int:
+    from kvmkit.cli.run import StateDump
     from kvmkit.vmm.config import parse_cpu_affinity
 
+    dump = StateDump()  # kill -USR1 prints the VM's state (kvmkit run's)
     args.affinity = parse_cpu_affinity(args.cpu_affinity)
     if args.incoming is not None:
         if args.state is not None or args.mem is not None or args.base_mem is not None:
             raise UserError("--incoming receives the state and memory: no --state/--mem")
-        return _incoming(args)
+        return _incoming(args, dump)
     if args.state is None or args.mem is None:
         raise UserError("give --state and --mem (a snapshot), or --incoming URL")
     from kvmkit.vmm.snapshot import read_snapshot, restore_machine
@@ -83,7 +86,7 @@ def restore(args: argparse.Namespace) -> int:
     machine = restore_machine(
         args.state, args.mem, base_mem=args.base_mem, command_output=write_out
     )
-    return _run(args, machine, write_out)
+    return _run(args, machine, write_out, dump)
 
 
 def _stdout_writer() -> Callable[[bytes], None]:
@@ -99,7 +102,7 @@ def _stdout_writer() -> Callable[[bytes], None]:
     return write_out
 
 
-def _incoming(args: argparse.Namespace) -> int:
+def _incoming(args: argparse.Namespace, dump: StateDump) -> int:
     from kvmkit.migration import Incoming
 
     _check_host(f"--incoming {args.incoming}")
@@ -120,7 +123,7 @@ def _incoming(args: argparse.Namespace) -> int:
               flush=True)  # fmt: skip
         if vmm is not None:
             vmm.migration = {"state": "none"}
-        return _run(args, machine, write_out, vmm)
+        return _run(args, machine, write_out, dump, vmm)
     finally:
         if server is not None:
             server.close()
@@ -145,9 +148,10 @@ def _api(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _run(args: argparse.Namespace, machine: Machine, write_out: Callable[[bytes], None],
-         vmm: Any = None) -> int:  # fmt: skip
+         dump: StateDump, vmm: Any = None) -> int:  # fmt: skip
     """Run a rebuilt machine to its end, as `kvmkit run` would; its exit status. With an
     API (`vmm`) the action layer runs it and closes it."""
+    dump.machine = machine
     server = None
     if vmm is None and args.api_sock is not None:
         try:
