@@ -135,8 +135,12 @@ def migrate(tmp: Path, api: str, to: str, *extra: str) -> subprocess.CompletedPr
 
 
 def downtime(out: str) -> float:
-    found = re.search(r"downtime (\d+) ms, total ([\d.]+) s", out)
+    """The downtime on kvmkit migrate's last line (which ends its output)."""
+    last = out.splitlines()[-1]
+    found = re.fullmatch(r"kvmkit migrate: migrated to \S+: downtime (\d+) ms, total ([\d.]+) s "
+                         r"\(\d+ rounds, \d+ pages, [\d.]+ MiB sent.*\)", last)  # fmt: skip
     assert found, out
+    assert re.search(r"where the downtime went: pause \d+ ms, last pages \d+ ms", out), out
     return float(found.group(1))
 
 

@@ -4,7 +4,8 @@ restore --incoming` listening at the address.
 
 One line of progress per pre-copy round (and every few seconds in a long round): the round,
 pages sent, pages still dirty, the guest's dirty rate and the downtime expected if the
-guest stopped now; then one line with `downtime N ms` and the total time. Exit status 0:
+guest stopped now; then where the downtime went, and last one line with `downtime N ms`
+and the total time. Exit status 0:
 the guest runs at the destination and the VMM behind SOCK has ended; 1: the migration failed
 (the reason is printed, the guest runs on in that VMM); 2: bad arguments or no VMM on SOCK.
 """
@@ -112,14 +113,15 @@ def migrate(args: argparse.Namespace) -> int:
     _show(value, printed)
     how = "" if value.get("converged", True) else \
         f", stop-and-copy forced: {value.get('stop_reason', 'round limit')}"
+    phases = value.get("downtime_phases_ms")
+    if isinstance(phases, dict) and phases:
+        print("kvmkit migrate: where the downtime went: " + ", ".join(
+            f"{k} {v:.0f} ms" for k, v in phases.items()))  # fmt: skip
+    # The last line: the outcome (the issue's "ends with one line containing downtime N ms").
     print(
         f"kvmkit migrate: migrated to {args.to}: downtime {value['downtime_ms']:.0f} ms, "
         f"total {value['total_s']:.2f} s ({value['rounds']} rounds, {value['pages_sent']} "
         f"pages, {value['bytes_sent'] / 2**20:.1f} MiB sent{how})",
         flush=True,
     )
-    phases = value.get("downtime_phases_ms")
-    if isinstance(phases, dict) and phases:
-        print("kvmkit migrate: downtime: " + ", ".join(f"{k} {v:.0f} ms"
-                                                        for k, v in phases.items()))  # fmt: skip
     return 0
