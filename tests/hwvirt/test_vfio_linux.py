@@ -28,11 +28,13 @@ import re
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kvmkit import guestlog
 from kvmkit.lane import assets
 
 EDU = ("0x1234", "0x11e8")
@@ -233,7 +235,10 @@ def test_edu_passthrough_to_linux(tmp_path: Path, lane_edu: None) -> None:
     # probe set (ACKNOWLEDGE | DRIVER) is 0 afterwards. Linux restores the BARs and MSI-X
     # after the reset, and virtio_pci drives the device again.
     assert value("RESETMETHOD").split()[0] == "flr", value("RESETMETHOD")
-    assert value("VIRTIOFLR") == "0 3 0"
+    # The status before the probe's writes is not checked: Linux's virtio_dev_remove sets
+    # ACKNOWLEDGE again after the driver's reset when virtio_pci lets go (seen: 1).
+    _, set_status, after_flr = value("VIRTIOFLR").split()
+    assert (set_status, after_flr) == ("3", "0"), value("VIRTIOFLR")
     count, current = value("RNGAGAIN").split()
     assert count == "512" and current.startswith("virtio_rng"), value("RNGAGAIN")
     # pci-testdev in slot 3: its I/O BAR (256 ports) in kvmkit's I/O window, and reads and
@@ -267,6 +272,10 @@ def test_edu_passthrough_to_linux(tmp_path: Path, lane_edu: None) -> None:
     assert re.search(rf"DMAR: .*fault addr (0x)?0*{OUTSIDE_RAM:x}", dmesg), dmesg[-3000:]
     # Nonsense in config space and BAR0 did not take kvmkit down: the command finished.
     assert "GARBAGE bar done" in out and "SURVIVED" in lines, out
+    # Nor did it flood kvmkit's log: each kind of line a guest can cause is rate-limited
+    # (kvmkit.guestlog: a burst, then one per interval).
+    kinds = Counter(re.sub(r"0x[0-9a-f]+|\d+", "N", line) for line in err.splitlines())
+    assert max(kinds.values(), default=0) <= guestlog.BURST + 1, err[-3000:]
     # Everything was released: the group can be opened again.
     for bdf in (SOLO, rng, TESTDEV):
         fd = os.open(f"/dev/vfio/{_group(bdf)}", os.O_RDWR)

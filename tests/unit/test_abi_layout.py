@@ -74,8 +74,11 @@ def expected_lines() -> dict[str, int]:
     for cap in constants.Cap:
         want[f"const KVM_CAP_{cap.name}"] = int(cap)
     for name in ("KVM_COALESCED_MMIO_PAGE_OFFSET", "KVM_PIT_SPEAKER_DUMMY", "KVM_DEV_TYPE_VFIO",
-                 "KVM_DEV_VFIO_GROUP", "KVM_DEV_VFIO_GROUP_ADD", "KVM_DEV_VFIO_GROUP_DEL"):
+                 "KVM_DEV_VFIO_GROUP", "KVM_DEV_VFIO_GROUP_ADD", "KVM_DEV_VFIO_GROUP_DEL",
+                 "KVM_VCPU_TSC_CTRL", "KVM_VCPU_TSC_OFFSET"):
         want[f"const {name}"] = getattr(constants, name)
+    for flag in constants.DirtyLogFlag:
+        want[f"const KVM_DIRTY_LOG_{flag.name}"] = int(flag)
     for reason in constants.ExitReason:
         want[f"const KVM_EXIT_{reason.name}"] = int(reason)
     return want

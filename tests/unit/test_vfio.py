@@ -5,6 +5,7 @@ tested in the lane with QEMU's edu device: tests/hwvirt/test_vfio_linux.py."""
 
 from __future__ import annotations
 
+import socket
 import struct
 import subprocess
 import sys
@@ -79,6 +80,23 @@ def test_snapshot_of_a_passthrough_machine_is_refused(tmp_path: Path) -> None:
     with Machine(MachineConfig(vfio=["0000:00:00.0"])) as machine:
         with pytest.raises(UserError, match="cannot be snapshotted or migrated"):
             machine.capture_state()
+
+
+def test_migration_of_a_passthrough_machine_is_refused_before_connecting(
+    tmp_path: Path,
+) -> None:
+    """Machine.migrate (behind kvmkit migrate and PUT /migration) refuses at once: the
+    destination listening at the address never sees a connection."""
+    path = tmp_path / "incoming.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        listener.setblocking(False)
+        with Machine(MachineConfig(vfio=["0000:00:00.0"])) as machine:
+            with pytest.raises(UserError, match="cannot be snapshotted or migrated"):
+                machine.migrate(f"unix:{path}")
+        with pytest.raises(BlockingIOError):
+            listener.accept()
 
 
 def test_config_validation_runs_the_host_checks() -> None:

@@ -43,7 +43,10 @@ from kvmkit.errors import UserError
 from kvmkit.vmm.config import MachineConfig
 
 if TYPE_CHECKING:
+    from kvmkit.migration.send import MigrationProgress
     from kvmkit.vmm.machine import Machine, MachineResult
+
+DEFAULT_MAX_DOWNTIME_MS = 300  # kvmkit.vmm.machine's (QEMU's default downtime limit)
 
 log = logging.getLogger("kvmkit.api")
 
@@ -140,6 +143,10 @@ class Vmm:
         self._lock = threading.Lock()
         self._log_handler: logging.Handler | None = None
         self._configured = False  # anything boot-specific set (snapshot load then refused)
+        # Live migration (kvmkit extension): GET /migration shows this; while one runs,
+        # requests that change the VM are refused.
+        self.migration: dict[str, Any] = {"state": "none"}
+        self._migrating = False
         if threading.current_thread() is threading.main_thread():
             # vCPU kicks (pause, stop) from the API threads need the signal handler, and
             # only the main thread can install it: create the Vmm there.
@@ -151,6 +158,9 @@ class Vmm:
     def _mutating(self) -> _Held:
         if not self._lock.acquire(timeout=BUSY_TIMEOUT):
             raise ApiError("the VMM is busy with another request; try again")
+        if self._migrating:
+            self._lock.release()
+            raise ApiError("a migration of this microVM is in progress")
         return _Held(self._lock)
 
     def _pre_boot(self) -> None:
@@ -483,7 +493,9 @@ class Vmm:
     def _run(self, machine: Machine, paused: bool = False) -> None:
         """Start the vCPU threads (parked at once when `paused`) and watch for the end."""
         if self.console_output is not None:
-            machine.console.add_listener(self.console_output)
+            # Firecracker's console: the guest never waits for the VMM's stdout; output that
+            # does not fit while stdout is full is dropped and counted (vmm/console.py).
+            machine.console.add_listener(self.console_output, lossless=False)
         machine.start(paused=paused)
         self.machine = machine
         self.state = State.PAUSED if paused else State.RUNNING
@@ -599,6 +611,58 @@ class Vmm:
             self._latency("load_snapshot", t0)
             log.info("snapshot %s loaded (%s)", body["snapshot_path"], self.state.value)
 
+    # -- live migration (kvmkit extension, docs/migration.md)
+    def get_migration(self) -> dict[str, Any]:
+        """GET /migration: the state of the last (or running) migration and its progress."""
+        return copy.deepcopy(self.migration)
+
+    def put_migration(self, body: Any) -> dict[str, Any]:
+        """PUT /migration: migrate the running microVM to a `kvmkit restore --incoming` at
+        `destination_url`; answers when it is over. Success: the guest runs at the
+        destination and this VMM's microVM has ended. Failure (ApiError): it runs on here."""
+        body = _check(body, "MigrationParams")
+        url = body["destination_url"]
+        with self._mutating():
+            self._post_boot()
+            machine = self.machine
+            assert machine is not None
+            if self.state is State.PAUSED:
+                raise ApiError("the microVM is paused: resume it before migrating")
+            if self.ended.is_set():
+                raise ApiError("the microVM has ended: nothing to migrate")
+            self._migrating = True
+            self.migration = {"state": "setup", "destination_url": url}
+        t0 = time.monotonic()
+
+        def progress(p: MigrationProgress) -> None:
+            self.migration = {**p.to_dict(), "destination_url": url}
+
+        try:
+            result = machine.migrate(
+                url, max_downtime_ms=body.get("max_downtime_ms", DEFAULT_MAX_DOWNTIME_MS),
+                bandwidth_mib_s=body.get("bandwidth_mib_s"), progress=progress,
+            )  # fmt: skip
+        except UserError as err:
+            self.migration = {**self.migration, "state": "failed", "error": str(err)}
+            log.warning("migration to %s failed: %s", url, err)
+            raise ApiError(str(err)) from None
+        finally:
+            self._migrating = False
+        self.migration = {**result.progress.to_dict(), **result.to_dict(),
+                          "state": "completed", "destination_url": url}  # fmt: skip
+        self._latency("migration", t0)
+        log.info("migrated to %s: %s", url, result.summary())
+        return copy.deepcopy(self.migration)
+
+    def adopt(self, machine: Machine, *, paused: bool = False) -> None:
+        """Run a machine built elsewhere (a migration received by `kvmkit restore
+        --incoming --api-sock`): the API controls it from here."""
+        with self._mutating():
+            self._pre_boot()
+            cfg = machine.config
+            self.machine_config.update(vcpu_count=cfg.vcpus, mem_size_mib=cfg.mem_mib)
+            self._run(machine, paused=paused)
+
     # -- config file (Firecracker's --config-file shape)
     def apply_config(self, data: Any) -> None:
         """Apply a whole configuration (the --config-file JSON); the VM is not started."""
@@ -640,7 +704,10 @@ class Vmm:
         if serial is not None:
             metrics.set("uart", "read_count", serial.read_count)
             metrics.set("uart", "write_count", serial.write_count)
-            metrics.set("uart", "missed_write_count", serial.missed_write_count)
+            # Bytes the console dropped for a reader that fell behind count as missed too
+            # (Firecracker counts the bytes its non-blocking stdout refused).
+            metrics.set("uart", "missed_write_count",
+                        serial.missed_write_count + machine.console.dropped)  # fmt: skip
         block = {"read_bytes": 0, "write_bytes": 0, "read_count": 0, "write_count": 0,
                  "flush_count": 0}  # fmt: skip
         for _, _, device in machine.virtio:

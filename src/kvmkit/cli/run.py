@@ -22,6 +22,7 @@ from kvmkit.devices.virtio.net import NetConfig
 from kvmkit.devices.virtio.vsock import VsockConfig
 from kvmkit.errors import UserError
 from kvmkit.probe import detect_implementation
+from kvmkit.threads import ThreadKind, start_thread
 from kvmkit.vmm.config import MachineConfig, parse_cpu_affinity
 
 if TYPE_CHECKING:
@@ -165,7 +166,40 @@ def _forward_input(machine: Machine, fd: int, stop: threading.Event) -> None:
             machine.write_console(bytes(out))
 
 
+def _api_devices(args: argparse.Namespace) -> dict[str, Any]:
+    """--drive, --net and --vsock as the API's drives, network interfaces and vsock (with
+    --api-sock the action layer builds the machine; they used to be dropped silently)."""
+    if args.rng or args.virtio_transport != "mmio":
+        raise UserError("--rng and --virtio-transport pci do not combine with --api-sock yet")
+    out: dict[str, Any] = {}
+    try:
+        drives = [DriveConfig.parse(spec) for spec in args.drive]
+        nets = [NetConfig.parse(spec) for spec in args.net]
+        vsock = VsockConfig.parse(args.vsock) if args.vsock else None
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if drives:
+        # The API's drive id is the drive's serial (GET_ID), as `serial=` gives it.
+        out["drives"] = [
+            {"drive_id": d.serial or f"drive{i}", "path_on_host": str(d.path),
+             "is_root_device": False, "is_read_only": d.read_only}
+            for i, d in enumerate(drives)
+        ]  # fmt: skip
+    if nets:
+        out["network-interfaces"] = [
+            {"iface_id": f"eth{i}", "host_dev_name": n.tap, **({"guest_mac": n.mac} if n.mac
+                                                               else {})}
+            for i, n in enumerate(nets)
+        ]  # fmt: skip
+    if vsock is not None:
+        out["vsock"] = {"guest_cid": vsock.cid, "uds_path": str(vsock.uds_path)}
+    if args.vfio:
+        out["vfio-devices"] = [{"device_id": f"vfio{i}", "bdf": b} for i, b in enumerate(args.vfio)]
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    dump = StateDump()
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -181,13 +215,11 @@ def run(args: argparse.Namespace) -> int:
                 "--topology, --numa, --huge-pages and --cpu-affinity do not combine with "
                 "--api-sock/--config-file (use machine-config's smt and huge_pages)"
             )
-        vfio = [{"device_id": f"vfio{i}", "bdf": b} for i, b in enumerate(args.vfio)]
         return run_api(
             api_sock=args.api_sock, config_file=args.config_file, kernel=args.kernel,
             initrd=args.initrd, cmdline=args.cmdline,
             vcpus=args.vcpus if args.vcpus is not None else 1, mem_mib=args.mem_mib,
-            command=command, timeout=args.timeout,
-            extra_config={"vfio-devices": vfio} if vfio else None,
+            command=command, timeout=args.timeout, extra_config=_api_devices(args) or None,
         )  # fmt: skip
     config = MachineConfig(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
@@ -228,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
     from kvmkit.vmm.machine import EndReason, Machine  # here: `kvmkit --help` stays light
 
     with Machine(config, command_output=write_out) as machine:
+        dump.machine = machine
         machine.build()
         gdb_stub = _start_gdb(machine, args) if getattr(args, "gdb", None) else None
         interactive = not command
@@ -240,9 +273,8 @@ def run(args: argparse.Namespace) -> int:
                 stack.enter_context(_raw_terminal(stdin_fd))
                 _progress("console attached; Ctrl-A x quits\r")
             if interactive and stdin_fd >= 0:
-                threading.Thread(
-                    target=_forward_input, args=(machine, stdin_fd, stop_input), daemon=True
-                ).start()
+                start_thread(ThreadKind.INPUT, "stdin", _forward_input, machine, stdin_fd,
+                             stop_input)  # fmt: skip
             machine.start()
             if args.snapshot_after is not None:
                 from kvmkit.vmm.snapshot import snapshot_after
@@ -272,6 +304,28 @@ def run(args: argparse.Namespace) -> int:
         return result.command_status
     print(f"kvmkit run: {result.message}", file=sys.stderr)
     return result.exit_status
+
+
+class StateDump:
+    """`kill -USR1 PID` prints the VM's state (vCPUs, console, virtio queues beside the
+    guest's rings, worker threads) to stderr: what to look at when a run seems stuck.
+    Installed first thing, so a signal sent while the VM is still being built is answered
+    (not the default action, which ends the process)."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.machine: Machine | None = None
+        signal.signal(signal.SIGUSR1, self._dump)
+
+    def _dump(self, signum: int, frame: object) -> None:
+        try:
+            machine = self.machine
+            text = machine.describe() if machine is not None else "kvmkit: no VM yet\n"
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except Exception as err:  # a diagnostic must not end the run
+            print(f"kvmkit: state dump failed: {err!r}", file=sys.stderr)
 
 
 def _cpu_options(config: MachineConfig, args: argparse.Namespace) -> None:

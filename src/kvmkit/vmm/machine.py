@@ -12,13 +12,15 @@ devices and their irqfds, then vCPUs, each with its APIC ID as its id (kvmkit.vm
 docs/topology.md): CPUID before anything else on the vCPU, then MSRs, LAPIC LINT pins, FPU,
 and the boot registers on vCPU 0; the others wait for INIT/SIPI in the in-kernel LAPIC.
 
-The operations state transfer is built on (snapshots: kvmkit.vmm.snapshot; migration):
+The operations state transfer is built on (snapshots: kvmkit.vmm.snapshot; live migration:
+kvmkit.migration):
 
-    m.pause()                  every vCPU held outside KVM_RUN, the virtio worker parked
+    m.pause()                  every vCPU held outside KVM_RUN, the virtio workers parked
     state = m.capture_state()  a kvmkit.vmm.persist.MachineState (no guest memory)
     m.resume()
     m2 = Machine.from_state(state, memory)   memory: a GuestMemory from any source
     m2.start()                 (start(paused=True): built and held, for a later resume())
+    m.migrate("unix:/tmp/m")   live migration (kvmkit.migration), the same state over a socket
 
 Each vCPU thread owns its run state (kvmkit.vmm.runstate): pause and resume are events on
 it, as are the GDB stub's stops.
@@ -35,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from kvmkit.abi.constants import KVM_PIT_SPEAKER_DUMMY, Cap
 from kvmkit.arch.x86_64 import layout, mptable
@@ -51,13 +54,14 @@ from kvmkit.devices.legacy.power import AcpiPower
 from kvmkit.devices.legacy.rtc import CmosRtc
 from kvmkit.devices.legacy.serial import Serial8250
 from kvmkit.devices.virtio.blk import VirtioBlk
-from kvmkit.devices.virtio.device import VirtioDevice, VirtioWorker
+from kvmkit.devices.virtio.device import VirtioDevice
 from kvmkit.devices.virtio.mmio import MmioTransportState, VirtioMmio
 from kvmkit.devices.virtio.mmio import cmdline_entry as virtio_cmdline_entry
 from kvmkit.devices.virtio.net import NetConfig, VirtioNet, format_mac, parse_mac
 from kvmkit.devices.virtio.pci import PciTransportState, VirtioPci
 from kvmkit.devices.virtio.rng import VirtioRng
 from kvmkit.devices.virtio.vsock import VirtioVsock
+from kvmkit.devices.virtio.worker import VirtioWorkers
 from kvmkit.errors import UserError
 from kvmkit.kvm import Kvm, KvmError, Vcpu, Vm
 from kvmkit.kvm.coalesced import CoalescedRing, RingDrainer
@@ -65,7 +69,8 @@ from kvmkit.kvm.kick import install_kick_handler
 from kvmkit.memory import GuestMemory
 from kvmkit.snapshot.core import VmSetup, build_vm, capture_kvm_state
 from kvmkit.snapshot.format import SnapshotError
-from kvmkit.snapshot.vcpu_state import resume_vcpu
+from kvmkit.snapshot.vcpu_state import resume_vcpu, saveable_msrs
+from kvmkit.threads import ThreadKind, start_thread
 from kvmkit.unixsock import remove_stale_socket
 from kvmkit.vmm import cpus
 from kvmkit.vmm.config import MachineConfig
@@ -77,6 +82,9 @@ from kvmkit.vmm.placement import add_guest_ram
 from kvmkit.vmm.runstate import Event, RunState
 from kvmkit.vmm.vcpu import VcpuThread
 from kvmkit.vmm.vfio import MachineVfio
+
+if TYPE_CHECKING:
+    from kvmkit.migration.send import MigrationProgress, MigrationResult
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +106,10 @@ VFIO_NO_SNAPSHOT = (
     "a machine with passthrough devices (--vfio) cannot be snapshotted or migrated: their "
     "state is in the hardware, not in kvmkit"
 )
+# How long close() waits for the VM's threads in all before leaving stuck ones behind.
+CLOSE_TIMEOUT = 10.0
 PAUSE_TIMEOUT = 10.0
+DEFAULT_MAX_DOWNTIME_MS = 300  # QEMU's default downtime limit (migrate_set_parameter)
 # How `build` creates the VM (and a restore recreates it): Intel needs three pages for
 # real-mode emulation and an identity-map page below 4 GiB, outside RAM and device windows
 # (KVM API doc, KVM_SET_TSS_ADDR); the in-kernel irqchip and PIT, the PIT with KVM's stub of
@@ -116,6 +127,7 @@ class EndReason(enum.Enum):
     TRIPLE_FAULT = "triple-fault"
     ERROR = "error"
     STOPPED = "stopped"
+    MIGRATED = "migrated"
 
 
 # `kvmkit run` exit statuses when no command status is available (documented in the README).
@@ -126,6 +138,7 @@ EXIT_STATUS = {
     EndReason.TRIPLE_FAULT: 5,
     EndReason.ERROR: 6,
     EndReason.STOPPED: 130,
+    EndReason.MIGRATED: 0,
 }
 MESSAGES = {
     EndReason.POWEROFF: "the guest powered off",
@@ -134,6 +147,7 @@ MESSAGES = {
     EndReason.TRIPLE_FAULT: "the guest triple-faulted (CPU reset)",
     EndReason.ERROR: "the VM stopped on an error",
     EndReason.STOPPED: "the VM was stopped",
+    EndReason.MIGRATED: "the guest migrated away",
 }
 
 
@@ -196,9 +210,14 @@ class Machine:
         self.virtio_transports: list[VirtioMmio | VirtioPci] = []  # in the order of self.virtio
         self.pci: MachinePci | None = None  # the PCI bus: virtio_transport="pci" or vfio
         self.vfio: MachineVfio | None = None  # passthrough devices (config.vfio)
-        self._virtio_worker: VirtioWorker | None = None
+        # The virtio queue workers (devices/virtio/worker.py); pause parks them.
+        self._virtio_workers: VirtioWorkers | None = None
         self._restored = False  # built by from_state: KVM_KVMCLOCK_CTRL before the vCPUs run
         self.x2apic_api = 0  # KVM_CAP_X2APIC_API flags enabled (APIC IDs above 254)
+        self.rebuild_ms: dict[str, float] = {}  # from_state's steps, in milliseconds
+        # The MSRs a state of this machine holds, found before any vCPU runs (the vCPUs
+        # would hold their mutex in KVM_RUN): saves the probing from a migration's downtime.
+        self._msr_indices: list[int] | None = None
 
     # -- life cycle
     def __enter__(self) -> Machine:
@@ -210,20 +229,38 @@ class Machine:
         self.close()
 
     def close(self) -> None:
+        """Stop everything and release it, in bounded time (CLOSE_TIMEOUT for the threads
+        in all): a thread that does not stop (a vCPU or worker stuck in the kernel, a
+        console reader that never reads) is left behind as a daemon thread, and what it may
+        still touch (guest memory, the vCPU mappings, device fds) is not unmapped or closed
+        under it; the process is about to end anyway."""
         self.stop()
+        deadline = time.monotonic() + CLOSE_TIMEOUT
         for t in self.threads:
-            t.join(5)
+            t.join(max(0.0, deadline - time.monotonic()))
+        stuck = [f"vcpu{t.vcpu.id}" for t in self.threads if t.thread.is_alive()]
         if self.ring is not None:
-            self.ring.stop()
-            self.ring.ring.release()
+            if self.ring.stop(max(0.0, deadline - time.monotonic())):
+                self.ring.ring.release()
+            else:
+                stuck.append("coalesced-drain")
             self.ring = None
+        if (workers := self._virtio_workers) is not None:
+            if not workers.stop(max(0.0, deadline - time.monotonic())):
+                stuck.extend(f"virtio worker {name}" for name in workers.not_parked())
+            workers.close()
+        self.console.close(max(0.0, deadline - time.monotonic()))
+        if stuck:
+            # A stuck vCPU thread may still serve a trapped BAR access through a passthrough
+            # device's fd: those stay open too (the process's exit releases them).
+            log.warning("closing the VM with %s still running: its memory stays mapped",
+                        ", ".join(stuck))  # fmt: skip
+            return
         if self.vfio is not None:  # before the VM: its slots and irqfds go first
             self.vfio.close()
             self.vfio = None
         if self.vm is not None:
             self.vm.close()
-        if self._virtio_worker is not None:
-            self._virtio_worker.close()
         for _, _, dev in self.virtio:
             dev.close()
         for irq in self._irqs:
@@ -231,7 +268,6 @@ class Machine:
         if self.pci is not None:
             self.pci.close()
         self.mem.close()
-        self.console.close()
         if self.kvm is not None:
             self.kvm.close()
 
@@ -332,12 +368,15 @@ class Machine:
             if index == 0:
                 setup_boot_vcpu(vcpu, self.boot, self.mem)
             self.threads.append(VcpuThread(vcpu, self.pio, self.mmio, self._on_vcpu_stopped))
+        self._msr_indices = saveable_msrs(kvm, self.threads[0].vcpu)
 
     def _add_devices(self, vm: Vm) -> None:
         serial_irq = EventFdIrq(SERIAL_IRQ)
         self._irqs.append(serial_irq)
         vm.irqfd(serial_irq.fd, serial_irq.gsi)
-        self.serial = Serial8250(serial_irq, self.console.feed, fifo64=self.config.serial_fifo64)
+        self.serial = Serial8250(serial_irq, self.console.feed, fifo64=self.config.serial_fifo64,
+                                 tx_ready=self.console.has_room)  # fmt: skip
+        self.console.on_room = self.serial.tx_space
         self.pio.insert(self.serial, SERIAL_PORT, 8, "serial0")
         if self.config.coalesce_serial and vm.check_extension(Cap.COALESCED_PIO) > 0:
             # THR writes queue in KVM's ring instead of exiting one by one: with nested
@@ -400,7 +439,7 @@ class Machine:
             raise UserError(f"{what}: {err}") from None
         if not devices:
             return
-        self._virtio_worker = worker = VirtioWorker()
+        self._virtio_workers = worker = VirtioWorkers()
         if self.config.virtio_transport == "pci":
             pci = self._pci_bus(vm)
             for dev in devices:
@@ -447,11 +486,11 @@ class Machine:
                 sink = self._command_output or (lambda data: None)
                 self.command = CommandOutput(self.nonce, sink)
             self.console.add_listener(self.command.feed)
-            threading.Thread(target=self._watch_command, daemon=True).start()
+            start_thread(ThreadKind.WATCH, "command", self._watch_command)
         self._attach_ring()
         self.started_at = time.monotonic()
-        if self._virtio_worker is not None:
-            self._virtio_worker.start()
+        if self._virtio_workers is not None:
+            self._virtio_workers.start()
         if self._restored:
             # KVM_KVMCLOCK_CTRL right before the vCPUs run again: the guest learns it was
             # paused (no soft-lockup reports for the time it spent on disk or on the wire).
@@ -524,8 +563,13 @@ class Machine:
             status = self.command.status if self.command is not None else None
             self._result = MachineResult(reason, status, detail)
         self._done.set()
+        # Every vCPU is asked to stop even if asking one fails (a kick that finds its
+        # thread gone): one error must not leave the others running.
         for t in self.threads:
-            t.stop()
+            try:
+                t.stop()
+            except Exception:
+                log.exception("vcpu%d: stop failed", t.vcpu.id)
 
     def stop(self) -> None:
         self._finish(EndReason.STOPPED)
@@ -534,26 +578,37 @@ class Machine:
         """Block until the VM ends; None on timeout (the VM keeps running)."""
         if not self._done.wait(timeout):
             return None
+        deadline = time.monotonic() + CLOSE_TIMEOUT
         for t in self.threads:
-            t.join(10)
-        self.drain_coalesced()
-        self.console.flush()  # the guest's last bytes reach the listeners before the result
+            t.join(max(0.0, deadline - time.monotonic()))
+        if self.ring is not None:
+            self.ring.drain(max(0.0, deadline - time.monotonic()))
+        # The guest's last bytes reach the listeners before the result (bounded: a reader
+        # that stopped reading is given up on, vmm/console.py).
+        delivered = self.console.flush()
         assert self._result is not None
         if self.command is not None:
-            self.command.flush()
+            if delivered and self._result.reason is not EndReason.MIGRATED:
+                # (A guest that migrated goes on printing at the destination, which has the
+                # bytes held back here in the parser state it received.)
+                self.command.flush()
             # The EXIT marker may still have been in the console's delivery buffer when the
-            # VM ended: take the status the parser has now.
+            # VM ended: take the status the parser has now, or find the marker in the raw
+            # console if the output could not all be delivered.
             if self._result.command_status is None:
-                self._result.command_status = self.command.status
+                status = self.command.status
+                if status is None and not delivered:
+                    status = self.command.status_in(self.console.tail(64 * 1024))
+                self._result.command_status = status
         return self._result
 
     # -- pause, capture, rebuild: what snapshots and migration are built on
     @property
     def paused(self) -> bool:
-        """Every vCPU held by a pause outside KVM_RUN (or ended) and the virtio worker
-        parked: the state `capture_state()` reads is final."""
-        worker = self._virtio_worker
-        if worker is not None and not worker.paused:
+        """Every vCPU held by a pause outside KVM_RUN (or ended) and every virtio queue
+        worker parked: the state `capture_state()` reads is final."""
+        workers = self._virtio_workers
+        if workers is not None and not workers.paused:
             return False
         return bool(self.threads) and all(
             t.control.state is RunState.FINISHED
@@ -565,11 +620,12 @@ class Machine:
 
     def pause(self, timeout: float = PAUSE_TIMEOUT) -> None:
         """The PAUSE event on every vCPU, then wait until each is held outside KVM_RUN (or
-        has ended); then park the virtio worker between requests (after the vCPUs: no new
-        notification arrives), make the devices' effects durable (virtio-blk fdatasync) and
+        has ended); then park every virtio queue worker between passes (after the vCPUs: no
+        new notification arrives; a worker finishes at most the chain it is serving, its
+        pass being cut there), make the devices' effects durable (virtio-blk fdatasync) and
         hand the coalesced ring's writes to their devices. A vCPU the debugger holds is held
         already (kvmkit.vmm.runstate). UserError, with the machine running again, when a
-        vCPU or the worker does not stop within `timeout`."""
+        vCPU or a worker does not stop within `timeout`."""
         if self.vm is None or not self.threads:
             raise UserError("the machine is not running: nothing to pause")
         for t in self.threads:
@@ -578,10 +634,11 @@ class Machine:
             if not t.control.wait_held(timeout, lambda t=t: t.alive):  # type: ignore[misc]
                 self.resume()
                 raise UserError(f"vcpu{t.vcpu.id} did not pause within {timeout} s")
-        worker = self._virtio_worker
+        workers = self._virtio_workers
         try:
-            if worker is not None and not worker.pause(timeout):
-                raise UserError(f"the virtio worker did not pause within {timeout} s")
+            if workers is not None and not workers.pause(timeout):
+                busy = ", ".join(workers.not_parked())
+                raise UserError(f"virtio worker {busy} did not pause within {timeout} s")
             for _, _, dev in self.virtio:
                 try:
                     dev.quiesce()
@@ -591,18 +648,35 @@ class Machine:
             self.resume()
             raise
         self.drain_coalesced()  # device state includes every write the guest made
+        if self.command is not None:
+            self.command.freeze(True)
 
     def resume(self) -> None:
-        """The virtio worker runs again, then the RESUME event on every paused vCPU, each told
-        first that it was paused (KVM_KVMCLOCK_CTRL)."""
-        if self._virtio_worker is not None:
-            self._virtio_worker.resume()
+        """The virtio queue workers run again, then the RESUME event on every paused vCPU,
+        each told first that it was paused (KVM_KVMCLOCK_CTRL)."""
+        if self.command is not None:
+            self.command.freeze(False)
+        if self._virtio_workers is not None:
+            self._virtio_workers.resume()
         for t in self.threads:
             status = t.control.status
             if status.state is RunState.PAUSED or status.pause_pending:
                 if t.control.parked:
                     resume_vcpu(t.vcpu)
                 t.control.request(Event.RESUME)
+
+    def vm_setup(self) -> VmSetup:
+        """How this machine's VM was set up (what a state records and a rebuild repeats)."""
+        return dataclasses.replace(SETUP, x2apic_api=self.x2apic_api)
+
+    def state_config(self) -> tuple[MachineConfig, tuple[int, ...]]:
+        """The configuration a state of this machine carries, with each drive's image size:
+        each net with the MAC the guest knows (a random one when none was configured) and
+        its tap by name."""
+        nets = [NetConfig(dev.tap_name, format_mac(dev.mac))
+                for _, _, dev in self.virtio if isinstance(dev, VirtioNet)]  # fmt: skip
+        config = dataclasses.replace(self.config, nets=nets)
+        return config, tuple(d.path.stat().st_size for d in self.config.drives)
 
     def capture_state(self) -> MachineState:
         """The state of the paused machine, without guest memory (kvmkit.vmm.persist)."""
@@ -613,11 +687,7 @@ class Machine:
         if not self.paused:
             raise UserError("pause the machine before taking its state")
         self.console.flush()  # the parser state below must include every byte printed so far
-        cfg = self.config
-        # The MAC the guest knows (a random one when none was configured) and the tap by name.
-        nets = [NetConfig(dev.tap_name, format_mac(dev.mac))
-                for _, _, dev in self.virtio if isinstance(dev, VirtioNet)]  # fmt: skip
-        config = dataclasses.replace(cfg, nets=nets)
+        config, drive_sizes = self.state_config()
         assert self.serial is not None
         devices = DeviceStates(
             serial=self.serial.save(),
@@ -628,20 +698,67 @@ class Machine:
         )  # fmt: skip
         return MachineState(
             kvm=capture_kvm_state(self.kvm, self.vm, [t.vcpu for t in self.threads],
-                                  dataclasses.replace(SETUP, x2apic_api=self.x2apic_api)),
-            config=config, drive_sizes=tuple(d.path.stat().st_size for d in cfg.drives),
-            nonce=self.nonce, command=self.command.save() if self.command is not None else None,
-            devices=devices,
+                                  self.vm_setup(), on_vcpu=self._on_vcpu_thread,
+                                  msr_indices=self._msr_indices),
+            config=config, drive_sizes=drive_sizes, nonce=self.nonce,
+            command=self.command.save() if self.command is not None else None, devices=devices,
         )  # fmt: skip
+
+    def _on_vcpu_thread(self, vcpu: Vcpu, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the thread of a held vCPU (capture_kvm_state's timer delivery)."""
+        thread = next(t for t in self.threads if t.vcpu is vcpu)
+        return thread.control.call_held(fn, thread_alive=thread.thread.is_alive)
+
+    def migrate(
+        self, destination: str, *, max_downtime_ms: int = DEFAULT_MAX_DOWNTIME_MS,
+        bandwidth_mib_s: float | None = None,
+        progress: Callable[[MigrationProgress], None] | None = None,
+    ) -> MigrationResult:  # fmt: skip
+        """Live-migrate the running guest to a `kvmkit restore --incoming` (or
+        `kvmkit.migration.receive_migration`) listening at `destination` (`unix:PATH` or
+        `tcp:HOST:PORT`); see kvmkit.migration. On success the guest runs there and this
+        machine has ended (EndReason.MIGRATED); on any failure MigrationError is raised and
+        the guest runs on here."""
+        from kvmkit.migration.machine import migrate_machine
+
+        return migrate_machine(self, destination, max_downtime_ms=max_downtime_ms,
+                               bandwidth_mib_s=bandwidth_mib_s, progress=progress)  # fmt: skip
+
+    def release_host_devices(self) -> None:
+        """A migration's hand-over: give up the host side the destination's devices open
+        by name (taps, the vsock socket). The machine must be paused."""
+        for _, _, dev in self.virtio:
+            dev.release_host()
+
+    def reacquire_host_devices(self) -> None:
+        """Undo `release_host_devices` (the migration failed after it). A device whose host
+        side cannot be opened again goes into its error state; the guest runs on."""
+        for _, _, dev in self.virtio:
+            try:
+                dev.reacquire_host()
+            except OSError as err:
+                dev.device_error(f"cannot take its host side back: {err}")
+
+    def finish_migrated(self, detail: str) -> None:
+        """The destination took the guest over: end this machine (the vCPUs stay paused
+        until they stop)."""
+        self._finish(EndReason.MIGRATED, detail)
 
     @classmethod
     def from_state(
         cls, state: MachineState, memory: GuestMemory, *,
         command_output: Callable[[bytes], None] | None = None, kvm_device: str = "/dev/kvm",
+        advance_clock: bool = False, prepared: tuple[Kvm, Vm] | None = None,
     ) -> Machine:  # fmt: skip
         """A machine rebuilt from a checked state onto `memory` (its regions laid out as the
         state's machine had them, not yet registered with a VM; the machine owns it from
         here, also on failure). `start()` resumes the guest where it was paused.
+        `advance_clock` (a live migration): the guest's kvmclock and TSC move on by the time
+        since the state was taken (kvmkit.snapshot.core.build_vm) instead of continuing
+        from where they were (a snapshot). `prepared`: a /dev/kvm handle and a VM that
+        `kvmkit.snapshot.core.prepare_vm` made for `state.kvm.setup` and `memory` beforehand
+        (a migration's destination, while the pages arrived); the machine owns them from
+        here.
 
         The restore order, and why:
           1. the host side the devices reopen: a vsock socket file a killed process left
@@ -672,15 +789,27 @@ class Machine:
                 except OSError as err:
                     raise UserError(f"vsock: {err.strerror or err}") from None
             install_kick_handler()
+            vm = None
+            if prepared is not None:
+                machine.kvm, vm = prepared
+                prepared = None  # owned now: closed with the machine
             try:
-                machine.kvm = kvm = Kvm(kvm_device)
+                machine.kvm = kvm = machine.kvm or Kvm(kvm_device)
             except OSError as err:
                 raise UserError(str(err.strerror or err)) from None
-            restored = build_vm(kvm, state.kvm, memory)
+            t0 = time.monotonic()
+            restored = build_vm(kvm, state.kvm, memory, advance_clock=advance_clock,
+                                prepared=vm)  # fmt: skip
             machine.vm = restored.vm
             machine.x2apic_api = state.kvm.setup.x2apic_api
+            t1 = time.monotonic()
             machine._add_devices(restored.vm)
+            t2 = time.monotonic()
             machine._restore_devices(state.devices)
+            t3 = time.monotonic()
+            # How long each step took (a migration's destination reports it: it is downtime)
+            machine.rebuild_ms = {"kvm": (t1 - t0) * 1e3, "devices": (t2 - t1) * 1e3,
+                                  "device state": (t3 - t2) * 1e3}  # fmt: skip
             if config.command:
                 sink = command_output or (lambda data: None)
                 machine.command = CommandOutput(state.nonce, sink)
@@ -690,7 +819,11 @@ class Machine:
                 machine.threads.append(
                     VcpuThread(vcpu, machine.pio, machine.mmio, machine._on_vcpu_stopped)
                 )
+            machine._msr_indices = saveable_msrs(kvm, restored.vcpus[0])
         except BaseException:
+            if prepared is not None:
+                prepared[1].close()
+                prepared[0].close()
             machine.close()
             raise
         return machine
@@ -719,6 +852,29 @@ class Machine:
             self.pci.root.restore(devices.pci_root)
         for _, _, dev in self.virtio:
             dev.kick_ready_queues()
+
+    def describe(self) -> str:
+        """The machine's state as text, for a VM that seems stuck (`kvmkit run` prints it on
+        SIGUSR1): vCPU threads and their exits, the console, each virtio device and queue
+        (kvmkit's indexes beside the guest's rings) and the worker threads. Never blocks."""
+        lines = [f"kvmkit VM state after {time.monotonic() - self.started_at:.1f} s"]
+        for t in self.threads:
+            st = t.stats
+            lines.append(
+                f"vcpu{t.vcpu.id}: {t.control.state.value}"
+                f"{'' if t.thread.is_alive() else ' (thread ended)'}, {t.exits} exits (io in "
+                f"{st.exit_io_in}, out {st.exit_io_out}, mmio read {st.exit_mmio_read}, write "
+                f"{st.exit_mmio_write})"
+            )
+        c = self.console
+        lines.append(f"console: {c.total} bytes from the guest, {c.dropped} dropped")
+        for (_, _, dev), transport in zip(self.virtio, self.virtio_transports, strict=True):
+            lines.extend(dev.describe())
+            isr = getattr(transport, "isr", getattr(transport, "_isr", None))
+            lines.append(f"  transport {transport.KIND}: interrupt status {isr}")
+        if self._virtio_workers is not None:
+            lines.extend(self._virtio_workers.describe())
+        return "\n".join(lines) + "\n"
 
     @property
     def exits(self) -> int:

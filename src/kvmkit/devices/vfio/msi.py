@@ -23,9 +23,12 @@ from kvmkit.devices.irq import IrqLine, NoIrq
 from kvmkit.devices.pci.config import PciConfigSpace
 from kvmkit.devices.pci.msix import ENTRY_SIZE, VECTOR_CTRL_MASKED, Msix
 from kvmkit.devices.vfio.platform import VfioPlatform, eventfd_pending, irqs_off, new_eventfd
+from kvmkit.guestlog import GuestLog
 from kvmkit.vfio.handles import VfioDevice
 
 log = logging.getLogger(__name__)
+# Lines a guest can cause (its config and BAR writes), rate-limited (kvmkit.guestlog).
+glog = GuestLog(log)
 
 MAX_MSI_VECTORS = 32  # §6.8.1.3: Multiple Message Capable is at most 101b (32)
 
@@ -57,7 +60,7 @@ class _Vectors:
             self.platform.irqfd(self.fds[vector], self.gsis[vector], deassign=not on)
             self.assigned[vector] = on
         except OSError as err:
-            log.warning("irqfd for GSI %d: %s", self.gsis[vector], err)
+            glog.warning("irqfd for GSI %d: %s", self.gsis[vector], err)
 
     def unwire_all(self) -> None:
         for vector in range(len(self.fds)):
@@ -161,7 +164,7 @@ class VfioMsi:
                 abi.PciIrq.MSI, abi.IrqSetFlag.ACTION_TRIGGER, eventfds=self.vectors.fds[:n]
             )
         except OSError as err:
-            log.warning("%s: enabling %d MSI vector(s) failed: %s", self.device.name, n, err)
+            glog.warning("%s: enabling %d MSI vector(s) failed: %s", self.device.name, n, err)
             self.intx_on()
             return
         self.active = n
@@ -280,7 +283,7 @@ class VfioMsix(Msix):
                 )
                 self.active = True
             except OSError as err:
-                log.warning("%s: enabling MSI-X failed: %s", self.device.name, err)
+                glog.warning("%s: enabling MSI-X failed: %s", self.device.name, err)
                 self.intx_on()
         elif not self.enabled and self.active:
             self._disable()

@@ -68,10 +68,13 @@ from kvmkit.devices.vfio.layout import (
 )
 from kvmkit.devices.vfio.msi import VfioMsi, VfioMsix
 from kvmkit.devices.vfio.platform import VfioPlatform, irqs_off, new_eventfd
+from kvmkit.guestlog import GuestLog
 from kvmkit.memory.region import host_address
 from kvmkit.vfio.handles import RegionInfo, VfioDevice
 
 log = logging.getLogger(__name__)
+# Lines a guest can cause (its config and BAR writes), rate-limited (kvmkit.guestlog).
+glog = GuestLog(log)
 
 ROM_BAR = 6  # the expansion ROM's index in `mapped` (after BAR0-5)
 ROM_MIN_SIZE = 2048  # PCI 3.0 §6.2.5.2: the ROM BAR decodes at least 2 KiB
@@ -267,7 +270,7 @@ class VfioPci(PciFunction):
             self.device.set_irqs(abi.PciIrq.INTX, abi.IrqSetFlag.ACTION_UNMASK, eventfds=[resample])
             self._intx_on = True
         except OSError as err:
-            log.warning("%s: enabling INTx failed: %s", self.name, err)
+            glog.warning("%s: enabling INTx failed: %s", self.name, err)
 
     # -- configuration space (offsets and lengths from the guest)
     def _device_command(self) -> int:
@@ -281,7 +284,7 @@ class VfioPci(PciFunction):
         try:
             self.device.pwrite(self.config_region.offset + offset, data)
         except OSError as err:
-            log.debug("%s: config write %#x+%d refused: %s", self.name, offset, len(data), err)
+            glog.debug("%s: config write %#x+%d refused: %s", self.name, offset, len(data), err)
 
     def config_read(self, offset: int, length: int) -> int:
         if length not in (1, 2, 4) or offset < 0 or offset + length > CONFIG_SIZE:
@@ -352,7 +355,7 @@ class VfioPci(PciFunction):
                 try:
                     self.device.reset()
                 except OSError as err:
-                    log.warning("%s: VFIO_DEVICE_RESET failed: %s", self.name, err)
+                    glog.warning("%s: VFIO_DEVICE_RESET failed: %s", self.name, err)
             if flr:
                 for bar in self.bars.values():
                     self._set_bar_register(bar.spec, 0)
@@ -408,7 +411,7 @@ class VfioPci(PciFunction):
             except OSError as err:
                 # Overlapping another mapping (a guest that placed two BARs on each other):
                 # this part is served by exits instead.
-                log.info("%s BAR%d at %#x: not mapped (%s)", self.name, bar.spec.index,
+                glog.info("%s BAR%d at %#x: not mapped (%s)", self.name, bar.spec.index,
                             addr + offset, err)  # fmt: skip
 
     def _unmap_bar(self, bar: _Bar) -> None:
@@ -416,7 +419,7 @@ class VfioPci(PciFunction):
             try:
                 self.platform.unmap_mmio(handle)
             except OSError as err:
-                log.warning("%s BAR%d: unmapping failed (%s)", self.name, bar.spec.index, err)
+                glog.warning("%s BAR%d: unmapping failed (%s)", self.name, bar.spec.index, err)
         bar.slots.clear()
 
     # -- trapped BAR accesses (offsets relative to the BAR; from the guest)
@@ -458,7 +461,7 @@ class VfioPci(PciFunction):
         try:
             self.device.pwrite(at, data)
         except OSError as err:
-            log.debug("%s BAR%d write at %#x refused: %s", self.name, bar, offset, err)
+            glog.debug("%s BAR%d write at %#x refused: %s", self.name, bar, offset, err)
 
     # -- life cycle
     def close(self) -> None:

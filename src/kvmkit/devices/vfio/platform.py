@@ -9,9 +9,12 @@ import os
 from typing import Protocol
 
 from kvmkit.abi import vfio as abi
+from kvmkit.guestlog import GuestLog
 from kvmkit.vfio.handles import VfioDevice
 
 log = logging.getLogger(__name__)
+# Lines a guest can cause (its config and BAR writes), rate-limited (kvmkit.guestlog).
+glog = GuestLog(log)
 
 
 class VfioPlatform(Protocol):
@@ -62,4 +65,4 @@ def irqs_off(device: VfioDevice, index: abi.PciIrq) -> None:
     try:
         device.set_irqs(index, abi.IrqSetFlag.ACTION_TRIGGER, count=0)
     except OSError as err:
-        log.warning("%s: turning %s off failed: %s", device.name, index.name, err)
+        glog.warning("%s: turning %s off failed: %s", device.name, index.name, err)
