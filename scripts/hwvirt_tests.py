@@ -4,10 +4,10 @@ Used by scripts/run-hwvirt-tests.sh on hosts without VMX/SVM. Tests are grouped 
 they need: most run in the default lane, and a module or test marked
 `@pytest.mark.lane_devices("edu", ..., modules=(...))` runs in a lane booted with those
 `--device`s and `--module`s (the VFIO tests: an emulated IOMMU slows every DMA in the lane,
-so the others do not get one). Each group runs in a single lane boot (one pytest session),
-except the default lane's tests, which are split by file into as many boots as there are lanes
-to spare: KVMKIT_HWVIRT_LANES (default 2, one per core of a 2-core host; each lane has one
-TCG vCPU) lane boots run at once. WEIGHTS balances the split.
+so the others do not get one). KVMKIT_HWVIRT_LANES (default 2, one per core of a 2-core
+host; each lane has one TCG vCPU) workers run side by side: the test files are spread over
+them by their WEIGHTS, and each worker runs its share of the default group in one lane boot
+(one pytest session), then its share of a device group, if it got one, in another.
 
 The nested KVM under QEMU/TCG has been seen to wedge: the whole lane VM goes idle and no
 timeout inside it fires. So each test has a time limit watched from outside (the conftest
@@ -174,6 +174,8 @@ WEIGHTS = {
     "tests/hwvirt/test_topology_linux.py": 120.0,
     "tests/hwvirt/test_net_vsock_linux.py": 120.0,
     "tests/hwvirt/test_snapshot_linux.py": 100.0,
+    "tests/hwvirt/test_migration_linux.py": 400.0,
+    "tests/hwvirt/test_vfio_linux.py": 280.0,
 }
 DEFAULT_WEIGHT = 80.0
 
@@ -188,54 +190,61 @@ def lanes_wanted() -> int:
         raise SystemExit(f"KVMKIT_HWVIRT_LANES={raw!r}: expected a number") from None
 
 
-def shard(ids: list[str], count: int) -> list[list[str]]:
-    """Split `ids` into at most `count` lists of whole test files (a file's tests share its
-    module fixtures, often one guest boot), longest file first onto the lightest list, each
-    list in the original order."""
-    files: dict[str, list[str]] = {}
-    for nodeid in ids:
-        files.setdefault(nodeid.split("::", 1)[0], []).append(nodeid)
-    loads = [0.0] * max(1, min(count, len(files)))
-    chosen: list[set[str]] = [set() for _ in loads]
-    for name in sorted(files, key=lambda f: -WEIGHTS.get(f, DEFAULT_WEIGHT)):
+Job = tuple["LaneConfig", list[str]]  # one lane boot: its kind and the tests it runs
+
+
+def plan(groups: dict[LaneConfig, list[str]], lanes: int) -> list[list[Job]]:
+    """Spread the tests over `lanes` workers that run side by side. The unit is a test file
+    (a file's tests share its module fixtures, often one guest boot); heaviest first onto the
+    lightest worker. Each worker then runs one lane boot per lane kind it got (the default
+    lane's files together, each device group's files together), tests in their original order."""
+    files: dict[tuple[LaneConfig, str], list[str]] = {}
+    for lane, ids in groups.items():
+        for nodeid in ids:
+            files.setdefault((lane, nodeid.split("::", 1)[0]), []).append(nodeid)
+    count = max(1, min(lanes, len(files)))
+    loads = [0.0] * count
+    bins: list[dict[LaneConfig, list[str]]] = [{} for _ in range(count)]
+    for lane, name in sorted(files, key=lambda k: -WEIGHTS.get(k[1], DEFAULT_WEIGHT)):
         i = loads.index(min(loads))
         loads[i] += WEIGHTS.get(name, DEFAULT_WEIGHT)
-        chosen[i].add(name)
-    return [[n for n in ids if n.split("::", 1)[0] in names] for names in chosen if names]
-
-
-def jobs_for(groups: dict[LaneConfig, list[str]], lanes: int) -> list[tuple[LaneConfig, list[str]]]:
-    """The lane boots of one round: each device group whole, the default lane's tests split
-    so that all the jobs together fill `lanes` lanes."""
-    jobs: list[tuple[LaneConfig, list[str]]] = []
-    for lane, group in groups.items():
-        if lane == LaneConfig():
-            spare = max(1, lanes - (len(groups) - 1))
-            jobs += [(lane, part) for part in shard(group, spare)]
-        else:
-            jobs.append((lane, group))
-    return jobs
+        bins[i].setdefault(lane, []).extend(files[(lane, name)])
+    order = list(groups)
+    workers = []
+    for chosen in bins:
+        jobs = []
+        for lane in order:  # the default lane first, as collect() lists it
+            if lane in chosen:
+                picked = set(chosen[lane])
+                jobs.append((lane, [n for n in groups[lane] if n in picked]))
+        if jobs:
+            workers.append(jobs)
+    return workers
 
 
 def run_round(
     python: str, groups: dict[LaneConfig, list[str]], tmp: Path, tag: str,
     wedges: dict[str, int], lanes: int,
 ) -> Round:  # fmt: skip
-    """Run every group's tests, up to `lanes` lane boots at once (each job its own progress
-    file and resume loop); prints a line per job as it ends."""
-    jobs = jobs_for(groups, lanes)
+    """Run every group's tests in up to `lanes` lanes side by side (each lane boot its own
+    progress file and resume loop); prints a line per lane boot as it ends."""
+    workers = plan(groups, lanes)
     total = Round()
 
-    def one(n: int, lane: LaneConfig, ids: list[str]) -> Round:
-        started = time.monotonic()
-        part = run_all(python, ids, tmp / f"{tag}{n}", wedges, lane)
-        print(f"hwvirt tests: {lane.describe()} (job {n + 1}/{len(jobs)}): {len(ids)} test(s), "
-              f"{part.boots} boot(s), {time.monotonic() - started:.0f} s", flush=True)  # fmt: skip
-        return part
+    def one(w: int, jobs: list[Job]) -> Round:
+        done = Round()
+        for n, (lane, ids) in enumerate(jobs):
+            started = time.monotonic()
+            part = run_all(python, ids, tmp / f"{tag}{w}-{n}", wedges, lane)
+            done.merge(part)
+            print(f"hwvirt tests: {lane.describe()} (worker {w + 1}/{len(workers)}): "
+                  f"{len(ids)} test(s), {part.boots} boot(s), {time.monotonic() - started:.0f} s",
+                  flush=True)  # fmt: skip
+        return done
 
-    with ThreadPoolExecutor(max_workers=lanes) as pool:
-        parts = [pool.submit(one, n, lane, ids) for n, (lane, ids) in enumerate(jobs)]
-        for future in parts:
+    with ThreadPoolExecutor(max_workers=len(workers)) as pool:
+        futures = [pool.submit(one, w, jobs) for w, jobs in enumerate(workers)]
+        for future in futures:
             total.merge(future.result())
     return total
 
