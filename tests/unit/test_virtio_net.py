@@ -445,3 +445,40 @@ def test_net_helper_refuses_bad_input(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "prefix length" in proc.stderr
+
+
+def test_mtu_and_tx_rate_limit(netns: str, worker: VirtioWorker) -> None:
+    """Firecracker's `mtu` is offered as VIRTIO_NET_F_MTU with the value in the config space
+    (§5.1.4); a tx limiter of one frame per 100 ms spaces the guest's frames on the wire."""
+    from kvmkit.devices.virtio.ratelimit import BucketConfig, RateLimiterConfig
+
+    def make() -> tuple[n.VirtioNet, socket.socket]:
+        dev = n.VirtioNet(
+            "kvmklim0", n.parse_mac("02:00:00:00:00:09"), mtu=1400,
+            tx_rate_limiter=RateLimiterConfig(ops=BucketConfig(1, 100)),
+        )  # fmt: skip
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        sock.bind(("kvmklim0", 0))
+        sock.settimeout(5)
+        return dev, sock
+
+    dev, sock = in_netns(netns, make)
+    try:
+        worker.add(dev)
+        g = Guest(dev)
+        assert g.offered() & n.VIRTIO_NET_F_MTU
+        assert dev.read_config(10, 2) == struct.pack("<H", 1400)
+        g.init(VIRTIO_F_VERSION_1 | n.VIRTIO_NET_F_MAC | n.VIRTIO_NET_F_MTU)
+        t0 = time.monotonic()
+        for i in range(4):
+            g.transmit(bytes(12) + frame(b"\xff" * 6, dev.mac, b"%d" % i * 60))
+        for i in range(4):
+            assert recv_ours(sock)[14:16] == b"%d" % i * 2
+        took = time.monotonic() - t0
+        assert 0.25 <= took < 3.0, took
+        assert dev.tx_limiter.throttled >= 2 and dev.tx_frames == 4
+        with pytest.raises(ValueError, match="mtu"):
+            n.NetConfig("tap0", mtu=67).check()
+    finally:
+        sock.close()
+        dev.close()

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmkit.abi.constants import KVM_PIT_SPEAKER_DUMMY
-from kvmkit.devices.virtio.blk import DriveConfig, VirtioBlk
+from kvmkit.devices.virtio.blk import CACHE_TYPES, CACHE_WRITEBACK, DriveConfig, VirtioBlk
 from kvmkit.devices.virtio.device import VirtioDevice, VirtioState, parse_state
 from kvmkit.devices.virtio.net import NetConfig, VirtioNet, format_mac
+from kvmkit.devices.virtio.ratelimit import RateLimiterConfig
 from kvmkit.devices.virtio.rng import VirtioRng
 from kvmkit.devices.virtio.vsock import VirtioVsock, VsockConfig
 from kvmkit.errors import UserError
@@ -132,21 +133,31 @@ def snapshot_machine(
         raise UserError("a diff snapshot needs a full snapshot of this machine first")
     machine.console.flush()  # the parser state below must include every byte printed so far
     cfg = machine.config
+    # Drives as the devices have them now (a PATCH may have changed the image or the rate
+    # limiter since boot); the limiters' buckets come back full.
     drives = [
-        {"path": str(d.path.absolute()), "read_only": d.read_only, "serial": d.serial,
-         "size": d.path.stat().st_size}
-        for d in cfg.drives
+        {"path": str(dev.path.absolute()), "read_only": dev.read_only,
+         "serial": dev.serial.decode("latin-1"), "size": os.fstat(dev.fd).st_size,
+         "cache_type": dev.cache_type, "rate_limiter": dev.limiter.config.to_api()}
+        for _, _, dev in machine.virtio if isinstance(dev, VirtioBlk)
     ]  # fmt: skip
     # The MAC the guest knows (a random one when none was configured) and the tap by name.
-    nets = [{"tap": dev.tap_name, "mac": format_mac(dev.mac)}
+    nets = [{"tap": dev.tap_name, "mac": format_mac(dev.mac), "mtu": dev.mtu,
+             "rx_rate_limiter": dev.rx_limiter.config.to_api(),
+             "tx_rate_limiter": dev.tx_limiter.config.to_api()}
             for _, _, dev in machine.virtio if isinstance(dev, VirtioNet)]  # fmt: skip
+    rng_limiter = next(
+        (dev.limiter.config.to_api() for _, _, dev in machine.virtio
+         if isinstance(dev, VirtioRng)), None,
+    )  # fmt: skip
     vsock = None
     if cfg.vsock is not None:
         vsock = {"cid": cfg.vsock.cid, "uds_path": str(cfg.vsock.uds_path.absolute())}
     meta: dict[str, Any] = {
         "config": {"vcpus": cfg.vcpus, "mem_mib": cfg.mem_mib, "command": list(cfg.command),
                    "drives": drives, "rng": cfg.rng, "virtio_transport": cfg.virtio_transport,
-                   "nets": nets, "vsock": vsock},
+                   "nets": nets, "vsock": vsock, "rng_rate_limiter": rng_limiter,
+                   "boot_timer": cfg.boot_timer},
         "nonce": machine.nonce,
     }  # fmt: skip
     if machine.command is not None:
@@ -193,14 +204,27 @@ def _config_from(meta: Fields) -> MachineConfig:
                 f"drive {path}: the image is {now} bytes, it was {size} when the snapshot was "
                 "taken (another image?)"
             )
-        drives.append(DriveConfig(path, d.get_bool("read_only"), d.get_str("serial", 4096)))
+        # Snapshots from before cache types and limiters: Writeback (FLUSH offered), none.
+        cache = d.get_str("cache_type", 16) if d.has("cache_type") else CACHE_WRITEBACK
+        if cache not in CACHE_TYPES:
+            raise SnapshotError(f"snapshot state: {d.path}.cache_type {cache!r}")
+        drives.append(DriveConfig(
+            path, d.get_bool("read_only"), d.get_str("serial", 4096), cache_type=cache,
+            rate_limiter=_limiter_from(d, "rate_limiter"),
+        ))  # fmt: skip
     transport = cfg.get_str("virtio_transport", 16) if cfg.has("virtio_transport") else "mmio"
     if transport not in VIRTIO_TRANSPORTS:
         raise SnapshotError(f"snapshot state: meta.config.virtio_transport {transport!r}")
     nets = []
     for i, raw in enumerate(cfg.get_list("nets", MAX_VIRTIO) if cfg.has("nets") else []):
         n = Fields(raw, f"meta.config.nets[{i}]")
-        net = NetConfig(n.get_str("tap", 64), n.get_str("mac", 64))
+        mtu = n.obj.get("mtu")
+        if mtu is not None:
+            mtu = n.get_int("mtu", 68, 65535)
+        net = NetConfig(
+            n.get_str("tap", 64), n.get_str("mac", 64), mtu,
+            _limiter_from(n, "rx_rate_limiter"), _limiter_from(n, "tx_rate_limiter"),
+        )  # fmt: skip
         try:
             net.check()
         except ValueError as err:
@@ -220,10 +244,24 @@ def _config_from(meta: Fields) -> MachineConfig:
         vcpus=cfg.get_int("vcpus", 1, 255), mem_mib=cfg.get_int("mem_mib", 1, 1 << 20),
         command=command, drives=drives, rng=cfg.get_bool("rng") if cfg.has("rng") else False,
         virtio_transport=transport, nets=nets, vsock=vsock,
+        rng_rate_limiter=_limiter_from(cfg, "rng_rate_limiter"),
+        # The boot timer moves the virtio-mmio devices: it must come back with them.
+        boot_timer=cfg.get_bool("boot_timer") if cfg.has("boot_timer") else False,
     )  # fmt: skip
     if config.virtio_count > MAX_VIRTIO_DEVICES:
         raise SnapshotError(f"snapshot state: more than {MAX_VIRTIO_DEVICES} virtio devices")
     return config
+
+
+def _limiter_from(f: Fields, key: str) -> RateLimiterConfig | None:
+    """A rate limiter saved as its API shape (absent or null in older snapshots: none)."""
+    raw = f.obj.get(key)
+    if raw is None:
+        return None
+    try:
+        return RateLimiterConfig.from_api(raw, f"{f.path}.{key}")
+    except ValueError as err:
+        raise SnapshotError(f"snapshot state: {err}") from None
 
 
 def _virtio_classes(config: MachineConfig) -> list[type[VirtioDevice]]:
