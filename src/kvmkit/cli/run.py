@@ -39,7 +39,10 @@ def register(sub: Any) -> None:
     p.add_argument("--kernel", type=Path, help="bzImage or ELF vmlinux (PVH)")
     p.add_argument("--initrd", type=Path, help="initramfs for --kernel")
     p.add_argument(
-        "--cmdline", help="kernel command line (added to kvmkit's for the default image)"
+        "--cmdline",
+        help="kernel command line: replaces kvmkit's defaults for --kernel, is added to them "
+        "for the default image; the root drive's and the devices' parameters always follow "
+        "(docs/api.md)",
     )
     p.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
     p.add_argument("--mem-mib", type=int, default=256, help="guest memory in MiB (default 256)")
@@ -63,9 +66,17 @@ def register(sub: Any) -> None:
         help="at the end, print to stderr the run time, vCPU exits and console bytes",
     )  # fmt: skip
     p.add_argument(
-        "--drive", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
+        "--rootfs", metavar="PATH[,ro]",
+        help="boot this root file system image (ext4, ...): the first drive, /dev/vda, "
+        "with root=/dev/vda on the kernel command line; the default image's init mounts it "
+        "and runs its /sbin/init (or runs COMMAND in it); ro: read-only",
+    )  # fmt: skip
+    p.add_argument(
+        "--drive", action="append", default=[],
+        metavar="PATH[,ro][,serial=ID][,cache=unsafe|writeback][,root]",
         help="a raw disk image as a virtio-blk drive (/dev/vda, vdb, ... in order); "
-        "ro: read-only (guest writes fail)",
+        "ro: read-only (guest writes fail); cache: whether a guest flush is fdatasync "
+        "(writeback, the default) or not offered (unsafe); root: the root device",
     )
     p.add_argument("--rng", action="store_true", help="a virtio-rng device (/dev/hwrng)")
     p.add_argument(
@@ -157,6 +168,12 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     try:
         config.drives = [DriveConfig.parse(spec) for spec in args.drive]
+        if args.rootfs:
+            root = DriveConfig.parse(args.rootfs)
+            if root.root or root.serial or set(args.rootfs.split(",")[1:]) - {"ro", "readonly"}:
+                raise ValueError(f"--rootfs {args.rootfs}: the only option is ro")
+            root.root = True
+            config.drives.insert(0, root)
         config.nets = [NetConfig.parse(spec) for spec in args.net]
         config.vsock = VsockConfig.parse(args.vsock) if args.vsock else None
     except ValueError as err:
