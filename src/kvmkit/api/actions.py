@@ -85,7 +85,8 @@ class Route:
     Vmm method doing the work (called with the body, and the id first when there is one);
     `metric` Firecracker's counter stem in `<method>_api_requests` (`drive` ->
     `drive_count`, `drive_fails`); `schema` the body's OpenAPI definition; `id_field` the
-    body field that must equal the id in the path."""
+    body field that must equal the id in the path; `parse` a check of the body that, as
+    in Firecracker's request parser, comes before the state rule."""
 
     method: str
     path: str
@@ -94,10 +95,18 @@ class Route:
     metric: str
     schema: str | None = None
     id_field: str | None = None
+    parse: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def reads(self) -> bool:
         return self.method == "GET"
+
+
+def _patch_drive_body(body: dict[str, Any]) -> None:
+    if "path_on_host" not in body and "rate_limiter" not in body:
+        raise ApiError(
+            "Please specify at least one property to patch: path_on_host, rate_limiter."
+        )
 
 
 ROUTES: tuple[Route, ...] = (
@@ -112,7 +121,7 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/boot-source", "_put_boot_source", PRE_BOOT, "boot_source", "BootSource"),
     Route("PUT", "/drives/{id}", "_put_drive", PRE_BOOT, "drive", "Drive", "drive_id"),
     Route("PATCH", "/drives/{id}", "_patch_drive", POST_BOOT, "drive", "PartialDrive",
-          "drive_id"),
+          "drive_id", _patch_drive_body),
     Route("PUT", "/network-interfaces/{id}", "_put_network_interface", PRE_BOOT, "network",
           "NetworkInterface", "iface_id"),
     Route("PATCH", "/network-interfaces/{id}", "_patch_network_interface", POST_BOOT,
@@ -240,6 +249,8 @@ class Vmm:
             body = _check(body, r.schema)
             if r.id_field is not None and body[r.id_field] != ident:
                 raise ApiError(ID_MISMATCH)
+            if r.parse is not None:
+                r.parse(body)
             args.append(body)
         handler = getattr(self, r.handler)
         if r.reads:
@@ -493,10 +504,6 @@ class Vmm:
             raise ApiError(f"{BAD_BODY}{err}.") from None
 
     def _patch_drive(self, drive_id: str, body: dict[str, Any]) -> None:
-        if "path_on_host" not in body and "rate_limiter" not in body:
-            raise ApiError(
-                "Please specify at least one property to patch: path_on_host, rate_limiter."
-            )
         dev = self._device("drive", drive_id)
         stored = self.res.drives[drive_id]
         limiter = self._limiter(body, "rate_limiter")
