@@ -80,3 +80,29 @@ def gpt_disk(path: Path, source: Path, size_mib: int, part_uuid: uuid.UUID) -> s
         fh.seek((last - entries_sectors) * SECTOR)
         fh.write(entries + header(last, 1, last - entries_sectors))
     return str(part_uuid)
+
+
+def busybox_tree(root: Path, init_script: str) -> Path:
+    """A minimal root file system tree at `root`: the static busybox with a symlink for each
+    of its applets, the usual directories, and `init_script` as /sbin/init (a shell script
+    run by the rootfs's own busybox sh)."""
+    from kvmkit.image.busybox import applet_paths
+    from kvmkit.lane.assets import ensure_busybox
+
+    busybox = ensure_busybox()
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root",
+              "run", "mnt"):  # fmt: skip
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "bin" / "busybox").write_bytes(busybox.read_bytes())
+    (root / "bin" / "busybox").chmod(0o755)
+    for applet in applet_paths(busybox):
+        target = root / applet
+        if applet in ("bin/busybox", "sbin/init") or target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to("/bin/busybox")
+    init = root / "sbin" / "init"
+    init.write_text(init_script)
+    init.chmod(0o755)
+    (root / "etc" / "hostname").write_text("rootfs\n")
+    return root

@@ -256,7 +256,7 @@ def _config_from(meta: Fields) -> MachineConfig:
 def _limiter_from(f: Fields, key: str) -> RateLimiterConfig | None:
     """A rate limiter saved as its API shape (absent or null in older snapshots: none)."""
     raw = f.obj.get(key)
-    if raw is None:
+    if not raw:  # absent, null, or {}: no limiter
         return None
     try:
         return RateLimiterConfig.from_api(raw, f"{f.path}.{key}")
