@@ -251,10 +251,13 @@ kvmkit_find_partuuid() {
 # LABEL=), or nothing while it has not appeared.
 kvmkit_root_device() {
     case $1 in
-        PARTUUID=*) kvmkit_find_partuuid "${1#PARTUUID=}" | head -n 1 ;;
-        UUID=*|LABEL=*) findfs "$1" 2>/dev/null ;;
-        /dev/*) [ -b "$1" ] && echo "$1" ;;
+        PARTUUID=*) _kr=$(kvmkit_find_partuuid "${1#PARTUUID=}" | head -n 1) ;;
+        UUID=*|LABEL=*) _kr=$(findfs "$1" 2>/dev/null) ;;
+        /dev/*) _kr=$1 ;;
+        *) _kr= ;;
     esac
+    # The disk may be there before its partitions' nodes are.
+    [ -n "$_kr" ] && [ -b "$_kr" ] && echo "$_kr"
 }
 """
 )
