@@ -157,10 +157,17 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(
                 "--gdb and --snapshot-after do not combine with --api-sock/--config-file"
             )
+        if args.drive or args.rootfs or args.net or args.vsock or args.rng:
+            # Not silently dropped: with the API, devices are the API's (or the file's).
+            raise UserError(
+                "--drive, --rootfs, --net, --vsock and --rng do not combine with "
+                "--api-sock/--config-file: configure devices through the API or the config "
+                "file (PUT /drives/{id}, /network-interfaces/{id}, /vsock, /entropy)"
+            )
         return run_api(
             api_sock=args.api_sock, config_file=args.config_file, kernel=args.kernel,
             initrd=args.initrd, cmdline=args.cmdline, vcpus=args.vcpus, mem_mib=args.mem_mib,
-            command=command, timeout=args.timeout,
+            command=command, timeout=args.timeout, virtio_transport=args.virtio_transport,
         )  # fmt: skip
     config = MachineConfig(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
