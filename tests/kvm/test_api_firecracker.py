@@ -222,3 +222,17 @@ def test_enable_pci_puts_the_virtio_devices_on_pci(
         assert vmm.out_path.read_bytes()[:1] == seen
     finally:
         vmm.close()
+
+
+def test_run_refuses_device_options_beside_the_api(tmp_path: Path) -> None:
+    """`kvmkit run --api-sock` takes its devices from the API: a --rootfs (or --drive, --net,
+    --rng, --vsock) there is refused, not dropped."""
+    img = tmp_path / "root.ext4"
+    img.write_bytes(bytes(4096))
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvmkit", "run", "--api-sock", str(tmp_path / "a.sock"),
+         "--rootfs", str(img)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "configure devices through the API" in proc.stderr
+    assert not (tmp_path / "a.sock").exists()
