@@ -5,7 +5,7 @@ guest image whose command fills a quarter of guest memory with data (a copy of a
 seed, so neither VMM can skip it as zero pages), prints "ready", then ticks every 0.1 s.
 
 - create: from the request to pause until the snapshot is complete on disk. kvmkit:
-  `Machine.pause()` + `Machine.snapshot(state, mem)` (full). QEMU: QMP `stop`, then
+  `Machine.pause()` + `snapshot_machine(machine, state, mem)` (full). QEMU: QMP `stop`, then
   `migrate "exec:cat > FILE"` (the classic way to save a VM to a file; QEMU 7.2 has no
   `file:` URI) with max-bandwidth unlimited, polled with `query-migrate` until completed.
 - restore to running: from starting the restoring process until the guest prints its next
@@ -45,7 +45,7 @@ from kvmkit.image.guest import default_image
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.console import new_nonce
 from kvmkit.vmm.machine import BASE_CMDLINE, Machine, _cmdline_quote
-from kvmkit.vmm.snapshot import restore_machine
+from kvmkit.vmm.snapshot import restore_machine, snapshot_machine
 
 SEED_MIB = 16
 
@@ -106,7 +106,7 @@ def kvmkit_create(mem_mib: int, fill_mib: int, work: Path) -> tuple[float, Path,
             raise RuntimeError(f"kvmkit guest did not start ticking: {vm.console.tail()!r}")
         t0 = time.monotonic()
         vm.pause()
-        vm.snapshot(state, mem)
+        snapshot_machine(vm, state, mem)
         took = time.monotonic() - t0
     return took, state, mem
 

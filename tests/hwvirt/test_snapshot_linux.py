@@ -12,6 +12,7 @@ import pytest
 
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.machine import Machine
+from kvmkit.vmm.snapshot import snapshot_machine
 
 pytestmark = pytest.mark.hwvirt
 
@@ -32,7 +33,7 @@ def test_command_continues_after_restore_in_a_new_process(tmp_path: Path) -> Non
         time.sleep(1.0)  # well into the sleep
         t0 = time.monotonic()
         vm.pause()
-        vm.snapshot(state, mem)
+        snapshot_machine(vm, state, mem)
         took = time.monotonic() - t0
     tail = vm.console.tail()
     assert b"done" not in tail

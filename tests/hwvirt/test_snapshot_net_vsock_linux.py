@@ -40,6 +40,7 @@ from kvmkit.kvm.kick import install_kick_handler
 from kvmkit.testing.netns import in_netns, serve_http, temp_netns
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.machine import Machine
+from kvmkit.vmm.snapshot import snapshot_machine
 
 pytestmark = pytest.mark.hwvirt
 
@@ -140,7 +141,7 @@ def test_net_and_vsock_guest_restores_with_a_transport_reset(tmp_path: Path) -> 
             assert old.recv(64) == b"before the snapshot\n"
             t0 = time.monotonic()
             vm.pause()
-            vm.snapshot(state, mem)
+            snapshot_machine(vm, state, mem)
             took = time.monotonic() - t0
         # The process that took it is done with its host side: the connection ends there,
         # the socket file is removed.

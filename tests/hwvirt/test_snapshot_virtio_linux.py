@@ -30,6 +30,7 @@ from kvmkit.snapshot import core
 from kvmkit.snapshot.memory import merge_diff
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.machine import Machine
+from kvmkit.vmm.snapshot import snapshot_machine
 
 pytestmark = pytest.mark.hwvirt
 
@@ -74,7 +75,7 @@ def pause_snapshot(vm: Machine, *snaps: tuple[Path, Path, bool]) -> float:
     t0 = time.monotonic()
     vm.pause()
     for state, mem, diff in snaps:
-        vm.snapshot(state, mem, diff=diff)
+        snapshot_machine(vm, state, mem, diff=diff)
     return time.monotonic() - t0
 
 

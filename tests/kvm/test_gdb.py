@@ -242,7 +242,7 @@ def test_ctrl_c_stops_a_spinning_guest_and_detach_lets_it_finish(session: Sessio
     def interrupt() -> None:
         # Wait until gdb resumed the guest, let it spin, then Ctrl-C gdb.
         deadline = time.monotonic() + 30
-        while session.stub.stops < 1 or session.stub._stop_wanted:
+        while session.stub.stops < 1 or session.stub.stop_requested:
             if time.monotonic() > deadline:
                 return
             time.sleep(0.05)

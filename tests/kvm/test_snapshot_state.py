@@ -17,8 +17,8 @@ from kvmkit.kvm import IoExit, Kvm, VmExit
 from kvmkit.memory import PAGE_SIZE, GuestMemory
 from kvmkit.snapshot import SnapshotError, core
 from kvmkit.snapshot.memory import enable_dirty_log
-from kvmkit.snapshot.pause import VcpuRunner
 from kvmkit.testing import TinyGuest
+from kvmkit.vmm.vcpu import VcpuRunner
 
 REPORT_PORT = 0x2200
 STEP = 1 << 22

@@ -19,9 +19,9 @@ from kvmkit.arch.x86_64 import msr
 from kvmkit.arch.x86_64 import regs as x86
 from kvmkit.kvm import IoExit, Kvm, VmExit
 from kvmkit.snapshot import core
-from kvmkit.snapshot.pause import VcpuRunner
 from kvmkit.snapshot.vcpu_state import lapic_reg
 from kvmkit.testing import TinyGuest
+from kvmkit.vmm.vcpu import VcpuRunner
 
 VECTOR = 0x40
 TICK_PORT = 0x2100

@@ -249,7 +249,7 @@ def test_pci_state_restores_into_a_new_vm() -> None:
         dev = VirtioRng()
         try:
             function = pci.add_virtio(dev)
-            pci.restore(state[1])
+            pci.restore(*state[1])
             assert function.bar_address == moved
             assert pci.router.msi[function.msix.gsis[1]] == (0xFEE0_0000, 0x51)
             try:

@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from kvmkit.devices.irq import NoIrq
-from kvmkit.devices.legacy.serial import Serial8250
+from kvmkit.devices.legacy.serial import Serial8250, SerialState
+from kvmkit.snapshot.format import SnapshotError
 
 THR = RBR = DLL = 0
 IER = DLM = 1
@@ -299,7 +300,7 @@ def test_save_restore_round_trip_as_json() -> None:
     u.outb(SCR, 0x42)
     u.outb(MCR, 0x0B)
     u.dev.enqueue_input(b"xyz")
-    state = json.loads(json.dumps(u.dev.save()))
+    state = SerialState.from_dict(json.loads(json.dumps(u.dev.save().to_dict())))
     v = Uart()
     v.dev.restore(state)
     assert v.dev.save() == u.dev.save()
@@ -313,13 +314,24 @@ def test_save_restore_round_trip_as_json() -> None:
     [{"version": 99}, {"ier": 256}, {"rx": [1, 2, 300]}, {"rx": "abc"}, {"fifo_enabled": 1},
      {"lcr": True}],
 )  # fmt: skip
-def test_restore_rejects_bad_state(patch: dict[str, object]) -> None:
+def test_bad_state_is_refused_before_any_device(patch: dict[str, object]) -> None:
+    # The typed state checks data read from a file by itself (a restore does so before a
+    # VM exists); a version-1 state (no 64-byte FIFO mode) still loads.
     u = Uart()
-    state = {**u.dev.save(), **patch}
-    before = u.dev.save()
-    with pytest.raises(ValueError):
-        u.dev.restore(state)
-    assert u.dev.save() == before
+    state = {**u.dev.save().to_dict(), **patch}
+    with pytest.raises(SnapshotError, match=r"snapshot state: serial"):
+        SerialState.from_dict(state)
+    old = {k: v for k, v in u.dev.save().to_dict().items() if k != "fifo64_mode"}
+    assert not SerialState.from_dict({**old, "version": 1}).fifo64_mode
+
+
+def test_restore_refuses_more_input_than_the_fifo_holds() -> None:
+    small = Serial8250(NoIrq(), lambda data: None, fifo_size=2)
+    before = small.save()
+    state = SerialState.from_dict({**before.to_dict(), "rx": [1, 2, 3]})
+    with pytest.raises(SnapshotError, match="FIFO 2"):
+        small.restore(state)
+    assert small.save() == before
 
 
 def test_concurrent_writers_and_input() -> None:

@@ -393,7 +393,7 @@ def test_blk_ops_limit_and_held_request_in_a_snapshot(tmp_path: Path, worker: Vi
     assert not used
     worker.pause()
     try:
-        q = dev.save()["queues"][0]
+        q = dev.save().to_dict()["queues"][0]
         assert q["last_avail"] == 1  # the held request is not taken in the saved state
     finally:
         worker.resume()

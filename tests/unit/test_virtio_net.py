@@ -28,6 +28,7 @@ from kvmkit.devices.virtio.device import (
     STATUS_DRIVER_OK,
     STATUS_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
+    VirtioState,
     VirtioWorker,
 )
 from kvmkit.snapshot.format import SnapshotError
@@ -271,10 +272,10 @@ def test_snapshot_saves_held_rx_chains_as_not_taken(
     wait_for(lambda: g.dev.held_chains() == {n.RX: 2})
     worker = g.dev.watcher
     assert isinstance(worker, VirtioWorker) and worker.pause()
-    state = json.loads(json.dumps(g.dev.save()))
+    state = json.loads(json.dumps(g.dev.save().to_dict()))
     # Both held chains are saved as not taken.
     assert state["queues"][n.RX]["last_avail"] == g.dev.queues[n.RX].last_avail - 2
-    transport_state = g.transport.save()
+    transport_state = g.transport.save().to_dict()
     memory = g.mem.read(0, MEM_SIZE)
     g.dev.close()
     dev2 = in_netns(netns, lambda: n.VirtioNet(TAP, n.parse_mac("02:00:00:00:00:07")))
@@ -346,8 +347,8 @@ def test_snapshot_restore_reapplies_offloads_and_rx_resumes(
 
     worker = g.dev.watcher
     assert isinstance(worker, VirtioWorker) and worker.pause()
-    state = json.loads(json.dumps(g.dev.save()))
-    transport_state = g.transport.save()
+    state = json.loads(json.dumps(g.dev.save().to_dict()))
+    transport_state = g.transport.save().to_dict()
     assert state["device"] == {"tap": TAP, "mac": "02:00:00:00:00:07"}
     assert state["queues"][n.RX]["last_avail"] == taken
     memory = g.mem.read(0, MEM_SIZE)
@@ -386,14 +387,14 @@ def test_restore_refuses_another_mac_or_malformed_net_state(
     g, _ = setup
     g.init(VIRTIO_F_VERSION_1 | n.VIRTIO_NET_F_MAC)
     state = g.dev.save()
-    other = copy.deepcopy(state)
+    other = copy.deepcopy(state.to_dict())
     other["device"]["mac"] = "02:00:00:00:00:08"
     with pytest.raises(SnapshotError, match="MAC 02:00:00:00:00:08 was restored as"):
-        g.dev.restore(other)
+        g.dev.restore(VirtioState.from_dict(other, "d"))
     for key, value, message in (("mac", "01:00:00:00:00:07", "multicast"),
                                 ("tap", "a b", "not a valid interface name"),
                                 ("mac", 7, "must be a string")):  # fmt: skip
-        bad = copy.deepcopy(state)
+        bad = copy.deepcopy(state.to_dict())
         bad["device"][key] = value
         with pytest.raises(SnapshotError, match=message):
             n.VirtioNet.check_device_state(bad["device"], "d")

@@ -430,7 +430,7 @@ def test_save_restore_plain_data(guest: PciGuest) -> None:
     drv.init()
     guest.cfg_write(1, 0x10, layout.PCI_MMIO_BASE + 0x20_0000)
     # Plain data only: survives a JSON round trip as the snapshot format would store it.
-    state = json.loads(json.dumps(function.save()))
+    state = vp.PciTransportState.from_dict(json.loads(json.dumps(function.save().to_dict())))
     other = PciGuest()
     try:
         twin = other.add(VirtioRng())

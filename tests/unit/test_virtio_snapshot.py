@@ -27,8 +27,8 @@ from kvmkit.devices.virtio.blk import (
 from kvmkit.devices.virtio.device import (
     STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
+    VirtioState,
     VirtioWorker,
-    parse_state,
 )
 from kvmkit.devices.virtio.rng import VirtioRng
 from kvmkit.snapshot.format import SnapshotError
@@ -71,8 +71,10 @@ def test_blk_restored_without_reset_serves_the_request_queued_before_the_pause(
     assert drv.used() == []
     dev.quiesce()
     # Plain data that survives JSON (what the state file holds).
-    dev_state = json.loads(json.dumps(dev.save()))
-    mmio_state = json.loads(json.dumps(drv.transport.save()))
+    dev_state = VirtioState.from_dict(json.loads(json.dumps(dev.save().to_dict())), "d")
+    mmio_state = r.MmioTransportState.from_dict(
+        json.loads(json.dumps(drv.transport.save().to_dict()))
+    )
     memory = drv.mem.read(0, MEM_SIZE)
     status = drv.rd(r.STATUS)
 
@@ -131,7 +133,7 @@ def test_transport_restore_reraises_a_pending_interrupt(worker: VirtioWorker) ->
     drv.init()
     drv.request([], [16])
     state = drv.transport.save()
-    assert state["isr"] == 1  # not acknowledged by the driver
+    assert state.isr == 1  # not acknowledged by the driver
     irq = NoIrq()
     dev2 = VirtioRng()
     t2 = r.VirtioMmio(dev2, drv.mem, irq)
@@ -147,7 +149,7 @@ def _active_rng_state(worker: VirtioWorker) -> dict[str, Any]:
     drv = attach(dev, worker)
     drv.init()
     drv.request([], [16])
-    state = dev.save()
+    state = dev.save().to_dict()
     worker.pause()  # parked: it no longer waits on the eventfds closed below
     dev.close()
     return state
@@ -194,7 +196,7 @@ def test_malformed_state_is_refused_and_changes_nothing(
     Driver(dev)  # a transport and guest memory, as in a restore
     try:
         with pytest.raises(SnapshotError, match=message):
-            dev.restore(state)
+            dev.restore(VirtioState.from_dict(state, "virtio"))
         # Nothing was taken over.
         assert dev.status == 0 and not dev.activated and not dev.queues[0].ready
         assert dev.queues[0].next_used == 0 and dev.driver_features == 0
@@ -202,11 +204,11 @@ def test_malformed_state_is_refused_and_changes_nothing(
         dev.close()
 
 
-def test_parse_state_needs_no_device_and_checks_types() -> None:
+def test_state_is_checked_without_a_device() -> None:
     with pytest.raises(SnapshotError, match="must be an object"):
-        parse_state([], "devices.virtio[0].device")
+        VirtioState.from_dict([], "devices.virtio[0].device")
     with pytest.raises(SnapshotError, match="status must be an integer"):
-        parse_state({"version": 1, "status": "4"}, "d")
+        VirtioState.from_dict({"version": 1, "status": "4"}, "d")
 
 
 def test_blk_restore_refuses_a_resized_image_or_other_options(

@@ -18,6 +18,7 @@ from kvmkit.devices.virtio import mmio as r
 from kvmkit.devices.virtio import vsock as v
 from kvmkit.devices.virtio.device import (
     STATUS_NEEDS_RESET,
+    VirtioState,
     VirtioWorker,
 )
 from kvmkit.devices.virtio.queue import VIRTQ_DESC_F_WRITE
@@ -328,8 +329,8 @@ def test_restore_resets_the_guest_then_new_connections_work(
     assert g.expect(v.OP_RW)[10] == b"before"
 
     assert worker.pause()
-    state = json.loads(json.dumps(g.dev.save()))
-    transport_state = g.transport.save()
+    state = json.loads(json.dumps(g.dev.save().to_dict()))
+    transport_state = g.transport.save().to_dict()
     assert state["device"] == {"cid": CID, "next_port": old_port + 1}
     memory = g.mem.read(0, MEM_SIZE)
     g.dev.close()  # the old process ends: its host connections and socket file with it
@@ -401,14 +402,14 @@ def test_restore_resets_the_guest_then_new_connections_work(
 def test_restore_refuses_another_cid_or_malformed_vsock_state(guest: Guest) -> None:
     guest.give_events(2)
     state = guest.dev.save()
-    other = copy.deepcopy(state)
+    other = copy.deepcopy(state.to_dict())
     other["device"]["cid"] = CID + 1
     with pytest.raises(SnapshotError, match=f"guest CID {CID + 1} was restored as {CID}"):
-        guest.dev.restore(other)
+        guest.dev.restore(VirtioState.from_dict(other, "d"))
     for key, value, message in (("cid", 2, "cid must be an integer in"),
                                 ("next_port", 80, "next_port must be an integer in"),
                                 ("next_port", "x", "next_port must be an integer in")):  # fmt: skip
-        bad = copy.deepcopy(state)
+        bad = copy.deepcopy(state.to_dict())
         bad["device"][key] = value
         with pytest.raises(SnapshotError, match=message):
             v.VirtioVsock.check_device_state(bad["device"], "d")

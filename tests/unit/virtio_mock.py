@@ -17,9 +17,10 @@ from kvmkit.devices.virtio.device import (
     STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
     VirtioDevice,
+    VirtioState,
     VirtioWorker,
 )
-from kvmkit.devices.virtio.mmio import VirtioMmio
+from kvmkit.devices.virtio.mmio import MmioTransportState, VirtioMmio
 from kvmkit.devices.virtio.queue import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -56,8 +57,8 @@ def restore_as_new_process(
         drv.mem = mem
     guest.transport = VirtioMmio(device, mem, NoIrq())
     worker.add(device)
-    device.restore(state)
-    guest.transport.restore(transport_state)
+    device.restore(VirtioState.from_dict(state, "virtio", type(device)))
+    guest.transport.restore(MmioTransportState.from_dict(transport_state))
     device.kick_ready_queues()
     worker.start()
 

@@ -642,7 +642,9 @@ class _run_ex(KvmStruct):
     _fields_ = [("exception", c_uint32), ("error_code", c_uint32)]
 
 
-class _run_io(KvmStruct):
+class kvm_run_io(KvmStruct):
+    """`kvm_run.io` (KVM_EXIT_IO); public: kvm/exits.py reads its fields by offset."""
+
     _fields_ = [
         ("direction", c_uint8),
         ("size", c_uint8),
@@ -656,7 +658,9 @@ class _run_debug(KvmStruct):
     _fields_ = [("arch", kvm_debug_exit_arch)]
 
 
-class _run_mmio(KvmStruct):
+class kvm_run_mmio(KvmStruct):
+    """`kvm_run.mmio` (KVM_EXIT_MMIO); public: kvm/exits.py reads its fields by offset."""
+
     _fields_ = [
         ("phys_addr", c_uint64),
         ("data", c_uint8 * 8),
@@ -715,9 +719,9 @@ class _run_exit_union(KvmUnion):
         ("hw", _run_hw),
         ("fail_entry", _run_fail_entry),
         ("ex", _run_ex),
-        ("io", _run_io),
+        ("io", kvm_run_io),
         ("debug", _run_debug),
-        ("mmio", _run_mmio),
+        ("mmio", kvm_run_mmio),
         ("hypercall", _run_hypercall),
         ("tpr_access", _run_tpr_access),
         ("internal", _run_internal),

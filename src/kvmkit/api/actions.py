@@ -598,17 +598,9 @@ class Vmm:
         """Start the vCPU threads (parked at once when `paused`) and watch for the end."""
         if self.console_output is not None:
             machine.console.add_listener(self.console_output)
-        if paused:
-            for t in machine.threads:
-                t.pause_point.request(t.vcpu)
-        machine.start()
+        machine.start(paused=paused)
         self.machine = machine
-        self.state = State.RUNNING
-        if paused:
-            from kvmkit.vmm.snapshot import pause_machine
-
-            pause_machine(machine)
-            self.state = State.PAUSED
+        self.state = State.PAUSED if paused else State.RUNNING
         threading.Thread(target=self._watch, args=(machine,), name="vmm-watch",
                          daemon=True).start()  # fmt: skip
 
@@ -663,9 +655,11 @@ class Vmm:
         assert self.machine is not None
         t0 = time.monotonic()
         from kvmkit.kvm import KvmError
+        from kvmkit.vmm.snapshot import snapshot_machine
 
         try:
-            self.machine.snapshot(body["snapshot_path"], body["mem_file_path"], diff=diff)
+            snapshot_machine(self.machine, body["snapshot_path"], body["mem_file_path"],
+                             diff=diff)  # fmt: skip
         except (UserError, KvmError, OSError) as err:
             raise ApiError(f"Cannot create a snapshot: {err}") from None
         self._latency("diff_create_snapshot" if diff else "full_create_snapshot", t0)

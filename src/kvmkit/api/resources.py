@@ -115,7 +115,7 @@ def collect(metrics: Metrics, machine: Machine, result: MachineResult | None,
     totals = {"exit_io_in": 0, "exit_io_out": 0, "exit_mmio_read": 0, "exit_mmio_write": 0}
     for t in machine.threads:
         for name in totals:
-            totals[name] += getattr(t, name, 0)
+            totals[name] += getattr(t.stats, name)
     for name, value in totals.items():
         metrics.set("vcpu", name, value)
     if result is not None and result.reason.value == "error":

@@ -33,10 +33,11 @@ def register(sub: Any) -> None:
 
 
 def restore(args: argparse.Namespace) -> int:
-    from kvmkit.snapshot import core
-    from kvmkit.vmm.snapshot import restore_machine
+    from kvmkit.vmm.snapshot import read_snapshot, restore_machine
 
-    core.read(args.state)  # a bad file is reported before anything else (exit status 2)
+    # A bad file (format, checksum, any state or device in it, a drive image that changed)
+    # is reported before anything else: one line, exit status 2, no VM.
+    read_snapshot(args.state)
     implementation, why = detect_implementation()
     if not implementation.startswith("hardware-") and not os.environ.get("KVMKIT_FORCE_RUN"):
         raise UserError(

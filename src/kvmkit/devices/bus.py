@@ -76,17 +76,25 @@ class Bus:
     def read(self, addr: int, data: memoryview) -> bool:
         """Dispatch a read; False when no device claims the address (the caller decides what
         an unclaimed read returns: all ones, as on a PC bus)."""
-        hit = self.find(addr, len(data))
-        if hit is None:
+        # `find` inlined: this runs on every port-I/O and MMIO exit, and its tuple would be
+        # the only object the dispatch builds.
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i < 0:
             return False
-        hit[0].read(hit[1], data)
+        r = self._ranges[i]
+        if addr + len(data) > r.base + r.length:
+            return False
+        r.device.read(addr - r.base, data)
         return True
 
     def write(self, addr: int, data: memoryview) -> bool:
-        hit = self.find(addr, len(data))
-        if hit is None:
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i < 0:
             return False
-        hit[0].write(hit[1], data)
+        r = self._ranges[i]
+        if addr + len(data) > r.base + r.length:
+            return False
+        r.device.write(addr - r.base, data)
         return True
 
     def write_burst(self, addr: int, size: int, data: bytes) -> bool:

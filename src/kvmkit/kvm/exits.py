@@ -1,10 +1,17 @@
 """VM exits as small typed objects.
 
 Each vCPU owns one object per exit kind; `Vcpu.run()` returns the one matching the exit and
-reuses it on the next exit, so the run loop allocates nothing per exit (Firecracker's
-`VcpuExit` does the same with borrowed slices). The objects read their fields straight from
-the vCPU's shared `kvm_run` page: they are valid until the next `run()`, and an IO-in or
-MMIO-read handler answers in place with `set_value()` / `data[...] = ...`.
+reuses it on the next exit (Firecracker's `VcpuExit` does the same with borrowed slices). The
+objects read their fields straight from the vCPU's shared `kvm_run` page: they are valid
+until the next `run()`, and an IO-in or MMIO-read handler answers in place with
+`set_value()` / `data[...] = ...`.
+
+The port-I/O and MMIO exits are the hot path, so they build no ctypes objects and no
+memoryview slices per exit: their fields are read through typed views of the page made once
+(`memoryview.cast`, at offsets taken from the ctypes layout, which tests/unit/test_abi_layout.py
+checks against the kernel headers), and `data` is a view cached per length. What an exit
+still creates is Python's own: int objects for values above 256 (a port number, an address).
+The rarer exits read their fields through the ctypes structure.
 """
 
 from __future__ import annotations
@@ -19,6 +26,37 @@ from kvmkit.abi.constants import (
     InternalError,
     SystemEvent,
 )
+
+_IO = structs.kvm_run.io.offset
+_IO_DIRECTION = _IO + structs.kvm_run_io.direction.offset  # u8
+_IO_SIZE = _IO + structs.kvm_run_io.size.offset  # u8
+_IO_PORT = (_IO + structs.kvm_run_io.port.offset) // 2  # u16 index
+_IO_COUNT = (_IO + structs.kvm_run_io.count.offset) // 4  # u32 index
+_IO_DATA_OFFSET = (_IO + structs.kvm_run_io.data_offset.offset) // 8  # u64 index
+_MMIO = structs.kvm_run.mmio.offset
+_MMIO_PHYS_ADDR = (_MMIO + structs.kvm_run_mmio.phys_addr.offset) // 8  # u64 index
+_MMIO_DATA = _MMIO + structs.kvm_run_mmio.data.offset  # 8 bytes
+_MMIO_LEN = (_MMIO + structs.kvm_run_mmio.len.offset) // 4  # u32 index
+_MMIO_IS_WRITE = _MMIO + structs.kvm_run_mmio.is_write.offset  # u8
+# Data views cached per length: single accesses are 1, 2, 4 or 8 bytes; longer ones are
+# string I/O (rep ins/outs), rarer, sliced on demand.
+_CACHED_VIEW = 8
+
+
+class _Views:
+    """Typed views of one kvm_run mapping, made once per vCPU."""
+
+    __slots__ = ("b", "h", "i", "q")
+
+    def __init__(self, mem: memoryview) -> None:
+        self.b = mem
+        self.h = mem.cast("H")
+        self.i = mem.cast("I")
+        self.q = mem.cast("Q")
+
+    def release(self) -> None:
+        for view in (self.h, self.i, self.q):
+            view.release()
 
 
 class VmExit:
@@ -43,45 +81,67 @@ class IoExit(VmExit):
     """KVM_EXIT_IO: a port I/O instruction. `data` is the kvm_run slice holding the bytes."""
 
     reason = ExitReason.IO
-    __slots__ = ()
+    __slots__ = ("_start", "_v", "_views")
+
+    def __init__(self, run: structs.kvm_run, mem: memoryview, views: _Views) -> None:
+        super().__init__(run, mem)
+        self._v = views
+        self._start = -1
+        self._views: list[memoryview | None] = [None] * (_CACHED_VIEW + 1)
 
     @property
     def port(self) -> int:
-        return int(self._run.io.port)
+        return self._v.h[_IO_PORT]
 
     @property
     def size(self) -> int:
-        return int(self._run.io.size)
+        return self._v.b[_IO_SIZE]
 
     @property
     def count(self) -> int:
-        return int(self._run.io.count)
+        return self._v.i[_IO_COUNT]
 
     @property
     def is_in(self) -> bool:
-        return bool(self._run.io.direction == KVM_EXIT_IO_IN)
+        return self._v.b[_IO_DIRECTION] == KVM_EXIT_IO_IN
 
     @property
     def is_out(self) -> bool:
-        return bool(self._run.io.direction == KVM_EXIT_IO_OUT)
+        return self._v.b[_IO_DIRECTION] == KVM_EXIT_IO_OUT
 
     @property
     def data(self) -> memoryview:
-        io = self._run.io
-        start = int(io.data_offset)
-        end = start + int(io.size) * int(io.count)
+        v = self._v
+        start = v.q[_IO_DATA_OFFSET]
+        n = v.b[_IO_SIZE] * v.i[_IO_COUNT]
+        if start == self._start and n <= _CACHED_VIEW:
+            view = self._views[n]
+            if view is not None:
+                return view
         # The kernel places data inside the mmap'ed kvm_run area; check anyway so a broken
         # kernel value cannot turn into an out-of-bounds slice silently.
+        end = start + n
         if end > len(self._mem):
             raise ValueError(f"KVM_EXIT_IO data {start:#x}..{end:#x} outside kvm_run mapping")
-        return self._mem[start:end]
+        view = self._mem[start:end]
+        if n <= _CACHED_VIEW:
+            if start != self._start:  # (KVM uses one data page: this happens once)
+                self._release_views()
+                self._start = start
+            self._views[n] = view
+        return view
+
+    def _release_views(self) -> None:
+        for i, view in enumerate(self._views):
+            if view is not None:
+                view.release()
+                self._views[i] = None
 
     @property
     def value(self) -> int:
         """The first (usually only) element written by an OUT."""
-        io = self._run.io
-        start = int(io.data_offset)
-        return int.from_bytes(self._mem[start : start + int(io.size)], "little")
+        data, size = self.data, self.size
+        return int.from_bytes(data if len(data) == size else data[:size], "little")
 
     def set_value(self, value: int) -> None:
         """Answer an IN: every element of a string IN gets `value`."""
@@ -100,37 +160,47 @@ class MmioExit(VmExit):
     """KVM_EXIT_MMIO: an access to guest-physical memory no slot backs."""
 
     reason = ExitReason.MMIO
-    __slots__ = ()
+    __slots__ = ("_data", "_v")
+
+    def __init__(self, run: structs.kvm_run, mem: memoryview, views: _Views) -> None:
+        super().__init__(run, mem)
+        self._v = views
+        # One view per possible length (kvm_run.mmio.data holds at most 8 bytes).
+        self._data = [mem[_MMIO_DATA : _MMIO_DATA + n] for n in range(9)]
 
     @property
     def phys_addr(self) -> int:
-        return int(self._run.mmio.phys_addr)
+        return self._v.q[_MMIO_PHYS_ADDR]
 
     @property
     def len(self) -> int:
-        return int(self._run.mmio.len)
+        return self._v.i[_MMIO_LEN]
 
     @property
     def is_write(self) -> bool:
-        return bool(self._run.mmio.is_write)
+        return bool(self._v.b[_MMIO_IS_WRITE])
 
     @property
     def data(self) -> memoryview:
-        n = min(int(self._run.mmio.len), 8)
-        off = structs.kvm_run.mmio.offset + structs._run_mmio.data.offset
-        return self._mem[off : off + n]
+        n = self._v.i[_MMIO_LEN]
+        return self._data[n if n < 8 else 8]
 
     @property
     def value(self) -> int:
         return int.from_bytes(self.data, "little")
 
     def set_value(self, value: int) -> None:
-        n = len(self.data)
-        self.data[:] = (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
+        data = self.data
+        n = len(data)
+        data[:] = (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
 
     def describe(self) -> str:
         kind = "write" if self.is_write else "read"
         return f"MMIO {kind} addr={self.phys_addr:#x} len={self.len}"
+
+    def _release_views(self) -> None:
+        for view in self._data:
+            view.release()
 
 
 class HltExit(VmExit):
@@ -329,16 +399,20 @@ class OtherExit(VmExit):
 
 
 class ExitTable:
-    """The per-vCPU exit objects, indexed by exit reason."""
+    """The per-vCPU exit objects, indexed by exit reason. `mapping` is the vCPU's kvm_run
+    mapping (or, in tests, any writable buffer laid out like one)."""
 
-    def __init__(self, run: structs.kvm_run, mapping: mmap.mmap) -> None:
+    def __init__(self, run: structs.kvm_run, mapping: mmap.mmap | bytearray) -> None:
         mem = memoryview(mapping)
         self.mem = mem
+        self._views = views = _Views(mem)
         self.intr = IntrExit(run, mem)
         self.other = OtherExit(run, mem)
+        self.io = IoExit(run, mem, views)
+        self.mmio = MmioExit(run, mem, views)
         table: dict[int, VmExit] = {
-            ExitReason.IO: IoExit(run, mem),
-            ExitReason.MMIO: MmioExit(run, mem),
+            ExitReason.IO: self.io,
+            ExitReason.MMIO: self.mmio,
             ExitReason.HLT: HltExit(run, mem),
             ExitReason.SHUTDOWN: ShutdownExit(run, mem),
             ExitReason.INTR: self.intr,
@@ -361,4 +435,7 @@ class ExitTable:
         return found
 
     def release(self) -> None:
+        self.io._release_views()
+        self.mmio._release_views()
+        self._views.release()
         self.mem.release()

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from kvmkit.kvm.vm import Vm
 
 _NESTED_STATE_MAX = 1 << 20
+# KVM_SET_CPUID2 refuses more entries (KVM_MAX_CPUID_ENTRIES, arch/x86/include/asm/kvm_host.h)
+KVM_MAX_CPUID_ENTRIES = 256
 
 
 class Vcpu:
@@ -160,17 +162,27 @@ class Vcpu:
     def set_lapic(self, lapic: structs.kvm_lapic_state) -> None:
         ioctl_ptr(self.fd, "KVM_SET_LAPIC", ioctls.SET_LAPIC, lapic)
 
-    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
-        """Read MSRs; raises if the kernel read fewer than asked, naming the first it refused."""
+    def get_msrs_partial(self, indices: Iterable[int]) -> list[int]:
+        """KVM_GET_MSRS as far as the kernel goes: the values of the first n of `indices`, in
+        order. KVM stops at the first MSR it refuses (KVM API doc: the ioctl returns the
+        number of MSRs read), so n < len(indices) names that one: indices[n]."""
         wanted = list(indices)
         buf = structs.msrs_type(len(wanted))()
         buf.nmsrs = len(wanted)
         for i, index in enumerate(wanted):
             buf.entries[i].index = index
         done = ioctl_ptr(self.fd, "KVM_GET_MSRS", ioctls.GET_MSRS, buf)
-        if done < len(wanted):
-            raise KvmError("KVM_GET_MSRS", errno.EINVAL, f"MSR {wanted[done]:#x} not readable")
-        return {int(e.index): int(e.data) for e in buf.entries}
+        return [int(buf.entries[i].data) for i in range(done)]
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """Read MSRs; raises if the kernel read fewer than asked, naming the first it refused."""
+        wanted = list(indices)
+        values = self.get_msrs_partial(wanted)
+        if len(values) < len(wanted):
+            raise KvmError(
+                "KVM_GET_MSRS", errno.EINVAL, f"MSR {wanted[len(values)]:#x} not readable"
+            )
+        return dict(zip(wanted, values, strict=True))
 
     def set_msrs(self, values: Mapping[int, int] | Iterable[tuple[int, int]]) -> None:
         """Write MSRs in the given order (order matters: IA32_TSC before TSC_DEADLINE)."""
@@ -189,11 +201,32 @@ class Vcpu:
         buf = to_kvm_cpuid2(entries)
         ioctl_ptr(self.fd, "KVM_SET_CPUID2", ioctls.SET_CPUID2, buf)
 
-    def get_cpuid2(self, max_entries: int = 256) -> list[CpuidEntry]:
+    def get_cpuid2(self, max_entries: int = KVM_MAX_CPUID_ENTRIES) -> list[CpuidEntry]:
+        """KVM_GET_CPUID2 into a buffer of `max_entries`; see `get_cpuid` for the entry count."""
         buf = structs.cpuid2_type(max_entries)()
         buf.nent = max_entries
         ioctl_ptr(self.fd, "KVM_GET_CPUID2", ioctls.GET_CPUID2, buf)
         return from_kvm_cpuid2(buf)
+
+    def get_cpuid(self) -> list[CpuidEntry]:
+        """The vCPU's CPUID (what KVM_SET_CPUID2 gave it), with the right entry count on old
+        and new kernels. Before Linux 6.2 KVM_GET_CPUID2 writes the count back only with E2BIG
+        (a large buffer came back as that many entries, most of them zero); since, only on
+        success. So it asks for 0 entries first."""
+        probe = structs.cpuid2_type(1)()
+        probe.nent = 0
+        try:
+            ioctl_ptr(self.fd, "KVM_GET_CPUID2", ioctls.GET_CPUID2, probe)
+            return []
+        except KvmError as err:
+            if err.errno != errno.E2BIG:
+                raise
+        n = int(probe.nent)
+        if n == 0:  # a newer kernel: it reports the count when the call succeeds
+            return self.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        if n > KVM_MAX_CPUID_ENTRIES:
+            raise KvmError("KVM_GET_CPUID2", errno.EOVERFLOW, f"kernel reported {n} entries")
+        return self.get_cpuid2(n)
 
     def get_mp_state(self) -> MpState:
         state = structs.kvm_mp_state()

@@ -9,11 +9,14 @@ The state file (format.py) holds, as plain data:
     devices   each device's save() data, restored by the VMM that owns the device
     meta      free-form plain data of the VMM (machine configuration, console nonce, ...)
 
-`load` validates the whole state and the memory file's size before it creates anything, so
-a bad snapshot raises `SnapshotError` with nothing restored; then it builds the VM in the
-order KVM needs: VM, TSS, irqchip and PIT, memory, vCPUs (each restored, vcpu_state.py),
-then the VM state (PIT -> clock -> irqchip). The caller runs the vCPUs after `resume()`,
-which issues KVM_KVMCLOCK_CTRL on each.
+The KVM part (setup, vm, vcpus) is a `KvmState`, captured apart from guest memory
+(`capture_kvm_state`) and rebuilt onto memory from any source (`build_vm`): snapshot files
+and migration streams are two transports of it. `read` validates the whole state and `load`
+the memory file's size before anything is created, so a bad snapshot raises
+`SnapshotError` with nothing restored; then it builds the VM in the order KVM needs: VM,
+TSS, irqchip and PIT, memory, vCPUs (each restored, vcpu_state.py), then the VM state
+(PIT -> clock -> irqchip). The caller runs the vCPUs after `resume()`, which issues
+KVM_KVMCLOCK_CTRL on each.
 """
 
 from __future__ import annotations
@@ -69,30 +72,25 @@ class VmSetup:
 
 
 @dataclass
-class Snapshot:
+class KvmState:
+    """What KVM holds of a VM, apart from its memory: how the VM was built, its VM-wide state
+    and every vCPU. One part of every state transfer (snapshot files, `kvmkit.vmm.persist`)."""
+
     setup: VmSetup
     vm: VmState
     vcpus: list[VcpuState]
-    memory: MemoryState
-    devices: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "kind": KIND,
             "setup": self.setup.to_dict(),
             "vm": self.vm.to_dict(),
             "vcpus": [v.to_dict() for v in self.vcpus],
-            "memory": self.memory.to_dict(),
-            "devices": self.devices,
-            "meta": self.meta,
         }
 
     @classmethod
-    def from_dict(cls, state: dict[str, Any]) -> Snapshot:
+    def from_dict(cls, state: dict[str, Any]) -> KvmState:
+        """Check the `setup`, `vm` and `vcpus` keys of a payload (SnapshotError)."""
         f = Fields(state, "state")
-        if f.get_str("kind", 64) != KIND:
-            raise SnapshotError(f"snapshot state: not a {KIND} snapshot")
         raw_vcpus = f.get_list("vcpus", MAX_VCPUS)
         if not raw_vcpus:
             raise SnapshotError("snapshot state: no vCPUs")
@@ -105,10 +103,51 @@ class Snapshot:
             raise SnapshotError("snapshot state: VM state does not match its setup")
         if setup.irqchip and any(v.lapic is None for v in vcpus):
             raise SnapshotError("snapshot state: vCPU without LAPIC state in an irqchip VM")
+        return cls(setup, vm, vcpus)
+
+
+def capture_kvm_state(kvm: Kvm, vm: Vm, vcpus: list[Vcpu], setup: VmSetup) -> KvmState:
+    """The KVM state of a VM whose vCPUs are all held outside KVM_RUN (paused)."""
+    msrs = saveable_msrs(kvm, vcpus[0])
+    vcpu_states = [save_vcpu(v, msrs, irqchip=setup.irqchip) for v in vcpus]
+    return KvmState(setup, save_vm(vm, irqchip=setup.irqchip, pit=setup.pit), vcpu_states)
+
+
+@dataclass
+class Snapshot:
+    """A snapshot file's payload: the KVM state, the memory file's layout, and the VMM's
+    own plain data (devices, meta)."""
+
+    setup: VmSetup
+    vm: VmState
+    vcpus: list[VcpuState]
+    memory: MemoryState
+    devices: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kvm(self) -> KvmState:
+        return KvmState(self.setup, self.vm, self.vcpus)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": KIND,
+            **self.kvm.to_dict(),
+            "memory": self.memory.to_dict(),
+            "devices": self.devices,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> Snapshot:
+        f = Fields(state, "state")
+        if f.get_str("kind", 64) != KIND:
+            raise SnapshotError(f"snapshot state: not a {KIND} snapshot")
+        kvm = KvmState.from_dict(state)
         memory = MemoryState.from_dict(f.obj.get("memory"))
         devices = f.get_obj("devices").obj
         meta = f.get_obj("meta").obj
-        return cls(setup, vm, vcpus, memory, devices, meta)
+        return cls(kvm.setup, kvm.vm, kvm.vcpus, memory, devices, meta)
 
 
 def capture(
@@ -118,11 +157,10 @@ def capture(
 ) -> Snapshot:  # fmt: skip
     """Snapshot a VM whose vCPUs are all paused (outside KVM_RUN): writes the memory file and
     returns the state (write it with `save`)."""
-    msrs = saveable_msrs(kvm, vcpus[0])
-    vcpu_states = [save_vcpu(v, msrs, irqchip=setup.irqchip) for v in vcpus]
-    vm_state = save_vm(vm, irqchip=setup.irqchip, pit=setup.pit)
+    state = capture_kvm_state(kvm, vm, vcpus, setup)
     memory = write_memory(mem, mem_path, vm=vm, diff=diff)
-    return Snapshot(setup, vm_state, vcpu_states, memory, dict(devices or {}), dict(meta or {}))
+    return Snapshot(state.setup, state.vm, state.vcpus, memory, dict(devices or {}),
+                    dict(meta or {}))  # fmt: skip
 
 
 def save(state_path: str | os.PathLike[str], snapshot: Snapshot) -> None:
@@ -139,7 +177,7 @@ class Restored:
     vm: Vm
     mem: GuestMemory
     vcpus: list[Vcpu]
-    snapshot: Snapshot
+    state: KvmState
 
     def resume(self) -> None:
         """KVM_KVMCLOCK_CTRL on every vCPU: call right before running them."""
@@ -151,18 +189,13 @@ class Restored:
         self.mem.close()
 
 
-def load(
-    kvm: Kvm, snapshot: Snapshot, mem_path: str | os.PathLike[str], *,
-    base_mem: str | os.PathLike[str] | None = None,
-) -> Restored:  # fmt: skip
-    """Build a new VM from a validated snapshot (see the module docstring for the order)."""
-    memory = snapshot.memory
-    memory.check_file(base_mem if memory.diff and base_mem is not None else mem_path)
-    if memory.diff and base_mem is None:
-        raise SnapshotError("a diff snapshot restores on top of its base memory file")
-    setup = snapshot.setup
+def build_vm(kvm: Kvm, state: KvmState, mem: GuestMemory) -> Restored:
+    """A new VM from a checked KVM state and guest memory from any source (a snapshot's
+    memory file, pages received over a migration stream), in the order KVM needs: VM, TSS
+    and identity map, irqchip and PIT, memory slots, vCPUs (each restored, vcpu_state.py),
+    then the VM state (PIT -> clock -> irqchip). `mem` stays the caller's on failure."""
+    setup = state.setup
     vm = kvm.create_vm()
-    mem: GuestMemory | None = None
     try:
         vm.set_tss_addr(setup.tss_addr)
         if setup.identity_map_addr is not None:
@@ -171,21 +204,35 @@ def load(
             vm.create_irqchip()
         if setup.pit:
             vm.create_pit2(setup.pit_flags)
-        mem = restore_memory(memory, mem_path, base=base_mem)
         mem.register(vm)
         if vm.check_extension(Cap.MAX_VCPU_ID) and any(
-            v.id >= max(vm.check_extension(Cap.MAX_VCPU_ID), 1) for v in snapshot.vcpus
+            v.id >= max(vm.check_extension(Cap.MAX_VCPU_ID), 1) for v in state.vcpus
         ):
             raise SnapshotError("snapshot state: vCPU id beyond this host's KVM_CAP_MAX_VCPU_ID")
         vcpus = []
-        for state in snapshot.vcpus:
-            vcpu = vm.create_vcpu(state.id)
-            restore_vcpu(vcpu, state)
+        for vcpu_state in state.vcpus:
+            vcpu = vm.create_vcpu(vcpu_state.id)
+            restore_vcpu(vcpu, vcpu_state)
             vcpus.append(vcpu)
-        restore_vm(vm, snapshot.vm)
+        restore_vm(vm, state.vm)
     except BaseException:
         vm.close()
-        if mem is not None:
-            mem.close()
         raise
-    return Restored(vm, mem, vcpus, snapshot)
+    return Restored(vm, mem, vcpus, state)
+
+
+def load(
+    kvm: Kvm, snapshot: Snapshot, mem_path: str | os.PathLike[str], *,
+    base_mem: str | os.PathLike[str] | None = None,
+) -> Restored:  # fmt: skip
+    """Build a new VM from a validated snapshot and its memory file (see `build_vm`)."""
+    memory = snapshot.memory
+    memory.check_file(base_mem if memory.diff and base_mem is not None else mem_path)
+    if memory.diff and base_mem is None:
+        raise SnapshotError("a diff snapshot restores on top of its base memory file")
+    mem = restore_memory(memory, mem_path, base=base_mem)
+    try:
+        return build_vm(kvm, snapshot.kvm, mem)
+    except BaseException:
+        mem.close()
+        raise

@@ -29,16 +29,14 @@ import errno
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmkit.abi import ioctls, structs
+from kvmkit.abi import structs
 from kvmkit.arch.x86_64 import msr
 from kvmkit.arch.x86_64 import regs as x86
 from kvmkit.kvm import Kvm, KvmError, Vcpu
-from kvmkit.kvm._ioctl import ioctl_ptr
 from kvmkit.kvm.cpuid import CpuidEntry
 from kvmkit.snapshot.format import Fields, SnapshotError, b64
 
 MAX_CPUID_ENTRIES = 4096
-KVM_MAX_CPUID_ENTRIES = 256  # KVM_SET_CPUID2 refuses more (arch/x86/include/asm/kvm_host.h)
 MAX_MSRS = 65536
 MAX_XSAVE = 1 << 20
 LVT_TIMER_MODE_MASK = 3 << 17
@@ -122,23 +120,13 @@ class VcpuState:
 # -- MSRs
 
 
-def _get_msrs_partial(vcpu: Vcpu, indices: list[int]) -> tuple[int, list[int]]:
-    """KVM_GET_MSRS of `indices`: (how many the kernel read, their values)."""
-    buf = structs.msrs_type(len(indices))()
-    buf.nmsrs = len(indices)
-    for i, index in enumerate(indices):
-        buf.entries[i].index = index
-    done = ioctl_ptr(vcpu.fd, "KVM_GET_MSRS", ioctls.GET_MSRS, buf)
-    return done, [int(buf.entries[i].data) for i in range(done)]
-
-
 def saveable_msrs(kvm: Kvm, vcpu: Vcpu) -> list[int]:
     """The MSRs of KVM_GET_MSR_INDEX_LIST that KVM_GET_MSRS accepts for this vCPU (the list
     can name MSRs the vCPU's CPUID does not enable); KVM stops at the first refused one."""
     remaining = kvm.msr_index_list()
     readable: list[int] = []
     while remaining:
-        done, _ = _get_msrs_partial(vcpu, remaining)
+        done = len(vcpu.get_msrs_partial(remaining))
         readable.extend(remaining[:done])
         remaining = remaining[done + 1 :]  # skip the refused one
     return readable
@@ -185,41 +173,18 @@ def neutralize_expired_oneshot(page: bytes) -> bytes:
 # -- save / restore
 
 
-def _get_cpuid(vcpu: Vcpu) -> list[CpuidEntry]:
-    """The vCPU's CPUID, with the right entry count on old and new kernels. Before 6.2
-    KVM_GET_CPUID2 writes the count back only with E2BIG (a large buffer came back as that
-    many entries, most of them zero); since, only on success. So ask for 0 entries first."""
-    probe = structs.cpuid2_type(1)()
-    probe.nent = 0
-    try:
-        ioctl_ptr(vcpu.fd, "KVM_GET_CPUID2", ioctls.GET_CPUID2, probe)
-        return []
-    except KvmError as err:
-        if err.errno != errno.E2BIG:
-            raise
-    n = int(probe.nent)
-    if n == 0:  # a newer kernel: it reports the count when the call succeeds
-        return vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-    if n > KVM_MAX_CPUID_ENTRIES:
-        raise KvmError("KVM_GET_CPUID2", errno.EOVERFLOW, f"kernel reported {n} entries")
-    return vcpu.get_cpuid2(n)
-
-
 def save_vcpu(vcpu: Vcpu, msr_indices: list[int], *, irqchip: bool = True) -> VcpuState:
     """Read the state of a vCPU that is outside KVM_RUN (paused after an EINTR exit, so any
     pending I/O completion is done)."""
     lapic: bytes | None = None
     if irqchip:
         lapic = neutralize_expired_oneshot(bytes(vcpu.get_lapic()))
-    done, data = _get_msrs_partial(vcpu, msr_indices)
-    if done < len(msr_indices):
-        raise KvmError("KVM_GET_MSRS", errno.EINVAL, f"MSR {msr_indices[done]:#x} not readable")
-    values = dict(zip(msr_indices, data, strict=True))
+    values = vcpu.get_msrs(msr_indices)
     if msr.IA32_TSC_DEADLINE in values and (lapic is None or timer_mode(lapic) != 2):
         values[msr.IA32_TSC_DEADLINE] = 0
     return VcpuState(
         id=vcpu.id,
-        cpuid=_get_cpuid(vcpu),
+        cpuid=vcpu.get_cpuid(),
         mp_state=int(vcpu.get_mp_state()),
         regs=bytes(vcpu.get_regs()),
         sregs=bytes(vcpu.get_sregs()),

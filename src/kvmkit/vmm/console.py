@@ -11,11 +11,16 @@ nonce keeps a command's own output from faking a marker.
 
 from __future__ import annotations
 
+import base64
 import re
 import secrets
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kvmkit.snapshot.format import Fields
 
 
 def new_nonce() -> str:
@@ -67,6 +72,31 @@ class ConsoleStream:
         """Block until `pattern` appears in the kept output (tests and scripts)."""
         with self._lock:
             return self._lock.wait_for(lambda: pattern in self._tail, timeout)
+
+
+# The parser holds back at most a marker's length; more than this is not a state kvmkit saves.
+MAX_COMMAND_BUF = 1 << 16
+
+
+@dataclass(frozen=True)
+class CommandState:
+    """Where the command-output parser was: past BEGIN, how much of `buf` the sink has."""
+
+    started: bool
+    sent: int
+    buf: bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"started": self.started, "sent": self.sent,
+                "buf": base64.b64encode(self.buf).decode()}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, obj: Any, path: str = "meta.command") -> CommandState:
+        f = Fields(obj, path)
+        buf = f.get_blob("buf", max_size=MAX_COMMAND_BUF)
+        # `sent` came with the newline release; older states have none.
+        sent = f.get_int("sent", 0, len(buf)) if f.has("sent") else 0
+        return cls(f.get_bool("started"), sent, buf)
 
 
 class CommandOutput:
@@ -164,6 +194,17 @@ class CommandOutput:
             return prefix.startswith(tail)
         rest = tail[len(prefix) :]
         return tail.startswith(prefix) and re.fullmatch(rb"\d{0,3}\r?", rest) is not None
+
+    # -- snapshots: where the parser was, so the restoring process goes on reporting
+    def save(self) -> CommandState:
+        with self._lock:
+            return CommandState(self.started, self.sent, bytes(self._buf[-MAX_COMMAND_BUF:]))
+
+    def restore(self, state: CommandState) -> None:
+        with self._lock:
+            self.started = state.started
+            self._buf[:] = state.buf
+            self.sent = state.sent
 
     def flush(self) -> None:
         """At the end of the VM: pass on whatever is left (the guest died mid-command)."""

@@ -9,12 +9,25 @@ Building follows the order KVM requires: VM, TSS/identity-map addresses, in-kern
 and PIT, memory slots, guest tables (kernel, boot params, ACPI, MP table), devices and their
 irqfds, then vCPUs (CPUID before anything else on the vCPU, then MSRs, LAPIC LINT pins, FPU,
 and the boot registers on vCPU 0; the others wait for INIT/SIPI in the in-kernel LAPIC).
+
+The operations state transfer is built on (snapshots: kvmkit.vmm.snapshot; migration):
+
+    m.pause()                  every vCPU held outside KVM_RUN, the virtio worker parked
+    state = m.capture_state()  a kvmkit.vmm.persist.MachineState (no guest memory)
+    m.resume()
+    m2 = Machine.from_state(state, memory)   memory: a GuestMemory from any source
+    m2.start()                 (start(paused=True): built and held, for a later resume())
+
+Each vCPU thread owns its run state (kvmkit.vmm.runstate): pause and resume are events on
+it, as are the GDB stub's stops.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -39,10 +52,12 @@ from kvmkit.devices.legacy.power import AcpiPower
 from kvmkit.devices.legacy.rtc import CmosRtc
 from kvmkit.devices.legacy.serial import Serial8250
 from kvmkit.devices.virtio.blk import VirtioBlk
-from kvmkit.devices.virtio.device import TransportState, VirtioDevice, VirtioWorker
-from kvmkit.devices.virtio.mmio import VirtioMmio
+from kvmkit.devices.virtio.device import VirtioDevice, VirtioWorker
+from kvmkit.devices.virtio.mmio import MmioTransportState, VirtioMmio
 from kvmkit.devices.virtio.mmio import cmdline_entry as virtio_cmdline_entry
-from kvmkit.devices.virtio.net import VirtioNet, parse_mac
+from kvmkit.devices.virtio.net import NetConfig, VirtioNet, format_mac, parse_mac
+from kvmkit.devices.virtio.pci import PciTransportState, VirtioPci
+from kvmkit.devices.virtio.ratelimit import RateLimiterConfig
 from kvmkit.devices.virtio.rng import VirtioRng
 from kvmkit.devices.virtio.vsock import VirtioVsock
 from kvmkit.errors import UserError
@@ -50,10 +65,17 @@ from kvmkit.kvm import Kvm, KvmError, Vcpu, Vm
 from kvmkit.kvm.coalesced import CoalescedRing, RingDrainer
 from kvmkit.kvm.kick import install_kick_handler
 from kvmkit.memory import GuestMemory
+from kvmkit.snapshot.core import VmSetup, build_vm, capture_kvm_state
+from kvmkit.snapshot.format import SnapshotError
+from kvmkit.snapshot.vcpu_state import resume_vcpu
+from kvmkit.unixsock import remove_stale_socket
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.console import CommandOutput, ConsoleStream, new_nonce
+from kvmkit.vmm.dispatch import StopKind, Stopped
 from kvmkit.vmm.pci import MachinePci
-from kvmkit.vmm.vcpu import VcpuEvent, VcpuEventKind, VcpuThread
+from kvmkit.vmm.persist import DeviceStates, MachineState, VirtioEntry
+from kvmkit.vmm.runstate import Event, RunState
+from kvmkit.vmm.vcpu import VcpuThread
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +95,15 @@ PANIC_MARKER = b"Kernel panic - not syncing"
 # After the command reported its status the init powers off; if that takes longer than
 # this, the VM is stopped anyway (the status is already known).
 POWEROFF_GRACE = 10.0
+PAUSE_TIMEOUT = 10.0
+# How `build` creates the VM (and a restore recreates it): Intel needs three pages for
+# real-mode emulation and an identity-map page below 4 GiB, outside RAM and device windows
+# (KVM API doc, KVM_SET_TSS_ADDR); the in-kernel irqchip and PIT, the PIT with KVM's stub of
+# the speaker port 0x61 (KVM_PIT_SPEAKER_DUMMY: arch/x86/kvm/i8254.c registers it in-kernel).
+SETUP = VmSetup(
+    irqchip=True, pit=True, pit_flags=KVM_PIT_SPEAKER_DUMMY,
+    tss_addr=0xFFFB_D000, identity_map_addr=0xFFFB_C000,
+)  # fmt: skip
 
 
 class EndReason(enum.Enum):
@@ -119,6 +150,10 @@ class MachineResult:
     def message(self) -> str:
         text = MESSAGES[self.reason]
         return f"{text}: {self.detail}" if self.detail else text
+
+
+def _limits(config: RateLimiterConfig) -> RateLimiterConfig | None:
+    return config if config.limits else None
 
 
 def _disk_name(index: int) -> str:
@@ -171,9 +206,10 @@ class Machine:
         self.started_at = 0.0
         # (base, irq, device); over PCI: (BAR address, -1: MSI-X, device)
         self.virtio: list[tuple[int, int, VirtioDevice]] = []
-        self.virtio_transports: list[TransportState] = []  # in the order of self.virtio
+        self.virtio_transports: list[VirtioMmio | VirtioPci] = []  # in the order of self.virtio
         self.pci: MachinePci | None = None  # the PCI bus, with virtio_transport="pci"
         self._virtio_worker: VirtioWorker | None = None
+        self._restored = False  # built by from_state: KVM_KVMCLOCK_CTRL before the vCPUs run
 
     # -- life cycle
     def __enter__(self) -> Machine:
@@ -280,12 +316,11 @@ class Machine:
             self.vm = vm = kvm.create_vm()
         except KvmError as err:
             raise UserError(f"cannot create a VM: {err}") from None
-        # Intel needs three pages for real-mode emulation and an identity-map page below
-        # 4 GiB, outside RAM and device windows (KVM API doc, KVM_SET_TSS_ADDR).
-        vm.set_tss_addr(0xFFFB_D000)
-        vm.set_identity_map_addr(0xFFFB_C000)
+        assert SETUP.identity_map_addr is not None
+        vm.set_tss_addr(SETUP.tss_addr)
+        vm.set_identity_map_addr(SETUP.identity_map_addr)
         vm.create_irqchip()
-        vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
+        vm.create_pit2(SETUP.pit_flags)
 
         mem_size = cfg.mem_mib << 20
         for start, size in layout.ram_ranges(mem_size):
@@ -320,7 +355,7 @@ class Machine:
             self._setup_fpu(vcpu)
             if vcpu_id == 0:
                 setup_boot_vcpu(vcpu, self.boot, self.mem)
-            self.threads.append(VcpuThread(vcpu, self.pio, self.mmio, self._on_vcpu_event))
+            self.threads.append(VcpuThread(vcpu, self.pio, self.mmio, self._on_vcpu_stopped))
 
     def _add_devices(self, vm: Vm) -> None:
         serial_irq = EventFdIrq(SERIAL_IRQ)
@@ -429,11 +464,13 @@ class Machine:
         vcpu.set_fpu(fpu)
 
     # -- running
-    def start(self) -> None:
+    def start(self, *, paused: bool = False) -> None:
+        """Build the VM if needed and start the vCPU threads; with `paused` each vCPU is held
+        before its first instruction (a restored machine loaded paused) until `resume()`."""
         if self.vm is None:
             self.build()
         if self.config.command:
-            if self.command is None:  # a restored machine brings its own (vmm/snapshot.py)
+            if self.command is None:  # a restored machine brings its own (from_state)
                 sink = self._command_output or (lambda data: None)
                 self.command = CommandOutput(self.nonce, sink)
             self.console.add_listener(self.command.feed)
@@ -442,8 +479,17 @@ class Machine:
         self.started_at = time.monotonic()
         if self._virtio_worker is not None:
             self._virtio_worker.start()
+        if self._restored:
+            # KVM_KVMCLOCK_CTRL right before the vCPUs run again: the guest learns it was
+            # paused (no soft-lockup reports for the time it spent on disk or on the wire).
+            for t in self.threads:
+                resume_vcpu(t.vcpu)
         for t in self.threads:
+            if paused:
+                t.control.request(Event.PAUSE)  # the first KVM_RUN returns at once
             t.start()
+        if paused:
+            self.pause()
 
     def _attach_ring(self) -> None:
         if not self._coalesced_ports or not self.threads or self.ring is not None:
@@ -482,17 +528,17 @@ class Machine:
         if self.serial is not None:
             self.serial.enqueue_input(data)
 
-    def _on_vcpu_event(self, event: VcpuEvent) -> None:
-        kinds = {
-            VcpuEventKind.SHUTDOWN: EndReason.TRIPLE_FAULT,
-            VcpuEventKind.SYSTEM_RESET: EndReason.REBOOT,
-            VcpuEventKind.SYSTEM_SHUTDOWN: EndReason.POWEROFF,
-            VcpuEventKind.SYSTEM_CRASH: EndReason.PANIC,
-            VcpuEventKind.ERROR: EndReason.ERROR,
-            VcpuEventKind.STOPPED: EndReason.STOPPED,
+    def _on_vcpu_stopped(self, vcpu_id: int, stopped: Stopped) -> None:
+        reasons = {
+            StopKind.SHUTDOWN: EndReason.TRIPLE_FAULT,
+            StopKind.SYSTEM_RESET: EndReason.REBOOT,
+            StopKind.SYSTEM_SHUTDOWN: EndReason.POWEROFF,
+            StopKind.SYSTEM_CRASH: EndReason.PANIC,
+            StopKind.ERROR: EndReason.ERROR,
+            StopKind.STOPPED: EndReason.STOPPED,
         }
-        detail = f"vcpu{event.vcpu_id}: {event.detail}" if event.detail else ""
-        self._finish(kinds[event.kind], detail)
+        detail = f"vcpu{vcpu_id}: {stopped.detail}" if stopped.detail else ""
+        self._finish(reasons[stopped.kind], detail)
 
     def _finish(self, reason: EndReason, detail: str = "") -> None:
         with self._lock:
@@ -526,33 +572,187 @@ class Machine:
                 self._result.command_status = self.command.status
         return self._result
 
-    # -- snapshots (kvmkit.vmm.snapshot)
-    def pause(self) -> None:
-        """Stop every vCPU outside KVM_RUN, at a consistent point."""
-        from kvmkit.vmm.snapshot import pause_machine
+    # -- pause, capture, rebuild: what snapshots and migration are built on
+    @property
+    def paused(self) -> bool:
+        """Every vCPU held by a pause outside KVM_RUN (or ended) and the virtio worker
+        parked: the state `capture_state()` reads is final."""
+        worker = self._virtio_worker
+        if worker is not None and not worker.paused:
+            return False
+        return bool(self.threads) and all(
+            t.control.state is RunState.FINISHED
+            or (t.control.held and (t.control.state is RunState.PAUSED
+                                    or t.control.status.pause_pending))
+            or not t.alive
+            for t in self.threads
+        )  # fmt: skip
 
-        pause_machine(self)
+    def pause(self, timeout: float = PAUSE_TIMEOUT) -> None:
+        """The PAUSE event on every vCPU, then wait until each is held outside KVM_RUN (or
+        has ended); then park the virtio worker between requests (after the vCPUs: no new
+        notification arrives), make the devices' effects durable (virtio-blk fdatasync) and
+        hand the coalesced ring's writes to their devices. A vCPU the debugger holds is held
+        already (kvmkit.vmm.runstate). UserError, with the machine running again, when a
+        vCPU or the worker does not stop within `timeout`."""
+        if self.vm is None or not self.threads:
+            raise UserError("the machine is not running: nothing to pause")
+        for t in self.threads:
+            t.control.try_request(Event.PAUSE)  # already paused, or finished: nothing to do
+        for t in self.threads:
+            if not t.control.wait_held(timeout, lambda t=t: t.alive):  # type: ignore[misc]
+                self.resume()
+                raise UserError(f"vcpu{t.vcpu.id} did not pause within {timeout} s")
+        worker = self._virtio_worker
+        try:
+            if worker is not None and not worker.pause(timeout):
+                raise UserError(f"the virtio worker did not pause within {timeout} s")
+            for _, _, dev in self.virtio:
+                try:
+                    dev.quiesce()
+                except OSError as err:
+                    raise UserError(f"virtio {dev.name}: {err}") from None
+        except UserError:
+            self.resume()
+            raise
+        self.drain_coalesced()  # device state includes every write the guest made
 
     def resume(self) -> None:
-        from kvmkit.vmm.snapshot import resume_machine
+        """The virtio worker runs again, then the RESUME event on every paused vCPU, each told
+        first that it was paused (KVM_KVMCLOCK_CTRL)."""
+        if self._virtio_worker is not None:
+            self._virtio_worker.resume()
+        for t in self.threads:
+            status = t.control.status
+            if status.state is RunState.PAUSED or status.pause_pending:
+                if t.control.parked:
+                    resume_vcpu(t.vcpu)
+                t.control.request(Event.RESUME)
 
-        resume_machine(self)
-
-    def snapshot(self, path_state: str | Path, path_mem: str | Path, diff: bool = False) -> None:
-        """Write a snapshot of the paused machine (diff: pages dirtied since the last one)."""
-        from kvmkit.vmm.snapshot import snapshot_machine
-
-        snapshot_machine(self, path_state, path_mem, diff=diff)
+    def capture_state(self) -> MachineState:
+        """The state of the paused machine, without guest memory (kvmkit.vmm.persist)."""
+        if self.vm is None or self.kvm is None or not self.threads:
+            raise UserError("the machine is not running: nothing to capture")
+        if not self.paused:
+            raise UserError("pause the machine before taking its state")
+        self.console.flush()  # the parser state below must include every byte printed so far
+        cfg = self.config
+        # The devices as they are now: a PATCH may have changed a drive's image or a rate
+        # limiter since boot (the limiters' buckets come back full); the MAC the guest knows
+        # (a random one when none was configured) and the tap by name.
+        blks = [dev for _, _, dev in self.virtio if isinstance(dev, VirtioBlk)]
+        drives = [
+            dataclasses.replace(
+                d, path=dev.path, serial=dev.serial.decode("latin-1"),
+                cache_type=dev.cache_type, rate_limiter=_limits(dev.limiter.config),
+            )
+            for d, dev in zip(cfg.drives, blks, strict=True)
+        ]  # fmt: skip
+        nets = [NetConfig(dev.tap_name, format_mac(dev.mac), dev.mtu,
+                          _limits(dev.rx_limiter.config), _limits(dev.tx_limiter.config))
+                for _, _, dev in self.virtio if isinstance(dev, VirtioNet)]  # fmt: skip
+        rng = next((_limits(dev.limiter.config) for _, _, dev in self.virtio
+                    if isinstance(dev, VirtioRng)), None)  # fmt: skip
+        config = dataclasses.replace(cfg, drives=drives, nets=nets, rng_rate_limiter=rng)
+        assert self.serial is not None
+        devices = DeviceStates(
+            serial=self.serial.save(),
+            virtio=[VirtioEntry(base, irq, transport.save(), dev.save())
+                    for (base, irq, dev), transport in zip(self.virtio, self.virtio_transports,
+                                                           strict=True)],
+            pci_root=self.pci.root.save() if self.pci is not None else None,
+        )  # fmt: skip
+        return MachineState(
+            kvm=capture_kvm_state(self.kvm, self.vm, [t.vcpu for t in self.threads], SETUP),
+            config=config, drive_sizes=tuple(os.fstat(dev.fd).st_size for dev in blks),
+            nonce=self.nonce, command=self.command.save() if self.command is not None else None,
+            devices=devices,
+        )  # fmt: skip
 
     @classmethod
-    def restore(
-        cls, state_path: str | Path, mem_path: str | Path, *,
-        command_output: Callable[[bytes], None] | None = None,
+    def from_state(
+        cls, state: MachineState, memory: GuestMemory, *,
+        command_output: Callable[[bytes], None] | None = None, kvm_device: str = "/dev/kvm",
     ) -> Machine:  # fmt: skip
-        """A machine rebuilt from a snapshot; `start()` resumes the guest where it was."""
-        from kvmkit.vmm.snapshot import restore_machine
+        """A machine rebuilt from a checked state onto `memory` (its regions laid out as the
+        state's machine had them, not yet registered with a VM; the machine owns it from
+        here, also on failure). `start()` resumes the guest where it was paused.
 
-        return restore_machine(state_path, mem_path, command_output=command_output)
+        The restore order, and why:
+          1. the host side the devices reopen: a vsock socket file a killed process left
+             behind is removed (a live one is refused), before anything else exists
+          2. KVM: VM, TSS/identity map, irqchip and PIT, memory slots, every vCPU (CPUID
+             first ... vCPU events last), the VM state (PIT -> clock -> irqchip); no vCPU
+             runs before KVM_SET_CLOCK (kvmkit.snapshot.core.build_vm)
+          3. devices rebuilt from the configuration at the same slots (irqfds, ioeventfds,
+             MSI routes), then their state taken over without a reset: the serial port, each
+             virtio device and its transport (a pending interrupt status is raised again:
+             the irqchip is restored, so the edge is not lost), the PCI root's latch; every
+             ready queue is kicked once
+          4. the command-output parser, then the vCPU threads (not started)
+          5. at start(): KVM_KVMCLOCK_CTRL on each vCPU, then they run
+        """
+        config = state.config
+        machine = cls(config, command_output=command_output, kvm_device=kvm_device)
+        machine.mem.close()
+        machine.mem = memory
+        machine.nonce = state.nonce
+        machine._restored = True
+        try:
+            if config.vsock is not None:
+                # The process that took the state removes its socket when it exits; a killed
+                # one leaves the file. A live socket (that VM still runs) is not taken over.
+                try:
+                    remove_stale_socket(config.vsock.uds_path)
+                except OSError as err:
+                    raise UserError(f"vsock: {err.strerror or err}") from None
+            install_kick_handler()
+            try:
+                machine.kvm = kvm = Kvm(kvm_device)
+            except OSError as err:
+                raise UserError(str(err.strerror or err)) from None
+            restored = build_vm(kvm, state.kvm, memory)
+            machine.vm = restored.vm
+            machine._add_devices(restored.vm)
+            machine._restore_devices(state.devices)
+            if config.command:
+                sink = command_output or (lambda data: None)
+                machine.command = CommandOutput(state.nonce, sink)
+                if state.command is not None:
+                    machine.command.restore(state.command)
+            for vcpu in restored.vcpus:
+                machine.threads.append(
+                    VcpuThread(vcpu, machine.pio, machine.mmio, machine._on_vcpu_stopped)
+                )
+        except BaseException:
+            machine.close()
+            raise
+        return machine
+
+    def _restore_devices(self, devices: DeviceStates) -> None:
+        """Step 3 of `from_state`: checked device states onto the rebuilt devices."""
+        assert self.serial is not None
+        self.serial.restore(devices.serial)
+        entries = zip(self.virtio, self.virtio_transports, devices.virtio, strict=True)
+        for i, ((base, irq, dev), transport, saved) in enumerate(entries):
+            path = f"devices.virtio[{i}]"
+            # irq -1: a PCI function (its interrupts are MSI-X vectors, in the transport state)
+            if (saved.base, saved.irq) != (base, irq):
+                raise SnapshotError(f"snapshot state: {path}: not at this machine's slot")
+            mmio = isinstance(transport, VirtioMmio)
+            if isinstance(saved.transport, MmioTransportState) != mmio:
+                raise SnapshotError(f"snapshot state: {path}: not a {transport.KIND} device")
+            dev.restore(saved.device, f"{path}.device")
+            if isinstance(transport, VirtioMmio):
+                assert isinstance(saved.transport, MmioTransportState)
+                transport.restore(saved.transport)
+            else:
+                assert isinstance(saved.transport, PciTransportState)
+                transport.restore(saved.transport)
+        if self.pci is not None and devices.pci_root is not None:
+            self.pci.root.restore(devices.pci_root)
+        for _, _, dev in self.virtio:
+            dev.kick_ready_queues()
 
     @property
     def exits(self) -> int:

@@ -7,12 +7,13 @@ from __future__ import annotations
 from kvmkit.arch.x86_64 import layout
 from kvmkit.devices.bus import Bus
 from kvmkit.devices.irq import EventFdIrq, IrqLine
-from kvmkit.devices.pci.root import CONFIG_ADDRESS_PORT, CONFIG_PORTS, PciRoot
+from kvmkit.devices.pci.root import CONFIG_ADDRESS_PORT, CONFIG_PORTS, PciRoot, PciRootState
 from kvmkit.devices.virtio.device import VirtioDevice
-from kvmkit.devices.virtio.pci import BAR_SIZE, VirtioPci
+from kvmkit.devices.virtio.pci import BAR_SIZE, PciTransportState, VirtioPci
 from kvmkit.kvm.routing import GsiRouter
 from kvmkit.kvm.vm import Vm
 from kvmkit.memory import GuestMemory
+from kvmkit.snapshot.format import SnapshotError
 
 
 class MachinePci:
@@ -50,16 +51,13 @@ class MachinePci:
             irq.close()
         self.irqs.clear()
 
-    # -- snapshots: plain data (the routes and ioeventfds are rebuilt from it)
-    def save(self) -> dict[str, object]:
-        return {"root": self.root.save(), "functions": [f.save() for f in self.functions]}
+    # -- snapshots: typed plain data (the routes and ioeventfds are rebuilt from it)
+    def save(self) -> tuple[PciRootState, list[PciTransportState]]:
+        return self.root.save(), [f.save() for f in self.functions]
 
-    def restore(self, state: dict[str, object]) -> None:
-        functions = state.get("functions")
-        root = state.get("root")
-        if not isinstance(functions, list) or len(functions) != len(self.functions):
-            raise ValueError("PCI state does not match the machine's virtio devices")
-        if isinstance(root, dict):
-            self.root.restore(root)
-        for i, (function, saved) in enumerate(zip(self.functions, functions, strict=True)):
-            function.restore(saved, f"pci.functions[{i}]")
+    def restore(self, root: PciRootState, functions: list[PciTransportState]) -> None:
+        if len(functions) != len(self.functions):
+            raise SnapshotError("snapshot state: PCI state does not match the virtio devices")
+        self.root.restore(root)
+        for function, saved in zip(self.functions, functions, strict=True):
+            function.restore(saved)

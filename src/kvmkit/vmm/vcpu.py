@@ -1,83 +1,35 @@
-"""One thread per vCPU: run it, dispatch its exits, report how it ended.
+"""One thread per vCPU: run it, hand each exit to `handle_exit`, hold it when asked.
 
-The loop is the hot path: exits are the per-vCPU objects from `kvmkit.kvm.exits` (nothing is
-allocated per exit), port I/O and MMIO go to the buses, and an unclaimed read returns all
-ones as on a PC bus. Anything that ends the VM is reported to the machine through
-`on_event(VcpuEvent)`; the machine then stops every vCPU (Firecracker's vCPU state machine,
-reduced to Running -> Stopping -> Finished for now).
+Each thread owns its vCPU's run state (`control`, a `kvmkit.vmm.runstate.VcpuControl`):
+pausing (API, snapshots, migration), the debugger's stops and stopping the VM are events on
+it, and the loop parks at its hold point after an interrupted exit. How the vCPU ended is
+reported once through `on_stopped(vcpu_id, Stopped)`; the machine then stops every vCPU.
+
+    VcpuThread   the machine's vCPUs: exits go to the port-I/O and MMIO buses
+    VcpuRunner   a vCPU of a tiny guest or test, exits go to a callback
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from kvmkit.abi.constants import SystemEvent
 from kvmkit.devices.bus import Bus
-from kvmkit.kvm import (
-    DebugExit,
-    FailEntryExit,
-    HltExit,
-    InternalErrorExit,
-    IntrExit,
-    IoExit,
-    MmioExit,
-    ShutdownExit,
-    SystemEventExit,
-    Vcpu,
-    VmExit,
-)
+from kvmkit.kvm import IntrExit, Vcpu, VmExit
 from kvmkit.kvm.errors import KvmError
-from kvmkit.snapshot.pause import PausePoint
+from kvmkit.vmm.dispatch import (
+    HANDLED,
+    DebugHook,
+    ExitStats,
+    Peripherals,
+    StopKind,
+    Stopped,
+    handle_exit,
+)
+from kvmkit.vmm.runstate import Event, RunState, VcpuControl
 
 log = logging.getLogger(__name__)
-
-
-class VcpuEventKind(enum.Enum):
-    SHUTDOWN = "shutdown"  # KVM_EXIT_SHUTDOWN: triple fault
-    SYSTEM_RESET = "reset"  # KVM_SYSTEM_EVENT_RESET
-    SYSTEM_SHUTDOWN = "poweroff"  # KVM_SYSTEM_EVENT_SHUTDOWN
-    SYSTEM_CRASH = "crash"  # KVM_SYSTEM_EVENT_CRASH
-    ERROR = "error"  # internal error, failed entry, unexpected exit, KVM_RUN failure
-    STOPPED = "stopped"  # asked to stop
-
-
-@dataclass
-class VcpuEvent:
-    kind: VcpuEventKind
-    vcpu_id: int
-    detail: str = ""
-
-
-def shutdown_detail(vcpu: Vcpu) -> str:
-    """What the vCPU looked like when it triple-faulted: the registers QEMU's `-d cpu_reset`
-    would show first (where it was, its stack, the tables a fault is delivered through) and
-    any exception KVM still had pending, so a report says more than "triple fault"."""
-    try:
-        regs, sregs, ev = vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_vcpu_events()
-    except KvmError as err:
-        return f"triple fault (state unreadable: {err})"
-    if regs.rip == 0xFFF0 and sregs.cs.selector == 0xF000 and not sregs.efer & 0x400:
-        # KVM on AMD SVM INITs the vCPU at a SHUTDOWN intercept (the VMCB is undefined
-        # after it: arch/x86/kvm/svm/svm.c shutdown_interception), so the registers are
-        # the reset state, not the guest's: say so instead of printing misleading values.
-        return "triple fault (registers lost: KVM reset the vCPU at the shutdown, as on AMD)"
-    exc = ev.exception
-    pending = (
-        f" exception={exc.nr}{f'/{exc.error_code:#x}' if exc.has_error_code else ''}"
-        f"{' injected' if exc.injected else ''}{' pending' if exc.pending else ''}"
-        if exc.injected or exc.pending
-        else ""
-    )
-    return (
-        f"triple fault at rip={regs.rip:#x} rsp={regs.rsp:#x} rflags={regs.rflags:#x} "
-        f"cs={sregs.cs.selector:#x} cr0={sregs.cr0:#x} cr2={sregs.cr2:#x} cr3={sregs.cr3:#x} "
-        f"cr4={sregs.cr4:#x} efer={sregs.efer:#x} idt={sregs.idt.base:#x}/{sregs.idt.limit:#x} "
-        f"gdt={sregs.gdt.base:#x}/{sregs.gdt.limit:#x} tr={sregs.tr.base:#x}{pending}"
-    )
 
 
 class VcpuThread:
@@ -86,37 +38,42 @@ class VcpuThread:
         vcpu: Vcpu,
         pio: Bus,
         mmio: Bus,
-        on_event: Callable[[VcpuEvent], None],
+        on_stopped: Callable[[int, Stopped], None],
     ) -> None:
         self.vcpu = vcpu
-        self.pio = pio
-        self.mmio = mmio
-        self.on_event = on_event
-        # Debugger hook (kvmkit.gdb): consulted on DebugExit and IntrExit; True when it
-        # consumed the exit (it may block while the debugger keeps the vCPU stopped).
-        self.on_debug: Callable[[Vcpu, VmExit], bool] | None = None
+        self.on_stopped = on_stopped
+        self.control = VcpuControl(vcpu)
+        self.peripherals = Peripherals(vcpu, pio, mmio)
         self.exits = 0
         # Drains the coalesced MMIO/PIO ring (kvmkit.kvm.coalesced) before each exit is
         # handled, so devices see queued writes in order with every other access.
         self.drain: Callable[[], None] | None = None
-        # Firecracker's vcpu metrics (exits by kind)
-        self.exit_io_in = 0
-        self.exit_io_out = 0
-        self.exit_mmio_read = 0
-        self.exit_mmio_write = 0
-        self._stop = threading.Event()
-        self.pause_point = PausePoint()  # Running -> Paused -> Running (vmm/snapshot.py)
         self.thread = threading.Thread(target=self._main, name=f"vcpu{vcpu.id}", daemon=True)
+
+    @property
+    def stats(self) -> ExitStats:
+        return self.peripherals.stats
+
+    @property
+    def debug(self) -> DebugHook | None:
+        return self.peripherals.debug
+
+    @debug.setter
+    def debug(self, hook: DebugHook | None) -> None:
+        """Attach a debugger (kvmkit.gdb) before the thread starts: it takes debug exits."""
+        self.peripherals.debug = hook
+
+    @property
+    def alive(self) -> bool:
+        """Not started yet, or running its loop."""
+        return self.thread.ident is None or self.thread.is_alive()
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self) -> None:
-        """Ask the thread to leave its loop (kicks it out of KVM_RUN)."""
-        self._stop.set()
-        self.pause_point.release()
-        if self.thread.is_alive():
-            self.vcpu.kick()
+        """The STOP event: the loop ends at its next hold point (a paused vCPU at once)."""
+        self.control.request(Event.STOP)
 
     def join(self, timeout: float | None = None) -> None:
         if self.thread.ident is not None:  # a restored machine closed before it started
@@ -124,77 +81,76 @@ class VcpuThread:
 
     def _main(self) -> None:
         try:
-            event = self._loop()
+            stopped = self._loop()
         except KvmError as err:
-            event = VcpuEvent(VcpuEventKind.ERROR, self.vcpu.id, str(err))
+            stopped = Stopped(StopKind.ERROR, str(err))
         except Exception as err:  # a device bug must end the VM cleanly, not hang it
             log.exception("vcpu%d: unexpected error", self.vcpu.id)
-            event = VcpuEvent(VcpuEventKind.ERROR, self.vcpu.id, f"{type(err).__name__}: {err}")
-        self.on_event(event)
+            stopped = Stopped(StopKind.ERROR, f"{type(err).__name__}: {err}")
+        self.control.finish()
+        self.on_stopped(self.vcpu.id, stopped)
 
-    def _loop(self) -> VcpuEvent:
-        vcpu, pio, mmio, stop, drain = self.vcpu, self.pio, self.mmio, self._stop, self.drain
-        vid = vcpu.id
+    def _loop(self) -> Stopped:
+        vcpu, p, control, drain = self.vcpu, self.peripherals, self.control, self.drain
         while True:
-            if stop.is_set():
-                return VcpuEvent(VcpuEventKind.STOPPED, vid)
             exit_ = vcpu.run()
             self.exits += 1
             if drain is not None:
                 drain()
-            if isinstance(exit_, IoExit):
-                port, size, data = exit_.port, exit_.size, exit_.data
-                if exit_.is_in:
-                    self.exit_io_in += 1
-                else:
-                    self.exit_io_out += 1
-                # String I/O (rep ins/outs) carries `count` elements; handle each in order.
-                for i in range(0, len(data), size):
-                    element = data[i : i + size]
-                    if exit_.is_in:
-                        if not pio.read(port, element):
-                            element[:] = b"\xff" * size
-                    else:
-                        pio.write(port, element)
-            elif isinstance(exit_, MmioExit):
-                data = exit_.data
-                if exit_.is_write:
-                    self.exit_mmio_write += 1
-                    mmio.write(exit_.phys_addr, data)
-                else:
-                    self.exit_mmio_read += 1
-                    if not mmio.read(exit_.phys_addr, data):
-                        data[:] = b"\xff" * len(data)
-            elif isinstance(exit_, IntrExit):
-                if self.on_debug is None or not self.on_debug(vcpu, exit_):
-                    vcpu.immediate_exit = False
-                self.pause_point.park_if_requested(vcpu)
-            elif isinstance(exit_, DebugExit) and self.on_debug is not None:
-                if not self.on_debug(vcpu, exit_):
-                    return VcpuEvent(VcpuEventKind.ERROR, vid, f"unexpected {exit_.describe()}")
-            elif isinstance(exit_, HltExit):
-                # Only without the in-kernel irqchip; kvmkit always has one, so a HLT exit
-                # means the guest stopped for good.
-                return VcpuEvent(VcpuEventKind.ERROR, vid, "guest halted with no irqchip")
-            elif isinstance(exit_, ShutdownExit):
-                return VcpuEvent(VcpuEventKind.SHUTDOWN, vid, shutdown_detail(vcpu))
-            elif isinstance(exit_, SystemEventExit):
-                kinds = {
-                    SystemEvent.SHUTDOWN: VcpuEventKind.SYSTEM_SHUTDOWN,
-                    SystemEvent.RESET: VcpuEventKind.SYSTEM_RESET,
-                    SystemEvent.CRASH: VcpuEventKind.SYSTEM_CRASH,
-                }
-                kind = kinds.get(exit_.type)  # type: ignore[call-overload]
-                if kind is not None:
-                    return VcpuEvent(kind, vid, exit_.describe())
-                log.warning("vcpu%d: ignoring %s", vid, exit_.describe())
-            elif isinstance(exit_, InternalErrorExit | FailEntryExit):
-                regs = vcpu.get_regs()
-                return VcpuEvent(
-                    VcpuEventKind.ERROR, vid, f"{exit_.describe()} at rip={regs.rip:#x}"
-                )
-            else:
-                regs = vcpu.get_regs()
-                return VcpuEvent(
-                    VcpuEventKind.ERROR, vid, f"unexpected {exit_.describe()} at rip={regs.rip:#x}"
-                )
+            outcome = handle_exit(exit_, p)
+            if outcome is HANDLED:
+                continue
+            if isinstance(outcome, Stopped):
+                return outcome
+            if not control.hold_point():  # INTERRUPTED: held while paused/debug-stopped
+                return Stopped(StopKind.STOPPED)
+
+
+class VcpuRunner:
+    """Run one vCPU in a thread, handing each exit but interruptions to `on_exit` (return
+    False to end the loop), on the same run-state machine as `VcpuThread`: `pause()`,
+    `resume()`, `stop()`. For tiny guests and tests."""
+
+    def __init__(self, vcpu: Vcpu, on_exit: Callable[[VmExit], bool]) -> None:
+        self.vcpu = vcpu
+        self.on_exit = on_exit
+        self.control = VcpuControl(vcpu)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name=f"runner{vcpu.id}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _main(self) -> None:
+        try:
+            while True:
+                exit_ = self.vcpu.run()
+                if isinstance(exit_, IntrExit):
+                    if not self.control.hold_point():
+                        return
+                    continue
+                if not self.on_exit(exit_):
+                    return
+        except BaseException as err:  # reported by stop()
+            self.error = err
+        finally:
+            self.control.finish()
+
+    def pause(self, timeout: float = 10.0) -> None:
+        self.control.request(Event.PAUSE)
+        if not self.control.wait_held(timeout, self.thread.is_alive):
+            raise TimeoutError(f"vcpu{self.vcpu.id} did not pause within {timeout} s")
+
+    def resume(self) -> None:
+        self.control.request(Event.RESUME)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.control.request(Event.STOP)
+        self.thread.join(timeout)
+        self.vcpu.immediate_exit = False
+        if self.error is not None:
+            raise self.error
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive() and self.control.state is RunState.RUNNING

@@ -50,9 +50,11 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from kvmkit.devices.irq import IrqLine
+from kvmkit.snapshot.format import Fields, SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,54 @@ DEFAULT_LCR = 0x03  # 8N1
 DEFAULT_MCR = MCR_OUT2
 DEFAULT_MSR = MSR_DCD | MSR_DSR | MSR_CTS  # a terminal is attached and ready
 SAVE_VERSION = 2  # 2 added fifo64_mode; version 1 states load with it off
+
+
+@dataclass(frozen=True)
+class SerialState:
+    """The 8250's registers and receive FIFO in a snapshot; `from_dict` checks data read
+    from a file (Firecracker's Persist: the constructor validates)."""
+
+    ier: int
+    lcr: int
+    mcr: int
+    lsr_errors: int
+    msr: int
+    scr: int
+    dll: int
+    dlm: int
+    fcr_trigger: int
+    fifo_enabled: bool
+    thre_pending: bool
+    fifo64_mode: bool
+    rx: bytes
+
+    _BYTES: ClassVar[tuple[str, ...]] = (
+        "ier", "lcr", "mcr", "lsr_errors", "msr", "scr", "dll", "dlm", "fcr_trigger",
+    )  # fmt: skip
+    _FLAGS: ClassVar[tuple[str, ...]] = ("fifo_enabled", "thre_pending", "fifo64_mode")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": SAVE_VERSION, "rx": list(self.rx)}
+        for key in (*self._BYTES, *self._FLAGS):
+            out[key] = getattr(self, key)
+        return out
+
+    @classmethod
+    def from_dict(cls, obj: Any, path: str = "serial") -> SerialState:
+        f = Fields(obj, path)
+        version = f.get_int("version", 0, 2**32 - 1)
+        if version not in (1, SAVE_VERSION):
+            raise SnapshotError(f"snapshot state: {path}: serial state version {version}")
+        b = {k: f.get_int(k, 0, 0xFF) for k in cls._BYTES}
+        return cls(
+            ier=b["ier"], lcr=b["lcr"], mcr=b["mcr"], lsr_errors=b["lsr_errors"],
+            msr=b["msr"], scr=b["scr"], dll=b["dll"], dlm=b["dlm"],
+            fcr_trigger=b["fcr_trigger"], fifo_enabled=f.get_bool("fifo_enabled"),
+            thre_pending=f.get_bool("thre_pending"),
+            # Version 1 had no 64-byte FIFO mode: it loads with the mode off.
+            fifo64_mode=f.get_bool("fifo64_mode") if version > 1 else False,
+            rx=bytes(f.get_ints("rx", FIFO_SIZE, width=8)),
+        )  # fmt: skip
 
 
 class Serial8250:
@@ -367,64 +417,35 @@ class Serial8250:
             return self.fifo_size - len(self._rx)
 
     # -- snapshots
-    def save(self) -> dict[str, Any]:
-        """Register state as plain data (JSON-serializable)."""
+    def save(self) -> SerialState:
+        """Register state as typed plain data."""
         with self._lock:
-            return {
-                "version": SAVE_VERSION,
-                "ier": self._ier,
-                "lcr": self._lcr,
-                "mcr": self._mcr,
-                "lsr_errors": self._lsr_errors,
-                "msr": self._msr,
-                "scr": self._scr,
-                "dll": self._dll,
-                "dlm": self._dlm,
-                "fifo_enabled": self._fifo_enabled,
-                "fcr_trigger": self._fcr_trigger,
-                "fifo64_mode": self._fifo64_mode,
-                "thre_pending": self._thre_pending,
-                "rx": list(self._rx),
-            }
+            return SerialState(
+                ier=self._ier, lcr=self._lcr, mcr=self._mcr, lsr_errors=self._lsr_errors,
+                msr=self._msr, scr=self._scr, dll=self._dll, dlm=self._dlm,
+                fcr_trigger=self._fcr_trigger, fifo_enabled=self._fifo_enabled,
+                thre_pending=self._thre_pending, fifo64_mode=self._fifo64_mode,
+                rx=bytes(self._rx),
+            )  # fmt: skip
 
-    def restore(self, state: dict[str, Any]) -> None:
-        """Load state from `save()`; raises ValueError on malformed data (nothing changed)."""
-        if state.get("version") == 1:
-            state = {**state, "fifo64_mode": False}
-        elif state.get("version") != SAVE_VERSION:
-            raise ValueError(f"serial state version {state.get('version')!r} unsupported")
-
-        def byte(key: str) -> int:
-            v = state.get(key)
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 0xFF:
-                raise ValueError(f"serial state: {key} must be a byte, not {v!r}")
-            return v
-
-        def flag(key: str) -> bool:
-            v = state.get(key)
-            if not isinstance(v, bool):
-                raise ValueError(f"serial state: {key} must be a bool, not {v!r}")
-            return v
-
-        rx = state.get("rx")
-        if not isinstance(rx, list) or len(rx) > self.fifo_size:
-            raise ValueError("serial state: rx must be a list within the FIFO size")
-        if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 0xFF for b in rx):
-            raise ValueError("serial state: rx must hold bytes")
-        values = {k: byte(k) for k in ("ier", "lcr", "mcr", "lsr_errors", "msr", "scr", "dll",
-                                       "dlm", "fcr_trigger")}  # fmt: skip
-        flags = {k: flag(k) for k in ("fifo_enabled", "thre_pending", "fifo64_mode")}
+    def restore(self, state: SerialState) -> None:
+        """Take over a checked state; SnapshotError (nothing changed) if its receive FIFO
+        holds more than this device's."""
+        if len(state.rx) > self.fifo_size:
+            raise SnapshotError(
+                f"snapshot state: serial rx holds {len(state.rx)} bytes, the FIFO {self.fifo_size}"
+            )
         with self._lock:
-            self._ier = values["ier"] & IER_MASK
-            self._lcr = values["lcr"]
-            self._mcr = values["mcr"] & MCR_MASK
-            self._lsr_errors = values["lsr_errors"] & (LSR_OE | LSR_BI)
-            self._msr = values["msr"]
-            self._scr = values["scr"]
-            self._dll = values["dll"]
-            self._dlm = values["dlm"]
-            self._fcr_trigger = values["fcr_trigger"] & FCR_TRIGGER_MASK
-            self._fifo_enabled = flags["fifo_enabled"]
-            self._thre_pending = flags["thre_pending"]
-            self._fifo64_mode = flags["fifo64_mode"] and self.fifo64
-            self._rx = deque(rx)
+            self._ier = state.ier & IER_MASK
+            self._lcr = state.lcr
+            self._mcr = state.mcr & MCR_MASK
+            self._lsr_errors = state.lsr_errors & (LSR_OE | LSR_BI)
+            self._msr = state.msr
+            self._scr = state.scr
+            self._dll = state.dll
+            self._dlm = state.dlm
+            self._fcr_trigger = state.fcr_trigger & FCR_TRIGGER_MASK
+            self._fifo_enabled = state.fifo_enabled
+            self._thre_pending = state.thre_pending
+            self._fifo64_mode = state.fifo64_mode and self.fifo64
+            self._rx = deque(state.rx)

@@ -10,6 +10,10 @@ above its size, so the all-ones write a driver uses for sizing (§6.2.5.1) reads
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
+from typing import Any
+
+from kvmkit.snapshot.format import Fields, SnapshotError
 
 CONFIG_SIZE = 256  # conventional PCI (no extended space: mechanism #1 reaches 256 bytes)
 
@@ -50,6 +54,28 @@ CAP_ID_MSIX = 0x11
 FIRST_CAP_OFFSET = 0x40  # capabilities live after the 64-byte header (§6.7)
 
 _U32 = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class PciConfigState:
+    """A function's 256 configuration bytes in a snapshot (hex in the file)."""
+
+    data: bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": self.data.hex()}
+
+    @classmethod
+    def from_dict(cls, obj: Any, path: str) -> PciConfigState:
+        f = Fields(obj, path)
+        text = f.get_str("data", 2 * CONFIG_SIZE)
+        try:
+            data = bytes.fromhex(text)
+        except ValueError:
+            raise SnapshotError(f"snapshot state: {path}.data is not hex") from None
+        if len(data) != CONFIG_SIZE:
+            raise SnapshotError(f"snapshot state: {path}.data must be {CONFIG_SIZE} bytes")
+        return cls(data)
 
 
 class PciConfigSpace:
@@ -151,15 +177,12 @@ class PciConfigSpace:
     def bar_address(self, index: int) -> int:
         return self.u32(BAR0 + 4 * index) & ~BAR_FLAG_BITS
 
-    def save(self) -> dict[str, object]:
-        """Plain data for snapshots: only the registers change at run time."""
-        return {"data": self.data.hex()}
+    def save(self) -> PciConfigState:
+        """For snapshots: only the registers change at run time."""
+        return PciConfigState(bytes(self.data))
 
-    def restore(self, state: dict[str, object]) -> None:
-        raw = bytes.fromhex(str(state["data"]))
-        if len(raw) != CONFIG_SIZE:
-            raise ValueError("PCI config space state has the wrong size")
+    def restore(self, state: PciConfigState) -> None:
         # Only the writable bits come from the snapshot: IDs and capabilities stay ours.
-        for i, byte in enumerate(raw):
+        for i, byte in enumerate(state.data):
             mask = self.wmask[i]
             self.data[i] = (self.data[i] & ~mask) | (byte & mask)

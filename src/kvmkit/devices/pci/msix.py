@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import struct
 import threading
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from kvmkit.devices.irq import IrqLine
 from kvmkit.devices.pci.config import CAP_ID_MSIX, PciConfigSpace
+from kvmkit.snapshot.format import Fields, SnapshotError
 
 ENTRY_SIZE = 16
 MAX_VECTORS = 2048  # §6.8.2.3: Table Size is 11 bits (N - 1)
@@ -29,6 +31,34 @@ CONTROL_ENABLE = 1 << 15
 VECTOR_CTRL_MASKED = 1
 
 _ENTRY = struct.Struct("<IIII")
+
+
+@dataclass(frozen=True)
+class MsixState:
+    """The vector table (four dwords per entry) and pending bits in a snapshot."""
+
+    table: tuple[tuple[int, ...], ...]
+    pending: tuple[bool, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"table": [list(e) for e in self.table], "pending": list(self.pending)}
+
+    @classmethod
+    def from_dict(cls, obj: Any, path: str) -> MsixState:
+        f = Fields(obj, path)
+        raw = f.get_list("table", MAX_VECTORS)
+        if not raw:
+            raise SnapshotError(f"snapshot state: {path}.table is empty")
+        table = []
+        for row in raw:
+            if (not isinstance(row, list) or len(row) != 4
+                    or not all(type(x) is int and 0 <= x <= 0xFFFFFFFF for x in row)):  # fmt: skip
+                raise SnapshotError(f"snapshot state: {path}.table entries must be 4 u32 values")
+            table.append(tuple(row))
+        pending = f.get_list("pending", MAX_VECTORS)
+        if len(pending) != len(table) or not all(isinstance(p, bool) for p in pending):
+            raise SnapshotError(f"snapshot state: {path}.pending must be a bool per vector")
+        return cls(tuple(table), tuple(pending))
 
 
 class MsiRouting(Protocol):
@@ -181,23 +211,16 @@ class Msix:
         for vector, entry in enumerate(self.table):
             self.routing.set_msi(self.gsis[vector], (entry[1] << 32) | entry[0], entry[2])
 
-    def save(self) -> dict[str, object]:
+    def save(self) -> MsixState:
         with self._lock:
-            return {"table": [list(e) for e in self.table], "pending": list(self.pending)}
+            return MsixState(tuple(tuple(e) for e in self.table), tuple(self.pending))
 
-    def restore(self, state: dict[str, object]) -> None:
-        table = state.get("table")
-        pending = state.get("pending")
-        if not isinstance(table, list) or len(table) != self.count:
-            raise ValueError("MSI-X state: table does not match the device")
-        if not isinstance(pending, list) or len(pending) != self.count:
-            raise ValueError("MSI-X state: pending bits do not match the device")
-        rows: list[list[int]] = []
-        for row in table:
-            if not isinstance(row, list) or len(row) != 4:
-                raise ValueError("MSI-X state: bad table entry")
-            rows.append([int(x) & 0xFFFFFFFF for x in row])
+    def restore(self, state: MsixState) -> None:
+        if len(state.table) != self.count:
+            raise SnapshotError(
+                f"snapshot state: MSI-X has {len(state.table)} vectors, the device {self.count}"
+            )
         with self._lock:
-            self.table = rows
-            self.pending = [bool(p) for p in pending]
+            self.table = [list(row) for row in state.table]
+            self.pending = list(state.pending)
         self.reroute_all()

@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+from dataclasses import dataclass
+from typing import Any
 
 from kvmkit.devices.pci.config import (
     BAR0,
@@ -28,6 +30,7 @@ from kvmkit.devices.pci.config import (
     COMMAND_MEMORY,
     PciConfigSpace,
 )
+from kvmkit.snapshot.format import Fields, SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,32 @@ class HostBridge(PciFunction):
         )  # fmt: skip
 
 
+# Version of PciRootState's data. Files written before it had one hold the same fields and
+# load as version 1.
+ROOT_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PciRootState:
+    """The root's only run-time state: the 0xCF8 address latch."""
+
+    address: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": ROOT_STATE_VERSION, "address": self.address}
+
+    @classmethod
+    def from_dict(cls, obj: Any, path: str = "pci_root") -> PciRootState:
+        f = Fields(obj, path)
+        version = f.get_int("version", 0, 2**32 - 1) if f.has("version") else 1
+        if version != ROOT_STATE_VERSION:
+            raise SnapshotError(f"snapshot state: {path}: PCI root state version {version}")
+        address = f.get_int("address", 0, 0xFFFFFFFF)
+        if address & ~_ADDRESS_MASK:
+            raise SnapshotError(f"snapshot state: {path}.address {address:#x} has reserved bits")
+        return cls(address)
+
+
 class PciRoot:
     """Bus 0. `pio` is the BusDevice for ports 0xCF8-0xCFF, `mmio` the one for the BAR
     window; `add(function)` puts a function in the next free slot."""
@@ -199,14 +228,13 @@ class PciRoot:
                     return function, bar, addr - start
         return None
 
-    def save(self) -> dict[str, object]:
+    def save(self) -> PciRootState:
         with self._lock:
-            return {"address": self._address}
+            return PciRootState(self._address)
 
-    def restore(self, state: dict[str, object]) -> None:
-        address = state.get("address", 0)
+    def restore(self, state: PciRootState) -> None:
         with self._lock:
-            self._address = int(address) & _ADDRESS_MASK if isinstance(address, int) else 0
+            self._address = state.address
 
 
 class PciConfigIo:

@@ -15,12 +15,12 @@ A subclass sets DEVICE_ID, `queue_sizes`, `features` and implements `process_que
 `config_write`, `activate`, `reset_device`, and for snapshots `quiesce`, `save_device`,
 `check_device_state`, `restore_device`, `restored` and `held_chains`.
 
-Snapshots (docs/snapshot.md): `save()` returns the device's state as versioned plain data
+Snapshots (docs/snapshot.md): `save()` returns the device's state as a `VirtioState`
 (status, features, config generation, every queue's registers and indexes, and the
-subclass's own part); `parse_state()` checks such data from a file without touching
-anything, and `restore()` takes it over as is, without a reset: the driver in the restored
-guest carries on with its rings. The state is transport-independent; a transport saves its
-own registers (selectors, interrupt status) beside it.
+subclass's own part); `VirtioState.from_dict()` checks such data from a file without
+touching anything, and `restore()` takes it over as is, without a reset: the driver in the
+restored guest carries on with its rings. The state is transport-independent; a transport
+saves its own registers (selectors, interrupt status) beside it.
 """
 
 from __future__ import annotations
@@ -69,20 +69,11 @@ class Interrupt(Protocol):
         """Raise a used-buffer (INT_VRING, for `queue`) or configuration-change interrupt."""
 
 
-class TransportState(Protocol):
-    """What a transport (virtio-mmio, virtio-pci) adds to a snapshot: its own registers."""
-
-    KIND: ClassVar[str]
-
-    def save(self) -> dict[str, Any]: ...
-
-    def restore(self, state: Any, path: str) -> None: ...
-
-
 @dataclass(frozen=True)
 class VirtioState:
-    """The transport-independent state of a device, checked; `device` is the subclass's
-    part, checked by its `restore_device`."""
+    """The transport-independent state of a device, checked by `from_dict`; `device` is the
+    subclass's part, checked by the class's `check_device_state` when `from_dict` is given
+    the class (a restore gives it: the configuration says which device each entry is)."""
 
     device_id: int
     status: int
@@ -93,47 +84,64 @@ class VirtioState:
     queues: list[QueueState]
     device: dict[str, Any]
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION, "device_id": self.device_id, "status": self.status,
+            "device_features": self.device_features, "driver_features": self.driver_features,
+            "config_generation": self.config_generation, "activated": self.activated,
+            "queues": [q.to_dict() for q in self.queues], "device": self.device,
+        }  # fmt: skip
 
-def parse_state(obj: Any, path: str) -> VirtioState:
-    """Check a device's saved state (types, ranges, consistency) without a device: a restore
-    runs this over every device before it creates a VM."""
-    f = Fields(obj, path)
-    version = f.get_int("version", 0, 2**32 - 1)
-    if version != STATE_VERSION:
-        raise SnapshotError(
-            f"snapshot state: {path} has virtio state version {version}, this kvmkit reads "
-            f"{STATE_VERSION}"
-        )
-    status = f.get_int("status", 0, 0xFF)  # §2.1: the device status is one byte
-    device_features = f.get_int("device_features")
-    driver_features = f.get_int("driver_features")
-    # §2.2: the driver accepts a subset of the offered features (set_status checks it at
-    # FEATURES_OK; a file claiming otherwise is not one kvmkit wrote).
-    if driver_features & ~device_features:
-        raise SnapshotError(f"snapshot state: {path}: driver features the device did not offer")
-    activated = f.get_bool("activated")
-    # A device serves its queues only after DRIVER_OK with FEATURES_OK (§3.1.1) and never
-    # while it needs a reset (§2.1.2).
-    live = STATUS_DRIVER_OK | STATUS_FEATURES_OK
-    if activated and (status & live != live or status & (STATUS_NEEDS_RESET | STATUS_FAILED)):
-        raise SnapshotError(f"snapshot state: {path}: active device with status {status:#x}")
-    raw_queues = f.get_list("queues", MAX_QUEUES)
-    queues = [QueueState.parse(q, f"{path}.queues[{i}]") for i, q in enumerate(raw_queues)]
-    if activated:
-        event_idx = bool(driver_features & VIRTIO_F_EVENT_IDX)
-        indirect = bool(driver_features & VIRTIO_F_INDIRECT_DESC)
-        for i, q in enumerate(queues):
-            if (q.event_idx, q.indirect) != (event_idx, indirect):
-                raise SnapshotError(
-                    f"snapshot state: {path}.queues[{i}]: ring features differ from the "
-                    "negotiated ones"
-                )
-    return VirtioState(
-        device_id=f.get_int("device_id", 0, 0xFFFF), status=status,
-        device_features=device_features, driver_features=driver_features,
-        config_generation=f.get_int("config_generation", 0, 0xFFFFFFFF), activated=activated,
-        queues=queues, device=f.get_obj("device").obj,
-    )  # fmt: skip
+    @classmethod
+    def from_dict(
+        cls, obj: Any, path: str, device_class: type[VirtioDevice] | None = None
+    ) -> VirtioState:
+        """Check a device's saved state (types, ranges, consistency) without a device: a
+        restore runs this over every device before it creates a VM."""
+        f = Fields(obj, path)
+        version = f.get_int("version", 0, 2**32 - 1)
+        if version != STATE_VERSION:
+            raise SnapshotError(
+                f"snapshot state: {path} has virtio state version {version}, this kvmkit reads "
+                f"{STATE_VERSION}"
+            )
+        status = f.get_int("status", 0, 0xFF)  # §2.1: the device status is one byte
+        device_features = f.get_int("device_features")
+        driver_features = f.get_int("driver_features")
+        # §2.2: the driver accepts a subset of the offered features (set_status checks it at
+        # FEATURES_OK; a file claiming otherwise is not one kvmkit wrote).
+        if driver_features & ~device_features:
+            raise SnapshotError(
+                f"snapshot state: {path}: driver features the device did not offer"
+            )
+        activated = f.get_bool("activated")
+        # A device serves its queues only after DRIVER_OK with FEATURES_OK (§3.1.1) and never
+        # while it needs a reset (§2.1.2).
+        live = STATUS_DRIVER_OK | STATUS_FEATURES_OK
+        if activated and (status & live != live or status & (STATUS_NEEDS_RESET | STATUS_FAILED)):
+            raise SnapshotError(f"snapshot state: {path}: active device with status {status:#x}")
+        raw_queues = f.get_list("queues", MAX_QUEUES)
+        queues = [QueueState.parse(q, f"{path}.queues[{i}]") for i, q in enumerate(raw_queues)]
+        if activated:
+            event_idx = bool(driver_features & VIRTIO_F_EVENT_IDX)
+            indirect = bool(driver_features & VIRTIO_F_INDIRECT_DESC)
+            for i, q in enumerate(queues):
+                if (q.event_idx, q.indirect) != (event_idx, indirect):
+                    raise SnapshotError(
+                        f"snapshot state: {path}.queues[{i}]: ring features differ from the "
+                        "negotiated ones"
+                    )
+        state = cls(
+            device_id=f.get_int("device_id", 0, 0xFFFF), status=status,
+            device_features=device_features, driver_features=driver_features,
+            config_generation=f.get_int("config_generation", 0, 0xFFFFFFFF),
+            activated=activated, queues=queues, device=f.get_obj("device").obj,
+        )  # fmt: skip
+        if device_class is not None:
+            if state.device_id != device_class.DEVICE_ID:
+                raise SnapshotError(f"snapshot state: {path} is not the configured device")
+            device_class.check_device_state(state.device, f"{path}.device")
+        return state
 
 
 class FdWatcher(Protocol):
@@ -223,25 +231,24 @@ class VirtioDevice:
         return {}
 
     # -- snapshots
-    def save(self) -> dict[str, Any]:
-        """The device's state as plain data. Call with the worker paused (no chain in
-        progress): then the queues' indexes match the rings in guest memory."""
+    def save(self) -> VirtioState:
+        """The device's state. Call with the worker paused (no chain in progress): then the
+        queues' indexes match the rings in guest memory."""
         with self.lock:
             held = self.held_chains()
-            return {
-                "version": STATE_VERSION, "device_id": self.DEVICE_ID, "status": self.status,
-                "device_features": self.device_features,
-                "driver_features": self.driver_features,
-                "config_generation": self.config_generation, "activated": self.activated,
-                "queues": [q.save(held=held.get(i, 0)) for i, q in enumerate(self.queues)],
-                "device": self.save_device(),
-            }  # fmt: skip
+            return VirtioState(
+                device_id=self.DEVICE_ID, status=self.status,
+                device_features=self.device_features, driver_features=self.driver_features,
+                config_generation=self.config_generation, activated=self.activated,
+                queues=[q.save(held=held.get(i, 0)) for i, q in enumerate(self.queues)],
+                device=self.save_device(),
+            )  # fmt: skip
 
-    def restore(self, state: Any, path: str = "virtio") -> None:
-        """Take over saved state without a reset (the driver keeps its rings). Checks that it
-        belongs to this kind of device, and that the ready queues of an active device lie in
-        guest memory (so `mem` must be set), before anything changes; SnapshotError if not."""
-        st = parse_state(state, path)
+    def restore(self, st: VirtioState, path: str = "virtio") -> None:
+        """Take over a checked state without a reset (the driver keeps its rings). Checks that
+        it belongs to this kind of device, and that the ready queues of an active device lie
+        in guest memory (so `mem` must be set), before anything changes; SnapshotError if
+        not."""
         if st.device_id != self.DEVICE_ID:
             raise SnapshotError(
                 f"snapshot state: {path} is virtio device {st.device_id}, not {self.DEVICE_ID}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from kvmkit.devices.irq import IrqLine
@@ -60,6 +61,37 @@ CONFIG = 0x100
 TRANSPORT_STATE_VERSION = 1
 
 
+@dataclass(frozen=True)
+class MmioTransportState:
+    """The virtio-mmio registers a snapshot keeps (the device's state is beside it)."""
+
+    KIND: ClassVar[str] = "mmio"
+
+    isr: int
+    features_sel: int
+    driver_features_sel: int
+    queue_sel: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": TRANSPORT_STATE_VERSION, "isr": self.isr,
+            "features_sel": self.features_sel, "driver_features_sel": self.driver_features_sel,
+            "queue_sel": self.queue_sel,
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, obj: Any, path: str = "mmio") -> MmioTransportState:
+        f = Fields(obj, path)
+        version = f.get_int("version", 0, 2**32 - 1)
+        if version != TRANSPORT_STATE_VERSION:
+            raise SnapshotError(f"snapshot state: {path}: virtio-mmio state version {version}")
+        # The selectors are whatever 32-bit value the driver wrote (§4.2.2); reads with an
+        # out-of-range one are answered as such.
+        sels = [f.get_int(k, 0, 0xFFFFFFFF)
+                for k in ("features_sel", "driver_features_sel", "queue_sel")]  # fmt: skip
+        return cls(f.get_int("isr", 0, INT_VRING | INT_CONFIG), *sels)  # §4.2.2 bits 0-1
+
+
 class VirtioMmio:
     """A `BusDevice` exposing one `VirtioDevice` through the MMIO register layout."""
 
@@ -87,33 +119,23 @@ class VirtioMmio:
         self._ioeventfds = True
 
     # -- snapshots: the transport's own registers (the device saves the rest)
-    def save(self) -> dict[str, Any]:
+    def save(self) -> MmioTransportState:
         with self._isr_lock:
             isr = self._isr
-        return {
-            "version": TRANSPORT_STATE_VERSION, "isr": isr,
-            "features_sel": self._features_sel,
-            "driver_features_sel": self._driver_features_sel, "queue_sel": self._queue_sel,
-        }  # fmt: skip
+        return MmioTransportState(isr, self._features_sel, self._driver_features_sel,
+                                  self._queue_sel)  # fmt: skip
 
-    def restore(self, state: Any, path: str = "mmio") -> None:
+    def restore(self, state: MmioTransportState) -> None:
         """Take over saved registers; a pending interrupt status is raised again, because an
         irqfd write made just before the pause may not have reached the in-kernel IOAPIC
         when its state was saved (a second interrupt is harmless: the driver reads
         InterruptStatus and finds nothing new, §4.2.3.4)."""
-        f = Fields(state, path)
-        version = f.get_int("version", 0, 2**32 - 1)
-        if version != TRANSPORT_STATE_VERSION:
-            raise SnapshotError(f"snapshot state: {path}: virtio-mmio state version {version}")
-        isr = f.get_int("isr", 0, INT_VRING | INT_CONFIG)  # §4.2.2 InterruptStatus bits 0-1
-        # The selectors are whatever 32-bit value the driver wrote (§4.2.2); reads with an
-        # out-of-range one are answered as such.
-        sels = [f.get_int(k, 0, 0xFFFFFFFF) for k in ("features_sel", "driver_features_sel",
-                                                      "queue_sel")]  # fmt: skip
         with self._isr_lock:
-            self._isr = isr
-        self._features_sel, self._driver_features_sel, self._queue_sel = sels
-        if isr:
+            self._isr = state.isr
+        self._features_sel = state.features_sel
+        self._driver_features_sel = state.driver_features_sel
+        self._queue_sel = state.queue_sel
+        if state.isr:
             self.irq.trigger()
 
     # -- Interrupt

@@ -24,16 +24,23 @@ import logging
 import os
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from kvmkit.devices.irq import IrqLine
-from kvmkit.devices.pci.config import CAP_ID_VENDOR, COMMAND, COMMAND_MEMORY, PciConfigSpace
-from kvmkit.devices.pci.msix import MsiRouting, Msix
+from kvmkit.devices.pci.config import (
+    CAP_ID_VENDOR,
+    COMMAND,
+    COMMAND_MEMORY,
+    PciConfigSpace,
+    PciConfigState,
+)
+from kvmkit.devices.pci.msix import MsiRouting, Msix, MsixState
 from kvmkit.devices.pci.root import PciFunction
 from kvmkit.devices.virtio.device import INT_CONFIG, INT_VRING, VirtioDevice
 from kvmkit.devices.virtio.queue import QueueError
 from kvmkit.memory import GuestMemory
-from kvmkit.snapshot.format import SnapshotError
+from kvmkit.snapshot.format import Fields, SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +124,60 @@ def _virtio_cap(cfg_type: int, offset: int, length: int, extra: bytes = b"") -> 
     padding[2], offset, length (+ notify_off_multiplier for the notify capability)."""
     cap_len = 16 + len(extra)
     return struct.pack("<BBBBxxII", cap_len, cfg_type, BAR_INDEX, 0, offset, length) + extra
+
+
+# Version of PciTransportState's data. Files written before it had one (kvmkit before the
+# typed states) hold the same fields and load as version 1.
+TRANSPORT_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PciTransportState:
+    """What the virtio-pci transport adds to a device's snapshot: the function's config
+    space, its MSI-X table, the common-configuration selectors and vectors, the ISR."""
+
+    KIND: ClassVar[str] = "pci"
+
+    config: PciConfigState
+    msix: MsixState
+    device_feature_select: int
+    driver_feature_select: int
+    queue_select: int
+    config_vector: int
+    queue_vectors: tuple[int, ...]
+    isr: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": TRANSPORT_STATE_VERSION, "config": self.config.to_dict(),
+            "msix": self.msix.to_dict(), "device_feature_select": self.device_feature_select,
+            "driver_feature_select": self.driver_feature_select,
+            "queue_select": self.queue_select, "config_vector": self.config_vector,
+            "queue_vectors": list(self.queue_vectors), "isr": self.isr,
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, obj: Any, path: str = "virtio-pci") -> PciTransportState:
+        f = Fields(obj, path)
+        version = f.get_int("version", 0, 2**32 - 1) if f.has("version") else 1
+        if version != TRANSPORT_STATE_VERSION:
+            raise SnapshotError(f"snapshot state: {path}: virtio-pci state version {version}")
+        msix = MsixState.from_dict(f.obj.get("msix"), f"{path}.msix")
+        # §4.1.4.3: 16-bit vector registers (VIRTIO_MSI_NO_VECTOR or a table index).
+        vectors = f.get_ints("queue_vectors", MAX_QUEUES, width=16)
+        if len(vectors) + 1 != len(msix.table):
+            raise SnapshotError(
+                f"snapshot state: {path}: {len(vectors)} queue vectors for an MSI-X table of "
+                f"{len(msix.table)} (one per queue plus one)"
+            )
+        return cls(
+            config=PciConfigState.from_dict(f.obj.get("config"), f"{path}.config"), msix=msix,
+            device_feature_select=f.get_int("device_feature_select", 0, 0xFFFFFFFF),
+            driver_feature_select=f.get_int("driver_feature_select", 0, 0xFFFFFFFF),
+            queue_select=f.get_int("queue_select", 0, 0xFFFF),
+            config_vector=f.get_int("config_vector", 0, 0xFFFF), queue_vectors=tuple(vectors),
+            isr=f.get_int("isr", 0, INT_VRING | INT_CONFIG),  # §4.1.4.5: bits 0 and 1
+        )  # fmt: skip
 
 
 class VirtioPci(PciFunction):
@@ -425,48 +486,35 @@ class VirtioPci(PciFunction):
         with self._isr_lock:
             self.isr = 0
 
-    # -- snapshots: plain data only
-    def save(self) -> dict[str, object]:
+    # -- snapshots (TransportState)
+    def save(self) -> PciTransportState:
         with self.device.lock:
-            return {
-                "config": self.config.save(),
-                "msix": self.msix.save(),
-                "device_feature_select": self.device_feature_select,
-                "driver_feature_select": self.driver_feature_select,
-                "queue_select": self.queue_select,
-                "config_vector": self.config_vector,
-                "queue_vectors": list(self.queue_vectors),
-                "isr": self.isr,
-            }
+            return PciTransportState(
+                config=self.config.save(), msix=self.msix.save(),
+                device_feature_select=self.device_feature_select,
+                driver_feature_select=self.driver_feature_select,
+                queue_select=self.queue_select, config_vector=self.config_vector,
+                queue_vectors=tuple(self.queue_vectors), isr=self.isr,
+            )  # fmt: skip
 
-    def restore(self, state: Any, path: str = "virtio-pci") -> None:
-        """`save()` data back (TransportState): a malformed entry is a SnapshotError."""
-        if not isinstance(state, dict):
-            raise SnapshotError(f"snapshot state: {path} must be an object")
-        try:
-            self._restore(state)
-        except (ValueError, TypeError) as err:
-            raise SnapshotError(f"snapshot state: {path}: {err}") from None
-
-    def _restore(self, state: dict[str, object]) -> None:
-        vectors = state.get("queue_vectors")
-        if not isinstance(vectors, list) or len(vectors) != len(self.queue_vectors):
-            raise ValueError("virtio-pci state does not match the device's queues")
-        config, msix = state.get("config"), state.get("msix")
-        if not isinstance(config, dict) or not isinstance(msix, dict):
-            raise ValueError("virtio-pci state: config/msix missing")
+    def restore(self, state: PciTransportState) -> None:
+        """Take over a checked state: config space (its writable bits), MSI-X table (the
+        routes follow), selectors and vectors; SnapshotError (nothing changed) if it does
+        not fit this device's queues."""
+        if len(state.queue_vectors) != len(self.queue_vectors):
+            raise SnapshotError(
+                f"snapshot state: virtio-pci state has {len(state.queue_vectors)} queue "
+                f"vectors, the device {len(self.queue_vectors)} queues"
+            )
+        if len(state.msix.table) != self.msix.count:
+            raise SnapshotError("snapshot state: virtio-pci MSI-X table does not fit the device")
         with self.lock, self.device.lock:
-            self.config.restore(config)
-            self.msix.restore(msix)
-
-            def num(key: str) -> int:
-                v = state.get(key, 0)
-                return int(v) & 0xFFFFFFFF if isinstance(v, int) else 0
-
-            self.device_feature_select = num("device_feature_select")
-            self.driver_feature_select = num("driver_feature_select")
-            self.queue_select = num("queue_select") & 0xFFFF
-            self.config_vector = self._valid_vector(num("config_vector") & 0xFFFF)
-            self.queue_vectors = [self._valid_vector(int(v) & 0xFFFF) for v in vectors]
-            self.isr = num("isr") & (INT_VRING | INT_CONFIG)
+            self.config.restore(state.config)
+            self.msix.restore(state.msix)
+            self.device_feature_select = state.device_feature_select
+            self.driver_feature_select = state.driver_feature_select
+            self.queue_select = state.queue_select
+            self.config_vector = self._valid_vector(state.config_vector)
+            self.queue_vectors = [self._valid_vector(v) for v in state.queue_vectors]
+            self.isr = state.isr
             self.remap()

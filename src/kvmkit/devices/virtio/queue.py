@@ -116,17 +116,16 @@ class SplitQueue:
         self._signalled_used: int | None = None  # used.idx at the last interrupt decision
 
     # -- snapshots: the device-side queue state as plain data (docs/snapshot.md)
-    def save(self, *, held: int = 0) -> dict[str, Any]:
+    def save(self, *, held: int = 0) -> QueueState:
         """`held`: how many of the chains taken last the device holds unused; they are
         saved as not taken yet. Their avail ring slots are intact: the driver cannot get a
         whole ring ahead of the chains returned to it (§2.7.13.3)."""
-        return {
-            "size": self.size, "ready": self.ready, "desc_addr": self.desc_addr,
-            "avail_addr": self.avail_addr, "used_addr": self.used_addr,
-            "event_idx": self.event_idx, "indirect": self.indirect,
-            "last_avail": (self.last_avail - held) & 0xFFFF, "next_used": self.next_used,
-            "signalled_used": self._signalled_used,
-        }  # fmt: skip
+        return QueueState(
+            size=self.size, ready=self.ready, desc_addr=self.desc_addr,
+            avail_addr=self.avail_addr, used_addr=self.used_addr, event_idx=self.event_idx,
+            indirect=self.indirect, last_avail=(self.last_avail - held) & 0xFFFF,
+            next_used=self.next_used, signalled_used=self._signalled_used,
+        )  # fmt: skip
 
     def restore(self, state: QueueState) -> None:
         """Take over a checked `QueueState` as is: no reset, the indexes continue."""
@@ -380,6 +379,15 @@ class QueueState:
     last_avail: int
     next_used: int
     signalled_used: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size, "ready": self.ready, "desc_addr": self.desc_addr,
+            "avail_addr": self.avail_addr, "used_addr": self.used_addr,
+            "event_idx": self.event_idx, "indirect": self.indirect,
+            "last_avail": self.last_avail, "next_used": self.next_used,
+            "signalled_used": self.signalled_used,
+        }  # fmt: skip
 
     @classmethod
     def parse(cls, obj: Any, path: str) -> QueueState:

@@ -1,0 +1,141 @@
+"""The typed state of a Machine (kvmkit.vmm.persist) checked without any VM: a payload with a
+serial port and a virtio-rng on PCI round-trips through plain data, and every malformed
+part, the PCI transport's and root's included, is refused by `MachineState.from_dict`
+with a SnapshotError naming the field (what `kvmkit restore` prints, exit status 2)."""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from virtio_mock import new_memory
+
+from kvmkit.abi import structs
+from kvmkit.arch.x86_64 import layout
+from kvmkit.devices.irq import NoIrq
+from kvmkit.devices.legacy.serial import Serial8250
+from kvmkit.devices.pci.root import PciRoot
+from kvmkit.devices.virtio import pci as vp
+from kvmkit.devices.virtio.rng import VirtioRng
+from kvmkit.snapshot.core import KvmState
+from kvmkit.snapshot.format import SnapshotError
+from kvmkit.snapshot.vcpu_state import VcpuState
+from kvmkit.snapshot.vm_state import CHIPS, IRQCHIP_SIZE, PIT_SIZE, VmState
+from kvmkit.vmm.config import MachineConfig
+from kvmkit.vmm.console import CommandState
+from kvmkit.vmm.machine import SETUP
+from kvmkit.vmm.persist import DeviceStates, MachineState, VirtioEntry
+
+
+def blob(struct_type: type[ctypes.Structure]) -> bytes:
+    return bytes(ctypes.sizeof(struct_type))
+
+
+def kvm_state() -> KvmState:
+    vcpu = VcpuState(
+        id=0, cpuid=[], mp_state=0, regs=blob(structs.kvm_regs), sregs=blob(structs.kvm_sregs),
+        xsave=bytes(4096), xcrs=blob(structs.kvm_xcrs), debugregs=blob(structs.kvm_debugregs),
+        lapic=blob(structs.kvm_lapic_state), msrs=[(0x10, 5)],
+        events=blob(structs.kvm_vcpu_events),
+    )  # fmt: skip
+    chips = [int(c).to_bytes(4, "little") + bytes(IRQCHIP_SIZE - 4) for c in CHIPS]
+    return KvmState(SETUP, VmState(clock=123, pit2=bytes(PIT_SIZE), irqchips=chips), [vcpu])
+
+
+@pytest.fixture
+def state() -> Iterator[MachineState]:
+    """The state of a one-vCPU machine with a virtio-rng on PCI, from real device objects."""
+    mem = new_memory()
+    rng = VirtioRng()
+    root = PciRoot(layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE)
+    function = vp.VirtioPci(
+        rng, mem, bar_address=root.allocate_bar(vp.BAR_SIZE), gsis=[24, 25],
+        lines=[NoIrq(), NoIrq()], routing=None,
+    )  # fmt: skip
+    serial = Serial8250(NoIrq(), lambda data: None)
+    try:
+        yield MachineState(
+            kvm=kvm_state(),
+            config=MachineConfig(vcpus=1, mem_mib=64, command=["true"], rng=True,
+                                 virtio_transport="pci"),
+            drive_sizes=(), nonce="0123456789abcdef",
+            command=CommandState(started=True, sent=1, buf=b"\n"),
+            devices=DeviceStates(
+                serial=serial.save(),
+                virtio=[VirtioEntry(function.bar_address, -1, function.save(), rng.save())],
+                pci_root=root.save(),
+            ),
+        )  # fmt: skip
+    finally:
+        rng.close()
+        mem.close()
+
+
+def payload(state: MachineState) -> dict[str, Any]:
+    """What a state file or a migration stream carries: JSON."""
+    data = json.loads(json.dumps(state.to_dict()))
+    assert isinstance(data, dict)
+    return data
+
+
+def test_round_trip_through_plain_data(state: MachineState) -> None:
+    assert MachineState.from_dict(payload(state)) == state
+
+
+def _pci(d: dict[str, Any]) -> dict[str, Any]:
+    entry: dict[str, Any] = d["devices"]["virtio"][0]["transport_state"]
+    return entry
+
+
+Damage = Callable[[dict[str, Any]], Any]
+CASES: list[tuple[Damage, str]] = [
+    # issue 19: a PCI transport state without its config data was a KeyError after the VM
+    # was built
+    (lambda d: _pci(d)["config"].pop("data"),
+     r"devices\.virtio\[0\]\.transport_state\.config\.data is missing"),
+    (lambda d: _pci(d)["config"].update(data="zz"), r"config\.data is not hex"),
+    (lambda d: _pci(d)["config"].update(data="00"), r"config\.data must be 256 bytes"),
+    (lambda d: _pci(d).update(version=2), "virtio-pci state version 2"),
+    (lambda d: _pci(d)["msix"]["table"][0].append(0), "must be 4 u32 values"),
+    (lambda d: _pci(d)["msix"]["pending"].pop(), "a bool per vector"),
+    (lambda d: _pci(d)["queue_vectors"].append(0), "2 queue vectors for an MSI-X table of 2"),
+    (lambda d: _pci(d).update(isr=4), r"transport_state\.isr must be an integer in \[0, 3\]"),
+    (lambda d: _pci(d).update(queue_select=1 << 16), "queue_select must be an integer"),
+    (lambda d: d["devices"]["virtio"][0].update(transport="mmio"), "not a pci device"),
+    (lambda d: d["devices"]["pci_root"].update(address=0x8000_0001), "reserved bits"),
+    (lambda d: d["devices"]["pci_root"].update(version=9), "PCI root state version 9"),
+    (lambda d: d["devices"].pop("pci_root"), r"devices\.pci_root is missing"),
+    (lambda d: d["devices"].pop("serial0"), r"devices\.serial0 is missing"),
+    (lambda d: d["devices"]["serial0"].update(lcr=256), r"devices\.serial0\.lcr must be"),
+    (lambda d: d["devices"]["virtio"][0]["device"].update(device_id=2),
+     "is not the configured device"),
+    (lambda d: d["devices"]["virtio"].append({}), "2 virtio devices saved, the configuration"),
+    (lambda d: d["meta"]["config"].update(vcpus=2), "vCPU count does not match"),
+    (lambda d: d["meta"]["command"].update(sent=2), r"meta\.command\.sent must be"),
+    (lambda d: d["meta"]["config"].update(virtio_transport="isa"), "virtio_transport 'isa'"),
+    (lambda d: d.update(kind="other"), "not a kvmkit-vm snapshot"),
+    (lambda d: d["vcpus"][0].update(regs="AAAA"), r"vcpus\[0\]\.regs has 3 bytes"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("damage", "message"), CASES)
+def test_malformed_parts_are_refused_by_name(
+    state: MachineState, damage: Damage, message: str
+) -> None:
+    data = copy.deepcopy(payload(state))
+    damage(data)
+    with pytest.raises(SnapshotError, match=message):
+        MachineState.from_dict(data)
+
+
+def test_pci_states_written_before_they_had_a_version_load_as_version_1(
+    state: MachineState,
+) -> None:
+    data = payload(state)
+    del _pci(data)["version"]
+    del data["devices"]["pci_root"]["version"]
+    assert MachineState.from_dict(data) == state
