@@ -483,3 +483,29 @@ def test_mtu_and_tx_rate_limit(netns: str, worker: VirtioWorker) -> None:
     finally:
         sock.close()
         dev.close()
+
+
+def test_rx_rate_limit_set_after_activation_spaces_frames(
+    setup: tuple[Guest, socket.socket],
+) -> None:
+    """An rx limiter added on a live device (what PATCH /network-interfaces does): frames
+    wait, read, in the device until the limiter's timer lets them in, one per 100 ms; none
+    is lost and the worker does not spin meanwhile."""
+    from kvmkit.devices.virtio.ratelimit import BucketConfig, RateLimiterConfig
+
+    g, sock = setup
+    g.init(VIRTIO_F_VERSION_1 | n.VIRTIO_NET_F_MAC)
+    g.dev.update_rate_limiters(RateLimiterConfig(ops=BucketConfig(1, 100)), None)
+    g.give_rx(8)
+    frames = [frame(g.dev.mac, b"\x02\x00\x00\x00\x00\x01", bytes([i]) * 100) for i in range(4)]
+    cpu = time.process_time()
+    t0 = time.monotonic()
+    for f in frames:
+        sock.send(f)
+    got: list[bytes] = []
+    wait_for(lambda: got.extend(g.received()) or sum(p[12:] in frames for p in got) >= 4)
+    took = time.monotonic() - t0
+    assert [p[12:] for p in got if p[12:] in frames] == frames
+    assert took >= 0.25, took  # the first frame in at once, then one per 100 ms
+    assert time.process_time() - cpu < took  # waiting on a timer, not polling
+    assert g.dev.rx_limiter.throttled >= 2 and g.dev.rx_limiter.timer_events >= 2
