@@ -72,10 +72,36 @@ def test_one_time_burst_is_spent_first_and_not_refilled() -> None:
 def test_a_request_larger_than_the_bucket_passes_when_full_then_pays_back() -> None:
     clock = Clock()
     b = TokenBucket(BucketConfig(size=100, refill_time=1000), clock)
-    assert b.reduce(350) == pytest.approx(2.5)  # 250 borrowed: 2.5 refill periods
-    assert b.budget == 0
-    assert b.reduce(350) is False  # not until the bucket is full again
-    assert b.wait_ns(350) == 1000 * MS
+    assert b.reduce(350) is True  # a full bucket lets it through ...
+    assert b.budget == -250  # ... in debt for the 250 tokens beyond the bucket
+    assert b.reduce(350) is False  # not before the debt is paid and the bucket full again
+    assert b.wait_ns(350) == 3500 * MS
+    clock.advance_ms(2500)
+    assert b.reduce(1) is False  # the debt is paid: the budget is back at 0
+    clock.advance_ms(10)
+    assert b.reduce(1) is True  # 10 ms make one token
+    # Over a long run big requests get the configured rate, not more.
+    clock = Clock()
+    b = TokenBucket(BucketConfig(size=100, refill_time=1000), clock)
+    passed = 0
+    for _ in range(10_000):
+        clock.advance_ms(1)
+        if b.reduce(250):
+            passed += 250
+    assert 750 <= passed <= 1100  # 100 tokens/s for 10 s (+ the bucket), less one request
+
+
+def test_time_spent_full_is_not_banked() -> None:
+    """After a long idle spell the bucket is full, not more: spending it in small pieces and
+    then asking again waits for the refill (a limiter never lets through more than its size
+    plus the burst at once)."""
+    clock = Clock()
+    b = TokenBucket(BucketConfig(size=1000, refill_time=1000), clock)
+    clock.advance_ms(60_000)
+    for _ in range(10):
+        assert b.reduce(100) is True
+    assert b.reduce(100) is False
+    assert b.wait_ns(100) == 100 * MS
 
 
 def test_disabled_buckets_do_not_limit() -> None:

@@ -5,9 +5,11 @@
 A bucket holds up to `size` tokens and refills at `size` tokens per `refill_time`
 milliseconds; `one_time_burst` is extra credit spent first and never refilled. A bucket of
 size 0 or refill time 0 does not limit (as in Firecracker). A request that needs more tokens
-than the bucket holds is let through when it finds the bucket full and leaves it empty for as
-long as those tokens take to refill (Firecracker's "over-consumption"), so an oversized
-request is slowed, never refused forever.
+than the bucket holds is let through when it finds the bucket full and leaves the bucket in
+debt for the rest (Firecracker's "over-consumption"), so an oversized request is slowed,
+never refused forever, and the rate holds. Unlike Firecracker's buckets, these refill before
+every request, so time a bucket spends full is not banked: the most a limiter lets through
+at once is its size (plus the one-time burst).
 
 When a request does not get its tokens the limiter is *blocked*: it arms a timerfd for the
 moment the missing tokens will be there, and the device stops serving that queue. The
@@ -140,45 +142,43 @@ class TokenBucket:
         self._last = clock()
 
     def _refill(self) -> None:
+        """Add the tokens the time since the last refill made. A bucket that reaches `size`
+        stops the clock there: time spent full is not banked for later (the burst a
+        limiter allows is its size, never more)."""
         now = self._clock()
         elapsed = now - self._last
         if elapsed <= 0:
             return
-        if elapsed >= self.refill_ns:
+        tokens = elapsed * self.size // self.refill_ns
+        if self.budget + tokens >= self.size:
             self.budget, self._last = self.size, now
             return
-        tokens = elapsed * self.size // self.refill_ns
         if tokens == 0:
             return
         # Advance the clock by the time those whole tokens took (rounded up), so that the
         # fraction of a token left over is not lost at high request rates.
-        used = -(-tokens * self.refill_ns // self.size)
-        self._last += used
-        self.budget = min(self.size, self.budget + tokens)
+        self._last += -(-tokens * self.refill_ns // self.size)
+        self.budget += tokens
 
-    def reduce(self, tokens: int) -> float | bool:
-        """Take `tokens`: True if taken, False if not enough (nothing taken), or, for a
-        request larger than the bucket that found it full, how many refill periods the
-        tokens beyond `size` take to pay back (a float > 0)."""
-        if self.one_time_burst:
-            if self.one_time_burst >= tokens:
-                self.one_time_burst -= tokens
-                self._last = self._clock()
-                return True
-            tokens -= self.one_time_burst
-            self.one_time_burst = 0
-        if tokens > self.budget:
-            self._refill()
-            if tokens > self.size:
-                if self.budget < self.size:
-                    return False  # wait until the bucket is full, then let it through
-                # The full bucket pays `size` of them; the rest are borrowed and paid
-                # back by the timer before the next request.
-                self.budget = 0
-                return (tokens - self.size) / self.size
-            if tokens > self.budget:
-                return False
-        self.budget -= tokens
+    def reduce(self, tokens: int) -> bool:
+        """Take `tokens` (the one-time burst first, then the budget); False, taking nothing,
+        if there are not enough. A request larger than the bucket goes through when it
+        finds the bucket full and leaves it in debt (a negative budget) that the refill pays
+        before anything else passes, so the rate holds for large requests too."""
+        if self.one_time_burst >= tokens:
+            self.one_time_burst -= tokens
+            self._last = self._clock()  # the budget stays full meanwhile
+            return True
+        need = tokens - self.one_time_burst
+        self._refill()
+        if need <= self.size:
+            enough = need <= self.budget
+        else:
+            enough = self.budget >= self.size  # larger than the bucket: when it is full
+        if not enough:
+            return False
+        self.one_time_burst = 0
+        self.budget -= need
         return True
 
     def wait_ns(self, tokens: int) -> int:
@@ -242,16 +242,11 @@ class RateLimiter:
         bucket = self.bandwidth if kind is Kind.BYTES else self.ops
         if bucket is None:
             return True
-        got = bucket.reduce(tokens)
-        if got is True:
+        if bucket.reduce(tokens):
             return True
-        if got is False:
-            self.throttled += 1
-            self._arm(max(1, bucket.wait_ns(tokens)))
-            return False
-        # Over-consumption: let it through, then nothing until the borrowed tokens are back.
-        self._arm(max(1, int(float(got) * bucket.refill_ns)))
-        return True
+        self.throttled += 1
+        self._arm(max(1, bucket.wait_ns(tokens)))
+        return False
 
     def consume_request(self, nbytes: int) -> bool:
         """One operation of `nbytes` bytes: both buckets, or neither (the ops token is given
