@@ -8,13 +8,14 @@ the root drive; InstanceStart; the guest's own init runs from the root file syst
 guest checks the entropy device (/dev/hwrng gives random bytes; a limit of 2 KiB/s holds)
 and a block rate limiter (a `dd` to a second drive at 1 MiB/s), then the host PATCHes that
 drive after boot (a bigger image: the guest sees the new size; no limiter: the next `dd`
-is fast), reads the throttling metrics, and the guest reboots: the process exits 0.
+is not throttled, by the metrics), and the guest reboots: the process exits 0.
 
 net: an ELF vmlinux without a PVH note (booted through the 64-bit boot protocol) with the
 root file system on a partition found by `root=PARTUUID=`, a tap in a network namespace with
-rx and tx rate limiters of 64 KiB/s (far below what the lane carries, loaded or not) and an
-MTU of 1400; an HTTP download and an upload are throttled, then a PATCH lifts the tx limit
-and the next upload is much faster.
+rx and tx rate limiters of 64 KiB/s and an MTU of 1400; an HTTP download and an upload are
+throttled, then a PATCH lifts the tx limit and the next upload is not throttled (by the
+metrics: under a loaded lane an unlimited upload was seen nearly as slow as the limited one,
+so times only bound the limited transfers).
 """
 
 from __future__ import annotations
@@ -208,17 +209,25 @@ def test_getting_started_rootfs_entropy_and_block_limits(tmp_path: Path) -> None
             "drive_id": "scratch", "path_on_host": str(bigger),
             "rate_limiter": {"bandwidth": {"size": 0, "refill_time": 0}},
         })  # fmt: skip
-        assert int(fc.expect("SIZE")) == (16 << 20) // 512, fc.why()
-        rc, blk2 = map(int, fc.expect("BLK2").split())
-        assert rc == 0 and blk2 * 2 < blk1, (blk1, blk2)
-        fc.expect("DONE")
+        # The metrics so far (Firecracker's counters are deltas from one line to the next).
         m = flush_metrics(fc, metrics)
         assert m["block_scratch"]["rate_limiter_throttled_events"] > 0, m["block_scratch"]
-        assert m["block_scratch"]["write_bytes"] >= 6 << 20
+        assert m["block_scratch"]["write_bytes"] >= 3 << 20
         assert m["block_scratch"]["update_count"] == 1
         assert m["entropy"]["entropy_bytes"] >= 8192, m["entropy"]
         assert m["entropy"]["entropy_rate_limiter_throttled"] > 0, m["entropy"]
         assert m["patch_api_requests"]["drive_count"] == 1
+        # The guest sees the new image's size; the next 3 MiB are not throttled at all
+        # (timing them against the limited ones would say more about the lane's load).
+        assert int(fc.expect("SIZE")) == (16 << 20) // 512, fc.why()
+        rc, blk2 = map(int, fc.expect("BLK2").split())
+        assert rc == 0, fc.why()
+        fc.expect("DONE")
+        m = flush_metrics(fc, metrics)
+        assert m["block_scratch"]["rate_limiter_throttled_events"] == 0, m["block_scratch"]
+        assert m["block_scratch"]["write_bytes"] >= 3 << 20, m["block_scratch"]
+        print(f"entropy 8 KiB {cs / 100} s; blk 3 MiB limited {blk1 / 100} s, "
+              f"unlimited {blk2 / 100} s")
         # The guest's `reboot -f` ends the process, with Firecracker's status for it.
         assert fc.proc.wait(300) == 0, fc.why()
     finally:
@@ -313,16 +322,23 @@ def test_vmlinux_partuuid_root_and_net_rate_limits(tmp_path: Path, netns: str) -
         fc.put("PATCH", "/network-interfaces/eth0", {
             "iface_id": "eth0", "tx_rate_limiter": {"bandwidth": {"size": 0, "refill_time": 0}},
         })  # fmt: skip
-        (www / "go").write_text("go")
-        rc, tx2 = map(int, fc.expect("TX2").split())
-        assert rc == 0 and tx2 * 2 < tx1, (tx1, tx2)
-        assert uploads == [SIZE, SIZE]
-        fc.expect("DONE")
-        m = flush_metrics(fc, metrics)
+        m = flush_metrics(fc, metrics)  # up to the PATCH (counters are deltas per line)
         net = m["net_eth0"]
         assert net["rx_rate_limiter_throttled"] > 0 and net["tx_rate_limiter_throttled"] > 0, net
-        assert net["rx_bytes_count"] >= SIZE and net["tx_bytes_count"] >= 2 * SIZE, net
+        assert net["rx_bytes_count"] >= SIZE and net["tx_bytes_count"] >= SIZE, net
         assert m["net"]["tx_bytes_count"] == net["tx_bytes_count"]
+        assert m["patch_api_requests"]["network_count"] == 1
+        (www / "go").write_text("go")
+        rc, tx2 = map(int, fc.expect("TX2").split())
+        assert rc == 0 and uploads == [SIZE, SIZE], fc.why()
+        fc.expect("DONE")
+        m = flush_metrics(fc, metrics)
+        # After the PATCH the upload is not throttled at all (its time would say more about
+        # the lane's load than about the limit).
+        assert m["net_eth0"]["tx_rate_limiter_throttled"] == 0, m["net_eth0"]
+        assert m["net_eth0"]["tx_bytes_count"] >= SIZE, m["net_eth0"]
+        print(f"net 512 KB at 64 KiB/s: rx {rx / 100} s, tx {tx1 / 100} s; tx unlimited "
+              f"{tx2 / 100} s")
         assert fc.proc.wait(300) == 0, fc.why()
     finally:
         fc.close()
