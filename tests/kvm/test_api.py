@@ -125,7 +125,12 @@ BAD_REQUESTS: list[tuple[str, str, Any, str]] = [
                            "path_on_host": "/nonexistent"}, "No such file"),
     ("PUT", "/logger", {"log_path": "/nonexistent/log"}, "No such file"),
     ("PUT", "/metrics", {"metrics_path": "/nonexistent/metrics"}, "No such file"),
-    ("PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": 128, "smt": True}, "SMT"),
+    ("PUT", "/machine-config", {"vcpu_count": 3, "mem_size_mib": 128, "smt": True},
+     "machine-config.smt: 3 vCPUs with SMT: the count must be 1 or an even number"),
+    ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 127, "huge_pages": "2M"},
+     "must be a multiple of 2"),
+    ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "1G"},
+     "unknown variant `1G`, expected one of `None`, `2M`"),
     # out of order (before boot)
     ("PATCH", "/vm", {"state": "Paused"}, "before starting"),
     ("PUT", "/snapshot/create", {"snapshot_path": "s", "mem_file_path": "m"}, "before starting"),

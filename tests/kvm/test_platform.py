@@ -6,6 +6,7 @@ from __future__ import annotations
 from kvmkit.arch.x86_64 import msr
 from kvmkit.arch.x86_64.cpuid import KVM_SIGNATURE, guest_cpuid
 from kvmkit.arch.x86_64.msrs import boot_msrs
+from kvmkit.arch.x86_64.topology import Topology
 from kvmkit.devices.bus import Bus
 from kvmkit.devices.irq import NoIrq
 from kvmkit.devices.legacy.serial import COM1_PORT, PORT_COUNT, Serial8250
@@ -31,7 +32,7 @@ def test_vcpu1_of_2_sees_its_apic_id_and_topology() -> None:
     # goes through KVM's emulator, which answers from the table set with KVM_SET_CPUID2.
     with TinyGuest("long64", cpl=0, vcpus=2) as g:
         supported = g.kvm.supported_cpuid()
-        entries = guest_cpuid(supported, 1, 2)
+        entries = guest_cpuid(supported, Topology.flat(2), 1)
         g.vcpus[1].set_cpuid2(entries)
         g.load_asm(_cpuid(1, 0) + _cpuid(0xB, 0) + _cpuid(0xB, 1) + _cpuid(0x40000000, 0) + DONE)
         out = g.run(vcpu=g.vcpus[1])
@@ -51,7 +52,7 @@ def test_vcpu1_of_2_sees_its_apic_id_and_topology() -> None:
 
 def test_boot_msrs_are_accepted() -> None:
     with TinyGuest("long64") as g:
-        g.vcpu.set_cpuid2(guest_cpuid(g.kvm.supported_cpuid(), 0, 1))
+        g.vcpu.set_cpuid2(guest_cpuid(g.kvm.supported_cpuid(), Topology.flat(1), 0))
         entries = boot_msrs()
         g.vcpu.set_msrs(entries)
         values = g.vcpu.get_msrs([i for i, _ in entries if i != msr.IA32_TSC])

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmkit.testing import pvh
+
 
 def kvmkit_run(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, KVMKIT_FORCE_RUN="1")
@@ -55,37 +57,63 @@ def test_absurd_sizes(option: str, value: str, needle: str) -> None:
     one_line_error(kvmkit_run(option, value, "--", "true"), needle)
 
 
-TRIPLE_FAULT_KERNEL = """
-	.section .note.Xen, "", @note
-	.balign 4
-	.long 4, 4, 18
-	.asciz "Xen"
-	.long _start
-	.text
-	.code32
-	.globl _start
-_start:
-	lidt idtr
-	ud2
-idtr:	.word 0
-	.long 0
-"""
-
-
 def test_triple_fault_ends_the_run_with_status_5(tmp_path: Path) -> None:
     # A PVH "kernel" that loads an empty IDT and faults: #UD -> #DF -> triple fault. It runs
     # on any KVM, PVM included (the machine set-up is the same as for Linux).
-    src, obj, elf = tmp_path / "tf.S", tmp_path / "tf.o", tmp_path / "tf.elf"
-    src.write_text(TRIPLE_FAULT_KERNEL)
-    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
-    subprocess.run(
-        ["ld", "-m", "elf_x86_64", "-N", "-Ttext=0x100000", "-e", "_start", "-o", str(elf),
-         str(obj)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    elf = pvh.build(pvh.TRIPLE_FAULT, tmp_path / "tf.elf")
     proc = kvmkit_run("--kernel", str(elf), "--mem-mib", "128", "--timeout", "60", "--", "true")
     assert proc.returncode == 5, proc.stderr
     assert "the guest triple-faulted" in proc.stderr
     # The report shows the state the fault left: the empty IDT the kernel loaded, and where.
     assert "idt=0x0/0x0" in proc.stderr, proc.stderr
     assert "rip=0x100007" in proc.stderr, proc.stderr  # the ud2 after the 7-byte lidt
+    # 255 vCPUs (once a traceback: three limits disagreed): the machine is built, the MP
+    # table left out (it cannot hold them), and the guest ends the same way.
+    many = kvmkit_run("--kernel", str(elf), "--vcpus", "255", "--mem-mib", "128", "--timeout",
+                      "120", "--", "true")  # fmt: skip
+    assert many.returncode == 5 and "Traceback" not in many.stderr, many.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--vcpus", "1025"], "--vcpus 1025: must be between 1 and 1024"),
+        (["--vcpus", "6", "--topology", "sockets=2,cores=2"], "has 4 vCPUs"),
+        (["--topology", "sockets=0"], "sockets=0: must be a whole number of at least 1"),
+        (["--topology", "cores=x"], "cores='x': not a number"),
+        (["--topology", "cpus=4"], "unknown part"),
+        (["--topology", "sockets=64,cores=32"],
+         "--vcpus 2048 (--topology sockets=64,dies=1,cores=32,threads=1): must be between 1 and "
+         "1024"),
+        (["--vcpus", "4", "--mem-mib", "256", "--numa", "cpus=0-2,mem-mib=128",
+          "--numa", "cpus=2-3,mem-mib=128"], "vCPU 2 is in node 0 and node 1"),
+        (["--vcpus", "4", "--mem-mib", "256", "--numa", "cpus=0-1,mem-mib=128",
+          "--numa", "cpus=2,mem-mib=128"], "vCPUs 3 are in no node"),
+        (["--vcpus", "2", "--mem-mib", "256", "--numa", "cpus=0,mem-mib=100",
+          "--numa", "cpus=1,mem-mib=100"], "the nodes have 200 MiB of memory, the machine 256"),
+        (["--vcpus", "2", "--mem-mib", "64", "--numa", "cpus=0-2,mem-mib=64"],
+         "vCPU 2 does not exist"),
+        (["--numa", "cpus=0,mem-mib=0"], "mem-mib must be at least 1"),
+        (["--numa", "mem-mib=256"], "needs cpus"),
+        (["--numa", "cpus=0,mem-mib=256,host-node=7"], "this host has no NUMA node 7"),
+        (["--huge-pages", "2M", "--mem-mib", "33"], "must be a multiple of 2"),
+        (["--huge-pages", "1G"], "invalid choice"),
+        (["--cpu-affinity", "4096"], "host CPU 4096 is not available to this process"),
+        (["--cpu-affinity", "3=0"], "there is no vCPU 3"),
+        (["--cpu-affinity", "x=0"], "'x' is not a vCPU number"),
+    ],
+)  # fmt: skip
+def test_bad_topology_numa_and_placement_options(args: list[str], needle: str) -> None:
+    proc = kvmkit_run(*args, "--", "true")
+    if needle == "invalid choice":  # argparse's own usage error: status 2, a usage line
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+        return
+    one_line_error(proc, needle)
+
+
+def test_too_few_free_huge_pages_refused_before_anything_starts() -> None:
+    free = int(Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages").read_text())
+    mem = max(32, (free + 1) * 2)  # one page more than the host has free
+    proc = kvmkit_run("--huge-pages", "2M", "--mem-mib", str(mem), "--", "true")
+    one_line_error(proc, f"the guest needs {mem // 2} huge pages of 2 MiB, ")
+    assert "are free to this process" in proc.stderr and "nr_hugepages" in proc.stderr

@@ -8,11 +8,12 @@ import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kvmkit.arch.x86_64 import acpi, layout
-from kvmkit.arch.x86_64.mptable import build_mptable, mptable_size, write_mptable
+from kvmkit.arch.x86_64.mptable import build_mptable, describes, mptable_size, write_mptable
 from kvmkit.devices.legacy.power import AcpiPower
 from kvmkit.memory import GuestMemory
 
@@ -33,9 +34,10 @@ def table(mem: GuestMemory, addr: int) -> bytes:
     return data
 
 
-def write(mem: GuestMemory, nvcpus: int = 2, **kw: bool) -> int:
+def write(mem: GuestMemory, nvcpus: int = 2, **kw: Any) -> int:
+    apic_ids = kw.pop("apic_ids", list(range(nvcpus)))
     return acpi.write_acpi_tables(
-        mem, nvcpus, pm_port=AcpiPower.PM1_EVT_PORT, reset_port=AcpiPower.RESET_PORT, **kw
+        mem, apic_ids, pm_port=AcpiPower.PM1_EVT_PORT, reset_port=AcpiPower.RESET_PORT, **kw
     )
 
 
@@ -135,9 +137,11 @@ def test_acpi_bad_arguments(mem: GuestMemory) -> None:
     with pytest.raises(ValueError):
         write(mem, 0)
     with pytest.raises(ValueError):
-        acpi.write_acpi_tables(mem, 1, pm_port=0xFFFF, reset_port=0x602)
+        write(mem, apic_ids=[0, 1, 1])
     with pytest.raises(ValueError):
-        acpi.write_acpi_tables(mem, 1, pm_port=0x600, reset_port=0x608, addr=0xE0008)
+        acpi.write_acpi_tables(mem, [0], pm_port=0xFFFF, reset_port=0x602)
+    with pytest.raises(ValueError):
+        acpi.write_acpi_tables(mem, [0], pm_port=0x600, reset_port=0x608, addr=0xE0008)
 
 
 def test_aml_pkg_length_encodings() -> None:
@@ -175,7 +179,7 @@ def test_iasl_disassembles_the_tables(mem: GuestMemory, tmp_path: Path) -> None:
 
 # -- MP table (Intel MP spec 1.4)
 def test_mptable_floating_pointer_and_header(mem: GuestMemory) -> None:
-    end = write_mptable(mem, 2)
+    end = write_mptable(mem, [0, 1])
     base = layout.MPTABLE_ADDR
     assert end == base + mptable_size(2) <= layout.LOW_RAM_END
     fp = mem.read(base, 16)
@@ -200,26 +204,38 @@ def mp_entries(data: bytes) -> list[bytes]:
     return out
 
 
-@pytest.mark.parametrize("nvcpus", [1, 3, 40])
-def test_mptable_entries(nvcpus: int) -> None:
-    entries = mp_entries(build_mptable(nvcpus))
+@pytest.mark.parametrize("apic_ids", [[0], [0, 1, 2], list(range(40)), [0, 1, 2, 4, 5, 6]])
+def test_mptable_entries(apic_ids: list[int]) -> None:
+    entries = mp_entries(build_mptable(apic_ids))
     cpus = [e for e in entries if e[0] == 0]
-    assert [(e[1], e[3]) for e in cpus] == [(0, 3)] + [(i, 1) for i in range(1, nvcpus)]
+    assert [(e[1], e[3]) for e in cpus] == [(0, 3)] + [(i, 1) for i in apic_ids[1:]]
     (bus,) = [e for e in entries if e[0] == 1]
     assert bus[2:8] == b"ISA   "
     (ioapic,) = [e for e in entries if e[0] == 2]
-    assert ioapic[1] == nvcpus and ioapic[3] == 1
+    ioapic_id = max(apic_ids) + 1
+    assert ioapic[1] == ioapic_id and ioapic[3] == 1
     assert struct.unpack_from("<I", ioapic, 4)[0] == layout.IOAPIC_ADDR
     irqs = {e[5]: e[7] for e in entries if e[0] == 3}
-    assert all(e[6] == nvcpus and e[1] == 0 for e in entries if e[0] == 3)
+    assert all(e[6] == ioapic_id and e[1] == 0 for e in entries if e[0] == 3)
     assert irqs == {0: 2, **{i: i for i in range(1, 16) if i != 2}}
     lints = [(e[1], e[6], e[7]) for e in entries if e[0] == 4]
     assert lints == [(3, 0xFF, 0), (1, 0xFF, 1)]
 
 
 def test_mptable_too_big_for_the_ebda_is_refused(mem: GuestMemory) -> None:
+    assert describes(list(range(40))) is None
+    assert "more than fit" in str(describes(list(range(41))))
     with pytest.raises(ValueError, match="does not fit"):
-        write_mptable(mem, 41)
-    assert write_mptable(mem, 100, addr=0x9F000) <= layout.LOW_RAM_END
+        write_mptable(mem, list(range(41)))
+    assert write_mptable(mem, list(range(100)), addr=0x9F000) <= layout.LOW_RAM_END
     with pytest.raises(ValueError):
-        build_mptable(0)
+        build_mptable([])
+
+
+def test_mptable_cannot_name_x2apic_ids() -> None:
+    # 8-bit APIC IDs, and the IOAPIC takes the one after the highest: 253 is the last that fits.
+    assert describes([0, 253]) is None
+    assert "x2APIC" in str(describes([0, 254]))
+    assert "x2APIC" in str(describes([0, 300]))
+    with pytest.raises(ValueError):
+        build_mptable([0, 300])

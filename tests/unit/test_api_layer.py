@@ -98,3 +98,28 @@ def test_router_never_answers_5xx(body: bytes, method: str, path: str) -> None:
             assert set(value) == {"fault_message"}
     finally:
         vmm.close()
+
+
+def test_smt_and_huge_pages_become_the_machine_topology_and_backing() -> None:
+    from kvmkit.arch.x86_64.topology import Topology
+
+    vmm = Vmm()
+    try:
+        vmm.put_machine_config({"vcpu_count": 4, "mem_size_mib": 64, "smt": True})
+        vmm.set_command(["true"])
+        config = vmm._machine_config()
+        assert (config.vcpus, config.topology) == (4, Topology(cores=2, threads=2))
+        assert config.cpu_topology.apic_ids() == [0, 1, 2, 3]
+        vmm.patch_machine_config({"vcpu_count": 1})
+        assert vmm._machine_config().topology == Topology()
+        with pytest.raises(ApiError, match="1 or an even number"):
+            vmm.patch_machine_config({"vcpu_count": 5})
+        free = int(Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages").read_text())
+        if free >= 32:
+            vmm.patch_machine_config({"huge_pages": "2M"})
+            assert vmm._machine_config().huge_pages == "2M"
+        else:  # refused at once, saying how many are missing
+            with pytest.raises(ApiError, match=f"the guest needs 32 huge pages of 2 MiB, {free}"):
+                vmm.patch_machine_config({"huge_pages": "2M"})
+    finally:
+        vmm.close()

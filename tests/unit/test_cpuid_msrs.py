@@ -14,9 +14,11 @@ from kvmkit.arch.x86_64.cpuid import (
     guest_cpuid,
 )
 from kvmkit.arch.x86_64.msrs import boot_msrs
+from kvmkit.arch.x86_64.topology import Topology
 from kvmkit.kvm.cpuid import CpuidEntry, find
 
 SIG = 1  # KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+flat = Topology.flat
 
 
 def _vendor_leaf(name: bytes, max_leaf: int = 0x1F) -> CpuidEntry:
@@ -65,7 +67,7 @@ def sub(entries: list[CpuidEntry], fn: int, index: int = 0) -> CpuidEntry:
 
 @pytest.mark.parametrize(("vcpu_id", "nvcpus"), [(0, 1), (1, 2), (2, 3), (5, 8)])
 def test_leaf1_apic_id_count_htt_hypervisor(vcpu_id: int, nvcpus: int) -> None:
-    out = guest_cpuid(intel_supported(), vcpu_id, nvcpus)
+    out = guest_cpuid(intel_supported(), flat(nvcpus), vcpu_id)
     leaf1 = sub(out, 1)
     assert leaf1.ebx >> 24 == vcpu_id
     assert (leaf1.ebx >> 16) & 0xFF == 1 << (nvcpus - 1).bit_length()
@@ -78,14 +80,14 @@ def test_leaf1_apic_id_count_htt_hypervisor(vcpu_id: int, nvcpus: int) -> None:
 
 def test_tsc_deadline_can_be_forced() -> None:
     sup = intel_supported()
-    assert not sub(guest_cpuid(sup, 0, 1, tsc_deadline=False), 1).ecx & LEAF1_ECX_TSC_DEADLINE
+    assert not sub(guest_cpuid(sup, flat(1), 0, tsc_deadline=False), 1).ecx & LEAF1_ECX_TSC_DEADLINE
     sup[1] = sup[1].with_regs(ecx=sup[1].ecx & ~LEAF1_ECX_TSC_DEADLINE)
-    assert not sub(guest_cpuid(sup, 0, 1), 1).ecx & LEAF1_ECX_TSC_DEADLINE
-    assert sub(guest_cpuid(sup, 0, 1, tsc_deadline=True), 1).ecx & LEAF1_ECX_TSC_DEADLINE
+    assert not sub(guest_cpuid(sup, flat(1), 0), 1).ecx & LEAF1_ECX_TSC_DEADLINE
+    assert sub(guest_cpuid(sup, flat(1), 0, tsc_deadline=True), 1).ecx & LEAF1_ECX_TSC_DEADLINE
 
 
 def test_leaf4_core_count_and_cache_sharing() -> None:
-    out = guest_cpuid(intel_supported(), 1, 4)
+    out = guest_cpuid(intel_supported(), flat(4), 1)
     l1, l2, l3, end = (sub(out, 4, i) for i in range(4))
     for e in (l1, l2, l3):
         assert e.eax >> 26 == 3  # 4 addressable cores - 1
@@ -96,13 +98,13 @@ def test_leaf4_core_count_and_cache_sharing() -> None:
 
 
 def test_leaf6_turbo_and_epb_cleared() -> None:
-    leaf6 = sub(guest_cpuid(intel_supported(), 0, 1), 6)
+    leaf6 = sub(guest_cpuid(intel_supported(), flat(1), 0), 6)
     assert leaf6.eax == 0x4 and leaf6.ecx == 0x1
 
 
 @pytest.mark.parametrize("fn", [0xB, 0x1F])
 def test_extended_topology_leaves(fn: int) -> None:
-    out = guest_cpuid(intel_supported(), 2, 3)
+    out = guest_cpuid(intel_supported(), flat(3), 2)
     subs = [e for e in out if e.function == fn]
     assert [e.index for e in subs] == [0, 1, 2]
     smt, core, invalid = subs
@@ -115,7 +117,7 @@ def test_extended_topology_leaves(fn: int) -> None:
 
 
 def test_kvm_signature_leaf_kept_and_features_passed() -> None:
-    out = guest_cpuid(intel_supported(), 0, 1)
+    out = guest_cpuid(intel_supported(), flat(1), 0)
     sig = sub(out, 0x40000000)
     raw = b"".join(r.to_bytes(4, "little") for r in (sig.ebx, sig.ecx, sig.edx))
     assert raw == KVM_SIGNATURE and sig.eax == 0x40000001
@@ -124,14 +126,14 @@ def test_kvm_signature_leaf_kept_and_features_passed() -> None:
 
 def test_kvm_signature_leaf_added_when_missing() -> None:
     sup = [e for e in intel_supported() if e.function != 0x40000000]
-    out = guest_cpuid(sup, 0, 1)
+    out = guest_cpuid(sup, flat(1), 0)
     sig = sub(out, 0x40000000)
     raw = b"".join(r.to_bytes(4, "little") for r in (sig.ebx, sig.ecx, sig.edx))
     assert raw == b"KVMKVMKVM\0\0\0" and sig.eax == 0x40000001
 
 
 def test_amd_topology_leaves() -> None:
-    out = guest_cpuid(amd_supported(), 3, 4)
+    out = guest_cpuid(amd_supported(), flat(4), 3)
     assert sub(out, 0x80000008).ecx == (2 << 12) | 3  # ApicIdSize 2, NC = 3
     assert sub(out, 0x80000008).eax == 0x3030
     assert sub(out, 0x80000001).ecx & 0x2  # CmpLegacy
@@ -139,7 +141,7 @@ def test_amd_topology_leaves() -> None:
     assert (sub(out, 0x8000001D, 3).eax >> 14) & 0xFFF == 3
     e1e = sub(out, 0x8000001E)
     assert (e1e.eax, e1e.ebx, e1e.ecx) == (3, 3, 0)
-    single = guest_cpuid(amd_supported(), 0, 1)
+    single = guest_cpuid(amd_supported(), flat(1), 0)
     assert not sub(single, 0x80000001).ecx & 0x2
     assert sub(single, 0x80000008).ecx & 0xF0FF == 0
 
@@ -147,16 +149,16 @@ def test_amd_topology_leaves() -> None:
 def test_other_leaves_unchanged_and_input_untouched() -> None:
     sup = intel_supported()
     before = list(sup)
-    out = guest_cpuid(sup, 1, 2)
+    out = guest_cpuid(sup, flat(2), 1)
     assert sup == before
     assert sub(out, 0) == sup[0]
     assert sub(out, 0x80000000) == sup[-1]
 
 
-@pytest.mark.parametrize(("vcpu_id", "nvcpus"), [(0, 0), (2, 2), (-1, 2), (0, 255)])
+@pytest.mark.parametrize(("vcpu_id", "nvcpus"), [(0, 0), (2, 2), (-1, 2), (0, 1025)])
 def test_bad_topology_rejected(vcpu_id: int, nvcpus: int) -> None:
     with pytest.raises(ValueError):
-        guest_cpuid(intel_supported(), vcpu_id, nvcpus)
+        guest_cpuid(intel_supported(), flat(nvcpus), vcpu_id)
 
 
 def test_boot_msrs_firecracker_list_in_order() -> None:

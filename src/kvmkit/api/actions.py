@@ -44,6 +44,7 @@ from kvmkit.api.schema import SchemaError, validate
 from kvmkit.errors import UserError
 
 if TYPE_CHECKING:
+    from kvmkit.vmm.config import MachineConfig
     from kvmkit.vmm.machine import Machine, MachineResult
 
 log = logging.getLogger("kvmkit.api")
@@ -377,14 +378,15 @@ class Vmm:
         self._set_machine_config({**self.res.machine, **body})
 
     def _set_machine_config(self, cfg: dict[str, Any]) -> None:
-        if cfg.get("smt"):
-            raise ApiError("machine-config.smt: kvmkit does not implement SMT topologies")
         from kvmkit.vmm.config import MachineConfig
 
         try:
-            MachineConfig(vcpus=cfg["vcpu_count"], mem_mib=cfg["mem_size_mib"]).validate()
+            MachineConfig(vcpus=cfg["vcpu_count"], mem_mib=cfg["mem_size_mib"],
+                          **resources.cpu_memory_options(cfg)).validate()  # fmt: skip
         except UserError as err:
             raise ApiError(f"machine-config: {err}") from None
+        except ValueError as err:
+            raise ApiError(str(err)) from None
         cfg.pop("cpu_template", None)  # only "None" is accepted: the same as none
         self.res.machine = cfg
         self._configured = True
@@ -551,14 +553,21 @@ class Vmm:
             if not self.machine.send_ctrl_alt_del():
                 raise ApiError("the guest has not enabled the i8042 keyboard interrupt")
 
-    def _instance_start(self) -> None:
+    def _machine_config(self) -> MachineConfig:
+        """The MachineConfig InstanceStart builds from the configuration so far."""
         if self.res.boot_source is None and self.command is None:
             raise ApiError("Cannot start microvm without kernel configuration.")
         try:
-            config = resources.machine_config(
+            return resources.machine_config(
                 self.res, command=self.command, virtio_transport=self.virtio_transport,
                 boot_timer=self.boot_timer,
             )  # fmt: skip
+        except ValueError as err:
+            raise ApiError(str(err)) from None
+
+    def _instance_start(self) -> None:
+        config = self._machine_config()
+        try:
             config.validate()
         except (UserError, ValueError) as err:
             raise ApiError(str(err)) from None

@@ -78,9 +78,27 @@ def net_configs(res: Resources) -> list[NetConfig]:
     ]  # fmt: skip
 
 
+def cpu_memory_options(mc: dict[str, Any]) -> dict[str, Any]:
+    """machine-config's `smt` and `huge_pages` as MachineConfig fields: SMT is one socket of
+    two-thread cores (Firecracker's; the vCPU count must be 1 or even), "2M" hugetlbfs.
+    ValueError with the message the API answers."""
+    from kvmkit.arch.x86_64.topology import Topology
+
+    topology = None
+    if mc.get("smt"):
+        try:
+            topology = Topology.smt(mc["vcpu_count"])
+        except ValueError as err:
+            raise ValueError(f"machine-config.smt: {err}") from None
+    huge = mc.get("huge_pages", "None")
+    return {"topology": topology, "huge_pages": None if huge == "None" else huge}
+
+
 def machine_config(res: Resources, *, command: list[str] | None, virtio_transport: str,
                    boot_timer: bool) -> MachineConfig:  # fmt: skip
-    """The whole MachineConfig; a command without a boot source boots the default image."""
+    """The whole MachineConfig; a command without a boot source boots the default image.
+    ValueError for a configuration that cannot be one (a bad rate limiter, `smt` with an
+    odd vCPU count)."""
     from kvmkit.devices.virtio.vsock import VsockConfig
     from kvmkit.vmm.config import MachineConfig
 
@@ -92,7 +110,7 @@ def machine_config(res: Resources, *, command: list[str] | None, virtio_transpor
             res.vsock["guest_cid"], Path(res.vsock["uds_path"])),
         rng=res.entropy is not None,
         rng_rate_limiter=rate_limiter((res.entropy or {}).get("rate_limiter")),
-        virtio_transport=virtio_transport, boot_timer=boot_timer,
+        virtio_transport=virtio_transport, boot_timer=boot_timer, **cpu_memory_options(mc),
     )  # fmt: skip
     if res.boot_source is not None:
         bs = res.boot_source

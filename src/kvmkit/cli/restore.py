@@ -29,15 +29,22 @@ def register(sub: Any) -> None:
         "--base-mem", type=Path, help="for a diff snapshot: the memory file it was taken after"
     )
     p.add_argument("--timeout", type=float, default=None, help="stop the VM after S seconds")
+    p.add_argument(
+        "--cpu-affinity", action="append", default=[], metavar="[V=]CPUS",
+        help="host CPUs for the vCPU threads, as for kvmkit run (the snapshot does not "
+        "carry the host's CPUs)",
+    )  # fmt: skip
     p.set_defaults(func=restore)
 
 
 def restore(args: argparse.Namespace) -> int:
+    from kvmkit.vmm.config import parse_cpu_affinity
     from kvmkit.vmm.snapshot import read_snapshot, restore_machine
 
     # A bad file (format, checksum, any state or device in it, a drive image that changed)
     # is reported before anything else: one line, exit status 2, no VM.
     read_snapshot(args.state)
+    affinity = parse_cpu_affinity(args.cpu_affinity)
     implementation, why = detect_implementation()
     if not implementation.startswith("hardware-") and not os.environ.get("KVMKIT_FORCE_RUN"):
         raise UserError(
@@ -54,6 +61,8 @@ def restore(args: argparse.Namespace) -> int:
         args.state, args.mem, base_mem=args.base_mem, command_output=write_out
     )
     with machine:
+        machine.config.cpu_affinity = affinity
+        machine.config.validate_affinity()
         if not machine.config.command:
             machine.console.add_listener(write_out)
         machine.start()

@@ -15,12 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvmkit.arch.x86_64.numa import NumaNode
+from kvmkit.arch.x86_64.topology import MAX_VCPUS, Topology
 from kvmkit.devices.virtio.blk import DriveConfig
 from kvmkit.devices.virtio.net import NetConfig
 from kvmkit.devices.virtio.vsock import VsockConfig
 from kvmkit.errors import UserError
 from kvmkit.probe import detect_implementation
-from kvmkit.vmm.config import MachineConfig
+from kvmkit.vmm.config import MachineConfig, parse_cpu_affinity
 
 if TYPE_CHECKING:
     from kvmkit.gdb import GdbStub
@@ -44,9 +46,32 @@ def register(sub: Any) -> None:
         "for the default image; the root drive's and the devices' parameters always follow "
         "(docs/api.md)",
     )
-    p.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
+    p.add_argument(
+        "--vcpus", type=int, default=None,
+        help=f"number of vCPUs (default 1, or as many as --topology has; at most {MAX_VCPUS})",
+    )  # fmt: skip
     p.add_argument("--mem-mib", type=int, default=256, help="guest memory in MiB (default 256)")
     p.add_argument("--timeout", type=float, default=None, help="stop the VM after S seconds")
+    p.add_argument(
+        "--topology", metavar="sockets=S,dies=D,cores=C,threads=T",
+        help="CPU topology (levels not given are 1; the product is the vCPU count); APIC IDs "
+        "follow it, with gaps where a level is not a power of two (docs/topology.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--numa", action="append", default=[], metavar="cpus=A-B,mem-mib=M[,host-node=N]",
+        help="a guest NUMA node (repeat for each): its vCPUs (cpus= may repeat), its memory "
+        "(the nodes' memory adds up to --mem-mib) and the host node to bind that memory to",
+    )  # fmt: skip
+    p.add_argument(
+        "--huge-pages", choices=("2M",), default=None,
+        help="back guest memory with 2 MiB huge pages (hugetlbfs); the host must have enough "
+        "free (/proc/sys/vm/nr_hugepages)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cpu-affinity", action="append", default=[], metavar="[V=]CPUS",
+        help="host CPUs for the vCPU threads: CPUS (a list like 0-3,6) for every vCPU, "
+        "V=CPUS for vCPU V (repeatable)",
+    )  # fmt: skip
     p.add_argument(
         "--gdb", metavar="tcp:HOST:PORT|unix:PATH", help="serve GDB's remote protocol there"
     )
@@ -164,15 +189,22 @@ def run(args: argparse.Namespace) -> int:
                 "--api-sock/--config-file: configure devices through the API or the config "
                 "file (PUT /drives/{id}, /network-interfaces/{id}, /vsock, /entropy)"
             )
+        if args.topology or args.numa or args.huge_pages or args.cpu_affinity:
+            raise UserError(
+                "--topology, --numa, --huge-pages and --cpu-affinity do not combine with "
+                "--api-sock/--config-file (use machine-config's smt and huge_pages)"
+            )
         return run_api(
             api_sock=args.api_sock, config_file=args.config_file, kernel=args.kernel,
-            initrd=args.initrd, cmdline=args.cmdline, vcpus=args.vcpus, mem_mib=args.mem_mib,
+            initrd=args.initrd, cmdline=args.cmdline,
+            vcpus=args.vcpus if args.vcpus is not None else 1, mem_mib=args.mem_mib,
             command=command, timeout=args.timeout, virtio_transport=args.virtio_transport,
         )  # fmt: skip
     config = MachineConfig(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
-        vcpus=args.vcpus, mem_mib=args.mem_mib, command=command,
+        mem_mib=args.mem_mib, command=command,
     )  # fmt: skip
+    _cpu_options(config, args)
     try:
         config.drives = [DriveConfig.parse(spec) for spec in args.drive]
         if args.rootfs:
@@ -252,6 +284,27 @@ def run(args: argparse.Namespace) -> int:
         return result.command_status
     print(f"kvmkit run: {result.message}", file=sys.stderr)
     return result.exit_status
+
+
+def _cpu_options(config: MachineConfig, args: argparse.Namespace) -> None:
+    """--vcpus, --topology, --numa, --huge-pages and --cpu-affinity into `config` (their
+    checks against each other are MachineConfig.validate's)."""
+    if args.topology is not None:
+        try:
+            config.topology = Topology.parse(args.topology)
+        except ValueError as err:
+            raise UserError(f"--topology {args.topology}: {err}") from None
+    if args.vcpus is not None:
+        config.vcpus = args.vcpus
+    elif config.topology is not None:
+        config.vcpus = config.topology.vcpus
+    for spec in args.numa:
+        try:
+            config.numa.append(NumaNode.parse(spec))
+        except ValueError as err:
+            raise UserError(f"--numa {spec}: {err}") from None
+    config.huge_pages = args.huge_pages
+    config.cpu_affinity = parse_cpu_affinity(args.cpu_affinity)
 
 
 def _print_stats(machine: Machine) -> None:

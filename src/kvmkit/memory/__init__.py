@@ -4,6 +4,7 @@ from kvmkit.memory.guest import GuestMemory
 from kvmkit.memory.region import (
     PAGE_SIZE,
     GuestMemoryError,
+    HugePagesError,
     MemoryRegion,
     anonymous_region,
     file_region,
@@ -14,6 +15,7 @@ __all__ = [
     "PAGE_SIZE",
     "GuestMemory",
     "GuestMemoryError",
+    "HugePagesError",
     "MemoryRegion",
     "anonymous_region",
     "file_region",

@@ -61,8 +61,8 @@ class GuestMemory:
     def add_anonymous(self, gpa: int, size: int) -> MemoryRegion:
         return self.add(anonymous_region(gpa, size))
 
-    def add_memfd(self, gpa: int, size: int) -> MemoryRegion:
-        return self.add(memfd_region(gpa, size))
+    def add_memfd(self, gpa: int, size: int, *, huge_page_size: int = 0) -> MemoryRegion:
+        return self.add(memfd_region(gpa, size, huge_page_size=huge_page_size))
 
     def register(self, vm: Vm, *, log_dirty: bool = False) -> None:
         """Install every region (present and future) as a KVM memory slot of `vm`."""

@@ -1,13 +1,15 @@
 """One contiguous range of guest-physical memory backed by a host mapping.
 
-Backings: anonymous memory, a memfd (shareable, e.g. with a helper process or for a snapshot),
-or a file mapped shared or private (`MAP_PRIVATE` for lazy snapshot restore: pages are read
-from the file on first touch and guest writes stay in this process).
+Backings: anonymous memory, a memfd (shareable, e.g. with a helper process or for a snapshot;
+on hugetlbfs for huge pages, kvmkit.memory.host), or a file mapped shared or private
+(`MAP_PRIVATE` for lazy snapshot restore: pages are read from the file on first touch and
+guest writes stay in this process).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ class MemoryRegion:
     fd: int = -1  # memfd or file descriptor backing the region, -1 for anonymous memory
     read_only: bool = False
     log_dirty: bool = False
+    huge_page_size: int = 0  # hugetlbfs page size of the backing, 0 for base pages
     # Pages written by the VMM itself (device emulation), which KVM's dirty log cannot see.
     vmm_dirty: bytearray = field(default_factory=bytearray)
 
@@ -78,16 +81,49 @@ def anonymous_region(gpa: int, size: int) -> MemoryRegion:
     return MemoryRegion(gpa, size, mapping, _host_address(mapping))
 
 
-def memfd_region(gpa: int, size: int, name: str = "kvmkit-guest-ram") -> MemoryRegion:
+class HugePagesError(GuestMemoryError):
+    """Guest memory cannot be backed by huge pages (too few free, or no such size)."""
+
+
+def memfd_region(
+    gpa: int, size: int, name: str = "kvmkit-guest-ram", *, huge_page_size: int = 0
+) -> MemoryRegion:
+    """A memfd of `size` bytes mapped shared; with `huge_page_size` (bytes, a power of two) on
+    hugetlbfs (memfd_create(2) MFD_HUGETLB with the size's log2 in the MFD_HUGE_* bits)."""
     _check_size(gpa, size)
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    flags = os.MFD_CLOEXEC
+    if huge_page_size:
+        if huge_page_size & (huge_page_size - 1) or size % huge_page_size or gpa % huge_page_size:
+            raise HugePagesError(
+                f"region {gpa:#x}+{size:#x}: not aligned to {huge_page_size >> 20} MiB pages"
+            )
+        flags |= os.MFD_HUGETLB | (huge_page_size.bit_length() - 1) << os.MFD_HUGE_SHIFT
+    try:
+        fd = os.memfd_create(name, flags)
+    except OSError as err:
+        if huge_page_size:
+            raise HugePagesError(
+                f"no {huge_page_size >> 20} MiB huge pages on this host: {err.strerror}"
+            ) from None
+        raise
     try:
         os.ftruncate(fd, size)
         mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as err:
+        os.close(fd)
+        if huge_page_size and err.errno == errno.ENOMEM:
+            # A shared hugetlb mapping reserves all its pages when it is made.
+            raise HugePagesError(
+                f"{size // huge_page_size} huge pages of {huge_page_size >> 20} MiB needed for "
+                f"guest memory at {gpa:#x}, too few are free"
+            ) from None
+        raise
     except BaseException:
         os.close(fd)
         raise
-    return MemoryRegion(gpa, size, mapping, _host_address(mapping), fd=fd)
+    return MemoryRegion(
+        gpa, size, mapping, _host_address(mapping), fd=fd, huge_page_size=huge_page_size
+    )
 
 
 def file_region(

@@ -2,7 +2,8 @@
 them into a new VM (in this process or another).
 
 The state file (format.py) holds, as plain data:
-    setup     how the VM was built (irqchip, PIT and its flags, TSS/identity-map addresses)
+    setup     how the VM was built (irqchip, PIT and its flags, TSS/identity-map addresses,
+              the KVM_CAP_X2APIC_API flags: they decide the LAPIC state's ID format)
     vm        PIT, clock, PIC master/slave, IOAPIC (vm_state.py)
     vcpus     one entry per vCPU (vcpu_state.py)
     memory    the memory file's layout (memory.py)
@@ -14,18 +15,20 @@ The KVM part (setup, vm, vcpus) is a `KvmState`, captured apart from guest memor
 and migration streams are two transports of it. `read` validates the whole state and `load`
 the memory file's size before anything is created, so a bad snapshot raises
 `SnapshotError` with nothing restored; then it builds the VM in the order KVM needs: VM,
-TSS, irqchip and PIT, memory, vCPUs (each restored, vcpu_state.py), then the VM state
-(PIT -> clock -> irqchip). The caller runs the vCPUs after `resume()`, which issues
+KVM_CAP_X2APIC_API, TSS, irqchip and PIT, memory, vCPUs (each restored, vcpu_state.py), then
+the VM state (PIT -> clock -> irqchip). The caller runs the vCPUs after `resume()`, which issues
 KVM_KVMCLOCK_CTRL on each.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvmkit.abi.constants import Cap
+from kvmkit.arch.x86_64.topology import MAX_VCPUS
 from kvmkit.kvm import Kvm, Vcpu, Vm
 from kvmkit.memory import GuestMemory
 from kvmkit.snapshot.format import Fields, SnapshotError, read_state, write_state
@@ -40,7 +43,6 @@ from kvmkit.snapshot.vcpu_state import (
 from kvmkit.snapshot.vm_state import VmState, restore_vm, save_vm
 
 KIND = "kvmkit-vm"
-MAX_VCPUS = 1024
 DEFAULT_TSS_ADDR = 0xFFFB_D000
 
 
@@ -51,11 +53,13 @@ class VmSetup:
     pit_flags: int = 0
     tss_addr: int = DEFAULT_TSS_ADDR
     identity_map_addr: int | None = None
+    # KVM_CAP_X2APIC_API flags enabled before the vCPUs were created (0: not enabled)
+    x2apic_api: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"irqchip": self.irqchip, "pit": self.pit, "pit_flags": self.pit_flags,
-                "tss_addr": self.tss_addr,
-                "identity_map_addr": self.identity_map_addr}  # fmt: skip
+                "tss_addr": self.tss_addr, "identity_map_addr": self.identity_map_addr,
+                "x2apic_api": self.x2apic_api}  # fmt: skip
 
     @classmethod
     def from_dict(cls, obj: Any) -> VmSetup:
@@ -68,6 +72,8 @@ class VmSetup:
             pit_flags=f.get_int("pit_flags", 0, 2**32 - 1),
             tss_addr=f.get_int("tss_addr", 0, 2**32 - 1),
             identity_map_addr=ident,
+            # absent in snapshots from before topologies: not enabled
+            x2apic_api=f.get_int("x2apic_api", 0, 3) if f.has("x2apic_api") else 0,
         )
 
 
@@ -191,12 +197,16 @@ class Restored:
 
 def build_vm(kvm: Kvm, state: KvmState, mem: GuestMemory) -> Restored:
     """A new VM from a checked KVM state and guest memory from any source (a snapshot's
-    memory file, pages received over a migration stream), in the order KVM needs: VM, TSS
-    and identity map, irqchip and PIT, memory slots, vCPUs (each restored, vcpu_state.py),
-    then the VM state (PIT -> clock -> irqchip). `mem` stays the caller's on failure."""
+    memory file, pages received over a migration stream), in the order KVM needs: VM,
+    KVM_CAP_X2APIC_API, TSS and identity map, irqchip and PIT, memory slots, vCPUs (each
+    restored, vcpu_state.py), then the VM state (PIT -> clock -> irqchip). `mem` stays the
+    caller's on failure."""
     setup = state.setup
     vm = kvm.create_vm()
     try:
+        if setup.x2apic_api:
+            # Before any vCPU: the saved LAPIC pages hold IDs in the format it selects.
+            vm.enable_cap(Cap.X2APIC_API, setup.x2apic_api)
         vm.set_tss_addr(setup.tss_addr)
         if setup.identity_map_addr is not None:
             vm.set_identity_map_addr(setup.identity_map_addr)
@@ -223,14 +233,17 @@ def build_vm(kvm: Kvm, state: KvmState, mem: GuestMemory) -> Restored:
 
 def load(
     kvm: Kvm, snapshot: Snapshot, mem_path: str | os.PathLike[str], *,
-    base_mem: str | os.PathLike[str] | None = None,
+    base_mem: str | os.PathLike[str] | None = None, huge_page_size: int = 0,
+    prepare_memory: Callable[[GuestMemory], None] | None = None,
 ) -> Restored:  # fmt: skip
-    """Build a new VM from a validated snapshot and its memory file (see `build_vm`)."""
+    """Build a new VM from a validated snapshot and its memory file (see `build_vm`);
+    `huge_page_size` and `prepare_memory`: see `restore_memory`."""
     memory = snapshot.memory
     memory.check_file(base_mem if memory.diff and base_mem is not None else mem_path)
     if memory.diff and base_mem is None:
         raise SnapshotError("a diff snapshot restores on top of its base memory file")
-    mem = restore_memory(memory, mem_path, base=base_mem)
+    mem = restore_memory(memory, mem_path, base=base_mem, huge_page_size=huge_page_size,
+                         prepare=prepare_memory)  # fmt: skip
     try:
         return build_vm(kvm, snapshot.kvm, mem)
     except BaseException:

@@ -13,6 +13,8 @@ Layout: the regions of guest memory one after the other, each at a page-aligned 
 Restore maps each region of the file with MAP_PRIVATE (`kvmkit.memory.file_region`): pages
 are read from the file when the guest first touches them and guest writes stay private to
 the process, so restore time does not grow with memory size and the file is never changed.
+A machine on huge pages cannot map a regular file that way (hugetlbfs pages only come from
+hugetlbfs): its regions are new hugetlb memfds and the file's data is copied in at restore.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import errno
 import fcntl
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from kvmkit.kvm import Vm
-from kvmkit.memory import PAGE_SIZE, GuestMemory, MemoryRegion, file_region
+from kvmkit.memory import PAGE_SIZE, GuestMemory, MemoryRegion, file_region, memfd_region
 from kvmkit.snapshot.format import Fields, SnapshotError, b64
 
 MAX_REGIONS = 64
@@ -212,12 +215,41 @@ def _pages(bitmap: bytes) -> list[int]:
     return [i * 8 + b for i, byte in enumerate(bitmap) if byte for b in range(8) if byte >> b & 1]
 
 
+def _copy_in(region: MemoryRegion, path: str | os.PathLike[str], offset: int) -> None:
+    """Copy a region's bytes from the memory file (at `offset`) into its mapping, leaving the
+    file's holes (zero pages) untouched."""
+    with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        pos, end = offset, offset + region.size
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+                stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+            except OSError as err:
+                if err.errno != errno.ENXIO:  # ENXIO: only holes from pos on
+                    raise
+                break
+            if start >= end:
+                break
+            for at in range(start, stop, _CHUNK):
+                data = os.pread(fd, min(_CHUNK, stop - at), at)
+                if len(data) != min(_CHUNK, stop - at):
+                    raise SnapshotError(f"memory file {os.fspath(path)}: short read at {at:#x}")
+                region.mapping[at - offset : at - offset + len(data)] = data
+            pos = stop
+
+
 def restore_memory(
-    state: MemoryState, path: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None
-) -> GuestMemory:
+    state: MemoryState, path: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None,
+    huge_page_size: int = 0, prepare: Callable[[GuestMemory], None] | None = None,
+) -> GuestMemory:  # fmt: skip
     """Guest memory for a restored VM, mapped MAP_PRIVATE from the memory file (lazy). A diff
     snapshot is applied on top of `base` (the memory file it was taken after): the base is
-    mapped and only the diff's pages are copied in."""
+    mapped and only the diff's pages are copied in.
+
+    `huge_page_size`: the machine's memory is on huge pages; its regions are hugetlb memfds
+    filled from the file. `prepare` runs once every region is mapped and before any page of
+    them is touched here (the place to set a NUMA memory policy)."""
     if state.diff and base is None:
         raise SnapshotError("a diff snapshot restores on top of its base memory file (base=...)")
     source = base if state.diff else path
@@ -228,10 +260,20 @@ def restore_memory(
     mem = GuestMemory()
     try:
         for entry in state.regions:
-            mem.add(file_region(entry.gpa, entry.size, source, offset=entry.offset, private=True))
+            if huge_page_size:
+                mem.add(memfd_region(entry.gpa, entry.size, huge_page_size=huge_page_size))
+            else:
+                mem.add(file_region(entry.gpa, entry.size, source, offset=entry.offset,
+                                    private=True))  # fmt: skip
+        if prepare is not None:
+            prepare(mem)
+        if huge_page_size:
+            for entry in state.regions:
+                _copy_in(mem.region_for(entry.gpa, entry.size), source, entry.offset)
         if state.diff:
             with open(path, "rb", buffering=0) as f:
-                for entry, region in zip(state.regions, mem.regions, strict=True):
+                for entry in state.regions:
+                    region = mem.region_for(entry.gpa, entry.size)
                     assert entry.dirty is not None
                     for page in _pages(entry.dirty):
                         off = page * PAGE_SIZE

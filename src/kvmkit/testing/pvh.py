@@ -38,6 +38,15 @@ HALT = _NOTE + """
 	jmp 1b
 """
 
+# Loads an empty IDT and executes ud2: #UD -> #DF -> triple fault at once (the machine is
+# built whole, then ends with KVM_EXIT_SHUTDOWN).
+TRIPLE_FAULT = _NOTE + """
+	lidt idtr
+	ud2
+idtr:	.word 0
+	.long 0
+"""
+
 
 def build(source: str, out: Path) -> Path:
     """Assemble and link `source` (which starts with the PVH note) into the ELF `out`."""

@@ -41,6 +41,7 @@ from typing import Literal
 
 from kvmkit.abi import structs
 from kvmkit.arch.x86_64 import regs as x86
+from kvmkit.arch.x86_64.cpuid import guest_cpuid
 from kvmkit.arch.x86_64.paging import build_identity_map
 from kvmkit.arch.x86_64.segments import (
     CODE32,
@@ -53,6 +54,7 @@ from kvmkit.arch.x86_64.segments import (
     real_mode_segment,
     tss_descriptor,
 )
+from kvmkit.arch.x86_64.topology import Topology
 from kvmkit.boot.elf import ElfFile
 from kvmkit.kvm import IoExit, Kvm, Vcpu, Vm, VmExit
 from kvmkit.kvm.exits import HltExit, IntrExit
@@ -69,6 +71,7 @@ from kvmkit.testing.ucall import (
     UcallCmd,
     read_ucall,
 )
+from kvmkit.vmm import cpus
 
 Mode = Literal["real", "prot32", "long64"]
 
@@ -130,7 +133,12 @@ class TinyGuest:
         kvm: Kvm | None = None,
         vcpus: int = 1,
         set_cpuid: bool = True,
+        topology: Topology | None = None,
+        huge_page_size: int = 0,
     ) -> None:
+        """`topology`: create its vCPUs as a Machine does (ids = APIC IDs, KVM_CAP_X2APIC_API
+        when an ID is above 254, each vCPU's CPUID from `guest_cpuid`); `vcpus` is ignored.
+        `huge_page_size`: RAM in a hugetlb memfd with pages of that size."""
         if mode not in ("real", "prot32", "long64"):
             raise ValueError(f"unknown mode {mode!r}")
         if cpl not in (0, 3) or (mode == "real" and cpl):
@@ -149,19 +157,26 @@ class TinyGuest:
         try:
             # Intel needs a TSS area for real mode; harmless elsewhere (above RAM, below 4 GiB).
             self.vm.set_tss_addr(0xFFFBD000)
+            self.x2apic_api = cpus.prepare_vm(self.vm, topology) if topology else 0
             if irqchip:
                 self.vm.create_irqchip()
-            self.mem.add_anonymous(0, mem_size)
+            if huge_page_size:
+                self.mem.add_memfd(0, mem_size, huge_page_size=huge_page_size)
+            else:
+                self.mem.add_anonymous(0, mem_size)
             self.mem.register(self.vm)
             self._build_tables()
             cpuid = self.kvm.supported_cpuid() if set_cpuid else None
             self.vcpus: list[Vcpu] = []
-            for i in range(vcpus):
-                vcpu = self.vm.create_vcpu(i)
+            for i in range(topology.vcpus if topology else vcpus):
+                if topology is None:
+                    vcpu = self.vm.create_vcpu(i)
+                else:
+                    vcpu = cpus.create_vcpu(self.vm, topology, i)
                 # Without KVM_SET_CPUID2 the LAPIC timer modes are masked off (ENVIRONMENT.md).
                 if cpuid is not None:
-                    vcpu.set_cpuid2(cpuid)
-                self._setup_vcpu(vcpu)
+                    vcpu.set_cpuid2(cpuid if topology is None else guest_cpuid(cpuid, topology, i))
+                self._setup_vcpu(vcpu, i)
                 self.vcpus.append(vcpu)
         except BaseException:
             self.close()
@@ -263,7 +278,7 @@ class TinyGuest:
             )
             self.mem.write_u64(IDT_ADDR + vector * 8, gate)
 
-    def _setup_vcpu(self, vcpu: Vcpu) -> None:
+    def _setup_vcpu(self, vcpu: Vcpu, index: int) -> None:
         sregs = vcpu.get_sregs()
         if self.mode == "real":
             sregs.cs = real_mode_segment(0, code=True)
@@ -302,7 +317,8 @@ class TinyGuest:
 
         regs = structs.kvm_regs()
         regs.rip = self.entry
-        regs.rsp = self.mem_size - 0x1000 - vcpu.id * 0x10000
+        # 64 KiB of stack per vCPU, 16 apart (machines with more vCPUs run a few at a time)
+        regs.rsp = self.mem_size - 0x1000 - (index % 16) * 0x10000
         regs.rflags = x86.RFLAGS_RESERVED1
         if self.cpl == 3:
             regs.rflags |= x86.RFLAGS_IOPL3  # cli/sti (and port I/O where IOPL is honoured)

@@ -7,17 +7,25 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmkit.arch.x86_64.numa import NumaNode, check_nodes
+from kvmkit.arch.x86_64.topology import MAX_VCPUS as MAX_VCPUS  # kvmkit's one vCPU limit
+from kvmkit.arch.x86_64.topology import (
+    HostCpuLimits,
+    Topology,
+    format_cpulist,
+    parse_cpulist,
+)
 from kvmkit.devices.virtio.blk import CACHE_TYPES, DriveConfig
 from kvmkit.devices.virtio.net import NetConfig
 from kvmkit.devices.virtio.ratelimit import RateLimiterConfig
 from kvmkit.devices.virtio.vsock import VsockConfig
 from kvmkit.errors import UserError
+from kvmkit.memory import host as host_memory
 
 MIN_MEM_MIB = 32
 MAX_MEM_MIB = 1 << 20  # 1 TiB: anything above is a typo, not a microVM
 MAX_VIRTIO_DEVICES = 9  # one ISA IRQ each (arch/x86_64/layout.py VIRTIO_MMIO_IRQS)
 VIRTIO_TRANSPORTS = ("mmio", "pci")
-MAX_VCPUS = 255  # APIC IDs must fit the 8-bit xAPIC ID and the MP table
 
 
 @dataclass
@@ -50,21 +58,41 @@ class MachineConfig:
     # layout.BOOT_TIMER_ADDR logs the guest's boot time; the virtio-mmio devices move up a
     # slot to make room, as in Firecracker.
     boot_timer: bool = False
+    # CPU topology and NUMA (docs/topology.md): None is one socket with one core per vCPU;
+    # guest NUMA nodes (empty: none); guest RAM on huge pages of this size ("2M") or None;
+    # host CPUs for the vCPU threads: vCPU index -> CPUs, key -1 for every vCPU not named.
+    topology: Topology | None = None
+    numa: list[NumaNode] = field(default_factory=list)
+    huge_pages: str | None = None
+    cpu_affinity: dict[int, frozenset[int]] = field(default_factory=dict)
+
+    @property
+    def cpu_topology(self) -> Topology:
+        return self.topology if self.topology is not None else Topology.flat(self.vcpus)
+
+    @property
+    def huge_page_size(self) -> int:
+        """Bytes per huge page backing guest RAM, 0 for base pages."""
+        return host_memory.huge_page_size(self.huge_pages) if self.huge_pages else 0
+
+    def vcpu_affinity(self, index: int) -> frozenset[int] | None:
+        """Host CPUs for vCPU `index`'s thread, None to leave it as inherited."""
+        return self.cpu_affinity.get(index, self.cpu_affinity.get(-1))
 
     @property
     def virtio_count(self) -> int:
         """How many virtio devices: drives, the rng, nets, vsock (Machine's order)."""
         return len(self.drives) + int(self.rng) + len(self.nets) + int(self.vsock is not None)
 
-    def validate(self, host_max_vcpus: int | None = None) -> None:
-        if not 1 <= self.vcpus <= MAX_VCPUS:
-            raise UserError(f"--vcpus {self.vcpus}: must be between 1 and {MAX_VCPUS}")
-        if host_max_vcpus is not None and self.vcpus > host_max_vcpus:
-            raise UserError(f"--vcpus {self.vcpus}: this host's KVM allows {host_max_vcpus}")
-        if not MIN_MEM_MIB <= self.mem_mib <= MAX_MEM_MIB:
-            raise UserError(
-                f"--mem-mib {self.mem_mib}: must be between {MIN_MEM_MIB} and {MAX_MEM_MIB}"
-            )
+    def validate(self, host: HostCpuLimits | None = None) -> None:
+        """Every check of the configuration, one line each (UserError). `host`: also check
+        the vCPUs against what the host's KVM allows (Machine.build passes it)."""
+        self.validate_shapes()
+        if host is not None:
+            try:
+                self.cpu_topology.check_host(host)
+            except ValueError as err:
+                raise UserError(f"--vcpus {self.vcpus}: {err}") from None
         total = _host_memory_mib()
         if total is not None and self.mem_mib > total:
             raise UserError(f"--mem-mib {self.mem_mib}: the host has only {total} MiB of memory")
@@ -106,6 +134,99 @@ class MachineConfig:
             raise UserError(f"at most {MAX_VIRTIO_DEVICES} virtio devices")
         if self.initrd is not None and self.kernel is None:
             raise UserError("--initrd needs --kernel (the default image brings its own)")
+        self.validate_placement()
+        self.validate_affinity()
+
+    def validate_shapes(self) -> None:
+        """The checks that need no host: vCPUs, topology, memory size, NUMA nodes, huge page
+        size (a snapshot's configuration goes through these too)."""
+        # kvmkit's one vCPU limit, enforced here for the CLI, the API and Python alike.
+        if isinstance(self.vcpus, bool) or not 1 <= self.vcpus <= MAX_VCPUS:
+            source = "" if self.topology is None else f" (--topology {self.topology})"
+            raise UserError(f"--vcpus {self.vcpus}{source}: must be between 1 and {MAX_VCPUS}")
+        try:
+            self.cpu_topology.check(self.vcpus)
+        except ValueError as err:
+            raise UserError(f"--topology: {err}") from None
+        if not MIN_MEM_MIB <= self.mem_mib <= MAX_MEM_MIB:
+            raise UserError(
+                f"--mem-mib {self.mem_mib}: must be between {MIN_MEM_MIB} and {MAX_MEM_MIB}"
+            )
+        try:
+            page = self.huge_page_size
+        except ValueError as err:
+            raise UserError(f"--huge-pages: {err}") from None
+        page_mib = max(page >> 20, 1)
+        if self.mem_mib % page_mib:
+            raise UserError(f"--mem-mib {self.mem_mib}: must be a multiple of {page_mib} with "
+                            f"--huge-pages {self.huge_pages}")  # fmt: skip
+        if self.numa:
+            try:
+                check_nodes(self.numa, self.vcpus, self.mem_mib, page_mib)
+            except ValueError as err:
+                raise UserError(f"--numa: {err}") from None
+
+    def validate_placement(self) -> None:
+        """What this host must give the guest's memory: the host nodes --numa binds to, and
+        enough free huge pages."""
+        bound = {n.host_node for n in self.numa if n.host_node is not None}
+        if bound:
+            present, allowed = host_memory.host_nodes(), host_memory.allowed_nodes()
+            for node in sorted(bound):
+                if node not in present:
+                    raise UserError(
+                        f"--numa host-node={node}: this host has no NUMA node {node} with "
+                        f"memory (nodes: {format_cpulist(present)})"
+                    )
+                if allowed is not None and node not in allowed:
+                    raise UserError(
+                        f"--numa host-node={node}: this process may not use host node {node} "
+                        f"(its cpuset allows memory nodes {format_cpulist(allowed)})"
+                    )
+        if self.huge_page_size:
+            self._check_free_huge_pages(self.huge_page_size)
+
+    def _check_free_huge_pages(self, page: int) -> None:
+        """Enough free huge pages, on each bound host node and in all: the mmap would fail
+        anyway, this says how many and how to get them before anything starts."""
+        need: dict[int | None, int] = {None: (self.mem_mib << 20) // page}
+        for n in self.numa:
+            if n.host_node is not None:
+                need[n.host_node] = need.get(n.host_node, 0) + (n.mem_mib << 20) // page
+        for node, count in need.items():
+            if node is None:
+                free = host_memory.available_huge_pages(page)
+                where, sysfs = "", "/proc/sys/vm/nr_hugepages"
+            else:
+                free = host_memory.free_huge_pages(page, node)
+                where = f" on host node {node}"
+                sysfs = (f"/sys/devices/system/node/node{node}/hugepages/hugepages-"
+                         f"{page >> 10}kB/nr_hugepages")  # fmt: skip
+            if free is None:
+                raise UserError(f"--huge-pages {self.huge_pages}: no {page >> 20} MiB huge "
+                                f"pages{where or ' on this host'}")  # fmt: skip
+            if free < count:
+                raise UserError(
+                    f"--huge-pages {self.huge_pages}: the guest needs {count} huge pages of "
+                    f"{page >> 20} MiB{where}, {free} are free to this process (reserve more "
+                    f"in {sysfs})"
+                )
+
+    def validate_affinity(self) -> None:
+        """--cpu-affinity names existing vCPUs and host CPUs this process may use."""
+        allowed = os.sched_getaffinity(0)
+        for index, cpus in sorted(self.cpu_affinity.items()):
+            what = "--cpu-affinity" + ("" if index < 0 else f" {index}=")
+            if index >= self.vcpus:
+                raise UserError(f"{what}: there is no vCPU {index} (vCPUs are 0-{self.vcpus - 1})")
+            if not cpus:
+                raise UserError(f"{what}: no host CPUs")
+            outside = sorted(cpus - allowed)
+            if outside:
+                raise UserError(
+                    f"{what}: host CPU {outside[0]} is not available to this process (it may "
+                    f"run on {format_cpulist(allowed)})"
+                )
 
 
 def _host_memory_mib() -> int | None:
@@ -117,3 +238,25 @@ def _host_memory_mib() -> int | None:
     except OSError:
         return None
     return None
+
+
+def parse_cpu_affinity(specs: list[str]) -> dict[int, frozenset[int]]:
+    """`--cpu-affinity` values: "CPUS" (every vCPU thread on those host CPUs) or "V=CPUS"
+    (vCPU V's thread), CPUS a Linux CPU list ("0-3,6"). Key -1 is "every vCPU not named"."""
+    out: dict[int, frozenset[int]] = {}
+    for spec in specs:
+        vcpu, sep, cpus = spec.rpartition("=")
+        try:
+            index = int(vcpu, 10) if sep else -1
+            if index < -1 or (sep and index < 0):
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--cpu-affinity {spec}: {vcpu!r} is not a vCPU number") from None
+        if index in out:
+            raise UserError(f"--cpu-affinity {spec}: " + (
+                "every-vCPU list given twice" if index < 0 else f"vCPU {index} given twice"))
+        try:
+            out[index] = parse_cpulist(cpus)
+        except ValueError as err:
+            raise UserError(f"--cpu-affinity {spec}: {err}") from None
+    return out

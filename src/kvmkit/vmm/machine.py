@@ -5,10 +5,12 @@
         result = m.wait()
         print(result.exit_status, m.console.tail())
 
-Building follows the order KVM requires: VM, TSS/identity-map addresses, in-kernel irqchip
-and PIT, memory slots, guest tables (kernel, boot params, ACPI, MP table), devices and their
-irqfds, then vCPUs (CPUID before anything else on the vCPU, then MSRs, LAPIC LINT pins, FPU,
-and the boot registers on vCPU 0; the others wait for INIT/SIPI in the in-kernel LAPIC).
+Building follows the order KVM requires: VM (KVM_CAP_X2APIC_API when an APIC ID is above
+254), TSS/identity-map addresses, in-kernel irqchip and PIT, memory slots (guest RAM placed
+by kvmkit.vmm.placement), guest tables (kernel, boot params, ACPI, MP table where it fits),
+devices and their irqfds, then vCPUs, each with its APIC ID as its id (kvmkit.vmm.cpus;
+docs/topology.md): CPUID before anything else on the vCPU, then MSRs, LAPIC LINT pins, FPU,
+and the boot registers on vCPU 0; the others wait for INIT/SIPI in the in-kernel LAPIC.
 
 The operations state transfer is built on (snapshots: kvmkit.vmm.snapshot; migration):
 
@@ -36,12 +38,12 @@ from pathlib import Path
 from types import TracebackType
 
 from kvmkit.abi.constants import KVM_PIT_SPEAKER_DUMMY, Cap
-from kvmkit.arch.x86_64 import layout
+from kvmkit.arch.x86_64 import layout, mptable
 from kvmkit.arch.x86_64 import regs as x86
 from kvmkit.arch.x86_64.acpi import write_acpi_tables
 from kvmkit.arch.x86_64.cpuid import guest_cpuid
-from kvmkit.arch.x86_64.mptable import write_mptable
 from kvmkit.arch.x86_64.msrs import boot_msrs
+from kvmkit.arch.x86_64.numa import numa_tables
 from kvmkit.boot.loader import load_linux, setup_boot_vcpu
 from kvmkit.devices.boot_timer import LENGTH as BOOT_TIMER_LENGTH
 from kvmkit.devices.boot_timer import BootTimer
@@ -69,11 +71,13 @@ from kvmkit.snapshot.core import VmSetup, build_vm, capture_kvm_state
 from kvmkit.snapshot.format import SnapshotError
 from kvmkit.snapshot.vcpu_state import resume_vcpu
 from kvmkit.unixsock import remove_stale_socket
+from kvmkit.vmm import cpus
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.console import CommandOutput, ConsoleStream, new_nonce
 from kvmkit.vmm.dispatch import StopKind, Stopped
 from kvmkit.vmm.pci import MachinePci
 from kvmkit.vmm.persist import DeviceStates, MachineState, VirtioEntry
+from kvmkit.vmm.placement import add_guest_ram
 from kvmkit.vmm.runstate import Event, RunState
 from kvmkit.vmm.vcpu import VcpuThread
 
@@ -210,6 +214,7 @@ class Machine:
         self.pci: MachinePci | None = None  # the PCI bus, with virtio_transport="pci"
         self._virtio_worker: VirtioWorker | None = None
         self._restored = False  # built by from_state: KVM_KVMCLOCK_CTRL before the vCPUs run
+        self.x2apic_api = 0  # KVM_CAP_X2APIC_API flags enabled (APIC IDs above 254)
 
     # -- life cycle
     def __enter__(self) -> Machine:
@@ -311,11 +316,14 @@ class Machine:
             self.kvm = kvm = Kvm(self._kvm_device)
         except OSError as err:
             raise UserError(str(err.strerror or err)) from None
-        cfg.validate(kvm.check_extension(Cap.MAX_VCPUS) or kvm.check_extension(Cap.NR_VCPUS))
+        cfg.validate(cpus.host_limits(kvm))
+        topology = cfg.cpu_topology
+        apic_ids = topology.apic_ids()
         try:
             self.vm = vm = kvm.create_vm()
         except KvmError as err:
             raise UserError(f"cannot create a VM: {err}") from None
+        self.x2apic_api = cpus.prepare_vm(vm, topology)  # before any vCPU exists
         assert SETUP.identity_map_addr is not None
         vm.set_tss_addr(SETUP.tss_addr)
         vm.set_identity_map_addr(SETUP.identity_map_addr)
@@ -323,17 +331,23 @@ class Machine:
         vm.create_pit2(SETUP.pit_flags)
 
         mem_size = cfg.mem_mib << 20
-        for start, size in layout.ram_ranges(mem_size):
-            self.mem.add_memfd(start, size)
+        add_guest_ram(self.mem, cfg)
         self.mem.register(vm)
 
         rsdp = write_acpi_tables(
-            self.mem, cfg.vcpus, pm_port=AcpiPower.PM1_EVT_PORT,
+            self.mem, apic_ids, pm_port=AcpiPower.PM1_EVT_PORT,
             reset_port=AcpiPower.RESET_PORT,
             virtio_mmio=[(b, layout.VIRTIO_MMIO_SIZE, irq) for b, irq in self.virtio_slots()],
             pci_window=(layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE) if self.uses_pci() else None,
+            numa=numa_tables(cfg.numa, cfg.vcpus, mem_size) if cfg.numa else None,
         )  # fmt: skip
-        write_mptable(self.mem, cfg.vcpus)
+        # The MP table where it can describe the machine (8-bit APIC IDs, up to 40 vCPUs);
+        # Linux takes the MADT when there is ACPI, so larger machines lose nothing.
+        why_not = mptable.describes(apic_ids)
+        if why_not is None:
+            mptable.write_mptable(self.mem, apic_ids)
+        else:
+            log.debug("no MP table: %s", why_not)
         self.boot = load_linux(
             self.mem, kernel, initrd=initrd, cmdline=cmdline, mem_size=mem_size, rsdp_addr=rsdp
         )
@@ -346,14 +360,14 @@ class Machine:
         # verification failure") and leaves the guest without a working tick.
         tsc_deadline = kvm.check_extension(Cap.TSC_DEADLINE_TIMER) > 0
         msrs = boot_msrs()
-        for vcpu_id in range(cfg.vcpus):
-            vcpu = vm.create_vcpu(vcpu_id)
-            cpuid = guest_cpuid(supported, vcpu_id, cfg.vcpus, tsc_deadline=tsc_deadline)
+        for index in range(cfg.vcpus):
+            vcpu = cpus.create_vcpu(vm, topology, index)
+            cpuid = guest_cpuid(supported, topology, index, tsc_deadline=tsc_deadline)
             vcpu.set_cpuid2(cpuid)
             vcpu.set_msrs(msrs)
             self._setup_lapic(vcpu)
             self._setup_fpu(vcpu)
-            if vcpu_id == 0:
+            if index == 0:
                 setup_boot_vcpu(vcpu, self.boot, self.mem)
             self.threads.append(VcpuThread(vcpu, self.pio, self.mmio, self._on_vcpu_stopped))
 
@@ -484,10 +498,12 @@ class Machine:
             # paused (no soft-lockup reports for the time it spent on disk or on the wire).
             for t in self.threads:
                 resume_vcpu(t.vcpu)
-        for t in self.threads:
+        for index, t in enumerate(self.threads):
             if paused:
                 t.control.request(Event.PAUSE)  # the first KVM_RUN returns at once
-            t.start()
+            # --cpu-affinity: the thread inherits its CPUs from its first instruction.
+            with cpus.affinity(self.config.vcpu_affinity(index)):
+                t.start()
         if paused:
             self.pause()
 
@@ -663,7 +679,8 @@ class Machine:
             pci_root=self.pci.root.save() if self.pci is not None else None,
         )  # fmt: skip
         return MachineState(
-            kvm=capture_kvm_state(self.kvm, self.vm, [t.vcpu for t in self.threads], SETUP),
+            kvm=capture_kvm_state(self.kvm, self.vm, [t.vcpu for t in self.threads],
+                                  dataclasses.replace(SETUP, x2apic_api=self.x2apic_api)),
             config=config, drive_sizes=tuple(os.fstat(dev.fd).st_size for dev in blks),
             nonce=self.nonce, command=self.command.save() if self.command is not None else None,
             devices=devices,
@@ -713,6 +730,7 @@ class Machine:
                 raise UserError(str(err.strerror or err)) from None
             restored = build_vm(kvm, state.kvm, memory)
             machine.vm = restored.vm
+            machine.x2apic_api = state.kvm.setup.x2apic_api
             machine._add_devices(restored.vm)
             machine._restore_devices(state.devices)
             if config.command:

@@ -7,9 +7,10 @@ One capture and one apply of state, two transports. `Machine.capture_state()` re
               (`kvmkit.snapshot.core.KvmState`)
     devices   the serial port; every virtio device with its transport (virtio-mmio or
               virtio-pci: config space, MSI-X table); the PCI root's address latch
-    meta      the configuration (drives with their image sizes, cache types and rate
-              limiters, nets with the MAC the guest knows, MTU and rate limiters, the rng's
-              rate limiter, the boot timer, vsock), the console nonce, where the
+    meta      the configuration (the CPU topology, guest NUMA nodes and huge pages, so the
+              machine is rebuilt the same; drives with their image sizes, cache types and
+              rate limiters, nets with the MAC the guest knows, MTU and rate limiters, the
+              rng's rate limiter, the boot timer, vsock), the console nonce, where the
               command-output parser was
 
 Guest memory is not in it: each transport carries memory its own way. The snapshot file pair
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmkit.arch.x86_64.numa import MAX_HOST_NODE, MAX_NODES, NumaNode
+from kvmkit.arch.x86_64.topology import LEVELS, Topology
 from kvmkit.devices.legacy.serial import SerialState
 from kvmkit.devices.pci.root import PciRootState
 from kvmkit.devices.virtio.blk import CACHE_TYPES, CACHE_WRITEBACK, DriveConfig, VirtioBlk
@@ -43,6 +46,7 @@ from kvmkit.devices.virtio.pci import PciTransportState
 from kvmkit.devices.virtio.ratelimit import RateLimiterConfig
 from kvmkit.devices.virtio.rng import VirtioRng
 from kvmkit.devices.virtio.vsock import VirtioVsock, VsockConfig
+from kvmkit.errors import UserError
 from kvmkit.snapshot.core import KIND, KvmState
 from kvmkit.snapshot.format import Fields, SnapshotError
 from kvmkit.vmm.config import MAX_VCPUS, MAX_VIRTIO_DEVICES, VIRTIO_TRANSPORTS, MachineConfig
@@ -168,7 +172,7 @@ class MachineState:
                                  "tx_rate_limiter": _limiter_dict(n.tx_rate_limiter)}
                                 for n in cfg.nets],
                        "vsock": vsock, "rng_rate_limiter": _limiter_dict(cfg.rng_rate_limiter),
-                       "boot_timer": cfg.boot_timer},
+                       "boot_timer": cfg.boot_timer, **_save_cpu_memory(cfg)},
             "nonce": self.nonce,
         }  # fmt: skip
         if self.command is not None:
@@ -187,6 +191,11 @@ class MachineState:
         config, sizes = _config_from(meta)
         if len(kvm.vcpus) != config.vcpus:
             raise SnapshotError("snapshot state: vCPU count does not match the configuration")
+        topology = config.cpu_topology
+        if [v.id for v in kvm.vcpus] != topology.apic_ids():
+            raise SnapshotError(f"snapshot state: vCPU ids are not the APIC IDs of {topology}")
+        if topology.needs_x2apic and not kvm.setup.x2apic_api:
+            raise SnapshotError("snapshot state: APIC IDs above 254 without KVM_CAP_X2APIC_API")
         command = None
         if meta.has("command"):
             command = CommandState.from_dict(meta.obj["command"], "meta.command")
@@ -262,9 +271,14 @@ def _config_from(meta: Fields) -> tuple[MachineConfig, tuple[int, ...]]:
         rng_rate_limiter=_limiter_from(cfg, "rng_rate_limiter"),
         # The boot timer moves the virtio-mmio devices: it must come back with them.
         boot_timer=cfg.get_bool("boot_timer") if cfg.has("boot_timer") else False,
+        **_load_cpu_memory(cfg),
     )  # fmt: skip
     if config.virtio_count > MAX_VIRTIO_DEVICES:
         raise SnapshotError(f"snapshot state: more than {MAX_VIRTIO_DEVICES} virtio devices")
+    try:
+        config.validate_shapes()
+    except UserError as err:
+        raise SnapshotError(f"snapshot state: meta.config: {err}") from None
     return config, tuple(sizes)
 
 
@@ -281,3 +295,34 @@ def _limiter_from(f: Fields, key: str) -> RateLimiterConfig | None:
         return RateLimiterConfig.from_api(raw, f"{f.path}.{key}")
     except ValueError as err:
         raise SnapshotError(f"snapshot state: {err}") from None
+
+
+def _save_cpu_memory(cfg: MachineConfig) -> dict[str, Any]:
+    """The topology, guest NUMA nodes and huge pages of meta.config (docs/topology.md)."""
+    topo = cfg.topology  # None: one socket with one core per vCPU
+    return {
+        "topology": None if topo is None else {name: getattr(topo, name) for name in LEVELS},
+        "numa": [{"cpus": sorted(n.cpus), "mem_mib": n.mem_mib, "host_node": n.host_node}
+                 for n in cfg.numa],
+        "huge_pages": cfg.huge_pages,
+    }  # fmt: skip
+
+
+def _load_cpu_memory(cfg: Fields) -> dict[str, Any]:
+    """`_save_cpu_memory`'s fields, checked; absent in states from before them (a flat
+    topology, no NUMA, base pages)."""
+    topology = None
+    if cfg.obj.get("topology") is not None:
+        t = cfg.get_obj("topology")
+        try:
+            topology = Topology(**{name: t.get_int(name, 1, MAX_VCPUS) for name in LEVELS})
+        except ValueError as err:
+            raise SnapshotError(f"snapshot state: {t.path}: {err}") from None
+    numa = []
+    for i, raw in enumerate(cfg.get_list("numa", MAX_NODES) if cfg.has("numa") else []):
+        n = Fields(raw, f"meta.config.numa[{i}]")
+        host = None if n.obj.get("host_node") is None else n.get_int("host_node", 0, MAX_HOST_NODE)
+        cpus = n.get_ints("cpus", MAX_VCPUS, width=16)
+        numa.append(NumaNode(frozenset(cpus), n.get_int("mem_mib", 1, 1 << 20), host))
+    huge = cfg.get_str("huge_pages", 16) if cfg.obj.get("huge_pages") is not None else None
+    return {"topology": topology, "numa": numa, "huge_pages": huge}

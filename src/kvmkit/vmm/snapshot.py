@@ -31,10 +31,12 @@ from pathlib import Path
 
 from kvmkit.errors import UserError
 from kvmkit.kvm import KvmError
+from kvmkit.memory import HugePagesError
 from kvmkit.snapshot.format import SnapshotError, read_state, write_state
 from kvmkit.snapshot.memory import MemoryState, enable_dirty_log, restore_memory, write_memory
 from kvmkit.vmm.machine import Machine
 from kvmkit.vmm.persist import MachineState
+from kvmkit.vmm.placement import bind_numa_nodes
 
 
 def snapshot_machine(
@@ -72,7 +74,16 @@ def restore_machine(
     if layout.diff and base_mem is None:
         raise SnapshotError("a diff snapshot restores on top of its base memory file")
     layout.check_file(mem_path)
-    memory = restore_memory(layout, mem_path, base=base_mem)
+    config = state.config
+    config.validate_placement()  # the huge pages and host nodes it names (UserError)
+    try:
+        # Huge-page memory is filled from the file; NUMA nodes are bound before that.
+        memory = restore_memory(
+            layout, mem_path, base=base_mem, huge_page_size=config.huge_page_size,
+            prepare=lambda mem: bind_numa_nodes(mem, config),
+        )  # fmt: skip
+    except HugePagesError as err:
+        raise UserError(f"huge pages: {err}") from None
     return Machine.from_state(state, memory, command_output=command_output,
                               kvm_device=kvm_device)  # fmt: skip
 

@@ -12,7 +12,9 @@ output never left the guest). No PM timer and no GPE blocks; the SCI (IRQ 9) is 
                       FADT    (rev 6.5, RESET_REG_SUP, PM1a blocks, FACS, X_DSDT -> DSDT)
                       FACS    (64 bytes, 64-byte aligned; no firmware waking vector)
                       DSDT    (AML: Name (_S5_, Package (4) {5, 5, 0, 0}))
-                      MADT    (local APIC per vCPU, IOAPIC, overrides, LAPIC NMI)
+                      MADT    (local APIC or x2APIC per vCPU, IOAPIC, overrides, NMI)
+                      SRAT    (guest NUMA only: CPU and memory affinity)
+                      SLIT    (guest NUMA only: distances between the nodes)
 
 Section numbers below are ACPI 6.5's.
 """
@@ -20,6 +22,7 @@ Section numbers below are ACPI 6.5's.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from kvmkit.arch.x86_64 import layout
 from kvmkit.devices.legacy.power import RESET_VALUE, S5_SLEEP_TYPE
@@ -81,7 +84,24 @@ MADT_LOCAL_APIC = 0  # 5.2.12.2
 MADT_IOAPIC = 1  # 5.2.12.3
 MADT_INTERRUPT_OVERRIDE = 2  # 5.2.12.5
 MADT_LOCAL_APIC_NMI = 4  # 5.2.12.7
+MADT_LOCAL_X2APIC = 9  # 5.2.12.12
+MADT_LOCAL_X2APIC_NMI = 0xA  # 5.2.12.13
 LAPIC_ENABLED = 1 << 0
+# 5.2.12.12: processors with APIC IDs below 255 are described by Local APIC structures, the
+# others by Local x2APIC structures (8-bit APIC ID and processor UID fields).
+X2APIC_FROM = 255
+ALL_PROCESSORS_UID8 = 0xFF  # 5.2.12.7: the NMI structure applies to every processor
+ALL_PROCESSORS_UID32 = 0xFFFF_FFFF  # 5.2.12.13, the same for x2APIC processors
+
+# SRAT (5.2.16) and SLIT (5.2.17)
+SRAT_REVISION = 3
+SRAT_LOCAL_APIC_AFFINITY = 0  # 5.2.16.1, 16 bytes
+SRAT_MEMORY_AFFINITY = 1  # 5.2.16.2, 40 bytes
+SRAT_X2APIC_AFFINITY = 2  # 5.2.16.3, 24 bytes
+SRAT_ENABLED = 1 << 0
+SLIT_REVISION = 1
+SLIT_LOCAL = 10  # 5.2.17: the distance of a locality to itself is 10
+SLIT_REMOTE = 20  # what QEMU and Cloud Hypervisor give other nodes unless told otherwise
 # MPS INTI flags (table 5.26): polarity bits 1:0, trigger mode bits 3:2
 INTI_CONFORMS = 0
 INTI_ACTIVE_HIGH = 0b01
@@ -326,23 +346,97 @@ def build_fadt(
     return sdt(b"FACP", FADT_REVISION, bytes(body))
 
 
-def build_madt(nvcpus: int, *, sci_irq: int = SCI_IRQ) -> bytes:
+def build_madt(apic_ids: list[int], *, sci_irq: int = SCI_IRQ) -> bytes:
+    """The MADT for vCPUs with `apic_ids` (in vCPU order: the ACPI processor UID is the vCPU
+    index, and Linux numbers its CPUs in table order)."""
     body = bytearray(struct.pack("<II", layout.LAPIC_ADDR, MADT_PCAT_COMPAT))
-    for cpu in range(nvcpus):
-        # Processor Local APIC: type, length, ACPI processor UID, APIC ID, flags.
-        body += struct.pack("<BBBBI", MADT_LOCAL_APIC, 8, cpu, cpu, LAPIC_ENABLED)
+    for uid, apic_id in enumerate(apic_ids):
+        if apic_id < X2APIC_FROM:
+            # Processor Local APIC: type, length, ACPI processor UID, APIC ID, flags.
+            body += struct.pack("<BBBBI", MADT_LOCAL_APIC, 8, uid, apic_id, LAPIC_ENABLED)
+        else:
+            # Processor Local x2APIC: type, length, reserved, x2APIC ID, flags, UID.
+            body += struct.pack("<BBHIII", MADT_LOCAL_X2APIC, 16, 0, apic_id, LAPIC_ENABLED, uid)
     # I/O APIC: type, length, id, reserved, address, global system interrupt base. Same id as
-    # the MP table (nvcpus): no clash with the local APIC IDs.
-    body += struct.pack("<BBBBII", MADT_IOAPIC, 12, nvcpus, 0, layout.IOAPIC_ADDR, 0)
+    # the MP table: one past the highest APIC ID, no clash with the local APICs (0 when that
+    # does not fit 8 bits: x2APIC machines have no shared 8-bit APIC ID space).
+    body += struct.pack("<BBBBII", MADT_IOAPIC, 12, ioapic_id(apic_ids), 0, layout.IOAPIC_ADDR, 0)
     # Interrupt source overrides: ISA IRQ 0 (PIT) is IOAPIC pin 2 (KVM's in-kernel routing);
     # the SCI is level-triggered, active high (as QEMU describes it).
     body += struct.pack("<BBBBIH", MADT_INTERRUPT_OVERRIDE, 10, 0, 0, 2, INTI_CONFORMS)
     body += struct.pack(
         "<BBBBIH", MADT_INTERRUPT_OVERRIDE, 10, 0, sci_irq, sci_irq, INTI_ACTIVE_HIGH | INTI_LEVEL
     )
-    # Local APIC NMI: all processors (UID 0xFF), flags conform, LINT1.
-    body += struct.pack("<BBBHB", MADT_LOCAL_APIC_NMI, 6, 0xFF, INTI_CONFORMS, 1)
+    # Local APIC NMI: all processors, flags conform, LINT1; and its x2APIC twin when there are
+    # x2APIC processors.
+    body += struct.pack("<BBBHB", MADT_LOCAL_APIC_NMI, 6, ALL_PROCESSORS_UID8, INTI_CONFORMS, 1)
+    if any(a >= X2APIC_FROM for a in apic_ids):
+        body += struct.pack(
+            "<BBHIB3s", MADT_LOCAL_X2APIC_NMI, 12, INTI_CONFORMS, ALL_PROCESSORS_UID32, 1,
+            bytes(3),
+        )  # fmt: skip
     return sdt(b"APIC", MADT_REVISION, bytes(body))
+
+
+def ioapic_id(apic_ids: list[int]) -> int:
+    """The IOAPIC's ID in the MADT and MP table: one past the highest local APIC ID while that
+    is an 8-bit xAPIC ID, else 0."""
+    after = max(apic_ids) + 1
+    return after if after < X2APIC_FROM else 0
+
+
+@dataclass(frozen=True)
+class NumaTables:
+    """What the SRAT and SLIT describe: the proximity domain (guest node) of each vCPU, in
+    vCPU order like the APIC IDs; guest-physical memory ranges (gpa, size, node); and the
+    distance matrix (row: from node, column: to node)."""
+
+    cpu_nodes: list[int]
+    memory: list[tuple[int, int, int]]
+    distances: list[list[int]]
+
+
+def build_srat(apic_ids: list[int], numa: NumaTables) -> bytes:
+    """SRAT (5.2.16): after the header a reserved u32 that must be 1 and a reserved u64; then
+    a Local APIC (or x2APIC, for IDs from 255) affinity structure per vCPU and a memory
+    affinity structure per range."""
+    if len(numa.cpu_nodes) != len(apic_ids):
+        raise ValueError("SRAT: one node per vCPU")
+    body = bytearray(struct.pack("<IQ", 1, 0))
+    for apic_id, node in zip(apic_ids, numa.cpu_nodes, strict=True):
+        if apic_id < X2APIC_FROM:
+            # type, length, proximity domain [7:0], APIC ID, flags, local SAPIC EID,
+            # proximity domain [31:8], clock domain
+            body += struct.pack(
+                "<BBBBIB3sI", SRAT_LOCAL_APIC_AFFINITY, 16, node & 0xFF, apic_id, SRAT_ENABLED,
+                0, (node >> 8).to_bytes(3, "little"), 0,
+            )  # fmt: skip
+        else:
+            # type, length, reserved, proximity domain, x2APIC ID, flags, clock domain, reserved
+            body += struct.pack(
+                "<BBHIIIII", SRAT_X2APIC_AFFINITY, 24, 0, node, apic_id, SRAT_ENABLED, 0, 0
+            )
+    for gpa, size, node in numa.memory:
+        # type, length, proximity domain, reserved, base (low, high), length (low, high),
+        # reserved, flags (enabled; not hot-pluggable, not non-volatile), reserved
+        body += struct.pack(
+            "<BBIHIIIIIIQ", SRAT_MEMORY_AFFINITY, 40, node, 0, gpa & 0xFFFF_FFFF, gpa >> 32,
+            size & 0xFFFF_FFFF, size >> 32, 0, SRAT_ENABLED, 0,
+        )  # fmt: skip
+    return sdt(b"SRAT", SRAT_REVISION, bytes(body))
+
+
+def build_slit(distances: list[list[int]]) -> bytes:
+    """SLIT (5.2.17): the number of localities (u64), then the N x N distance bytes row by
+    row; 10 to itself, more to others, 255 for unreachable."""
+    n = len(distances)
+    for i, row in enumerate(distances):
+        if len(row) != n or row[i] != SLIT_LOCAL:
+            raise ValueError("SLIT: a square matrix with 10 on its diagonal")
+        if any(not SLIT_LOCAL < d <= 255 for j, d in enumerate(row) if j != i):
+            raise ValueError("SLIT: distances to other nodes must be 11..255")
+    body = struct.pack("<Q", n) + bytes(d for row in distances for d in row)
+    return sdt(b"SLIT", SLIT_REVISION, body)
 
 
 def build_rsdp(xsdt_addr: int) -> bytes:
@@ -360,7 +454,7 @@ def _align(value: int) -> int:
 
 def write_acpi_tables(
     mem: GuestMemory,
-    nvcpus: int,
+    apic_ids: list[int],
     *,
     pm_port: int,
     reset_port: int,
@@ -370,16 +464,19 @@ def write_acpi_tables(
     addr: int = layout.ACPI_ADDR,
     virtio_mmio: list[tuple[int, int, int]] | None = None,
     pci_window: tuple[int, int] | None = None,
+    numa: NumaTables | None = None,
 ) -> int:
-    """Write RSDP, XSDT, FADT, DSDT and MADT from `addr` (16-byte aligned, tables must end
-    below layout.ACPI_END) and return the RSDP's address (= addr).
+    """Write RSDP, XSDT, FADT, DSDT, MADT (and SRAT and SLIT when `numa` is given) from
+    `addr` (16-byte aligned, tables must end below layout.ACPI_END) and return the RSDP's
+    address (= addr).
 
-    `pm_port`: the PM1a event block (4 ports; PM1a control at pm_port + 4); `reset_port` and
-    `reset_value`: the FADT reset register. `i8042=False` (the default) clears the FADT's
-    8042 flag so Linux does not probe a PS/2 controller (no i8042 driver delays); the i8042
-    device still serves the reset line (0xFE on port 0x64)."""
-    if not 1 <= nvcpus <= 254:
-        raise ValueError(f"ACPI tables for 1..254 vCPUs, not {nvcpus}")
+    `apic_ids`: the vCPUs' APIC IDs in vCPU order (vCPU 0 boots). `pm_port`: the PM1a event
+    block (4 ports; PM1a control at pm_port + 4); `reset_port` and `reset_value`: the FADT
+    reset register. `i8042=False` (the default) clears the FADT's 8042 flag so Linux does not
+    probe a PS/2 controller (no i8042 driver delays); the i8042 device still serves the reset
+    line (0xFE on port 0x64)."""
+    if not apic_ids or len(set(apic_ids)) != len(apic_ids) or min(apic_ids) < 0:
+        raise ValueError("ACPI tables need at least one vCPU and distinct APIC IDs")
     if addr % ALIGN:
         raise ValueError(f"ACPI tables address {addr:#x} is not {ALIGN}-byte aligned")
     for name, port in (
@@ -390,17 +487,23 @@ def write_acpi_tables(
         if not 0 <= port <= 0xFFFF:
             raise ValueError(f"{name} {port:#x} is not an I/O port")
 
+    extra = [] if numa is None else [build_srat(apic_ids, numa), build_slit(numa.distances)]
     rsdp_addr = addr
     xsdt_addr = _align(rsdp_addr + RSDP.size)
-    # The XSDT lists two tables (FADT, MADT): its size is known before their addresses.
-    xsdt_size = HEADER.size + 2 * 8
+    # The XSDT lists FADT, MADT and the extra tables: its size is known before their addresses.
+    xsdt_size = HEADER.size + (2 + len(extra)) * 8
     fadt_addr = _align(xsdt_addr + xsdt_size)
     facs_addr = (fadt_addr + FADT_LENGTH + 63) & ~63  # the FACS must be 64-byte aligned
     dsdt_addr = _align(facs_addr + FACS_LENGTH)
     dsdt = sdt(b"DSDT", DSDT_REVISION, dsdt_aml(s5_sleep_type, virtio_mmio, pci_window))
     madt_addr = _align(dsdt_addr + len(dsdt))
-    madt = build_madt(nvcpus)
+    madt = build_madt(apic_ids)
+    placed: list[tuple[int, bytes]] = []
     end = madt_addr + len(madt)
+    for table in extra:
+        at = _align(end)
+        placed.append((at, table))
+        end = at + len(table)
     if end > layout.ACPI_END:
         raise ValueError(f"ACPI tables end at {end:#x}, past {layout.ACPI_END:#x}")
 
@@ -408,7 +511,8 @@ def write_acpi_tables(
         dsdt_addr, pm_port=pm_port, reset_port=reset_port, reset_value=reset_value,
         i8042=i8042, facs_addr=facs_addr,
     )  # fmt: skip
-    xsdt = sdt(b"XSDT", 1, struct.pack("<QQ", fadt_addr, madt_addr))
+    pointers = [fadt_addr, madt_addr, *(at for at, _ in placed)]
+    xsdt = sdt(b"XSDT", 1, struct.pack(f"<{len(pointers)}Q", *pointers))
     assert len(xsdt) == xsdt_size and len(fadt) == FADT_LENGTH
 
     mem.fill(addr, end - addr)
@@ -419,6 +523,7 @@ def write_acpi_tables(
         (facs_addr, build_facs()),
         (dsdt_addr, dsdt),
         (madt_addr, madt),
+        *placed,
     ):
         mem.write(at, table)
     return rsdp_addr

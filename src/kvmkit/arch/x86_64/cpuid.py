@@ -1,32 +1,53 @@
 """The CPUID a vCPU shows its guest, made from `KVM_GET_SUPPORTED_CPUID`.
 
 KVM reports what it *can* virtualize; a VMM must still fill in what depends on the machine it
-builds: the APIC ID of each vCPU, the topology (here: one package, one thread per core, one
-core per vCPU), the hypervisor bit and signature, and it must drop features it does not
+builds: each vCPU's APIC ID and the topology (sockets, dies, cores, threads; see
+topology.py), the hypervisor bit and signature, and it must drop features it does not
 emulate. The choices follow Firecracker's "CPUID normalization" and Cloud Hypervisor's
-`arch::x86_64::configure_vcpu`:
+`arch::x86_64::configure_vcpu`.
 
-- leaf 0x1 (SDM vol. 2A "CPUID", table 3-8 and 3-10/3-11): EBX[31:24] initial APIC ID =
-  vcpu_id, EBX[23:16] addressable logical processor IDs in the package, EDX[28] HTT when there
-  is more than one, ECX[31] "hypervisor present" (reserved for this use by the SDM, used by
-  every hypervisor), ECX[3] MONITOR/MWAIT cleared (KVM does not let guests use MWAIT by default,
-  so Linux must not pick mwait idle), ECX[24] TSC-deadline kept when KVM reports it;
-- leaf 0x4 (SDM "Deterministic Cache Parameters", Intel): EAX[31:26] addressable core IDs - 1,
-  EAX[25:14] logical processors sharing the cache - 1 (L1/L2 per core, L3 per package);
-- leaf 0x6: EAX[1] Turbo Boost and ECX[3] energy-performance bias cleared (no such MSRs);
-- leaves 0xB and 0x1F (SDM "Extended Topology Enumeration", vol. 3A 10.12 x2APIC ID):
-  level 0 SMT with 1 logical processor, level 1 Core with nvcpus, then the invalid level;
-  EDX of every subleaf = x2APIC ID = vcpu_id;
-- AMD (APM vol. 3 appendix E.4): 0x80000001 ECX[1] CmpLegacy when nvcpus > 1,
-  0x80000008 ECX[7:0] NC = nvcpus - 1 and ECX[15:12] ApicIdSize, 0x8000001D EAX[25:14]
-  NumSharingCache - 1, 0x8000001E extended APIC ID / core ID / node ID;
-- 0x40000000 (Linux Documentation/virt/kvm/x86/cpuid.rst): EAX = highest hypervisor leaf,
-  EBX/ECX/EDX = "KVMKVMKVM\\0\\0\\0"; 0x40000001 (KVM paravirtual features such as kvmclock)
-  as KVM supports them.
+`guest_cpuid` runs the supported entries through a list of passes, one per group of leaves;
+each pass is a function `(entries, ctx) -> entries` and leaves the others' leaves alone, so a
+new group (nested virtualization bits, Hyper-V leaves) is one more pass in `PASSES`:
+
+- `features_pass`, leaves 0x1 ECX and 0x6 (SDM vol. 2A "CPUID", tables 3-10 and 3-11, and
+  the Thermal and Power Management leaf): ECX[31] "hypervisor present" (reserved for this use
+  by the SDM, used by every hypervisor), ECX[3] MONITOR/MWAIT cleared (KVM does not let guests
+  use MWAIT by default, so Linux must not pick mwait idle), ECX[24] TSC-deadline kept when
+  KVM reports it (or forced); 0x6 EAX[1] Turbo Boost and ECX[3] energy-performance bias
+  cleared (no such MSRs);
+- `topology_pass`, everything that names APIC IDs or counts processors:
+  leaf 0x1 (SDM table 3-8): EBX[31:24] initial APIC ID (its low 8 bits: the SDM's "modulo"
+  rule for IDs above 255), EBX[23:16] addressable IDs in the package, EDX[28] HTT when the
+  package holds more than one logical processor;
+  leaf 0x4 (Intel "Deterministic Cache Parameters"): EAX[31:26] addressable core IDs in the
+  package - 1, EAX[25:14] addressable IDs sharing the cache - 1 (L1/L2 per core, L3 per die);
+  leaves 0xB and 0x1F (SDM "Extended Topology Enumeration" / "V2 Extended Topology
+  Enumeration", vol. 3A 10.12.8): one subleaf per level - SMT, Core, and on 0x1F Die when
+  there is more than one die - with EAX[4:0] the shift to the next level's ID, EBX[15:0] the
+  logical processors at this level, ECX[7:0] the subleaf, ECX[15:8] the level type (1 SMT,
+  2 Core, 5 Die), then an invalid level; EDX of every subleaf is the x2APIC ID. 0x1F is
+  added on Intel when there are dies and KVM did not list it (only it can describe dies);
+  AMD (APM vol. 3 appendix E.4): 0x80000001 ECX[1] CmpLegacy when the package has more than
+  one logical processor, ECX[22] TopologyExtensions set when the leaves it announces
+  (0x8000001D, 0x8000001E) are there, as Firecracker does: without it Linux reads neither and
+  sees no SMT siblings (a TCG-emulated EPYC, like the lane's, does not report it);
+  0x80000008 ECX[15:12] ApicIdSize (low APIC ID bits that number the logical processors in a
+  package) and ECX[7:0] NC (logical processors per package - 1);
+  0x8000001D EAX[25:14] NumSharingCache - 1; 0x8000001E EAX extended APIC ID, EBX[15:8]
+  threads per core - 1, EBX[7:0] core ID in the package, ECX[10:8] nodes (dies) per package
+  - 1, ECX[7:0] node ID;
+- `hypervisor_pass`, 0x40000000 (Linux Documentation/virt/kvm/x86/cpuid.rst): EAX = highest
+  hypervisor leaf, EBX/ECX/EDX = "KVMKVMKVM\\0\\0\\0"; 0x40000001 (KVM paravirtual features
+  such as kvmclock) as KVM supports them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvmkit.arch.x86_64.topology import CpuLocation, Topology
 from kvmkit.kvm.cpuid import CpuidEntry
 
 KVM_CPUID_FLAG_SIGNIFICANT_INDEX = 1 << 0
@@ -43,10 +64,11 @@ LEAF6_ECX_EPB = 1 << 3
 EXT1_ECX_CMP_LEGACY = 1 << 1
 EXT1_ECX_TOPOEXT = 1 << 22
 
-# Extended topology level types (SDM vol. 2A, CPUID leaf 0BH, ECX[15:8])
+# Extended topology level types (SDM vol. 2A, CPUID leaf 1FH, ECX[15:8])
 LEVEL_INVALID = 0
 LEVEL_SMT = 1
 LEVEL_CORE = 2
+LEVEL_DIE = 5
 
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
 KVM_CPUID_SIGNATURE = 0x40000000
@@ -55,8 +77,6 @@ KVM_CPUID_FEATURES = 0x40000001
 VENDOR_INTEL = b"GenuineIntel"
 VENDOR_AMD = b"AuthenticAMD"
 VENDOR_HYGON = b"HygonGenuine"
-
-MAX_VCPUS = 254  # 8-bit APIC IDs, 255 is broadcast; the IOAPIC takes id nvcpus (MP table)
 
 
 def _u32(data: bytes, i: int) -> int:
@@ -71,132 +91,216 @@ def vendor(entries: list[CpuidEntry]) -> bytes:
     return b""
 
 
-def _bits_for(count: int) -> int:
-    """Number of bits needed to give `count` distinct IDs (ceil(log2(count)))."""
-    return max(count - 1, 0).bit_length()
+@dataclass(frozen=True)
+class CpuidContext:
+    """What a pass knows about the vCPU whose CPUID it builds."""
+
+    topology: Topology
+    cpu: CpuLocation
+    vendor: bytes
+    tsc_deadline: bool | None = None
+    topology_leaves: bool = False  # AMD's 0x8000001D and 0x8000001E are both supported
+
+    @property
+    def intel(self) -> bool:
+        return self.vendor == VENDOR_INTEL
+
+    @property
+    def amd(self) -> bool:
+        return self.vendor in (VENDOR_AMD, VENDOR_HYGON)
 
 
-def _topology_subleaves(function: int, vcpu_id: int, nvcpus: int) -> list[CpuidEntry]:
-    """Subleaves 0 (SMT), 1 (Core) and 2 (invalid) of leaf 0xB or 0x1F (SDM vol. 2A, leaf
-    0BH: EAX[4:0] shift to the next level's ID, EBX[15:0] logical processors at this level,
-    ECX[7:0] level number, ECX[15:8] level type, EDX x2APIC ID)."""
-    flags = KVM_CPUID_FLAG_SIGNIFICANT_INDEX
-    core_shift = _bits_for(nvcpus)
-    return [
-        CpuidEntry(function, 0, flags, 0, 1, (LEVEL_SMT << 8) | 0, vcpu_id),
-        CpuidEntry(function, 1, flags, core_shift, nvcpus, (LEVEL_CORE << 8) | 1, vcpu_id),
-        CpuidEntry(function, 2, flags, 0, 0, (LEVEL_INVALID << 8) | 2, vcpu_id),
-    ]
+Pass = Callable[[list[CpuidEntry], CpuidContext], list[CpuidEntry]]
+LeafFix = Callable[[CpuidEntry, CpuidContext], list[CpuidEntry]]
 
 
-def _cache_sharing(eax: int, level_threads: int, package_ids: int) -> int:
-    """Set EAX[25:14] (logical processors sharing this cache - 1) of leaf 4 / 0x8000001D from
-    the cache level in EAX[7:5]: L1 and L2 belong to one core (one thread), L3 to the package."""
+def _per_leaf(entries: list[CpuidEntry], ctx: CpuidContext,
+              fixes: dict[int, LeafFix]) -> list[CpuidEntry]:  # fmt: skip
+    """Replace each entry whose leaf has a fix by what the fix returns (none, one or more)."""
+    out: list[CpuidEntry] = []
+    for e in entries:
+        fix = fixes.get(e.function)
+        out.extend(fix(e, ctx) if fix is not None else [e])
+    return out
+
+
+# -- features
+def _leaf1_features(e: CpuidEntry, ctx: CpuidContext) -> list[CpuidEntry]:
+    ecx = (e.ecx | LEAF1_ECX_HYPERVISOR) & ~LEAF1_ECX_MONITOR
+    if ctx.tsc_deadline is True:
+        ecx |= LEAF1_ECX_TSC_DEADLINE
+    elif ctx.tsc_deadline is False:
+        ecx &= ~LEAF1_ECX_TSC_DEADLINE
+    return [e.with_regs(ecx=ecx)]
+
+
+def _leaf6(e: CpuidEntry, ctx: CpuidContext) -> list[CpuidEntry]:
+    return [e.with_regs(eax=e.eax & ~LEAF6_EAX_TURBO, ecx=e.ecx & ~LEAF6_ECX_EPB)]
+
+
+def features_pass(entries: list[CpuidEntry], ctx: CpuidContext) -> list[CpuidEntry]:
+    return _per_leaf(entries, ctx, {0x1: _leaf1_features, 0x6: _leaf6})
+
+
+# -- topology
+def _cache_sharing(eax: int, topo: Topology) -> int:
+    """Set EAX[25:14] (addressable IDs sharing this cache - 1) of leaf 4 / 0x8000001D from
+    the cache level in EAX[7:5]: L1 and L2 belong to one core (its threads), L3 to a die."""
     level = (eax >> 5) & 0x7
-    sharing = level_threads if level <= 2 else package_ids
-    return (eax & ~(0xFFF << 14)) | (((sharing - 1) & 0xFFF) << 14)
+    sharing = 1 << (topo.smt_bits if level <= 2 else topo.die_shift)
+    return (eax & ~(0xFFF << 14)) | ((min(sharing, 0x1000) - 1) << 14)
+
+
+def _leaf1_topology(e: CpuidEntry, ctx: CpuidContext) -> list[CpuidEntry]:
+    # SDM table 3-8: EBX[31:24] initial APIC ID, EBX[23:16] max addressable IDs for logical
+    # processors in this package (valid when HTT), EBX[15:8] CLFLUSH size.
+    topo = ctx.topology
+    package_ids = min(1 << topo.pkg_shift, 255)
+    ebx = (e.ebx & 0xFFFF) | (package_ids << 16) | ((ctx.cpu.apic_id & 0xFF) << 24)
+    edx = e.edx | LEAF1_EDX_HTT if topo.per_package > 1 else e.edx & ~LEAF1_EDX_HTT
+    return [e.with_regs(ebx=ebx, edx=edx)]
+
+
+def _leaf4(e: CpuidEntry, ctx: CpuidContext) -> list[CpuidEntry]:
+    if not ctx.intel or not e.eax & 0x1F:  # EAX[4:0] cache type, 0 = no more caches
+        return [e]
+    topo = ctx.topology
+    eax = _cache_sharing(e.eax, topo)
+    # EAX[31:26]: maximum number of addressable IDs for processor cores in the package - 1.
+    cores = min(1 << (topo.core_bits + topo.die_bits), 64)
+    return [e.with_regs(eax=(eax & 0x03FF_FFFF) | ((cores - 1) << 26))]
+
+
+def extended_topology(function: int, ctx: CpuidContext) -> list[CpuidEntry]:
+    """Every subleaf of leaf 0xB or 0x1F for this vCPU (SDM vol. 2A, leaves 0BH and 1FH)."""
+    topo = ctx.topology
+    levels = [(LEVEL_SMT, topo.smt_bits, topo.threads)]
+    if function == 0x1F and topo.dies > 1:
+        levels.append((LEVEL_CORE, topo.die_shift, topo.threads * topo.cores))
+        levels.append((LEVEL_DIE, topo.pkg_shift, topo.per_package))
+    else:  # leaf 0xB has no die level: its last level's shift reaches the package ID
+        levels.append((LEVEL_CORE, topo.pkg_shift, topo.per_package))
+    flags = KVM_CPUID_FLAG_SIGNIFICANT_INDEX
+    x2apic_id = ctx.cpu.apic_id
+    out = [
+        CpuidEntry(function, i, flags, shift, count & 0xFFFF, (kind << 8) | i, x2apic_id)
+        for i, (kind, shift, count) in enumerate(levels)
+    ]
+    n = len(levels)
+    out.append(CpuidEntry(function, n, flags, 0, 0, (LEVEL_INVALID << 8) | n, x2apic_id))
+    return out
+
+
+def _extended_topology_once() -> LeafFix:
+    done: set[int] = set()
+
+    def fix(e: CpuidEntry, ctx: CpuidContext) -> list[CpuidEntry]:
+        if e.function in done:
+            return []  # the first subleaf brought them all
+        done.add(e.function)
+        return extended_topology(e.function, ctx)
+
+    return fix
+
+
+def _ext1(e: CpuidEntry, ctx: CpuidContext) -> list[CpuidEntry]:
+    if not ctx.amd:
+        return [e]
+    multi = ctx.topology.per_package > 1
+    ecx = e.ecx | EXT1_ECX_CMP_LEGACY if multi else e.ecx & ~EXT1_ECX_CMP_LEGACY
+    if ctx.topology_leaves:
+        ecx |= EXT1_ECX_TOPOEXT
+    return [e.with_regs(ecx=ecx)]
+
+
+def _ext8(e: CpuidEntry, ctx: CpuidContext) -> list[CpuidEntry]:
+    if not ctx.amd:
+        return [e]
+    # APM E.4.7: ECX[15:12] ApicIdSize, ECX[7:0] NC = logical processors per package - 1.
+    topo = ctx.topology
+    nc = min(topo.per_package, 256) - 1
+    return [e.with_regs(ecx=(e.ecx & ~0xF0FF) | ((topo.pkg_shift & 0xF) << 12) | nc)]
+
+
+def _ext1d(e: CpuidEntry, ctx: CpuidContext) -> list[CpuidEntry]:
+    if not ctx.amd or not e.eax & 0x1F:
+        return [e]
+    return [e.with_regs(eax=_cache_sharing(e.eax, ctx.topology))]
+
+
+def _ext1e(e: CpuidEntry, ctx: CpuidContext) -> list[CpuidEntry]:
+    if not ctx.amd:
+        return [e]
+    # APM E.4.16 / PPR: EAX extended APIC ID; EBX[15:8] threads per core - 1, EBX[7:0] core
+    # ID (unique in the package); ECX[10:8] nodes per processor - 1, ECX[7:0] node ID. kvmkit
+    # calls each die a node, numbered across the machine.
+    topo, cpu = ctx.topology, ctx.cpu
+    core_id = (cpu.die * topo.cores + cpu.core) & 0xFF
+    node_id = (cpu.socket * topo.dies + cpu.die) & 0xFF
+    ebx = ((topo.threads - 1) & 0xFF) << 8 | core_id
+    ecx = (min(topo.dies, 8) - 1) << 8 | node_id
+    return [e.with_regs(eax=cpu.apic_id, ebx=ebx, ecx=ecx, edx=0)]
+
+
+def topology_pass(entries: list[CpuidEntry], ctx: CpuidContext) -> list[CpuidEntry]:
+    once = _extended_topology_once()
+    out = _per_leaf(entries, ctx, {
+        0x1: _leaf1_topology, 0x4: _leaf4, 0xB: once, 0x1F: once,
+        0x80000001: _ext1, 0x80000008: _ext8, 0x8000001D: _ext1d, 0x8000001E: _ext1e,
+    })  # fmt: skip
+    if ctx.intel and ctx.topology.dies > 1 and not any(e.function == 0x1F for e in out):
+        # Only leaf 0x1F can describe dies: add it and raise the highest basic leaf to it.
+        out = [e.with_regs(eax=max(e.eax, 0x1F)) if e.function == 0 else e for e in out]
+        out.extend(extended_topology(0x1F, ctx))
+    return out
+
+
+# -- hypervisor leaves
+def hypervisor_pass(entries: list[CpuidEntry], ctx: CpuidContext) -> list[CpuidEntry]:
+    out: list[CpuidEntry] = []
+    have_signature = False
+    for e in entries:
+        if e.function == KVM_CPUID_SIGNATURE:
+            have_signature = True
+            max_leaf = max(e.eax, KVM_CPUID_SIGNATURE)
+            e = e.with_regs(eax=max_leaf, ebx=_u32(KVM_SIGNATURE, 0),
+                            ecx=_u32(KVM_SIGNATURE, 1), edx=_u32(KVM_SIGNATURE, 2))  # fmt: skip
+        out.append(e)
+    if not have_signature:
+        features = any(x.function == KVM_CPUID_FEATURES for x in out)
+        out.append(
+            CpuidEntry(
+                KVM_CPUID_SIGNATURE, 0, 0,
+                KVM_CPUID_FEATURES if features else KVM_CPUID_SIGNATURE,
+                _u32(KVM_SIGNATURE, 0), _u32(KVM_SIGNATURE, 1), _u32(KVM_SIGNATURE, 2),
+            )
+        )  # fmt: skip
+    return out
+
+
+PASSES: tuple[Pass, ...] = (features_pass, topology_pass, hypervisor_pass)
 
 
 def guest_cpuid(
     supported: list[CpuidEntry],
-    vcpu_id: int,
-    nvcpus: int,
+    topology: Topology,
+    index: int,
     *,
     tsc_deadline: bool | None = None,
+    passes: tuple[Pass, ...] = PASSES,
 ) -> list[CpuidEntry]:
-    """The CPUID entries to give vCPU `vcpu_id` of a VM with `nvcpus` vCPUs (one package, one
-    thread per core), for `KVM_SET_CPUID2`.
+    """The CPUID entries of vCPU `index` (0-based, Linux's CPU number) of a machine with
+    `topology`, for `KVM_SET_CPUID2` on the vCPU whose id is its APIC ID.
 
     `tsc_deadline`: None keeps leaf 1 ECX[24] as `supported` says; True/False force it (a VMM
     that checked KVM_CAP_TSC_DEADLINE_TIMER may set it: older kernels do not report it).
     """
-    if not 1 <= nvcpus <= MAX_VCPUS:
-        raise ValueError(f"nvcpus must be 1..{MAX_VCPUS}, not {nvcpus}")
-    if not 0 <= vcpu_id < nvcpus:
-        raise ValueError(f"vcpu_id {vcpu_id} out of range for {nvcpus} vCPUs")
-
-    vend = vendor(supported)
-    intel = vend == VENDOR_INTEL
-    amd = vend in (VENDOR_AMD, VENDOR_HYGON)
-    id_bits = _bits_for(nvcpus)
-    package_ids = 1 << id_bits  # addressable APIC IDs in the package (a power of two)
-
-    out: list[CpuidEntry] = []
-    topology_done: set[int] = set()
-    have_signature = False
-    max_hv_leaf = KVM_CPUID_SIGNATURE
-
-    for e in supported:
-        fn = e.function
-        if fn == 0x1:
-            # SDM table 3-8: EBX[31:24] initial APIC ID, EBX[23:16] max addressable IDs for
-            # logical processors in this package (valid when HTT), EBX[15:8] CLFLUSH size.
-            ebx = (e.ebx & 0xFFFF) | (min(package_ids, 255) << 16) | ((vcpu_id & 0xFF) << 24)
-            ecx = (e.ecx | LEAF1_ECX_HYPERVISOR) & ~LEAF1_ECX_MONITOR
-            if tsc_deadline is True:
-                ecx |= LEAF1_ECX_TSC_DEADLINE
-            elif tsc_deadline is False:
-                ecx &= ~LEAF1_ECX_TSC_DEADLINE
-            edx = e.edx | LEAF1_EDX_HTT if nvcpus > 1 else e.edx & ~LEAF1_EDX_HTT
-            out.append(e.with_regs(ebx=ebx, ecx=ecx, edx=edx))
-        elif fn == 0x4:
-            if intel and e.eax & 0x1F:  # EAX[4:0] cache type, 0 = no more caches
-                eax = _cache_sharing(e.eax, 1, package_ids)
-                # EAX[31:26]: maximum number of addressable IDs for processor cores - 1.
-                eax = (eax & 0x03FF_FFFF) | (((min(package_ids, 64) - 1) & 0x3F) << 26)
-                out.append(e.with_regs(eax=eax))
-            else:
-                out.append(e)
-        elif fn == 0x6:
-            out.append(e.with_regs(eax=e.eax & ~LEAF6_EAX_TURBO, ecx=e.ecx & ~LEAF6_ECX_EPB))
-        elif fn in (0xB, 0x1F):
-            if fn not in topology_done:
-                topology_done.add(fn)
-                out.extend(_topology_subleaves(fn, vcpu_id, nvcpus))
-        elif fn == 0x80000001 and amd:
-            ecx = e.ecx | EXT1_ECX_CMP_LEGACY if nvcpus > 1 else e.ecx & ~EXT1_ECX_CMP_LEGACY
-            out.append(e.with_regs(ecx=ecx))
-        elif fn == 0x80000008 and amd:
-            # APM E.4.7: ECX[15:12] ApicIdSize (bits of the APIC ID that name the core),
-            # ECX[7:0] NC = number of physical cores - 1.
-            ecx = (e.ecx & ~0xF0FF) | ((id_bits & 0xF) << 12) | ((nvcpus - 1) & 0xFF)
-            out.append(e.with_regs(ecx=ecx))
-        elif fn == 0x8000001D and amd:
-            if e.eax & 0x1F:
-                out.append(e.with_regs(eax=_cache_sharing(e.eax, 1, package_ids)))
-            else:
-                out.append(e)
-        elif fn == 0x8000001E and amd:
-            # APM E.4.16: EAX extended APIC ID; EBX[15:8] threads per compute unit - 1,
-            # EBX[7:0] compute unit (core) ID; ECX[10:8] nodes per processor - 1, ECX[7:0]
-            # node ID.
-            out.append(e.with_regs(eax=vcpu_id, ebx=vcpu_id & 0xFF, ecx=0, edx=0))
-        elif fn == KVM_CPUID_SIGNATURE:
-            have_signature = True
-            max_hv_leaf = max(e.eax, KVM_CPUID_SIGNATURE)
-            out.append(
-                e.with_regs(
-                    eax=max_hv_leaf,
-                    ebx=_u32(KVM_SIGNATURE, 0),
-                    ecx=_u32(KVM_SIGNATURE, 1),
-                    edx=_u32(KVM_SIGNATURE, 2),
-                )
-            )
-        else:
-            out.append(e)
-
-    if not have_signature:
-        out.append(
-            CpuidEntry(
-                KVM_CPUID_SIGNATURE,
-                0,
-                0,
-                KVM_CPUID_FEATURES
-                if any(x.function == KVM_CPUID_FEATURES for x in out)
-                else KVM_CPUID_SIGNATURE,
-                _u32(KVM_SIGNATURE, 0),
-                _u32(KVM_SIGNATURE, 1),
-                _u32(KVM_SIGNATURE, 2),
-            )
-        )
-    return out
+    leaves = {e.function for e in supported}
+    ctx = CpuidContext(
+        topology, topology.location(index), vendor(supported), tsc_deadline,
+        topology_leaves={0x8000001D, 0x8000001E} <= leaves,
+    )  # fmt: skip
+    entries = list(supported)
+    for step in passes:
+        entries = step(entries, ctx)
+    return entries

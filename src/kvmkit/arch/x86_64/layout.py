@@ -78,3 +78,19 @@ def ram_ranges(mem_size: int) -> list[tuple[int, int]]:
     if mem_size > low:
         ranges.append((MMIO_GAP_END, mem_size - low))
     return ranges
+
+
+def ram_pieces(offset: int, size: int, mem_size: int) -> list[tuple[int, int]]:
+    """The guest-physical (start, size) pieces of RAM bytes [offset, offset + size), counting
+    RAM from its lowest address upwards (the ranges of `ram_ranges(mem_size)` one after the
+    other): how a guest NUMA node's share of memory lands around the MMIO gap."""
+    if offset < 0 or size <= 0 or offset + size > mem_size:
+        raise ValueError(f"RAM bytes {offset:#x}+{size:#x} outside {mem_size:#x} bytes of RAM")
+    pieces = []
+    seen = 0
+    for start, length in ram_ranges(mem_size):
+        lo, hi = max(offset, seen), min(offset + size, seen + length)
+        if lo < hi:
+            pieces.append((start + lo - seen, hi - lo))
+        seen += length
+    return pieces

@@ -8,12 +8,18 @@ table right behind it:
 
     floating pointer (16 bytes, MP spec 4.1)
     configuration table header (44 bytes, 4.2)
-    processor entries, one per vCPU, APIC IDs 0..n-1, vCPU 0 the BSP (4.3.1)
+    processor entries, one per vCPU with its APIC ID, vCPU 0 the BSP (4.3.1)
     bus entry: bus 0 "ISA" (4.3.2)
-    I/O APIC entry: id nvcpus, version 0x11, at layout.IOAPIC_ADDR (4.3.3)
+    I/O APIC entry: id one past the highest APIC ID, version 0x11, at layout.IOAPIC_ADDR
+        (4.3.3)
     I/O interrupt entries: ISA IRQ 0 -> INTIN 2 (KVM routes the PIT to IOAPIC pin 2),
         IRQ 1, 3..15 -> INTIN of the same number (4.3.4)
     local interrupt entries: ExtINT -> LINT0 of every local APIC, NMI -> LINT1 (4.3.5)
+
+The MP table names APICs with 8-bit IDs and must fit the reserved last KiB below 640 KiB
+(40 vCPUs): `describes` says whether it can describe a machine. Where it cannot (more vCPUs,
+or APIC IDs an xAPIC cannot hold), kvmkit writes none and the guest uses ACPI's MADT, as
+Linux does whenever ACPI is there.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import struct
 
 from kvmkit.arch.x86_64 import layout
+from kvmkit.arch.x86_64.topology import MAX_XAPIC_ID
 from kvmkit.memory.guest import GuestMemory
 
 MP_SPEC_REV = 4  # version 1.4
@@ -83,17 +90,35 @@ def mptable_size(nvcpus: int) -> int:
     )
 
 
-def build_mptable(nvcpus: int, addr: int = layout.MPTABLE_ADDR) -> bytes:
-    """The floating pointer and configuration table as they must appear at `addr`."""
-    if not 1 <= nvcpus <= 254:
-        raise ValueError(f"the MP table describes 1..254 vCPUs, not {nvcpus}")
-    ioapic_id = nvcpus
+def describes(apic_ids: list[int], addr: int = layout.MPTABLE_ADDR) -> str | None:
+    """None when an MP table at `addr` can describe vCPUs with `apic_ids`; else why not."""
+    if not apic_ids:
+        return "no vCPUs"
+    if max(apic_ids) + 1 > MAX_XAPIC_ID:  # the IOAPIC takes the ID after the highest
+        return f"APIC ID {max(apic_ids)} needs x2APIC (the MP table has 8-bit APIC IDs)"
+    end = addr + mptable_size(len(apic_ids))
+    if end > layout.LOW_RAM_END:
+        return (
+            f"{len(apic_ids)} vCPUs take {mptable_size(len(apic_ids))} bytes, more than fit "
+            f"at {addr:#x} below {layout.LOW_RAM_END:#x}"
+        )
+    return None
+
+
+def build_mptable(apic_ids: list[int], addr: int = layout.MPTABLE_ADDR) -> bytes:
+    """The floating pointer and configuration table as they must appear at `addr`, for vCPUs
+    with `apic_ids` (vCPU 0 is the BSP)."""
+    if not apic_ids or len(set(apic_ids)) != len(apic_ids) or min(apic_ids) < 0:
+        raise ValueError("the MP table needs at least one vCPU and distinct APIC IDs")
+    if max(apic_ids) + 1 > MAX_XAPIC_ID:
+        raise ValueError(f"the MP table cannot name APIC ID {max(apic_ids)} (8-bit IDs)")
+    ioapic_id = max(apic_ids) + 1
     entries = bytearray()
     count = 0
-    for cpu in range(nvcpus):
+    for cpu, apic_id in enumerate(apic_ids):
         flags = CPU_ENABLED | (CPU_BOOTSTRAP if cpu == 0 else 0)
         entries += _PROCESSOR.pack(
-            ENTRY_PROCESSOR, cpu, APIC_VERSION, flags, CPU_SIGNATURE, CPU_FEATURES, bytes(8)
+            ENTRY_PROCESSOR, apic_id, APIC_VERSION, flags, CPU_SIGNATURE, CPU_FEATURES, bytes(8)
         )
         count += 1
     entries += _BUS.pack(ENTRY_BUS, ISA_BUS_ID, b"ISA   ")
@@ -133,18 +158,18 @@ def build_mptable(nvcpus: int, addr: int = layout.MPTABLE_ADDR) -> bytes:
     return bytes(floating + table)
 
 
-def write_mptable(mem: GuestMemory, nvcpus: int, addr: int = layout.MPTABLE_ADDR) -> int:
+def write_mptable(mem: GuestMemory, apic_ids: list[int], addr: int = layout.MPTABLE_ADDR) -> int:
     """Write the MP tables at `addr` (16-byte aligned, below 640 KiB) and return the address
     just past them. At the default address (the last KiB of base memory) that is room for
-    40 vCPUs; larger machines must pass a lower `addr` (e.g. 0x9F000) or rely on ACPI."""
+    40 vCPUs (`describes` says whether a machine fits)."""
     if addr % 16:
         raise ValueError(f"MP floating pointer address {addr:#x} is not 16-byte aligned")
-    data = build_mptable(nvcpus, addr)
+    data = build_mptable(apic_ids, addr)
     end = addr + len(data)
     if end > layout.LOW_RAM_END:
         raise ValueError(
-            f"MP table for {nvcpus} vCPUs ({len(data)} bytes at {addr:#x}) does not fit "
-            f"below {layout.LOW_RAM_END:#x}"
+            f"MP table for {len(apic_ids)} vCPUs ({len(data)} bytes at {addr:#x}) does not "
+            f"fit below {layout.LOW_RAM_END:#x}"
         )
     mem.write(addr, data)
     return end
