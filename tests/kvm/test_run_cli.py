@@ -117,3 +117,14 @@ def test_too_few_free_huge_pages_refused_before_anything_starts() -> None:
     proc = kvmkit_run("--huge-pages", "2M", "--mem-mib", str(mem), "--", "true")
     one_line_error(proc, f"the guest needs {mem // 2} huge pages of 2 MiB, ")
     assert "are free to this process" in proc.stderr and "nr_hugepages" in proc.stderr
+
+
+def test_bad_root_drive_options(tmp_path: Path) -> None:
+    image, other = tmp_path / "root.ext4", tmp_path / "other.img"
+    image.write_bytes(bytes(1 << 20))
+    other.write_bytes(bytes(1 << 20))
+    one_line_error(kvmkit_run("--rootfs", f"{image},serial=x", "--", "true"),
+                   "the only option is ro")  # fmt: skip
+    one_line_error(kvmkit_run("--rootfs", str(image), "--drive", f"{other},root", "--", "true"),
+                   "only one drive can be the root device")  # fmt: skip
+    one_line_error(kvmkit_run("--rootfs", str(tmp_path / "nope.ext4"), "--", "true"), "nope.ext4")
