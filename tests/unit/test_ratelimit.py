@@ -173,6 +173,27 @@ def test_api_shape_round_trip_and_errors() -> None:
             RateLimiterConfig.from_api(bad)
 
 
+def test_an_absurdly_slow_bucket_arms_a_far_timer_not_a_wrapped_one() -> None:
+    """One token per 2^64-1 ms and a 1000-byte request: the wait for the 1000 tokens owed is
+    2^64-1 s, past timespec's range; it is capped, not wrapped (to -1 s: EINVAL in the
+    device's worker; other values: a short timer waking the device over and over)."""
+    import ctypes
+
+    from kvmkit.devices.virtio import ratelimit
+
+    lim = RateLimiter(RateLimiterConfig(BucketConfig(1, (1 << 64) - 1)))
+    try:
+        assert lim.consume(1000, Kind.BYTES)  # the full bucket lets it through, in debt
+        assert not lim.consume(1, Kind.BYTES) and lim.blocked
+        spec = ratelimit._itimerspec()
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.timerfd_gettime(lim.fd, ctypes.byref(spec)) == 0
+        assert spec.it_value.tv_sec > 100 * 365 * 86400, spec.it_value.tv_sec
+        assert select.select([lim.fd], [], [], 0.2)[0] == []
+    finally:
+        lim.close()
+
+
 def test_timerfd_is_closed() -> None:
     lim = RateLimiter(RateLimiterConfig(BucketConfig(1, 1000)))
     assert lim.consume(1, Kind.BYTES) and not lim.consume(1, Kind.BYTES)

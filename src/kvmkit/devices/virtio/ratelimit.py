@@ -40,6 +40,10 @@ U64_MAX = (1 << 64) - 1
 CLOCK_MONOTONIC = 1
 TFD_NONBLOCK = os.O_NONBLOCK
 TFD_CLOEXEC = os.O_CLOEXEC
+# The longest wait a timer is armed for (2^62 ns, 146 years): a bucket of one token per
+# 2^64-1 ms makes waits past what timespec's 64-bit tv_sec holds, which ctypes would
+# silently wrap into a short one (a throttled queue woken over and over).
+MAX_DELAY_NS = 1 << 62
 
 
 class Kind(enum.Enum):
@@ -351,9 +355,10 @@ def _timerfd_create() -> int:
 
 
 def _timerfd_settime(fd: int, delay_ns: int) -> None:
-    """A one-shot expiry `delay_ns` from now (relative; 0 would disarm, so at least 1)."""
+    """A one-shot expiry `delay_ns` from now (relative; 0 would disarm, so at least 1; at
+    most MAX_DELAY_NS)."""
     spec = _itimerspec()
-    delay_ns = max(1, delay_ns)
+    delay_ns = min(max(1, delay_ns), MAX_DELAY_NS)
     spec.it_value.tv_sec, spec.it_value.tv_nsec = divmod(delay_ns, 1_000_000_000)
     if _lib().timerfd_settime(fd, 0, ctypes.byref(spec), None) != 0:
         err = ctypes.get_errno()
