@@ -249,17 +249,32 @@ def test_pause_resume(vmm: VmmProcess, kernel: Path) -> None:
 
 def test_snapshot_create_then_load_in_a_new_process(kernel: Path, tmp_path: Path) -> None:
     state, mem = tmp_path / "vm.state", tmp_path / "vm.mem"
+    metrics = [tmp_path / "first.metrics", tmp_path / "second.metrics"]
+    for path in metrics:
+        path.touch()
+
+    def latencies(vmm: VmmProcess, path: Path) -> dict[str, int]:
+        vmm.ok("PUT", "/actions", {"action_type": "FlushMetrics"})
+        line: dict[str, int] = json.loads(path.read_text().splitlines()[-1])["latencies_us"]
+        return line
+
     first = VmmProcess(tmp_path, name="first")
     try:
+        first.ok("PUT", "/metrics", {"metrics_path": str(metrics[0])})
         boot(first, kernel)
         first.ok("PATCH", "/vm", {"state": "Paused"})
         first.ok("PUT", "/snapshot/create", {"snapshot_path": str(state),
                                               "mem_file_path": str(mem)})  # fmt: skip
         assert state.stat().st_size > 0 and mem.stat().st_size == 64 << 20
+        # Firecracker's latencies_us, in µs, the last of each
+        took = latencies(first, metrics[0])
+        assert took["pause_vm"] > 0 and took["full_create_snapshot"] > 0, took
+        assert took["load_snapshot"] == took["resume_vm"] == 0, took
     finally:
         first.close()
     second = VmmProcess(tmp_path, name="second")
     try:
+        second.ok("PUT", "/metrics", {"metrics_path": str(metrics[1])})
         second.ok("PUT", "/snapshot/load", {"snapshot_path": str(state),
                                              "mem_file_path": str(mem)})  # fmt: skip
         assert second.ok("GET", "/")["state"] == "Paused"
@@ -267,6 +282,8 @@ def test_snapshot_create_then_load_in_a_new_process(kernel: Path, tmp_path: Path
         assert not grows(second, 1.5)
         second.ok("PATCH", "/vm", {"state": "Resumed"})
         assert grows(second), second.stderr()
+        took = latencies(second, metrics[1])
+        assert took["load_snapshot"] > 0 and took["resume_vm"] > 0, took
         assert "not supported after starting" in second.fault(
             "PUT", "/snapshot/load", {"snapshot_path": str(state), "mem_file_path": str(mem)}
         )

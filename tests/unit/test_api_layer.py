@@ -123,3 +123,37 @@ def test_smt_and_huge_pages_become_the_machine_topology_and_backing() -> None:
                 vmm.patch_machine_config({"huge_pages": "2M"})
     finally:
         vmm.close()
+
+
+def test_config_file_devices_reach_the_machine_config(tmp_path: Path) -> None:
+    """The config file's `entropy`, a drive's cache type, rate limiter and partuuid and an
+    interface's MTU and limiters become the devices InstanceStart builds."""
+    from kvmkit.devices.virtio.ratelimit import BucketConfig, RateLimiterConfig
+
+    disk = tmp_path / "root.img"
+    disk.write_bytes(bytes(1 << 20))
+    limit = {"bandwidth": {"size": 4096, "refill_time": 100},
+             "ops": {"size": 10, "refill_time": 1000, "one_time_burst": 5}}  # fmt: skip
+    want = RateLimiterConfig(BucketConfig(4096, 100), BucketConfig(10, 1000, 5))
+    vmm = Vmm()
+    try:
+        vmm.apply_config({
+            "boot-source": {"kernel_image_path": str(disk), "boot_args": "console=ttyS0"},
+            "drives": [{"drive_id": "root", "path_on_host": str(disk), "is_root_device": True,
+                        "partuuid": "0badcafe-01", "cache_type": "Writeback",
+                        "rate_limiter": limit}],
+            "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap9", "mtu": 1400,
+                                    "rx_rate_limiter": limit}],
+            "entropy": {"rate_limiter": limit},
+        })  # fmt: skip
+        config = vmm._machine_config()
+        assert config.rng and config.rng_rate_limiter == want
+        (drive,) = config.drives
+        assert (drive.root, drive.partuuid, drive.cache_type) == (True, "0badcafe-01",
+                                                                  "Writeback")  # fmt: skip
+        assert drive.rate_limiter == want
+        (net,) = config.nets
+        assert (net.mtu, net.rx_rate_limiter, net.tx_rate_limiter) == (1400, want, None)
+        assert vmm.vm_config()["entropy"] == {"rate_limiter": limit}
+    finally:
+        vmm.close()
