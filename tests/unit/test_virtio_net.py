@@ -509,6 +509,40 @@ def test_rx_rate_limit_set_after_activation_spaces_frames(
     assert g.dev.rx_limiter.throttled >= 2 and g.dev.rx_limiter.timer_events >= 2
 
 
+def test_a_throttled_tx_queue_holds_up_neither_rx_nor_a_patch(
+    setup: tuple[Guest, socket.socket],
+) -> None:  # fmt: skip
+    """A tx limiter of one frame per minute: the second frame is held on the tx queue's
+    worker, while frames from the wire still reach the guest at once on the rx worker; a
+    PATCH lifting the limit sends the held frame at once, not at the timer."""
+    from kvmkit.devices.virtio.ratelimit import BucketConfig, RateLimiterConfig
+
+    g, sock = setup
+    g.init(VIRTIO_F_VERSION_1 | n.VIRTIO_NET_F_MAC)
+    g.dev.update_rate_limiters(None, RateLimiterConfig(ops=BucketConfig(1, 60_000)))
+    out = [frame(b"\xff" * 6, g.dev.mac, b"%d" % i * 60) for i in range(2)]
+    g.transmit(bytes(12) + out[0])
+    assert recv_ours(sock)[14:16] == b"00"
+    g.q[n.TX].add_chain([bytes(12), out[1]], [])  # not waited for: it is held
+    g.wr(r.QUEUE_NOTIFY, n.TX)
+    wait_for(lambda: g.dev.tx_limiter.throttled >= 1)
+    assert g.dev.tx_frames == 1
+    g.give_rx(4)
+    inbound = [frame(g.dev.mac, b"\x02\x00\x00\x00\x00\x01", bytes([i]) * 80) for i in range(3)]
+    t0 = time.monotonic()
+    for f in inbound:
+        sock.send(f)
+    got: list[bytes] = []
+    wait_for(lambda: got.extend(g.received()) or sum(p[12:] in inbound for p in got) >= 3)
+    assert time.monotonic() - t0 < 5
+    assert g.dev.tx_frames == 1  # still held
+    t0 = time.monotonic()
+    g.dev.update_rate_limiters(None, RateLimiterConfig(ops=BucketConfig(0, 0)))
+    assert recv_ours(sock)[14:16] == b"11"
+    assert time.monotonic() - t0 < 5
+    wait_for(lambda: g.dev.tx_frames == 2)
+
+
 def test_a_tap_gone_at_driver_ok_is_needs_reset_not_the_end_of_the_vm(
     setup: tuple[Guest, socket.socket], netns: str,
 ) -> None:  # fmt: skip
