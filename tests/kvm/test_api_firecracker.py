@@ -225,8 +225,8 @@ def test_enable_pci_puts_the_virtio_devices_on_pci(
 
 
 def test_run_refuses_device_options_beside_the_api(tmp_path: Path) -> None:
-    """`kvmkit run --api-sock` takes its devices from the API: a --rootfs (or --drive, --net,
-    --rng, --vsock) there is refused, not dropped."""
+    """`kvmkit run --api-sock` takes --drive, --net and --vsock as the API's devices; a
+    --rootfs (or --rng) there is refused, not dropped."""
     img = tmp_path / "root.ext4"
     img.write_bytes(bytes(4096))
     proc = subprocess.run(
@@ -234,5 +234,5 @@ def test_run_refuses_device_options_beside_the_api(tmp_path: Path) -> None:
          "--rootfs", str(img)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert proc.returncode == 2 and "configure devices through the API" in proc.stderr
+    assert proc.returncode == 2 and "configure them through the API" in proc.stderr
     assert not (tmp_path / "a.sock").exists()

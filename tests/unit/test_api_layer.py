@@ -100,6 +100,26 @@ def test_router_never_answers_5xx(body: bytes, method: str, path: str) -> None:
         vmm.close()
 
 
+def test_migration_before_start_and_bad_requests_are_refused() -> None:
+    vmm = Vmm()
+    assert vmm.get_migration() == {"state": "none"}
+    with pytest.raises(ApiError, match="not supported before starting"):
+        vmm.put_migration({"destination_url": "unix:/tmp/x.sock"})
+    for body, needle in [
+        # serde's words, as for every body (docs/api.md)
+        ({"destination_url": "ftp://x"}, "expected a string matching"),
+        ({"destination_url": "unix:/x", "max_downtime_ms": 0}, "expected at least 1"),
+        ({"destination_url": "unix:/x", "bandwidth_mib_s": "fast"}, "expected number"),
+        ({"destination_url": "unix:/x", "other": 1}, "unknown field"),
+        ({}, "destination_url"),
+    ]:
+        with pytest.raises(ApiError, match=needle):
+            vmm.put_migration(body)
+    status, value = Router(vmm).handle("PUT", "/migration", b'{"destination_url": 3}')
+    assert status == 400 and "destination_url" in value["fault_message"]
+    assert Router(vmm).handle("GET", "/migration", b"") == (200, {"state": "none"})
+
+
 def test_smt_and_huge_pages_become_the_machine_topology_and_backing() -> None:
     from kvmkit.arch.x86_64.topology import Topology
 

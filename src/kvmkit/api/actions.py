@@ -44,8 +44,11 @@ from kvmkit.api.schema import SchemaError, validate
 from kvmkit.errors import UserError
 
 if TYPE_CHECKING:
+    from kvmkit.migration.send import MigrationProgress
     from kvmkit.vmm.config import MachineConfig
     from kvmkit.vmm.machine import Machine, MachineResult
+
+DEFAULT_MAX_DOWNTIME_MS = 300  # kvmkit.vmm.machine's (QEMU's default downtime limit)
 
 log = logging.getLogger("kvmkit.api")
 
@@ -97,6 +100,7 @@ class Route:
     schema: str | None = None
     id_field: str | None = None
     parse: Callable[[dict[str, Any]], None] | None = None
+    locks: bool = True  # False: the handler takes the request lock and checks the state
 
     @property
     def reads(self) -> bool:
@@ -138,6 +142,11 @@ ROUTES: tuple[Route, ...] = (
           "SnapshotCreateParams"),
     Route("PUT", "/snapshot/load", "_snapshot_load", PRE_BOOT, "snapshot_load",
           "SnapshotLoadParams"),
+    # Live migration (kvmkit's own, docs/migration.md): PUT answers 200 with the outcome
+    # and holds the request lock only while it starts (others are refused meanwhile).
+    Route("GET", "/migration", "get_migration", ANY, "migration"),
+    Route("PUT", "/migration", "put_migration", POST_BOOT, "migration", "MigrationParams",
+          locks=False),
 )  # fmt: skip
 _BY_KEY = {(r.method, r.path): r for r in ROUTES}
 
@@ -207,6 +216,10 @@ class Vmm:
         self._configured = False  # anything boot-specific set (snapshot load then refused)
         self._drive_ids: list[str] = []  # device order of the started VM
         self._iface_ids: list[str] = []
+        # Live migration (kvmkit extension): GET /migration shows this; while one runs,
+        # requests that change the VM are refused.
+        self.migration: dict[str, Any] = {"state": "none"}
+        self._migrating = False
         if threading.current_thread() is threading.main_thread():
             # vCPU kicks (pause, stop) from the API threads need the signal handler, and
             # only the main thread can install it: create the Vmm there.
@@ -256,13 +269,11 @@ class Vmm:
         handler = getattr(self, r.handler)
         if r.reads:
             return handler(*args)
-        if not self._lock.acquire(timeout=BUSY_TIMEOUT):
-            raise ApiError("the VMM is busy with another request; try again")
-        try:
+        if not r.locks:  # it takes the lock itself, for the part that needs it
+            return handler(*args)
+        with self._held():  # refused while a migration runs
             self._allowed(r.states)
             return handler(*args)
-        finally:
-            self._lock.release()
 
     def _allowed(self, states: frozenset[State]) -> None:
         if self.state not in states:
@@ -339,6 +350,9 @@ class Vmm:
     def _held(self) -> _Held:
         if not self._lock.acquire(timeout=BUSY_TIMEOUT):
             raise ApiError("the VMM is busy with another request; try again")
+        if self._migrating:
+            self._lock.release()
+            raise ApiError("a migration of this microVM is in progress")
         return _Held(self._lock)
 
     # -- reads
@@ -715,6 +729,58 @@ class Vmm:
             raise ApiError(f"Cannot load the snapshot: {err}") from None
         self._latency("load_snapshot", t0)
         log.info("snapshot %s loaded (%s)", body["snapshot_path"], self.state.value)
+
+    # -- live migration (kvmkit extension, docs/migration.md)
+    def get_migration(self) -> dict[str, Any]:
+        """GET /migration: the state of the last (or running) migration and its progress."""
+        return copy.deepcopy(self.migration)
+
+    def put_migration(self, body: Any) -> dict[str, Any]:
+        """PUT /migration: migrate the running microVM to a `kvmkit restore --incoming` at
+        `destination_url`; answers when it is over. Success: the guest runs at the
+        destination and this VMM's microVM has ended. Failure (ApiError): it runs on here."""
+        body = _check(body, "MigrationParams")
+        url = body["destination_url"]
+        with self._held():
+            self._allowed(POST_BOOT)
+            machine = self.machine
+            assert machine is not None
+            if self.state is State.PAUSED:
+                raise ApiError("the microVM is paused: resume it before migrating")
+            if self.ended.is_set():
+                raise ApiError("the microVM has ended: nothing to migrate")
+            self._migrating = True
+            self.migration = {"state": "setup", "destination_url": url}
+        t0 = time.monotonic()
+
+        def progress(p: MigrationProgress) -> None:
+            self.migration = {**p.to_dict(), "destination_url": url}
+
+        try:
+            result = machine.migrate(
+                url, max_downtime_ms=body.get("max_downtime_ms", DEFAULT_MAX_DOWNTIME_MS),
+                bandwidth_mib_s=body.get("bandwidth_mib_s"), progress=progress,
+            )  # fmt: skip
+        except UserError as err:
+            self.migration = {**self.migration, "state": "failed", "error": str(err)}
+            log.warning("migration to %s failed: %s", url, err)
+            raise ApiError(str(err)) from None
+        finally:
+            self._migrating = False
+        self.migration = {**result.progress.to_dict(), **result.to_dict(),
+                          "state": "completed", "destination_url": url}  # fmt: skip
+        self._latency("migration", t0)
+        log.info("migrated to %s: %s", url, result.summary())
+        return copy.deepcopy(self.migration)
+
+    def adopt(self, machine: Machine, *, paused: bool = False) -> None:
+        """Run a machine built elsewhere (a migration received by `kvmkit restore
+        --incoming --api-sock`): the API controls it from here."""
+        with self._held():
+            self._allowed(PRE_BOOT)
+            cfg = machine.config
+            self.res.machine.update(vcpu_count=cfg.vcpus, mem_size_mib=cfg.mem_mib)
+            self._run(machine, paused=paused)
 
     # -- config file (Firecracker's --config-file shape)
     def apply_config(self, data: Any) -> None:

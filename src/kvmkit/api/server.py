@@ -94,9 +94,10 @@ class Router:
             log.exception("%s %s: unexpected error", method, path)
             return 400, {"fault_message": f"{method} {path} failed: {type(err).__name__}: {err}"}
         self._count(method, r)
-        status = 200 if r.reads else 204
+        # Reads answer with a body; so does PUT /migration (its outcome); the rest: 204.
+        status = 200 if r.reads or value is not None else 204
         log.info("%s %s: %d", method, path, status)
-        return status, value if r.reads else None
+        return status, value if status == 200 else None
 
     def _count(self, method: str, r: Route | None, fail: bool = False) -> None:
         if r is None:
@@ -218,8 +219,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if len(body) < length:  # the client went away mid-body
             self.close_connection = True
             return
-        status, value = self.server.router.handle(self.command, self.path, body)
-        self._reply(status, value)
+        with self.server.busy:
+            status, value = self.server.router.handle(self.command, self.path, body)
+            self._reply(status, value)
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -231,6 +233,7 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(self, path: str, router: Router) -> None:
         self.router = router
         self.active = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.busy = _InFlight()
         super().__init__(path, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -253,6 +256,28 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         log.debug("api: connection ended with an error", exc_info=True)
 
 
+class _InFlight:
+    """Counts requests being handled, so that closing the server can let them answer (a
+    PUT /migration answers just as the microVM ends, which ends the process)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._count = 0
+
+    def __enter__(self) -> None:
+        with self._cond:
+            self._count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._count -= 1
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._count == 0, timeout)
+
+
 class ApiServer:
     """Serve `vmm` on the Unix socket `path` from a background thread."""
 
@@ -272,7 +297,9 @@ class ApiServer:
         self._thread.start()
         return self
 
-    def close(self) -> None:
+    def close(self, grace: float = 2.0) -> None:
+        """Stop serving; requests already being handled get `grace` seconds to answer."""
+        self._server.busy.wait_idle(grace)
         self._server.shutdown()
         self._server.server_close()
         with contextlib.suppress(OSError):

@@ -172,6 +172,34 @@ def _forward_input(machine: Machine, fd: int, stop: threading.Event) -> None:
             machine.write_console(bytes(out))
 
 
+def _api_devices(args: argparse.Namespace) -> dict[str, Any]:
+    """--drive, --net and --vsock as the API's drives, network interfaces and vsock (with
+    --api-sock the action layer builds the machine; they used to be dropped silently)."""
+    out: dict[str, Any] = {}
+    try:
+        drives = [DriveConfig.parse(spec) for spec in args.drive]
+        nets = [NetConfig.parse(spec) for spec in args.net]
+        vsock = VsockConfig.parse(args.vsock) if args.vsock else None
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if drives:
+        # The API's drive id is the drive's serial (GET_ID), as `serial=` gives it.
+        out["drives"] = [
+            {"drive_id": d.serial or f"drive{i}", "path_on_host": str(d.path),
+             "is_root_device": False, "is_read_only": d.read_only}
+            for i, d in enumerate(drives)
+        ]  # fmt: skip
+    if nets:
+        out["network-interfaces"] = [
+            {"iface_id": f"eth{i}", "host_dev_name": n.tap, **({"guest_mac": n.mac} if n.mac
+                                                               else {})}
+            for i, n in enumerate(nets)
+        ]  # fmt: skip
+    if vsock is not None:
+        out["vsock"] = {"guest_cid": vsock.cid, "uds_path": str(vsock.uds_path)}
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     dump = StateDump()
     command = list(args.command)
@@ -184,12 +212,12 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(
                 "--gdb and --snapshot-after do not combine with --api-sock/--config-file"
             )
-        if args.drive or args.rootfs or args.net or args.vsock or args.rng:
-            # Not silently dropped: with the API, devices are the API's (or the file's).
+        if args.rootfs or args.rng:
+            # Not silently dropped (--drive, --net and --vsock become the API's devices).
             raise UserError(
-                "--drive, --rootfs, --net, --vsock and --rng do not combine with "
-                "--api-sock/--config-file: configure devices through the API or the config "
-                "file (PUT /drives/{id}, /network-interfaces/{id}, /vsock, /entropy)"
+                "--rootfs and --rng do not combine with --api-sock/--config-file: configure "
+                "them through the API or the config file (PUT /drives/{id} with "
+                "is_root_device, PUT /entropy)"
             )
         if args.topology or args.numa or args.huge_pages or args.cpu_affinity:
             raise UserError(
@@ -201,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
             initrd=args.initrd, cmdline=args.cmdline,
             vcpus=args.vcpus if args.vcpus is not None else 1, mem_mib=args.mem_mib,
             command=command, timeout=args.timeout, virtio_transport=args.virtio_transport,
+            extra_config=_api_devices(args) or None,
         )  # fmt: skip
     config = MachineConfig(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
