@@ -121,6 +121,30 @@ def test_initrd_too_large_for_memory(tmp_path: Path) -> None:
     assert b"Traceback" not in proc.stderr and proc.stderr.count(b"\n") == 1
 
 
+def test_rootfs_command_runs_in_the_root_file_system(tmp_path: Path) -> None:
+    """`kvmkit run --rootfs IMAGE -- COMMAND`: the default kernel and initramfs mount the image
+    (/dev/vda, `rw`) and run COMMAND in it; what it writes is in the image afterwards."""
+    import shutil
+
+    from kvmkit.testing import disks
+
+    tree = disks.busybox_tree(tmp_path / "tree", "#!/bin/sh\necho not this init\n")
+    (tree / "etc" / "marker").write_text("from the root file system\n")
+    image = tmp_path / "root.ext4"
+    disks.ext4(image, tree, 16)
+    script = "cat /etc/marker /proc/cmdline; echo written > /root/out; exit 7"
+    proc = kvmkit_run("--rootfs", str(image), "--", "sh", "-c", script)
+    assert proc.returncode == 7, proc.stderr.decode()
+    marker, cmdline = proc.stdout.decode().splitlines()
+    assert marker == "from the root file system"
+    assert " root=/dev/vda rw " in f" {cmdline} ", cmdline
+    debugfs = shutil.which("debugfs", path="/usr/sbin:/sbin:/usr/bin:/bin")
+    assert debugfs is not None, "debugfs (e2fsprogs) is missing"
+    out = subprocess.run([debugfs, "-R", "cat /root/out", str(image)], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.stdout == "written\n", out.stderr
+
+
 def handles_sigusr1(pid: int) -> bool:
     """The process has a handler for SIGUSR1 (SigCgt in /proc/PID/status, bit 10 - 1)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

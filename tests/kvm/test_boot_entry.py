@@ -4,6 +4,7 @@ it starts in (a few CPL0 instructions: emulated on PVM, fast enough)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,47 @@ def test_pvh_entry_state(machine: tuple[Kvm, Vm, GuestMemory, Vcpu]) -> None:
     assert sregs.cs.db == 1 and sregs.cs.l == 0 and not sregs.efer & x86.EFER_LMA
     assert sregs.cr4 == 0
     assert sregs.tr.base == 0 and sregs.tr.limit == 0x67
+
+
+def test_elf_without_pvh_note_enters_in_64bit_mode_at_its_entry(tmp_path: Path) -> None:
+    """A tiny ELF64 "vmlinux" without a PVH note (as Firecracker's guides build kernels),
+    loaded by load_linux: entered at e_entry in 64-bit mode with RSI at the zero page, which
+    holds the header magic and the command line pointer."""
+    import subprocess
+
+    from kvmkit.boot.loader import load_linux
+
+    src = tmp_path / "k.S"
+    src.write_text(
+        "\t.text\n\t.code64\n\t.globl _start\n"
+        "\t.skip 0x40\n"  # the entry is not the segment's first byte
+        "_start:\n"
+        "\tmovw $0x1234, %dx\n"
+        "\tmovl %esi, %eax\n\toutl %eax, %dx\n"  # RSI: the zero page
+        "\tmovl 0x202(%rsi), %eax\n\toutl %eax, %dx\n"  # the header magic "HdrS"
+        "\tmovl 0x228(%rsi), %ebx\n\tmovzbl (%rbx), %eax\n\toutl %eax, %dx\n"  # cmdline[0]
+        "\tleaq _start(%rip), %rax\n\toutl %eax, %dx\n"  # where it runs
+        "\thlt\n"
+    )
+    obj, elf = tmp_path / "k.o", tmp_path / "k.elf"
+    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
+    subprocess.run(["ld", "-m", "elf_x86_64", "-N", "-Ttext=0x200000", "-e", "_start", "-o",
+                    str(elf), str(obj)], check=True, capture_output=True)  # fmt: skip
+    mem_size = 8 << 20
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        mem = GuestMemory()
+        try:
+            vm.set_tss_addr(0xFFFB_D000)
+            mem.add_anonymous(0, mem_size)
+            mem.register(vm)
+            setup = load_linux(mem, elf, initrd=None, cmdline="Xroot=/dev/vda",
+                               mem_size=mem_size)  # fmt: skip
+            assert setup.protocol == "linux64" and setup.entry == 0x200040
+            vcpu = vm.create_vcpu(0)
+            vcpu.set_cpuid2(kvm.supported_cpuid())
+            setup_boot_vcpu(vcpu, setup, mem)
+            assert run_reports(vcpu) == [
+                layout.ZERO_PAGE_ADDR, int.from_bytes(b"HdrS", "little"), ord("X"), 0x200040,
+            ]  # fmt: skip
+        finally:
+            mem.close()

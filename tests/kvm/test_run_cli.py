@@ -119,6 +119,17 @@ def test_too_few_free_huge_pages_refused_before_anything_starts() -> None:
     assert "are free to this process" in proc.stderr and "nr_hugepages" in proc.stderr
 
 
+def test_bad_root_drive_options(tmp_path: Path) -> None:
+    image, other = tmp_path / "root.ext4", tmp_path / "other.img"
+    image.write_bytes(bytes(1 << 20))
+    other.write_bytes(bytes(1 << 20))
+    one_line_error(kvmkit_run("--rootfs", f"{image},serial=x", "--", "true"),
+                   "the only option is ro")  # fmt: skip
+    one_line_error(kvmkit_run("--rootfs", str(image), "--drive", f"{other},root", "--", "true"),
+                   "only one drive can be the root device")  # fmt: skip
+    one_line_error(kvmkit_run("--rootfs", str(tmp_path / "nope.ext4"), "--", "true"), "nope.ext4")
+
+
 def _handles_sigusr1(pid: int) -> bool:
     """The process has a handler for SIGUSR1 (SigCgt in /proc/PID/status, bit 10 - 1)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

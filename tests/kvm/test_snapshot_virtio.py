@@ -273,7 +273,8 @@ def test_net_and_vsock_are_saved_and_restored(
     uds = tmp_path / "v.sock"
     saved = read_state(state)
     config = saved["meta"]["config"]
-    assert config["nets"] == [{"tap": TAP, "mac": mac}]
+    assert config["nets"] == [{"tap": TAP, "mac": mac, "mtu": None, "rx_rate_limiter": None,
+                               "tx_rate_limiter": None}]  # fmt: skip
     assert config["vsock"] == {"cid": 5, "uds_path": str(uds)}
     virtio = saved["devices"]["virtio"]
     assert [v["device"]["device_id"] for v in virtio] == [1, 19]
@@ -376,3 +377,38 @@ def test_restore_replaces_a_stale_vsock_socket_and_refuses_a_live_one(tmp_path: 
     with pytest.raises(UserError, match="exists and is not a socket"):
         restore_machine(state, mem, kvm_device="/nonexistent")
     assert uds.read_text() == "not a socket"
+
+
+def test_cache_type_rate_limiters_and_boot_timer_come_back(tmp_path: Path) -> None:
+    """Firecracker's drive options and limiters are part of the saved configuration: the
+    restored devices offer the same features (Unsafe: no FLUSH), limit the same way, and the
+    boot timer keeps the virtio-mmio devices where they were."""
+    from kvmkit.devices.virtio.blk import CACHE_UNSAFE
+    from kvmkit.devices.virtio.ratelimit import BucketConfig, RateLimiterConfig
+
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    limit = RateLimiterConfig(BucketConfig(4096, 100), BucketConfig(10, 1000, 5))
+    cfg = MachineConfig(
+        kernel=build_kernel(tmp_path), cmdline="", mem_mib=64, boot_timer=True,
+        drives=[DriveConfig(img, serial="d0", cache_type=CACHE_UNSAFE, rate_limiter=limit)],
+        rng=True, rng_rate_limiter=RateLimiterConfig(BucketConfig(100, 10)),
+    )  # fmt: skip
+    state, mem = tmp_path / "vm.state", tmp_path / "vm.mem"
+    with Machine(cfg) as m:
+        assert m.virtio_slots()[0][0] == 0xD000_1000  # the boot timer has 0xd0000000
+        m.start()
+        m.pause()
+        snapshot_machine(m, state, mem)
+        bases = [b for b, _, _ in m.virtio]
+    r = restore_machine(state, mem)
+    try:
+        assert r.config.boot_timer and [b for b, _, _ in r.virtio] == bases
+        assert r.config.drives[0].cache_type == CACHE_UNSAFE
+        blk, rng = r.virtio[0][2], r.virtio[1][2]
+        assert isinstance(blk, VirtioBlk) and blk.limiter.config == limit
+        assert isinstance(rng, VirtioRng)
+        assert rng.limiter.config == RateLimiterConfig(BucketConfig(100, 10))
+        r.start()
+    finally:
+        r.close()

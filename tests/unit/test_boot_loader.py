@@ -324,16 +324,56 @@ def test_pvh_start_info(vmlinux: Path, mem512: GuestMemory, initrd: Path) -> Non
     assert start >= setup.kernel_range[1]
 
 
-def test_elf_without_pvh_note(vmlinux: Path, tmp_path: Path, mem512: GuestMemory) -> None:
+def without_pvh_note(vmlinux: Path, out: Path) -> Path:
+    """A copy of `vmlinux` whose PVH note is renamed to another note type: the kernels
+    Firecracker's guides build have none."""
     data = bytearray(vmlinux.read_bytes())
     # The note header: namesz 4, descsz 8, type 18 (XEN_ELFNOTE_PHYS32_ENTRY), "Xen\0".
     note = struct.pack("<III", 4, 8, 18) + b"Xen\0"
     at = data.find(note)
     assert at > 0
     data[at + 8 : at + 12] = struct.pack("<I", 0x7F)
-    path = tmp_path / "vmlinux-nopvh"
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_elf_without_pvh_note_boots_through_the_64bit_protocol(
+    vmlinux: Path, tmp_path: Path, mem512: GuestMemory, initrd: Path
+) -> None:
+    path = without_pvh_note(vmlinux, tmp_path / "vmlinux-nopvh")
+    elf = ElfFile(path.read_bytes())
+    assert pvh_entry(elf) is None
+    setup = load_linux(
+        mem512, path, initrd=initrd, cmdline="console=ttyS0 root=/dev/vda", mem_size=512 * MIB,
+        rsdp_addr=0xE0000,
+    )  # fmt: skip
+    # boot.rst "64-bit Boot Protocol", as Firecracker boots a vmlinux: the ELF entry point
+    # (phys_startup_64) with RSI at the zero page.
+    assert setup.protocol == "linux64" and setup.entry == elf.entry == 0x1000000
+    assert setup.params_addr == layout.ZERO_PAGE_ADDR
+    zp = layout.ZERO_PAGE_ADDR
+    assert mem512.read(zp + 0x202, 4) == b"HdrS" and u16(mem512, zp + 0x1FE) == 0xAA55
+    assert u8(mem512, zp + 0x210) == 0xFF  # type_of_loader
+    assert u32(mem512, zp + 0x230) == 0x1000000  # kernel_alignment
+    assert u32(mem512, zp + 0x228) == layout.CMDLINE_ADDR  # cmd_line_ptr
+    assert mem512.read(layout.CMDLINE_ADDR, 28) == b"console=ttyS0 root=/dev/vda\0"
+    assert u64(mem512, zp + 0x070) == 0xE0000  # acpi_rsdp_addr
+    assert e820_from_zero_page(mem512) == memory_map(512 * MIB)
+    assert setup.initrd_range is not None
+    start, end = setup.initrd_range
+    assert u32(mem512, zp + 0x218) == start and u32(mem512, zp + 0x21C) == end - start
+    assert start >= setup.kernel_range[1]
+    for seg in elf.load_segments:
+        assert mem512.read(seg.paddr, min(seg.filesz, 4096)) == elf.segment_data(seg)[:4096]
+
+
+def test_elf_of_another_machine_is_refused(tmp_path: Path, mem512: GuestMemory) -> None:
+    data = bytearray(b"\x7fELF\x01\x01\x01" + bytes(9))  # 32-bit, little-endian
+    data += struct.pack("<HHIIIIIHHHHHH", 2, 3, 1, 0x100000, 52, 0, 0, 52, 32, 1, 0, 0, 0)
+    data += struct.pack("<IIIIIIII", 1, 0, 0x100000, 0x100000, 0, 0x1000, 5, 0x1000)
+    path = tmp_path / "k32"
     path.write_bytes(bytes(data))
-    with pytest.raises(BootError, match=r"no PVH entry note .*CONFIG_PVH"):
+    with pytest.raises(BootError, match="not an x86-64 vmlinux"):
         load_linux(mem512, path, initrd=None, cmdline="", mem_size=512 * MIB)
 
 

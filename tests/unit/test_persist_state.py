@@ -139,3 +139,29 @@ def test_pci_states_written_before_they_had_a_version_load_as_version_1(
     del _pci(data)["version"]
     del data["devices"]["pci_root"]["version"]
     assert MachineState.from_dict(data) == state
+
+
+def test_meta_config_keeps_the_drop_in_device_options(tmp_path: Any) -> None:
+    """The state's `meta.config` (a snapshot's, and what a live migration's SETUP sends)
+    brings back a drive's cache type and rate limiter, a net's MTU and limiters, the
+    entropy device's limiter and the boot timer, through JSON, as the file and the
+    stream carry it."""
+    from kvmkit.devices.virtio.blk import CACHE_UNSAFE
+    from kvmkit.devices.virtio.ratelimit import BucketConfig, RateLimiterConfig
+    from kvmkit.vmm.config import DriveConfig, NetConfig
+    from kvmkit.vmm.persist import config_from_dict, config_to_dict
+
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(4096))
+    lim = RateLimiterConfig(BucketConfig(4096, 100), BucketConfig(10, 1000, 5))
+    cfg = MachineConfig(
+        drives=[DriveConfig(img, False, "d", cache_type=CACHE_UNSAFE, rate_limiter=lim)],
+        nets=[NetConfig("tap0", "02:00:00:00:00:01", 1400, None, lim)],
+        rng=True, rng_rate_limiter=lim, boot_timer=True,
+    )  # fmt: skip
+    got, sizes = config_from_dict(json.loads(json.dumps(config_to_dict(cfg, (4096,)))))
+    assert sizes == (4096,)
+    assert (got.drives[0].cache_type, got.drives[0].rate_limiter) == (CACHE_UNSAFE, lim)
+    net = got.nets[0]
+    assert (net.mtu, net.rx_rate_limiter, net.tx_rate_limiter) == (1400, None, lim)
+    assert got.rng and got.rng_rate_limiter == lim and got.boot_timer

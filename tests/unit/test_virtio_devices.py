@@ -325,6 +325,121 @@ def test_run_cli_rejects_bad_drives(tmp_path: Path, spec: str, message: str) -> 
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+# -- Firecracker's cache types, rate limiters and drive updates
+
+
+def test_cache_types(tmp_path: Path, worker: VirtioWorkers) -> None:
+    """Writeback offers FLUSH and syncs on it; Unsafe (Firecracker's default) does not
+    offer it and acknowledges a FLUSH sent anyway without a sync."""
+    from kvmkit.devices.virtio.blk import CACHE_UNSAFE
+
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(4096))
+    drv = attach(VirtioBlk(img, cache_type=CACHE_UNSAFE), worker)
+    drv.init()
+    assert not drv.offered & VIRTIO_BLK_F_FLUSH
+    _, bufs = drv.request([blk_header(VIRTIO_BLK_T_FLUSH)], [1])
+    assert drv.mem.read(bufs[0][0], 1) == bytes([VIRTIO_BLK_S_OK])
+    with pytest.raises(ValueError, match="cache_type"):
+        VirtioBlk(img, cache_type="Writethrough")
+    d = DriveConfig.parse(f"{img},cache=unsafe,root")
+    assert (d.cache_type, d.root) == (CACHE_UNSAFE, True)
+
+
+def _timed_requests(drv: Driver, count: int, submit: object) -> float:
+    t0 = time.monotonic()
+    for _ in range(count):
+        used, _ = submit()  # type: ignore[operator]
+        assert used, "a throttled request never completed"
+    return time.monotonic() - t0
+
+
+def test_blk_bandwidth_limit_throttles_and_the_timer_resumes(
+    tmp_path: Path, worker: VirtioWorkers
+) -> None:
+    from kvmkit.devices.virtio.ratelimit import BucketConfig, RateLimiterConfig
+
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(64 * 1024))
+    # 4 KiB per 100 ms (40 KiB/s): 6 writes of 4 KiB take 5 refills after the full bucket.
+    limit = RateLimiterConfig(bandwidth=BucketConfig(4096, 100))
+    dev = VirtioBlk(img, rate_limiter=limit)
+    drv = attach(dev, worker)
+    drv.init()
+    took = _timed_requests(
+        drv, 6, lambda: drv.request([blk_header(VIRTIO_BLK_T_OUT, 0), b"x" * 4096], [1])
+    )
+    assert 0.4 <= took < 3.0, took
+    assert dev.write_count == 6 and dev.limiter.throttled >= 4
+    assert dev.limiter.timer_events >= 4  # each resumption came from the timerfd
+    assert dev.errors == []
+    # PATCH-style update: a generous bucket, applied at once.
+    dev.update_rate_limiter(RateLimiterConfig(bandwidth=BucketConfig(1 << 30, 100)))
+    took = _timed_requests(
+        drv, 6, lambda: drv.request([blk_header(VIRTIO_BLK_T_OUT, 0), b"x" * 4096], [1])
+    )
+    assert took < 0.4, took
+
+
+def test_blk_ops_limit_and_held_request_in_a_snapshot(
+    tmp_path: Path, worker: VirtioWorkers
+) -> None:
+    from kvmkit.devices.virtio.ratelimit import BucketConfig, RateLimiterConfig
+
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(4096))
+    # One request per 10 s: the second waits, held, and a snapshot saves it as not taken.
+    dev = VirtioBlk(img, rate_limiter=RateLimiterConfig(ops=BucketConfig(1, 10_000)))
+    drv = attach(dev, worker)
+    drv.init()
+    used, _ = drv.request([blk_header(VIRTIO_BLK_T_GET_ID)], [20, 1])
+    assert used
+    used, _ = drv.request([blk_header(VIRTIO_BLK_T_GET_ID)], [20, 1], timeout=0.3)
+    assert not used
+    # The state dump (SIGUSR1) says why the queue does not move.
+    assert "rate limiter blocked, a request held, throttled 1 times" in dev.describe()[-1]
+    worker.pause()
+    try:
+        q = dev.save().to_dict()["queues"][0]
+        assert q["last_avail"] == 1  # the held request is not taken in the saved state
+    finally:
+        worker.resume()
+
+
+def test_rng_rate_limit(worker: VirtioWorkers) -> None:
+    from kvmkit.devices.virtio.ratelimit import BucketConfig, RateLimiterConfig
+
+    dev = VirtioRng(rate_limiter=RateLimiterConfig(bandwidth=BucketConfig(1000, 100)))
+    drv = attach(dev, worker)
+    drv.init()
+    took = _timed_requests(drv, 5, lambda: drv.request([], [1000]))
+    assert 0.3 <= took < 3.0, took
+    assert dev.entropy_event_count == 5 and dev.entropy_bytes == 5000
+    assert dev.limiter.throttled >= 3
+
+
+def test_blk_replace_image_changes_capacity_and_notifies(
+    tmp_path: Path, worker: VirtioWorkers
+) -> None:
+    old, new = tmp_path / "a.img", tmp_path / "b.img"
+    old.write_bytes(b"A" * 4096)
+    new.write_bytes(b"B" * 8192)
+    dev = VirtioBlk(old, serial="disk")
+    drv = attach(dev, worker)
+    drv.init()
+    generation = drv.rd(r.CONFIG_GENERATION)
+    dev.replace_image(new)
+    assert drv.rd(r.CONFIG) == 16  # capacity in sectors of the new image
+    assert drv.rd(r.CONFIG_GENERATION) != generation
+    assert drv.rd(r.INTERRUPT_STATUS) & 2  # configuration change (§2.5.1)
+    _, bufs = drv.request([blk_header(VIRTIO_BLK_T_IN, 15)], [512, 1])
+    assert drv.mem.read(bufs[0][0], 512) == b"B" * 512
+    assert dev.update_count == 1 and dev.serial == b"disk"
+    with pytest.raises(OSError):
+        dev.replace_image(tmp_path / "missing.img")
+    assert dev.update_fails == 1 and dev.path == new
+
+
 LIVE = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
 
 

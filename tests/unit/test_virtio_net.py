@@ -446,6 +446,105 @@ def test_net_helper_refuses_bad_input(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "prefix length" in proc.stderr
 
 
+def test_mtu_and_tx_rate_limit(netns: str, worker: VirtioWorkers) -> None:
+    """Firecracker's `mtu` is offered as VIRTIO_NET_F_MTU with the value in the config space
+    (§5.1.4); a tx limiter of one frame per 100 ms spaces the guest's frames on the wire."""
+    from kvmkit.devices.virtio.ratelimit import BucketConfig, RateLimiterConfig
+
+    def make() -> tuple[n.VirtioNet, socket.socket]:
+        dev = n.VirtioNet(
+            "kvmklim0", n.parse_mac("02:00:00:00:00:09"), mtu=1400,
+            tx_rate_limiter=RateLimiterConfig(ops=BucketConfig(1, 100)),
+        )  # fmt: skip
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        sock.bind(("kvmklim0", 0))
+        sock.settimeout(5)
+        return dev, sock
+
+    dev, sock = in_netns(netns, make)
+    try:
+        worker.add(dev)
+        g = Guest(dev)
+        assert g.offered() & n.VIRTIO_NET_F_MTU
+        assert dev.read_config(10, 2) == struct.pack("<H", 1400)
+        g.init(VIRTIO_F_VERSION_1 | n.VIRTIO_NET_F_MAC | n.VIRTIO_NET_F_MTU)
+        t0 = time.monotonic()
+        for i in range(4):
+            g.transmit(bytes(12) + frame(b"\xff" * 6, dev.mac, b"%d" % i * 60))
+        for i in range(4):
+            assert recv_ours(sock)[14:16] == b"%d" % i * 2
+        took = time.monotonic() - t0
+        assert 0.25 <= took < 3.0, took
+        assert dev.tx_limiter.throttled >= 2 and dev.tx_frames == 4
+        with pytest.raises(ValueError, match="mtu"):
+            n.NetConfig("tap0", mtu=67).check()
+    finally:
+        sock.close()
+        dev.close()
+
+
+def test_rx_rate_limit_set_after_activation_spaces_frames(
+    setup: tuple[Guest, socket.socket],
+) -> None:
+    """An rx limiter added on a live device (what PATCH /network-interfaces does): frames
+    wait, read, in the device until the limiter's timer lets them in, one per 100 ms; none
+    is lost and the worker does not spin meanwhile."""
+    from kvmkit.devices.virtio.ratelimit import BucketConfig, RateLimiterConfig
+
+    g, sock = setup
+    g.init(VIRTIO_F_VERSION_1 | n.VIRTIO_NET_F_MAC)
+    g.dev.update_rate_limiters(RateLimiterConfig(ops=BucketConfig(1, 100)), None)
+    g.give_rx(8)
+    frames = [frame(g.dev.mac, b"\x02\x00\x00\x00\x00\x01", bytes([i]) * 100) for i in range(4)]
+    cpu = time.process_time()
+    t0 = time.monotonic()
+    for f in frames:
+        sock.send(f)
+    got: list[bytes] = []
+    wait_for(lambda: got.extend(g.received()) or sum(p[12:] in frames for p in got) >= 4)
+    took = time.monotonic() - t0
+    assert [p[12:] for p in got if p[12:] in frames] == frames
+    assert took >= 0.25, took  # the first frame in at once, then one per 100 ms
+    assert time.process_time() - cpu < took  # waiting on a timer, not polling
+    assert g.dev.rx_limiter.throttled >= 2 and g.dev.rx_limiter.timer_events >= 2
+
+
+def test_a_throttled_tx_queue_holds_up_neither_rx_nor_a_patch(
+    setup: tuple[Guest, socket.socket],
+) -> None:  # fmt: skip
+    """A tx limiter of one frame per minute: the second frame is held on the tx queue's
+    worker, while frames from the wire still reach the guest at once on the rx worker; a
+    PATCH lifting the limit sends the held frame at once, not at the timer."""
+    from kvmkit.devices.virtio.ratelimit import BucketConfig, RateLimiterConfig
+
+    g, sock = setup
+    sock.settimeout(20)
+    g.init(VIRTIO_F_VERSION_1 | n.VIRTIO_NET_F_MAC)
+    g.dev.update_rate_limiters(None, RateLimiterConfig(ops=BucketConfig(1, 60_000)))
+    out = [frame(b"\xff" * 6, g.dev.mac, b"%d" % i * 60) for i in range(2)]
+    g.transmit(bytes(12) + out[0])
+    assert recv_ours(sock)[14:16] == b"00"
+    g.q[n.TX].add_chain([bytes(12), out[1]], [])  # not waited for: it is held
+    g.wr(r.QUEUE_NOTIFY, n.TX)
+    # Bounds of 20 s, a third of the limiter's minute: a loaded host is slow, not that slow.
+    wait_for(lambda: g.dev.tx_limiter.throttled >= 1, 20)
+    assert g.dev.tx_frames == 1
+    g.give_rx(4)
+    inbound = [frame(g.dev.mac, b"\x02\x00\x00\x00\x00\x01", bytes([i]) * 80) for i in range(3)]
+    t0 = time.monotonic()
+    for f in inbound:
+        sock.send(f)
+    got: list[bytes] = []
+    wait_for(lambda: got.extend(g.received()) or sum(p[12:] in inbound for p in got) >= 3, 20)
+    assert time.monotonic() - t0 < 20
+    assert g.dev.tx_frames == 1  # still held
+    t0 = time.monotonic()
+    g.dev.update_rate_limiters(None, RateLimiterConfig(ops=BucketConfig(0, 0)))
+    assert recv_ours(sock)[14:16] == b"11"
+    assert time.monotonic() - t0 < 20
+    wait_for(lambda: g.dev.tx_frames == 2, 20)
+
+
 def test_a_tap_gone_at_driver_ok_is_needs_reset_not_the_end_of_the_vm(
     setup: tuple[Guest, socket.socket], netns: str,
 ) -> None:  # fmt: skip

@@ -1,10 +1,11 @@
 """Metrics as JSON lines, in Firecracker's shape: one object per flush, counters grouped as
 Firecracker groups them (`api_server`, `get_api_requests`, `put_api_requests`,
-`patch_api_requests`, `vcpu`, `uart`, `block`, `net`, `latencies_us`). Counters are written
-as the change since the previous flush, as Firecracker's `SharedIncMetric`s are.
+`patch_api_requests`, `vcpu`, `vmm`, `uart`, `block`, `net`, `vsock`, `entropy`,
+`latencies_us`). Counters are written as the change since the previous flush, as
+Firecracker's `SharedIncMetric`s are; the startup times and latencies are levels.
 
-The `block` group sums every virtio-blk drive; the `net` group is there with Firecracker's
-names and stays 0 until kvmkit has virtio-net.
+`block` and `net` sum every drive and network interface; as Firecracker, each device also
+has its own group, `block_<drive_id>` and `net_<iface_id>` (added when the VM starts).
 """
 
 from __future__ import annotations
@@ -19,8 +20,18 @@ from typing import Any
 
 FLUSH_PERIOD = 60.0  # Firecracker writes metrics every 60 s, and on FlushMetrics
 
+# Firecracker's names (src/vmm/src/logger/metrics.rs and each device's metrics.rs) for the
+# counters kvmkit keeps.
+BLOCK = ["read_bytes", "write_bytes", "read_count", "write_count", "flush_count",
+         "rate_limiter_throttled_events", "rate_limiter_event_count", "update_count",
+         "update_fails"]  # fmt: skip
+NET = ["rx_bytes_count", "tx_bytes_count", "rx_packets_count", "tx_packets_count", "rx_fails",
+       "tx_malformed_frames", "tap_write_fails", "rx_rate_limiter_throttled",
+       "tx_rate_limiter_throttled", "rx_event_rate_limiter_count",
+       "tx_rate_limiter_event_count"]  # fmt: skip
 GROUPS: dict[str, list[str]] = {
-    "api_server": ["process_startup_time_us", "sync_response_fails"],
+    "api_server": ["process_startup_time_us", "process_startup_time_cpu_us",
+                   "sync_response_fails"],
     "get_api_requests": ["instance_info_count", "machine_cfg_count", "vmm_version_count",
                          "vm_config_count"],
     "put_api_requests": [
@@ -34,17 +45,23 @@ GROUPS: dict[str, list[str]] = {
                            "machine_cfg_fails", "network_count", "network_fails",
                            "vm_count", "vm_fails"],
     "vcpu": ["exit_io_in", "exit_io_out", "exit_mmio_read", "exit_mmio_write", "failures"],
+    "vmm": ["device_events", "panic_count"],
     "uart": ["read_count", "write_count", "missed_read_count", "missed_write_count",
              "error_count", "flush_count"],
-    "block": ["read_bytes", "write_bytes", "read_count", "write_count", "flush_count"],
-    "net": ["rx_bytes_count", "tx_bytes_count", "rx_packets_count", "tx_packets_count"],
+    "block": BLOCK,
+    "net": NET,
+    "vsock": ["rx_bytes_count", "tx_bytes_count", "rx_packets_count", "tx_packets_count",
+              "conns_added", "conns_killed", "conns_removed"],
+    "entropy": ["entropy_event_count", "entropy_bytes", "entropy_rate_limiter_throttled",
+                "rate_limiter_event_count"],
     "latencies_us": ["full_create_snapshot", "diff_create_snapshot", "load_snapshot",
                      "pause_vm", "resume_vm"],
 }  # fmt: skip
 # Values that are levels, not counters: written as they are, not as deltas.
-GAUGES = {("api_server", "process_startup_time_us")} | {
-    ("latencies_us", n) for n in GROUPS["latencies_us"]
-}
+GAUGES = {
+    ("api_server", "process_startup_time_us"), ("api_server", "process_startup_time_cpu_us"),
+    ("vmm", "panic_count"),
+} | {("latencies_us", n) for n in GROUPS["latencies_us"]}  # fmt: skip
 
 
 class Metrics:
@@ -62,11 +79,12 @@ class Metrics:
 
     def inc(self, group: str, name: str, n: int = 1) -> None:
         with self._lock:
-            self.values[group][name] = self.values[group].get(name, 0) + n
+            values = self.values.setdefault(group, {})
+            values[name] = values.get(name, 0) + n
 
     def set(self, group: str, name: str, value: int) -> None:
         with self._lock:
-            self.values[group][name] = value
+            self.values.setdefault(group, {})[name] = value
 
     @property
     def configured(self) -> bool:
@@ -98,9 +116,10 @@ class Metrics:
             if self.properties:
                 out["properties"] = dict(self.properties)
             for group, values in self.values.items():
+                flushed = self._flushed.get(group, {})
                 out[group] = {
                     name: value if (group, name) in GAUGES
-                    else value - self._flushed[group].get(name, 0)
+                    else value - flushed.get(name, 0)
                     for name, value in values.items()
                 }  # fmt: skip
             self._flushed = copy.deepcopy(self.values)

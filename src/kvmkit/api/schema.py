@@ -5,7 +5,7 @@ minimum/maximum, maxLength, pattern, items/maxItems, $ref).
 Every request body and every config-file section goes through `validate` before it reaches
 the action layer, so the REST API, the config file and the Python API accept exactly the
 same shapes: unknown fields, wrong types, missing required fields and values out of range are
-refused with one message naming the field.
+refused with one message in serde_json's words (Firecracker's) naming where the field is.
 """
 
 from __future__ import annotations
@@ -46,10 +46,39 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }  # fmt: skip
 
 
+def _at(where: str) -> str:
+    return f" at {where}" if where else ""
+
+
+def _shown(value: Any) -> str:
+    """A value as serde_json names it in its errors (`invalid type: string "x"`)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean `{'true' if value else 'false'}`"
+    if isinstance(value, int):
+        return f"integer `{value}`"
+    if isinstance(value, float):
+        return f"floating point `{value}`"
+    if isinstance(value, str):
+        return f"string {json.dumps(value[:80])}"
+    if isinstance(value, list):
+        return "sequence"
+    return "map"
+
+
+def _ticks(names: Any) -> str:
+    return ", ".join(f"`{n}`" for n in names)
+
+
 def validate(value: Any, schema: dict[str, Any] | str, where: str = "") -> None:
-    """Raise SchemaError unless `value` matches `schema` (a definition name or a schema)."""
+    """Raise SchemaError unless `value` matches `schema` (a definition name or a schema).
+
+    Messages use serde_json's words, as Firecracker's answers carry them after "An error
+    occurred when deserializing the json body of a request: " (`missing field `x``,
+    `unknown field `x``, `invalid type: ...`, `unknown variant ...`), followed by where in
+    the body (`at drives[0].rate_limiter.bandwidth`) instead of serde's line and column."""
     if isinstance(schema, str):
-        where = where or schema
         schema = definition(schema)
     schema = _resolve(schema)
     kind = schema.get("type")
@@ -58,25 +87,43 @@ def validate(value: Any, schema: dict[str, Any] | str, where: str = "") -> None:
         if kind in ("integer", "number") and isinstance(value, bool):
             ok = False
         if not ok:
-            raise SchemaError(f"{where or 'body'}: expected {kind}, got {_json_type(value)}")
+            raise SchemaError(f"invalid type: {_shown(value)}, expected {kind}{_at(where)}")
     if "enum" in schema and value not in schema["enum"]:
-        allowed = ", ".join(str(v) for v in schema["enum"])
-        raise SchemaError(f"{where}: {value!r} is not one of: {allowed}")
+        raise SchemaError(
+            f"unknown variant `{value}`, expected one of {_ticks(schema['enum'])}{_at(where)}"
+        )
     if isinstance(value, int) and not isinstance(value, bool):
         if "minimum" in schema and value < schema["minimum"]:
-            raise SchemaError(f"{where}: {value} is below the minimum {schema['minimum']}")
+            raise SchemaError(
+                f"invalid value: {_shown(value)}, expected at least {schema['minimum']}"
+                f"{_at(where)}"
+            )
         if "maximum" in schema and value > schema["maximum"]:
-            raise SchemaError(f"{where}: {value} is above the maximum {schema['maximum']}")
+            raise SchemaError(
+                f"invalid value: {_shown(value)}, expected at most {schema['maximum']}"
+                f"{_at(where)}"
+            )
     if isinstance(value, str):
         if "minLength" in schema and len(value) < schema["minLength"]:
-            raise SchemaError(f"{where}: must not be empty")
+            raise SchemaError(
+                f"invalid value: {_shown(value)}, expected a non-empty string{_at(where)}"
+            )
         if "maxLength" in schema and len(value) > schema["maxLength"]:
-            raise SchemaError(f"{where}: longer than {schema['maxLength']} characters")
+            raise SchemaError(
+                f"invalid length {len(value)}, expected a string of at most "
+                f"{schema['maxLength']} characters{_at(where)}"
+            )
         if "pattern" in schema and not re.search(schema["pattern"], value):
-            raise SchemaError(f"{where}: {value!r} does not match {schema['pattern']}")
+            raise SchemaError(
+                f"invalid value: {_shown(value)}, expected a string matching "
+                f"{schema['pattern']}{_at(where)}"
+            )
     if isinstance(value, list):
         if "maxItems" in schema and len(value) > schema["maxItems"]:
-            raise SchemaError(f"{where}: more than {schema['maxItems']} items")
+            raise SchemaError(
+                f"invalid length {len(value)}, expected at most {schema['maxItems']} items"
+                f"{_at(where)}"
+            )
         if "items" in schema:
             for i, item in enumerate(value):
                 validate(item, schema["items"], f"{where}[{i}]")
@@ -84,14 +131,16 @@ def validate(value: Any, schema: dict[str, Any] | str, where: str = "") -> None:
         props: dict[str, Any] = schema.get("properties", {})
         for name in schema.get("required", []):
             if name not in value:
-                raise SchemaError(f"{where}: missing required field {name!r}")
+                raise SchemaError(f"missing field `{name}`{_at(where)}")
         extra = schema.get("additionalProperties", True)
         for name, item in value.items():
             sub = f"{where}.{name}" if where else name
             if name in props:
                 validate(item, props[name], sub)
             elif extra is False:
-                raise SchemaError(f"{where}: unknown field {name!r}")
+                raise SchemaError(
+                    f"unknown field `{name}`, expected one of {_ticks(props)}{_at(where)}"
+                )
             elif isinstance(extra, dict):
                 validate(item, extra, sub)
 

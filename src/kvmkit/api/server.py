@@ -20,10 +20,9 @@ import socketserver
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
 from typing import Any
 
-from kvmkit.api.actions import ApiError, Vmm
+from kvmkit.api.actions import ROUTES, ApiError, Route, Vmm
 from kvmkit.unixsock import remove_stale_socket
 
 log = logging.getLogger("kvmkit.api")
@@ -38,9 +37,7 @@ ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345
 MAX_ID = 64
 
 # Firecracker endpoints kvmkit does not implement: named in the 400 they get.
-NOT_IMPLEMENTED = (
-    "/balloon", "/cpu-config", "/mmds", "/entropy", "/serial", "/hotplug", "/pmem",
-)  # fmt: skip
+NOT_IMPLEMENTED = ("/balloon", "/cpu-config", "/mmds", "/serial", "/hotplug", "/pmem")
 
 Reply = tuple[int, Any]
 
@@ -59,6 +56,7 @@ def _parse_body(raw: bytes) -> Any:
 
 
 def _id(segment: str, what: str) -> str:
+    """A drive_id/iface_id from the path (Firecracker: alphanumeric and '_')."""
     value = urllib.parse.unquote(segment)
     if not value or len(value) > MAX_ID or not set(value) <= ID_CHARS:
         raise ApiError(
@@ -68,7 +66,9 @@ def _id(segment: str, what: str) -> str:
 
 
 class Router:
-    """(method, path, body bytes) -> (status, JSON value or None), over a `Vmm`."""
+    """(method, path, body bytes) -> (status, JSON value or None), over a `Vmm`, through the
+    action layer's table of routes (`kvmkit.api.actions.ROUTES`), which also names the
+    request counters."""
 
     def __init__(self, vmm: Vmm) -> None:
         self.vmm = vmm
@@ -77,94 +77,60 @@ class Router:
         path = urllib.parse.urlsplit(target).path or "/"
         if len(path) > 1:
             path = path.rstrip("/")
-        group, counter = self._counter(method, path)
+        r, segment = _match(method, path)
         try:
-            reply = self._route(method, path, body)
+            if r is None:
+                raise ApiError(_unknown(method, path))
+            ident = _id(segment, r.id_field) if segment is not None and r.id_field else None
+            value = self.vmm.request(
+                r.method, r.path, None if r.reads else _parse_body(body), ident
+            )
         except ApiError as err:
-            self._count(group, counter, fail=True)
+            self._count(method, r, fail=True)
             log.info("%s %s: %d %s", method, path, err.status, err.message)
             return err.status, {"fault_message": err.message}
         except Exception as err:  # never a 5xx: report what went wrong as bad input
-            self._count(group, counter, fail=True)
+            self._count(method, r, fail=True)
             log.exception("%s %s: unexpected error", method, path)
             return 400, {"fault_message": f"{method} {path} failed: {type(err).__name__}: {err}"}
-        self._count(group, counter)
-        log.info("%s %s: %d", method, path, reply[0])
-        return reply
+        self._count(method, r)
+        # Reads answer with a body; so does PUT /migration (its outcome); the rest: 204.
+        status = 200 if r.reads or value is not None else 204
+        log.info("%s %s: %d", method, path, status)
+        return status, value if status == 200 else None
 
-    def _counter(self, method: str, path: str) -> tuple[str, str]:
-        name = {
-            "/": "instance_info", "/version": "vmm_version", "/machine-config": "machine_cfg",
-            "/vm/config": "vm_config", "/actions": "actions", "/boot-source": "boot_source",
-            "/logger": "logger", "/metrics": "metrics", "/vsock": "vsock", "/vm": "vm",
-            "/snapshot/create": "snapshot_create", "/snapshot/load": "snapshot_load",
-        }.get(path)  # fmt: skip
-        if path.startswith("/drives/"):
-            name = "drive"
-        elif path.startswith("/network-interfaces/"):
-            name = "network"
-        group = {"GET": "get_api_requests", "PUT": "put_api_requests",
-                 "PATCH": "patch_api_requests"}.get(method, "")  # fmt: skip
-        return group, name or ""
-
-    def _count(self, group: str, name: str, fail: bool = False) -> None:
-        values = self.vmm.metrics.values.get(group)
-        if values is None or not name:
+    def _count(self, method: str, r: Route | None, fail: bool = False) -> None:
+        if r is None:
             return
-        if f"{name}_count" in values:
-            self.vmm.metrics.inc(group, f"{name}_count")
-        if fail and f"{name}_fails" in values:
-            self.vmm.metrics.inc(group, f"{name}_fails")
+        group = f"{method.lower()}_api_requests"
+        values = self.vmm.metrics.values.get(group)
+        if values is None:
+            return
+        if f"{r.metric}_count" in values:
+            self.vmm.metrics.inc(group, f"{r.metric}_count")
+        if fail and f"{r.metric}_fails" in values:
+            self.vmm.metrics.inc(group, f"{r.metric}_fails")
 
-    def _route(self, method: str, path: str, raw: bytes) -> Reply:
-        vmm = self.vmm
-        parts = path.split("/")[1:]
-        if method == "GET":
-            getters: dict[str, Callable[[], dict[str, Any]]] = {
-                "/": vmm.describe, "/version": vmm.version,
-                "/machine-config": vmm.get_machine_config, "/vm/config": vmm.vm_config,
-                "/migration": vmm.get_migration,
-            }  # fmt: skip
-            if path in getters:
-                return 200, getters[path]()
-        elif method in ("PUT", "PATCH"):
-            puts: dict[tuple[str, str], Callable[[Any], None]] = {
-                ("PUT", "/actions"): vmm.action,
-                ("PUT", "/boot-source"): vmm.put_boot_source,
-                ("PUT", "/machine-config"): vmm.put_machine_config,
-                ("PATCH", "/machine-config"): vmm.patch_machine_config,
-                ("PUT", "/vsock"): vmm.put_vsock,
-                ("PUT", "/logger"): vmm.put_logger,
-                ("PUT", "/metrics"): vmm.put_metrics,
-                ("PATCH", "/vm"): vmm.patch_vm,
-                ("PUT", "/snapshot/create"): vmm.snapshot_create,
-                ("PUT", "/snapshot/load"): vmm.snapshot_load,
-            }
-            if (method, path) == ("PUT", "/migration"):  # answers with the outcome
-                return 200, vmm.put_migration(_parse_body(raw))
-            fn = puts.get((method, path))
-            if fn is not None:
-                fn(_parse_body(raw))
-                return 204, None
-            if len(parts) == 2 and (method, parts[0]) == ("PUT", "vfio-devices"):
-                vmm.put_vfio_device(_id(parts[1], "device_id"), _parse_body(raw))
-                return 204, None
-            if len(parts) == 2 and parts[0] in ("drives", "network-interfaces"):
-                what = "drive_id" if parts[0] == "drives" else "iface_id"
-                ident = _id(parts[1], what)
-                body = _parse_body(raw)
-                by_id: dict[tuple[str, str], Callable[[str, Any], None]] = {
-                    ("PUT", "drives"): vmm.put_drive,
-                    ("PATCH", "drives"): vmm.patch_drive,
-                    ("PUT", "network-interfaces"): vmm.put_network_interface,
-                    ("PATCH", "network-interfaces"): vmm.patch_network_interface,
-                }
-                by_id[(method, parts[0])](ident, body)
-                return 204, None
-        for prefix in NOT_IMPLEMENTED:
-            if path == prefix or path.startswith(prefix + "/"):
-                raise ApiError(f"kvmkit does not implement {method} {path}")
-        raise ApiError(f"Invalid request method and/or path: {method} {path}")
+
+def _match(method: str, path: str) -> tuple[Route | None, str | None]:
+    """The route for `method path` (None if there is none) and the id segment of a
+    per-device path."""
+    for r in ROUTES:
+        if r.method != method:
+            continue
+        if r.path == path:
+            return r, None
+        prefix = r.path.removesuffix("{id}")
+        if prefix != r.path and path.startswith(prefix) and "/" not in path[len(prefix):]:
+            return r, path[len(prefix):]
+    return None, None
+
+
+def _unknown(method: str, path: str) -> str:
+    for prefix in NOT_IMPLEMENTED:
+        if path == prefix or path.startswith(prefix + "/"):
+            return f"kvmkit does not implement {method} {path}"
+    return f"Invalid request method and/or path: {method} {path}"
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

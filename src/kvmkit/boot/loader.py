@@ -6,9 +6,13 @@ Two ways in, chosen from the kernel file's format:
   "64-bit Boot Protocol"): the protected-mode kernel at KERNEL_LOAD_ADDR, a zero page
   (`boot_params`) with the e820 map, command line and initrd, and entry in 64-bit mode at the
   load address + 0x200 with RSI pointing at the zero page;
-- an uncompressed ELF vmlinux through PVH (docs/misc/pvh.pandoc in Xen): segments at their
-  physical addresses, `hvm_start_info` with a memory map, entry in 32-bit protected mode with
-  EBX pointing at it.
+- an uncompressed ELF vmlinux with a PVH note through PVH (docs/misc/pvh.pandoc in Xen):
+  segments at their physical addresses, `hvm_start_info` with a memory map, entry in 32-bit
+  protected mode with EBX pointing at it;
+- an ELF vmlinux without a PVH note (the kernels Firecracker's guides build) through the
+  64-bit boot protocol, as Firecracker boots it: segments at their physical addresses, a zero
+  page kvmkit fills itself (there is no setup header in the file), entry at the ELF entry
+  point (`phys_startup_64`) in 64-bit mode with RSI pointing at the zero page.
 
 Everything is placed by kvmkit.arch.x86_64.layout. Bad input raises `BootError` (one line).
 """
@@ -26,6 +30,7 @@ from kvmkit.arch.x86_64 import regs as x86
 from kvmkit.arch.x86_64.paging import build_identity_map
 from kvmkit.arch.x86_64.segments import CODE32, CODE64, DATA, Descriptor, tss_descriptor
 from kvmkit.boot.bootparams import (
+    BOOT_FLAG,
     BOOT_PARAMS_SIZE,
     CAN_USE_HEAP,
     E820_MAX_ENTRIES_ZEROPAGE,
@@ -37,9 +42,10 @@ from kvmkit.boot.bootparams import (
     SETUP_HEADER_OFFSET,
     BootError,
     boot_params,
+    setup_header,
 )
-from kvmkit.boot.bzimage import ENTRY64_OFFSET, BzImage, load_bzimage, parse_bzimage
-from kvmkit.boot.elf import ElfError, ElfFile
+from kvmkit.boot.bzimage import ENTRY64_OFFSET, load_bzimage, parse_bzimage
+from kvmkit.boot.elf import EM_X86_64, ElfError, ElfFile
 from kvmkit.boot.pvh import load_elf_kernel, pvh_entry, write_start_info
 from kvmkit.kvm.vcpu import Vcpu
 from kvmkit.memory.guest import GuestMemory
@@ -63,6 +69,12 @@ ACPI_RSDP_PROTOCOL = 0x020E
 # PVH has no header to tell the command line limit: x86 Linux's COMMAND_LINE_SIZE is 2048
 # including the NUL (arch/x86/include/asm/setup.h), the value bzImages report as 2047.
 PVH_CMDLINE_SIZE = 2047
+# An ELF vmlinux has no setup header: kvmkit writes one into the zero page with the fields
+# boot.rst asks a loader to fill and the kernel reads. Version 2.15 is what those fields are
+# defined by (acpi_rsdp_addr 2.14); kernel_alignment is x86's default CONFIG_PHYSICAL_ALIGN
+# (16 MiB), the value Firecracker writes too.
+ELF_HEADER_VERSION = 0x020F
+ELF_KERNEL_ALIGNMENT = 0x0100_0000
 
 # boot.rst "64-bit Boot Protocol": "a GDT must be loaded with the descriptors for selectors
 # __BOOT_CS(0x10) and __BOOT_DS(0x18); both descriptors must be 4G flat segment; __BOOT_CS
@@ -246,7 +258,7 @@ def load_linux(
     ram_end = _low_ram_end(mem_size)
 
     if data[:4] == b"\x7fELF":
-        return _load_pvh(mem, kernel, data, initrd, cmdline, mem_size, memmap, rsdp_addr)
+        return _load_elf(mem, kernel, data, initrd, cmdline, mem_size, memmap, rsdp_addr)
     if data[HEADER_MAGIC_OFFSET : HEADER_MAGIC_OFFSET + 4] != HEADER_MAGIC:
         raise BootError(f"not a Linux kernel: {kernel} is neither a bzImage nor an ELF vmlinux")
     image = parse_bzimage(data)
@@ -266,7 +278,8 @@ def load_linux(
         addr, size = _load_initrd(mem, initrd, memmap, mem_size, end, high)
         initrd_range = (addr, addr + size)
 
-    _write_zero_page(mem, image, memmap, initrd_range, rsdp_addr)
+    _write_zero_page(mem, image.setup_header_bytes(), image.version, memmap, initrd_range,
+                     rsdp_addr)  # fmt: skip
     return BootSetup(
         protocol="linux64",
         entry=layout.KERNEL_LOAD_ADDR + ENTRY64_OFFSET,
@@ -279,7 +292,8 @@ def load_linux(
 
 def _write_zero_page(
     mem: GuestMemory,
-    image: BzImage,
+    header: bytes,
+    version: int,
     memmap: MemMap,
     initrd: tuple[int, int] | None,
     rsdp_addr: int | None,
@@ -292,7 +306,6 @@ def _write_zero_page(
     # boot.rst "64-bit Boot Protocol": boot_params initialized to all zero, then the setup
     # header from the kernel image (0x1F1 up to 0x202 + the byte at 0x201) copied into it.
     raw = bytearray(BOOT_PARAMS_SIZE)
-    header = image.setup_header_bytes()
     raw[SETUP_HEADER_OFFSET : SETUP_HEADER_OFFSET + len(header)] = header
     bp = boot_params.from_buffer(raw)
     hdr = bp.hdr
@@ -310,7 +323,7 @@ def _write_zero_page(
         hdr.ramdisk_size = (end - addr) & 0xFFFFFFFF
         bp.ext_ramdisk_image = addr >> 32
         bp.ext_ramdisk_size = (end - addr) >> 32
-    if rsdp_addr is not None and image.version >= ACPI_RSDP_PROTOCOL:
+    if rsdp_addr is not None and version >= ACPI_RSDP_PROTOCOL:
         bp.acpi_rsdp_addr = rsdp_addr  # zero-page.rst 0x070
     bp.e820_entries = len(memmap)  # zero-page.rst 0x1E8, table at 0x2D0
     for i, (addr, size, type_) in enumerate(memmap):
@@ -319,7 +332,7 @@ def _write_zero_page(
     mem.write(layout.ZERO_PAGE_ADDR, bytes(raw))
 
 
-def _load_pvh(
+def _load_elf(
     mem: GuestMemory,
     kernel: Path,
     data: bytes,
@@ -335,10 +348,7 @@ def _load_pvh(
         raise BootError(f"not a bootable kernel: {kernel}: {err}") from None
     entry = pvh_entry(elf)
     if entry is None:
-        raise BootError(
-            f"ELF kernel {kernel} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY; needs "
-            "CONFIG_PVH=y): boot its bzImage instead"
-        )
+        return _load_elf_linux64(mem, kernel, elf, initrd, cmdline, mem_size, memmap, rsdp_addr)
     cmd = _cmdline_bytes(cmdline, PVH_CMDLINE_SIZE)
     ram_end = _low_ram_end(mem_size)
     start, end = load_elf_kernel(mem, elf, ram_end)
@@ -360,6 +370,58 @@ def _load_pvh(
         protocol="pvh",
         entry=entry,
         params_addr=params,
+        kernel_range=(start, end),
+        initrd_range=initrd_range,
+        cmdline=cmd,
+    )
+
+
+def _load_elf_linux64(
+    mem: GuestMemory,
+    kernel: Path,
+    elf: ElfFile,
+    initrd: Path | None,
+    cmdline: str,
+    mem_size: int,
+    memmap: MemMap,
+    rsdp_addr: int | None,
+) -> BootSetup:
+    """An x86-64 ELF vmlinux without a PVH note, through the 64-bit boot protocol (boot.rst
+    "64-bit Boot Protocol"; Firecracker's way): its PT_LOAD segments at their physical
+    addresses, entered at e_entry (the linker script's `phys_startup_64`) in 64-bit mode."""
+    if not elf.is64 or elf.machine != EM_X86_64:
+        raise BootError(
+            f"ELF kernel {kernel} is not an x86-64 vmlinux (class {elf.elf_class}, machine "
+            f"{elf.machine})"
+        )
+    cmd = _cmdline_bytes(cmdline, PVH_CMDLINE_SIZE)
+    ram_end = _low_ram_end(mem_size)
+    start, end = load_elf_kernel(mem, elf, ram_end)
+    entry = elf.entry
+    if not any(s.paddr <= entry < s.paddr + s.memsz for s in elf.load_segments):
+        raise BootError(f"corrupt kernel: ELF entry {entry:#x} is outside its loaded segments")
+    if end > layout.BOOT_IDENTITY_MAP:
+        raise BootError(
+            f"kernel ends at {end // MIB} MiB; the boot page tables identity-map "
+            f"{layout.BOOT_IDENTITY_MAP // MIB} MiB"
+        )
+    mem.write(layout.CMDLINE_ADDR, cmd + b"\0")
+    initrd_range = None
+    if initrd is not None:
+        addr, size = _load_initrd(mem, initrd, memmap, mem_size, end, ram_end)
+        initrd_range = (addr, addr + size)
+    # boot.rst "Details of Header Fields": the fields a boot loader writes; the kernel reads
+    # cmd_line_ptr, the ramdisk fields and the E820 table from the zero page.
+    hdr = setup_header(
+        boot_flag=BOOT_FLAG, header=int.from_bytes(HEADER_MAGIC, "little"),
+        version=ELF_HEADER_VERSION, kernel_alignment=ELF_KERNEL_ALIGNMENT,
+        cmdline_size=PVH_CMDLINE_SIZE,
+    )  # fmt: skip
+    _write_zero_page(mem, bytes(hdr), ELF_HEADER_VERSION, memmap, initrd_range, rsdp_addr)
+    return BootSetup(
+        protocol="linux64",
+        entry=entry,
+        params_addr=layout.ZERO_PAGE_ADDR,
         kernel_range=(start, end),
         initrd_range=initrd_range,
         cmdline=cmd,

@@ -55,8 +55,14 @@ def run_api(
     initrd: Path | None = None, cmdline: str | None = None, vcpus: int = 1,
     mem_mib: int = 256, command: list[str] | None = None, timeout: float | None = None,
     instance_id: str = "anonymous-instance", prog: str = "kvmkit run",
-    extra_config: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None, virtio_transport: str = "mmio",
+    boot_timer: bool = False,
+    start_times: tuple[int | None, int | None, int | None] = (None, None, None),
+    mmds_size_limit: int | None = None, firecracker_exit: bool = False,
 ) -> int:  # fmt: skip
+    """Serve the API (and boot what the arguments or config file describe) until the VM
+    ends; returns the process's exit status: `kvmkit run`'s, or with `firecracker_exit`
+    Firecracker's 0 for a guest that powered off or rebooted (its `reboot=k` way out)."""
     from kvmkit.api.server import ApiServer
 
     stdout = sys.stdout.buffer
@@ -70,8 +76,10 @@ def run_api(
 
     vmm = Vmm(
         instance_id=instance_id, console_output=None if command else write_out,
-        command_output=write_out if command else None,
+        command_output=write_out if command else None, virtio_transport=virtio_transport,
+        boot_timer=boot_timer,
     )  # fmt: skip
+    vmm.mmds_size_limit = mmds_size_limit
     server = None
     try:
         if api_sock is not None:
@@ -80,6 +88,7 @@ def run_api(
             except OSError as err:
                 raise UserError(f"--api-sock: {err.strerror or err}") from None
             print(f"{prog}: API on {api_sock}", file=sys.stderr, flush=True)
+        vmm.report_start_time(*start_times)  # serving: the start-up Firecracker measures
         boot_now = False
         try:
             if extra_config:
@@ -119,6 +128,8 @@ def run_api(
         if command and result.command_status is not None:
             return result.command_status
         print(f"{prog}: {result.message}", file=sys.stderr)
+        if firecracker_exit and result.reason.value in ("poweroff", "reboot"):
+            return 0  # Firecracker's FcExitCode::Ok
         return result.exit_status
     finally:
         if server is not None:

@@ -42,7 +42,10 @@ def register(sub: Any) -> None:
     p.add_argument("--kernel", type=Path, help="bzImage or ELF vmlinux (PVH)")
     p.add_argument("--initrd", type=Path, help="initramfs for --kernel")
     p.add_argument(
-        "--cmdline", help="kernel command line (added to kvmkit's for the default image)"
+        "--cmdline",
+        help="kernel command line: replaces kvmkit's defaults for --kernel, is added to them "
+        "for the default image; the root drive's and the devices' parameters always follow "
+        "(docs/api.md)",
     )
     p.add_argument(
         "--vcpus", type=int, default=None,
@@ -89,9 +92,17 @@ def register(sub: Any) -> None:
         help="at the end, print to stderr the run time, vCPU exits and console bytes",
     )  # fmt: skip
     p.add_argument(
-        "--drive", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
+        "--rootfs", metavar="PATH[,ro]",
+        help="boot this root file system image (ext4, ...): the first drive, /dev/vda, "
+        "with root=/dev/vda on the kernel command line; the default image's init mounts it "
+        "and runs its /sbin/init (or runs COMMAND in it); ro: read-only",
+    )  # fmt: skip
+    p.add_argument(
+        "--drive", action="append", default=[],
+        metavar="PATH[,ro][,serial=ID][,cache=unsafe|writeback][,root]",
         help="a raw disk image as a virtio-blk drive (/dev/vda, vdb, ... in order); "
-        "ro: read-only (guest writes fail)",
+        "ro: read-only (guest writes fail); cache: whether a guest flush is fdatasync "
+        "(writeback, the default) or not offered (unsafe); root: the root device",
     )
     p.add_argument("--rng", action="store_true", help="a virtio-rng device (/dev/hwrng)")
     p.add_argument(
@@ -169,8 +180,6 @@ def _forward_input(machine: Machine, fd: int, stop: threading.Event) -> None:
 def _api_devices(args: argparse.Namespace) -> dict[str, Any]:
     """--drive, --net and --vsock as the API's drives, network interfaces and vsock (with
     --api-sock the action layer builds the machine; they used to be dropped silently)."""
-    if args.rng or args.virtio_transport != "mmio":
-        raise UserError("--rng and --virtio-transport pci do not combine with --api-sock yet")
     out: dict[str, Any] = {}
     try:
         drives = [DriveConfig.parse(spec) for spec in args.drive]
@@ -210,6 +219,13 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(
                 "--gdb and --snapshot-after do not combine with --api-sock/--config-file"
             )
+        if args.rootfs or args.rng:
+            # Not silently dropped (--drive, --net and --vsock become the API's devices).
+            raise UserError(
+                "--rootfs and --rng do not combine with --api-sock/--config-file: configure "
+                "them through the API or the config file (PUT /drives/{id} with "
+                "is_root_device, PUT /entropy)"
+            )
         if args.topology or args.numa or args.huge_pages or args.cpu_affinity:
             raise UserError(
                 "--topology, --numa, --huge-pages and --cpu-affinity do not combine with "
@@ -219,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
             api_sock=args.api_sock, config_file=args.config_file, kernel=args.kernel,
             initrd=args.initrd, cmdline=args.cmdline,
             vcpus=args.vcpus if args.vcpus is not None else 1, mem_mib=args.mem_mib,
-            command=command, timeout=args.timeout, extra_config=_api_devices(args) or None,
+            command=command, timeout=args.timeout, virtio_transport=args.virtio_transport,
+            extra_config=_api_devices(args) or None,
         )  # fmt: skip
     config = MachineConfig(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
@@ -228,6 +245,12 @@ def run(args: argparse.Namespace) -> int:
     _cpu_options(config, args)
     try:
         config.drives = [DriveConfig.parse(spec) for spec in args.drive]
+        if args.rootfs:
+            root = DriveConfig.parse(args.rootfs)
+            if root.root or root.serial or set(args.rootfs.split(",")[1:]) - {"ro", "readonly"}:
+                raise ValueError(f"--rootfs {args.rootfs}: the only option is ro")
+            root.root = True
+            config.drives.insert(0, root)
         config.nets = [NetConfig.parse(spec) for spec in args.net]
         config.vsock = VsockConfig.parse(args.vsock) if args.vsock else None
     except ValueError as err:

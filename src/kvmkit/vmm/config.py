@@ -15,8 +15,9 @@ from kvmkit.arch.x86_64.topology import (
     format_cpulist,
     parse_cpulist,
 )
-from kvmkit.devices.virtio.blk import DriveConfig
+from kvmkit.devices.virtio.blk import CACHE_TYPES, DriveConfig
 from kvmkit.devices.virtio.net import NetConfig
+from kvmkit.devices.virtio.ratelimit import RateLimiterConfig
 from kvmkit.devices.virtio.vsock import VsockConfig
 from kvmkit.errors import UserError
 from kvmkit.memory import host as host_memory
@@ -46,6 +47,7 @@ class MachineConfig:
     # entropy device (/dev/hwrng). Snapshots carry their state (docs/snapshot.md).
     drives: list[DriveConfig] = field(default_factory=list)
     rng: bool = False
+    rng_rate_limiter: RateLimiterConfig | None = None  # Firecracker's /entropy rate_limiter
     # How the guest finds them (docs/virtio.md): "mmio" (virtio-mmio, from the DSDT or the
     # command line) or "pci" (the modern virtio-pci transport on a PCI bus with MSI-X).
     virtio_transport: str = "mmio"
@@ -53,6 +55,10 @@ class MachineConfig:
     # host side is Unix sockets (docs/virtio.md).
     nets: list[NetConfig] = field(default_factory=list)
     vsock: VsockConfig | None = None
+    # Firecracker's boot timer (`--boot-timer`): a write of 123 to its MMIO byte at
+    # layout.BOOT_TIMER_ADDR logs the guest's boot time; the virtio-mmio devices move up a
+    # slot to make room, as in Firecracker.
+    boot_timer: bool = False
     # CPU topology and NUMA (docs/topology.md): None is one socket with one core per vCPU;
     # guest NUMA nodes (empty: none); guest RAM on huge pages of this size ("2M") or None;
     # host CPUs for the vCPU threads: vCPU index -> CPUs, key -1 for every vCPU not named.
@@ -103,7 +109,13 @@ class MachineConfig:
                 raise UserError(f"{what} {path}: not a regular file")
             if not os.access(path, os.R_OK):
                 raise UserError(f"{what} {path}: not readable")
+        if sum(d.root for d in self.drives) > 1:
+            raise UserError("only one drive can be the root device")
         for drive in self.drives:
+            if drive.cache_type not in CACHE_TYPES:
+                raise UserError(f"--drive {drive.path}: cache type {drive.cache_type!r}")
+            if drive.partuuid is not None and not drive.root:
+                raise UserError(f"--drive {drive.path}: a partuuid only applies to the root drive")
             if not drive.path.is_file():
                 raise UserError(f"--drive {drive.path}: not a regular file")
             if not os.access(drive.path, os.R_OK if drive.read_only else os.R_OK | os.W_OK):

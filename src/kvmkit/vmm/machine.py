@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +48,8 @@ from kvmkit.arch.x86_64.cpuid import guest_cpuid
 from kvmkit.arch.x86_64.msrs import boot_msrs
 from kvmkit.arch.x86_64.numa import numa_tables
 from kvmkit.boot.loader import load_linux, setup_boot_vcpu
+from kvmkit.devices.boot_timer import LENGTH as BOOT_TIMER_LENGTH
+from kvmkit.devices.boot_timer import BootTimer
 from kvmkit.devices.bus import Bus
 from kvmkit.devices.irq import EventFdIrq
 from kvmkit.devices.legacy.i8042 import I8042
@@ -59,6 +62,7 @@ from kvmkit.devices.virtio.mmio import MmioTransportState, VirtioMmio
 from kvmkit.devices.virtio.mmio import cmdline_entry as virtio_cmdline_entry
 from kvmkit.devices.virtio.net import NetConfig, VirtioNet, format_mac, parse_mac
 from kvmkit.devices.virtio.pci import PciTransportState, VirtioPci
+from kvmkit.devices.virtio.ratelimit import RateLimiterConfig
 from kvmkit.devices.virtio.rng import VirtioRng
 from kvmkit.devices.virtio.vsock import VirtioVsock
 from kvmkit.devices.virtio.worker import VirtioWorkers
@@ -91,9 +95,11 @@ log = logging.getLogger(__name__)
 SERIAL_PORT = 0x3F8
 SERIAL_IRQ = 4
 KEYBOARD_IRQ = 1
-# Kernel options kvmkit always passes: the console on the 8250, reboot through the i8042
-# reset line (which kvmkit turns into "the guest rebooted"), reboot at once on panic, and
-# no probing of a PS/2 controller kvmkit does not fully emulate (Firecracker's choices).
+# kvmkit's default kernel options (docs/api.md "The kernel command line"): the console on
+# the 8250, reboot through the i8042 reset line (which kvmkit turns into "the guest
+# rebooted"), reboot at once on panic, and no probing of a PS/2 controller kvmkit does not
+# fully emulate (Firecracker's choices). `--cmdline`/`boot_args` replace them for a kernel
+# the user gives, as Firecracker's boot_args replaces its default.
 BASE_CMDLINE = (
     "console=ttyS0 reboot=k panic=-1 pci=off "
     "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
@@ -169,6 +175,21 @@ class MachineResult:
         return f"{text}: {self.detail}" if self.detail else text
 
 
+def _limits(config: RateLimiterConfig) -> RateLimiterConfig | None:
+    return config if config.limits else None
+
+
+def _disk_name(index: int) -> str:
+    """Linux's name for the `index`th virtio-blk disk: vda..vdz, then vdaa, vdab, ... (the
+    base-26 scheme of drivers/block/virtio_blk.c, the same as sd's)."""
+    name = ""
+    index += 1
+    while index:
+        index, rem = divmod(index - 1, 26)
+        name = chr(ord("a") + rem) + name
+    return f"vd{name}"
+
+
 def _cmdline_quote(argv: list[str]) -> str:
     import base64
     import json
@@ -204,6 +225,7 @@ class Machine:
         self.ring: RingDrainer | None = None  # the coalesced PIO ring, when KVM has one
         self._coalesced_ports: list[tuple[int, int]] = []
         self.i8042: I8042 | None = None
+        self.boot_timer: BootTimer | None = None
         self.started_at = 0.0
         # (base, irq, device); over PCI: (BAR address, -1: MSI-X, device)
         self.virtio: list[tuple[int, int, VirtioDevice]] = []
@@ -273,27 +295,56 @@ class Machine:
 
     # -- building
     def kernel_and_initrd(self) -> tuple[Path, Path | None, str]:
-        """The kernel, initrd and command line to boot (the default image when none given)."""
-        cfg = self.config
-        extra = f" {cfg.extra_cmdline}" if cfg.extra_cmdline else ""
-        if cfg.kernel is not None:
-            cmdline = cfg.cmdline if cfg.cmdline is not None else self.base_cmdline()
-            if cfg.command:
-                cmdline += f" kvmkit.nonce={self.nonce} kvmkit.cmd={_cmdline_quote(cfg.command)}"
-            # Kernels built the Firecracker way find virtio-mmio devices on the command
-            # line (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES); others from the ACPI DSDT.
-            for base, irq in self.virtio_slots():
-                cmdline += " " + virtio_cmdline_entry(base, irq)
-            return cfg.kernel, cfg.initrd, cmdline + extra
-        from kvmkit.image.guest import default_image
+        """The kernel, initrd and command line to boot (the default image when none given).
 
-        image = default_image()
-        cmdline = f"{self.base_cmdline()} quiet kvmkit.nonce={self.nonce}"
+        The command line (docs/api.md "The kernel command line") is the base, then what
+        describes the devices kvmkit built, then kvmkit's console protocol:
+        - base: for a kernel the user gives, `cmdline` (`--cmdline`, `boot_args`) when set,
+          replacing kvmkit's defaults (BASE_CMDLINE), as Firecracker's boot_args replaces
+          its default; for the default image, kvmkit's defaults and `quiet` (its init relies
+          on them) with `cmdline` after them;
+        - devices, always (Firecracker adds them to boot_args too): the root drive's `root=`
+          and `ro`/`rw`, and a `virtio_mmio.device=` per virtio-mmio device;
+        - `kvmkit.nonce=` and `kvmkit.cmd=` when a command runs (and the nonce whenever the
+          default image boots)."""
+        cfg = self.config
+        if cfg.kernel is not None:
+            kernel, initrd = cfg.kernel, cfg.initrd
+            parts = [cfg.cmdline if cfg.cmdline is not None else self.base_cmdline()]
+        else:
+            from kvmkit.image.guest import default_image
+
+            image = default_image()
+            kernel, initrd = image.kernel, image.initrd
+            parts = [f"{self.base_cmdline()} quiet"]
+            if cfg.cmdline:
+                parts.append(cfg.cmdline)
+        parts += self.device_cmdline()
+        if cfg.command or cfg.kernel is None:
+            parts.append(f"kvmkit.nonce={self.nonce}")
         if cfg.command:
-            cmdline += f" kvmkit.cmd={_cmdline_quote(cfg.command)}"
-        if cfg.cmdline:
-            cmdline += f" {cfg.cmdline}"
-        return image.kernel, image.initrd, cmdline + extra
+            parts.append(f"kvmkit.cmd={_cmdline_quote(cfg.command)}")
+        if cfg.extra_cmdline:
+            parts.append(cfg.extra_cmdline)
+        return kernel, initrd, " ".join(p for p in parts if p)
+
+    def device_cmdline(self) -> list[str]:
+        """The parameters that describe the devices kvmkit built (see kernel_and_initrd)."""
+        out = []
+        for i, drive in enumerate(self.config.drives):
+            if drive.root:
+                # Firecracker's root device: root=PARTUUID= when a partuuid is given, else
+                # the drive's own name; virtio-blk names disks vda, vdb, ... in probe order,
+                # which is the drives' order on both transports.
+                if drive.partuuid:
+                    out.append(f"root=PARTUUID={drive.partuuid}")
+                else:
+                    out.append(f"root=/dev/{_disk_name(i)}")
+                out.append("ro" if drive.read_only else "rw")
+        # Kernels built the Firecracker way find virtio-mmio devices on the command line
+        # (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES); others from the ACPI DSDT.
+        out += [virtio_cmdline_entry(base, irq) for base, irq in self.virtio_slots()]
+        return out
 
     def uses_pci(self) -> bool:
         """virtio devices over PCI or passthrough devices: the guest needs its PCI bus (no
@@ -396,6 +447,10 @@ class Machine:
             on_reset=lambda: self._finish(EndReason.REBOOT, "ACPI reset"),
         )
         self.pio.insert(power, AcpiPower.BASE, AcpiPower.LENGTH, "acpi-power")
+        if self.config.boot_timer:
+            self.boot_timer = BootTimer()
+            self.mmio.insert(self.boot_timer, layout.BOOT_TIMER_ADDR, BOOT_TIMER_LENGTH,
+                             "boot-timer")  # fmt: skip
         self._add_virtio(vm)
         if self.config.vfio:
             self.vfio = MachineVfio(self.config.vfio, self.mem, self._pci_bus(vm))
@@ -412,24 +467,32 @@ class Machine:
         c = self.config
         if c.virtio_transport != "mmio":
             return []
+        first = int(c.boot_timer)  # the boot timer has the first page (layout.BOOT_TIMER_ADDR)
         return [
-            (layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_MMIO_IRQS[i])
+            (layout.VIRTIO_MMIO_BASE + (first + i) * layout.VIRTIO_MMIO_SIZE,
+             layout.VIRTIO_MMIO_IRQS[i])
             for i in range(c.virtio_count)
-        ]
+        ]  # fmt: skip
 
     def _add_virtio(self, vm: Vm) -> None:
-        devices: list[VirtioDevice] = [
-            VirtioBlk(d.path, read_only=d.read_only, serial=d.serial, name=f"vd{chr(97 + i)}")
-            for i, d in enumerate(self.config.drives)
-        ]
-        if self.config.rng:
-            devices.append(VirtioRng())
+        devices: list[VirtioDevice] = []
         what = ""
         try:
+            for i, d in enumerate(self.config.drives):
+                what = f"--drive {d.path}"
+                devices.append(VirtioBlk(
+                    d.path, read_only=d.read_only, serial=d.serial, name=_disk_name(i),
+                    cache_type=d.cache_type, rate_limiter=d.rate_limiter,
+                ))  # fmt: skip
+            if self.config.rng:
+                devices.append(VirtioRng(rate_limiter=self.config.rng_rate_limiter))
             for i, n in enumerate(self.config.nets):
                 what = f"--net tap={n.tap}"
                 mac = parse_mac(n.mac) if n.mac else None
-                devices.append(VirtioNet(n.tap, mac, name=f"eth{i}"))
+                devices.append(VirtioNet(
+                    n.tap, mac, name=f"eth{i}", mtu=n.mtu, rx_rate_limiter=n.rx_rate_limiter,
+                    tx_rate_limiter=n.tx_rate_limiter,
+                ))  # fmt: skip
             if (vsock := self.config.vsock) is not None:
                 what = f"--vsock uds={vsock.uds_path}"
                 devices.append(VirtioVsock(vsock.cid, vsock.uds_path))
@@ -671,12 +734,25 @@ class Machine:
 
     def state_config(self) -> tuple[MachineConfig, tuple[int, ...]]:
         """The configuration a state of this machine carries, with each drive's image size:
-        each net with the MAC the guest knows (a random one when none was configured) and
-        its tap by name."""
-        nets = [NetConfig(dev.tap_name, format_mac(dev.mac))
+        the devices as they are now (a PATCH may have changed a drive's image or a rate
+        limiter since boot; the limiters' buckets come back full), each net with the MAC the
+        guest knows (a random one when none was configured) and its tap by name."""
+        cfg = self.config
+        blks = [dev for _, _, dev in self.virtio if isinstance(dev, VirtioBlk)]
+        drives = [
+            dataclasses.replace(
+                d, path=dev.path, serial=dev.serial.decode("latin-1"),
+                cache_type=dev.cache_type, rate_limiter=_limits(dev.limiter.config),
+            )
+            for d, dev in zip(cfg.drives, blks, strict=True)
+        ]  # fmt: skip
+        nets = [NetConfig(dev.tap_name, format_mac(dev.mac), dev.mtu,
+                          _limits(dev.rx_limiter.config), _limits(dev.tx_limiter.config))
                 for _, _, dev in self.virtio if isinstance(dev, VirtioNet)]  # fmt: skip
-        config = dataclasses.replace(self.config, nets=nets)
-        return config, tuple(d.path.stat().st_size for d in self.config.drives)
+        rng = next((_limits(dev.limiter.config) for _, _, dev in self.virtio
+                    if isinstance(dev, VirtioRng)), None)  # fmt: skip
+        config = dataclasses.replace(cfg, drives=drives, nets=nets, rng_rate_limiter=rng)
+        return config, tuple(os.fstat(dev.fd).st_size for dev in blks)
 
     def capture_state(self) -> MachineState:
         """The state of the paused machine, without guest memory (kvmkit.vmm.persist)."""

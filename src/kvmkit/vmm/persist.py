@@ -8,8 +8,10 @@ One capture and one apply of state, two transports. `Machine.capture_state()` re
     devices   the serial port; every virtio device with its transport (virtio-mmio or
               virtio-pci: config space, MSI-X table); the PCI root's address latch
     meta      the configuration (the CPU topology, guest NUMA nodes and huge pages, so the
-              machine is rebuilt the same; drives with their image sizes, nets with the MAC
-              the guest knows, vsock), the console nonce, where the command-output parser was
+              machine is rebuilt the same; drives with their image sizes, cache types and
+              rate limiters, nets with the MAC the guest knows, MTU and rate limiters, the
+              rng's rate limiter, the boot timer, vsock), the console nonce, where the
+              command-output parser was
 
 Guest memory is not in it: each transport carries memory its own way. The snapshot file pair
 (`kvmkit.vmm.snapshot`) writes the state file and a sparse memory file beside it; a
@@ -36,11 +38,12 @@ from kvmkit.arch.x86_64.numa import MAX_HOST_NODE, MAX_NODES, NumaNode
 from kvmkit.arch.x86_64.topology import LEVELS, Topology
 from kvmkit.devices.legacy.serial import SerialState
 from kvmkit.devices.pci.root import PciRootState
-from kvmkit.devices.virtio.blk import DriveConfig, VirtioBlk
+from kvmkit.devices.virtio.blk import CACHE_TYPES, CACHE_WRITEBACK, DriveConfig, VirtioBlk
 from kvmkit.devices.virtio.device import VirtioDevice, VirtioState
 from kvmkit.devices.virtio.mmio import MmioTransportState
 from kvmkit.devices.virtio.net import NetConfig, VirtioNet
 from kvmkit.devices.virtio.pci import PciTransportState
+from kvmkit.devices.virtio.ratelimit import RateLimiterConfig
 from kvmkit.devices.virtio.rng import VirtioRng
 from kvmkit.devices.virtio.vsock import VirtioVsock, VsockConfig
 from kvmkit.errors import UserError
@@ -188,7 +191,8 @@ def config_to_dict(cfg: MachineConfig, drive_sizes: tuple[int, ...]) -> dict[str
     size (a migration sends it first, so the destination checks it before any page)."""
     drives = [
         {"path": str(d.path.absolute()), "read_only": d.read_only, "serial": d.serial,
-         "size": size}
+         "size": size, "cache_type": d.cache_type,
+         "rate_limiter": _limiter_dict(d.rate_limiter)}
         for d, size in zip(cfg.drives, drive_sizes, strict=True)
     ]  # fmt: skip
     vsock = None
@@ -196,8 +200,12 @@ def config_to_dict(cfg: MachineConfig, drive_sizes: tuple[int, ...]) -> dict[str
         vsock = {"cid": cfg.vsock.cid, "uds_path": str(cfg.vsock.uds_path.absolute())}
     return {"vcpus": cfg.vcpus, "mem_mib": cfg.mem_mib, "command": list(cfg.command),
             "drives": drives, "rng": cfg.rng, "virtio_transport": cfg.virtio_transport,
-            "nets": [{"tap": n.tap, "mac": n.mac} for n in cfg.nets],
-            "vsock": vsock, **_save_cpu_memory(cfg)}  # fmt: skip
+            "nets": [{"tap": n.tap, "mac": n.mac, "mtu": n.mtu,
+                      "rx_rate_limiter": _limiter_dict(n.rx_rate_limiter),
+                      "tx_rate_limiter": _limiter_dict(n.tx_rate_limiter)}
+                     for n in cfg.nets],
+            "vsock": vsock, "rng_rate_limiter": _limiter_dict(cfg.rng_rate_limiter),
+            "boot_timer": cfg.boot_timer, **_save_cpu_memory(cfg)}  # fmt: skip
 
 
 def config_from_dict(obj: Any) -> tuple[MachineConfig, tuple[int, ...]]:
@@ -229,7 +237,14 @@ def _config_from(meta: Fields) -> tuple[MachineConfig, tuple[int, ...]]:
                 f"drive {path}: the image is {now} bytes, it was {size} when the snapshot was "
                 "taken (another image?)"
             )
-        drives.append(DriveConfig(path, d.get_bool("read_only"), d.get_str("serial", 4096)))
+        # States from before cache types and limiters: Writeback (FLUSH offered), none.
+        cache = d.get_str("cache_type", 16) if d.has("cache_type") else CACHE_WRITEBACK
+        if cache not in CACHE_TYPES:
+            raise SnapshotError(f"snapshot state: {d.path}.cache_type {cache!r}")
+        drives.append(DriveConfig(
+            path, d.get_bool("read_only"), d.get_str("serial", 4096), cache_type=cache,
+            rate_limiter=_limiter_from(d, "rate_limiter"),
+        ))  # fmt: skip
         sizes.append(size)
     transport = cfg.get_str("virtio_transport", 16) if cfg.has("virtio_transport") else "mmio"
     if transport not in VIRTIO_TRANSPORTS:
@@ -237,7 +252,11 @@ def _config_from(meta: Fields) -> tuple[MachineConfig, tuple[int, ...]]:
     nets = []
     for i, raw in enumerate(cfg.get_list("nets", MAX_VIRTIO) if cfg.has("nets") else []):
         n = Fields(raw, f"meta.config.nets[{i}]")
-        net = NetConfig(n.get_str("tap", 64), n.get_str("mac", 64))
+        mtu = n.get_int("mtu", 68, 65535) if n.obj.get("mtu") is not None else None
+        net = NetConfig(
+            n.get_str("tap", 64), n.get_str("mac", 64), mtu,
+            _limiter_from(n, "rx_rate_limiter"), _limiter_from(n, "tx_rate_limiter"),
+        )  # fmt: skip
         try:
             net.check()
         except ValueError as err:
@@ -256,7 +275,11 @@ def _config_from(meta: Fields) -> tuple[MachineConfig, tuple[int, ...]]:
     config = MachineConfig(
         vcpus=cfg.get_int("vcpus", 1, MAX_VCPUS), mem_mib=cfg.get_int("mem_mib", 1, 1 << 20),
         command=command, drives=drives, rng=cfg.get_bool("rng") if cfg.has("rng") else False,
-        virtio_transport=transport, nets=nets, vsock=vsock, **_load_cpu_memory(cfg),
+        virtio_transport=transport, nets=nets, vsock=vsock,
+        rng_rate_limiter=_limiter_from(cfg, "rng_rate_limiter"),
+        # The boot timer moves the virtio-mmio devices: it must come back with them.
+        boot_timer=cfg.get_bool("boot_timer") if cfg.has("boot_timer") else False,
+        **_load_cpu_memory(cfg),
     )  # fmt: skip
     if config.virtio_count > MAX_VIRTIO_DEVICES:
         raise SnapshotError(f"snapshot state: more than {MAX_VIRTIO_DEVICES} virtio devices")
@@ -265,6 +288,21 @@ def _config_from(meta: Fields) -> tuple[MachineConfig, tuple[int, ...]]:
     except UserError as err:
         raise SnapshotError(f"snapshot state: meta.config: {err}") from None
     return config, tuple(sizes)
+
+
+def _limiter_dict(config: RateLimiterConfig | None) -> dict[str, Any] | None:
+    return None if config is None else config.to_api()
+
+
+def _limiter_from(f: Fields, key: str) -> RateLimiterConfig | None:
+    """A rate limiter saved in its API shape (absent, null or {} in older states: none)."""
+    raw = f.obj.get(key)
+    if not raw:
+        return None
+    try:
+        return RateLimiterConfig.from_api(raw, f"{f.path}.{key}")
+    except ValueError as err:
+        raise SnapshotError(f"snapshot state: {err}") from None
 
 
 def _save_cpu_memory(cfg: MachineConfig) -> dict[str, Any]:

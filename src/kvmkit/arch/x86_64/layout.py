@@ -52,6 +52,9 @@ LAPIC_ADDR = 0xFEE0_0000
 # Device MMIO windows inside the gap, below the IOAPIC.
 VIRTIO_MMIO_BASE = 0xD000_0000
 VIRTIO_MMIO_SIZE = 0x1000  # one page of registers per virtio-mmio device, back to back
+# Firecracker's boot timer (--boot-timer) takes the first slot of the window, where guests
+# built for Firecracker write (its MMIO_MEM_START); the virtio-mmio devices follow it.
+BOOT_TIMER_ADDR = VIRTIO_MMIO_BASE
 # Their interrupts: free ISA IRQs (edge, active high both for the MP table and ACPI).  Not 9:
 # that is the ACPI SCI, which the MADT overrides to level-triggered (acpi.SCI_IRQ), and Linux
 # refuses an edge-triggered _CRS Interrupt on a pin already set up as level ("virtio-mmio

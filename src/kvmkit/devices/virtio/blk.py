@@ -6,8 +6,16 @@ last device-writable status byte. Data moves between the file and guest memory w
 os.preadv/os.pwritev on guest-memory views: no copy in between.
 
 Read-only drives offer VIRTIO_BLK_F_RO and also fail any write with VIRTIO_BLK_S_IOERR.
-VIRTIO_BLK_F_FLUSH is offered and a FLUSH request is fdatasync(2): what the guest flushed
-survives a VMM crash.
+
+The cache type is Firecracker's (docs/api_requests/block-caching.md): with `Writeback`
+VIRTIO_BLK_F_FLUSH is offered and a FLUSH request is fdatasync(2), so what the guest flushed
+survives a host crash; with `Unsafe` FLUSH is not offered (the guest never waits for one)
+and writes reach the disk when the host's page cache writes them back. `kvmkit run --drive`
+defaults to Writeback, the API to Unsafe (Firecracker's default).
+
+An optional rate limiter (Firecracker's token buckets, `ratelimit.py`) is applied per
+request: one op and the request's data bytes. A request that must wait stays taken and
+held; the limiter's timer brings the device back to it.
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from kvmkit.devices.virtio import iov
-from kvmkit.devices.virtio.device import Budget, VirtioDevice
+from kvmkit.devices.virtio.device import INT_CONFIG, Budget, VirtioDevice
 from kvmkit.devices.virtio.queue import Buffer, DescriptorChain, QueueError
+from kvmkit.devices.virtio.ratelimit import DeviceLimiter, RateLimiterConfig
 from kvmkit.guestlog import GuestLog
 from kvmkit.snapshot.format import Fields, SnapshotError
 
@@ -58,15 +67,25 @@ MAX_DISCARD_SEG = 16
 MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
 _FALLOC_FL_KEEP_SIZE = 1
 _FALLOC_FL_PUNCH_HOLE = 2
+# Firecracker's Drive.cache_type values
+CACHE_UNSAFE = "Unsafe"
+CACHE_WRITEBACK = "Writeback"
+CACHE_TYPES = (CACHE_UNSAFE, CACHE_WRITEBACK)
 
 
 @dataclass
 class DriveConfig:
-    """One `--drive PATH[,ro][,serial=ID]`."""
+    """One `--drive PATH[,ro][,serial=ID][,cache=unsafe|writeback][,root]`, or one of the
+    API's drives. `root`: the root device (`root=` on the kernel command line, with
+    `partuuid` when given)."""
 
     path: Path
     read_only: bool = False
     serial: str = ""
+    cache_type: str = CACHE_WRITEBACK
+    rate_limiter: RateLimiterConfig | None = None
+    root: bool = False
+    partuuid: str | None = None
 
     @classmethod
     def parse(cls, spec: str) -> DriveConfig:
@@ -77,8 +96,15 @@ class DriveConfig:
                 drive.read_only = True
             elif opt.startswith("serial="):
                 drive.serial = opt.removeprefix("serial=")
+            elif opt in ("cache=unsafe", "cache=writeback"):
+                drive.cache_type = CACHE_UNSAFE if opt.endswith("unsafe") else CACHE_WRITEBACK
+            elif opt == "root":
+                drive.root = True
             else:
-                raise ValueError(f"--drive {spec}: unknown option {opt!r} (ro, serial=ID)")
+                raise ValueError(
+                    f"--drive {spec}: unknown option {opt!r} (ro, serial=ID, "
+                    "cache=unsafe|writeback, root)"
+                )
         return drive
 
 
@@ -86,28 +112,39 @@ class VirtioBlk(VirtioDevice):
     DEVICE_ID = VIRTIO_ID_BLOCK
 
     def __init__(self, path: str | Path, *, read_only: bool = False, serial: str = "",
-                 name: str = "blk") -> None:  # fmt: skip
+                 name: str = "blk", cache_type: str = CACHE_WRITEBACK,
+                 rate_limiter: RateLimiterConfig | None = None) -> None:  # fmt: skip
+        if cache_type not in CACHE_TYPES:
+            raise ValueError(f"cache_type {cache_type!r}: one of {', '.join(CACHE_TYPES)}")
         self.path = Path(path)
         self.read_only = read_only
+        self.cache_type = cache_type
         self.fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         size = os.fstat(self.fd).st_size
         self.capacity = size // SECTOR_SIZE  # in 512-byte sectors (§5.2.4)
         self.serial = (serial or self.path.name).encode()[:ID_BYTES]
         features = VIRTIO_BLK_F_SIZE_MAX | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE
-        features |= VIRTIO_BLK_F_FLUSH
+        if cache_type == CACHE_WRITEBACK:
+            features |= VIRTIO_BLK_F_FLUSH
         if read_only:
             features |= VIRTIO_BLK_F_RO
         else:
             features |= VIRTIO_BLK_F_DISCARD
         super().__init__(name, [QUEUE_SIZE], features)
         self.glog = GuestLog(log)  # this module's logger, rate-limited
+        self.limiter = DeviceLimiter(self, 0, rate_limiter)
+        # A request the limiter made wait: taken from the ring, served first when the
+        # limiter's timer has the queue served again.
+        self._throttled: DescriptorChain | None = None
         # Firecracker's block metrics (read by kvmkit.api.metrics): bytes and requests that
-        # completed with VIRTIO_BLK_S_OK, flushes served.
+        # completed with VIRTIO_BLK_S_OK, flushes served, image updates (PATCH).
         self.read_bytes = 0
         self.write_bytes = 0
         self.read_count = 0
         self.write_count = 0
         self.flush_count = 0
+        self.update_count = 0
+        self.update_fails = 0
 
     def config_bytes(self) -> bytes:
         # struct virtio_blk_config (§5.2.4): capacity, size_max, seg_max, geometry,
@@ -119,8 +156,9 @@ class VirtioBlk(VirtioDevice):
         )  # fmt: skip
 
     def describe_device(self) -> str:
+        limiter = self.limiter.describe(self._throttled is not None)
         return (f"{self.path}: {self.read_count} reads, {self.write_count} writes, "
-                f"{self.flush_count} flushes")
+                f"{self.flush_count} flushes{'; ' + limiter if limiter else ''}")
 
     # -- snapshots: the image is not in the snapshot; its identity is (docs/snapshot.md)
     def quiesce(self) -> None:
@@ -134,6 +172,49 @@ class VirtioBlk(VirtioDevice):
             "path": str(self.path.absolute()), "size": os.fstat(self.fd).st_size,
             "read_only": self.read_only, "serial": self.serial.decode("latin-1"),
         }  # fmt: skip
+
+    def held_chains(self) -> dict[int, int]:
+        # A request waiting for the rate limiter is saved as not taken: the restored
+        # device takes it again.
+        return {0: 1} if self._throttled is not None else {}
+
+    def reset_device(self) -> None:
+        self._throttled = None
+        self.limiter.unwatch()
+
+    def stop_host_io(self) -> None:
+        self.limiter.unwatch()
+
+    # -- updates after boot (PATCH /drives/{id}, Firecracker's semantics)
+    def update_rate_limiter(self, update: RateLimiterConfig) -> None:
+        """Replace the buckets `update` names (full); the others stay."""
+        self.limiter.reconfigure(update)
+
+    def replace_image(self, path: str | Path) -> None:
+        """Serve another image file from now on (Firecracker's PATCH of `path_on_host`):
+        the capacity follows the new file and the guest gets a configuration change
+        interrupt (§2.5.1) to read it. OSError if the file cannot be opened as this drive
+        opens its image; the old one stays then."""
+        path = Path(path)
+        try:
+            fd = os.open(path, (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError:
+            self.update_fails += 1
+            raise
+        # The worker does its I/O on `fd` under the serve lock (not the register lock):
+        # the swap waits for the request in progress, and none starts on the old file.
+        with self._serving():
+            if not self.read_only and self.fd >= 0:
+                os.fdatasync(self.fd)  # what the guest wrote to the old image stays there
+            with self.lock:
+                old, self.fd, self.path = self.fd, fd, path
+                self.capacity = os.fstat(fd).st_size // SECTOR_SIZE
+                self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+                self.update_count += 1
+                if self.activated and self.interrupt is not None:
+                    self.interrupt.signal(INT_CONFIG)
+            if old >= 0:
+                os.close(old)
 
     @classmethod
     def check_device_state(cls, state: dict[str, Any], path: str) -> None:
@@ -166,6 +247,7 @@ class VirtioBlk(VirtioDevice):
             raise SnapshotError(f"snapshot state: {path}: drive serial differs")
 
     def close(self) -> None:
+        self.limiter.close()
         super().close()
         if self.fd >= 0:
             os.close(self.fd)
@@ -173,9 +255,20 @@ class VirtioBlk(VirtioDevice):
 
     def process_queue(self, index: int, budget: Budget) -> None:
         assert self.mem is not None
-        queue = self.queues[index]
+        queue, limiter = self.queues[index], self.limiter
         done = False
-        while budget.take() and (chain := queue.pop(self.mem)) is not None:
+        while budget.take():
+            chain, self._throttled = self._throttled, None
+            if chain is None and (chain := queue.pop(self.mem)) is None:
+                break
+            # Firecracker's block limiter: one op per request and its data bytes (the
+            # 16-byte header and the status byte are not data).
+            if limiter.limits and not limiter.consume_request(
+                max(0, chain.readable_length - _HEADER.size) + max(0, chain.writable_length - 1)
+            ):
+                self._throttled = chain
+                limiter.wait()
+                break
             written = self.handle(chain)
             self.complete(index, chain.head, written)
             done = True
@@ -210,8 +303,10 @@ class VirtioBlk(VirtioDevice):
                     self.write_count += 1
                     self.write_bytes += sum(b.length for b in data_out)
             elif rtype == VIRTIO_BLK_T_FLUSH:
+                # Unsafe does not offer FLUSH; a driver that sends one anyway gets it
+                # acknowledged without a sync, as Firecracker does.
                 status = VIRTIO_BLK_S_OK
-                if not self.read_only:
+                if not self.read_only and self.cache_type == CACHE_WRITEBACK:
                     os.fdatasync(self.fd)
                 self.flush_count += 1
             elif rtype == VIRTIO_BLK_T_DISCARD and not self.read_only:

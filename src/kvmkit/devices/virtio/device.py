@@ -250,8 +250,12 @@ class VirtioDevice:
         # Bounded: a guest can make a device fail over and over (kvmkit.guestlog).
         self.errors = ErrorRecord()
         self.glog = GuestLog(log)
-        # Set by `VirtioWorkers.add`: devices with host fds of their own watch them here.
+        # Set by `VirtioWorkers.add`: devices with host fds of their own watch them here;
+        # `watchers[g]` is group g's worker (a rate limiter's timer is watched by the
+        # worker of the queue it throttles).
         self.watcher: FdWatcher | None = None
+        self.watchers: list[FdWatcher] = []
+        self._group_of = {i: g for g, queues in enumerate(groups) for i in queues}
 
     # -- hooks for subclasses
     def worker_groups(self) -> list[list[int]]:
@@ -259,6 +263,23 @@ class VirtioDevice:
         queue never delays another and the queues of one device run in parallel. A device
         whose queues share state (vsock's connections) puts them in one group."""
         return [[i] for i in range(len(self.queues))]
+
+    def group_of(self, index: int) -> int:
+        """The worker group serving queue `index`."""
+        return self._group_of[index]
+
+    def queue_watcher(self, index: int) -> FdWatcher | None:
+        """The worker thread of queue `index` as an FdWatcher (None without workers): a
+        callback of an fd it watches runs under that queue's serve lock."""
+        if not self.watchers:
+            return None
+        return self.watchers[self._group_of[index]]
+
+    def notify_queue(self, index: int) -> None:
+        """Have queue `index`'s worker serve it, as a driver's notification does (nothing
+        once the device is closed)."""
+        if index < len(self.notify_fds):
+            os.eventfd_write(self.notify_fds[index], 1)
 
     def config_bytes(self) -> bytes:
         """The device-specific configuration space, little-endian (§2.5)."""

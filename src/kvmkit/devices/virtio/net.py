@@ -16,6 +16,14 @@ are and the tap does the checksum/segmentation work the header asks for.
 
 Offloads are offered only as the tap accepts them (TUNSETOFFLOAD): GUEST_CSUM/GUEST_TSO4/6
 (the tap hands us partial-checksum and GSO frames) and CSUM/HOST_TSO4/6 (we hand them to it).
+
+With an `mtu` (Firecracker's NetworkInterface.mtu) the device offers VIRTIO_NET_F_MTU and
+the value in its configuration space (§5.1.4): the driver uses it as the interface's MTU.
+
+Optional rate limiters (Firecracker's `rx_rate_limiter`/`tx_rate_limiter`, `ratelimit.py`)
+take one op and the frame's bytes per frame: a tx frame that must wait stays taken and held,
+an rx frame stays read and pending (the tap unwatched meanwhile); the limiter's timer brings
+the device back.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from kvmkit.abi import tun
 from kvmkit.devices.virtio import iov
 from kvmkit.devices.virtio.device import Budget, VirtioDevice
 from kvmkit.devices.virtio.queue import DescriptorChain, QueueError
+from kvmkit.devices.virtio.ratelimit import DeviceLimiter, RateLimiterConfig
 from kvmkit.guestlog import GuestLog
 from kvmkit.snapshot.format import Fields, SnapshotError
 
@@ -45,6 +54,7 @@ RX, TX = 0, 1
 # §5.1.3 feature bits
 VIRTIO_NET_F_CSUM = 1 << 0
 VIRTIO_NET_F_GUEST_CSUM = 1 << 1
+VIRTIO_NET_F_MTU = 1 << 3
 VIRTIO_NET_F_MAC = 1 << 5
 VIRTIO_NET_F_GUEST_TSO4 = 1 << 7
 VIRTIO_NET_F_GUEST_TSO6 = 1 << 8
@@ -77,28 +87,39 @@ RX_TAKE = 8
 TX_BATCH = 32
 
 
+MIN_MTU, MAX_MTU = 68, 65535  # §5.1.4.1: the device MUST NOT set mtu below 68
+
 @dataclass
 class NetConfig:
-    """`--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`."""
+    """`--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,mtu=N]`, or one of the API's network
+    interfaces (with its rate limiters)."""
 
     tap: str
     mac: str | None = None
+    mtu: int | None = None
+    rx_rate_limiter: RateLimiterConfig | None = None
+    tx_rate_limiter: RateLimiterConfig | None = None
 
     @classmethod
     def parse(cls, spec: str) -> NetConfig:
         tap: str | None = None
         mac: str | None = None
+        mtu: int | None = None
         for opt in spec.split(","):
             key, sep, value = opt.partition("=")
             if key == "tap" and sep and value:
                 tap = value
             elif key == "mac" and sep:
                 mac = value
+            elif key == "mtu" and sep and value.isdigit():
+                mtu = int(value)
             else:
-                raise ValueError(f"--net {spec}: unknown option {opt!r} (tap=NAME, mac=MAC)")
+                raise ValueError(
+                    f"--net {spec}: unknown option {opt!r} (tap=NAME, mac=MAC, mtu=N)"
+                )
         if tap is None:
             raise ValueError(f"--net {spec}: needs tap=NAME")
-        config = cls(tap, mac)
+        config = cls(tap, mac, mtu)
         try:
             config.check()
         except ValueError as err:
@@ -113,6 +134,8 @@ class NetConfig:
             raise ValueError(f"tap name {self.tap!r} is not a valid interface name")
         if self.mac is not None:
             parse_mac(self.mac)
+        if self.mtu is not None and not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise ValueError(f"mtu {self.mtu}: must be between {MIN_MTU} and {MAX_MTU}")
 
 
 def parse_mac(text: str) -> bytes:
@@ -200,9 +223,16 @@ def _tap_offloads(fd: int) -> int:
 class VirtioNet(VirtioDevice):
     DEVICE_ID = VIRTIO_ID_NET
 
-    def __init__(self, tap: str, mac: bytes | None = None, name: str = "net") -> None:
+    def __init__(
+        self, tap: str, mac: bytes | None = None, name: str = "net", *, mtu: int | None = None,
+        rx_rate_limiter: RateLimiterConfig | None = None,
+        tx_rate_limiter: RateLimiterConfig | None = None,
+    ) -> None:  # fmt: skip
+        if mtu is not None and not MIN_MTU <= mtu <= MAX_MTU:
+            raise ValueError(f"mtu {mtu}: must be between {MIN_MTU} and {MAX_MTU}")
         self.tap_name = tap
         self.mac = mac if mac is not None else random_mac()
+        self.mtu = mtu
         self.tap_fd, self.created_tap = open_tap(tap)
         offloads = _tap_offloads(self.tap_fd)
         features = VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
@@ -214,8 +244,17 @@ class VirtioNet(VirtioDevice):
             features |= VIRTIO_NET_F_HOST_TSO6 | VIRTIO_NET_F_GUEST_TSO6
         # MRG_RXBUF needs nothing from the tap: kvmkit spreads a frame over the buffers.
         features |= VIRTIO_NET_F_MRG_RXBUF
+        if mtu is not None:
+            features |= VIRTIO_NET_F_MTU
         super().__init__(name, [QUEUE_SIZE, QUEUE_SIZE], features)
         self.glog = GuestLog(log)  # this module's logger, rate-limited
+        # Each limiter's timer is watched by its queue's worker (rx's also watches the tap).
+        self.rx_limiter = DeviceLimiter(self, RX, rx_rate_limiter)
+        self.tx_limiter = DeviceLimiter(self, TX, tx_rate_limiter)
+        # A tx chain the limiter made wait (taken, sent first when the queue is served
+        # again), and whether the pending rx frame already got its tokens.
+        self._tx_throttled: DescriptorChain | None = None
+        self._pending_paid = False
         # rx chains taken from the ring and not used yet, oldest first (a frame that needs
         # more mergeable buffers than the guest has posted so far).
         self._rx_held: list[DescriptorChain] = []
@@ -230,10 +269,23 @@ class VirtioNet(VirtioDevice):
         # Firecracker's net metrics, roughly: frames and bytes each way, frames dropped.
         self.rx_frames = self.rx_bytes = self.rx_dropped = 0
         self.tx_frames = self.tx_bytes = self.tx_dropped = 0
+        self.tx_malformed = self.tap_write_fails = 0
 
     def config_bytes(self) -> bytes:
-        # struct virtio_net_config (§5.1.4): mac, status, max_virtqueue_pairs.
-        return self.mac + struct.pack("<HH", VIRTIO_NET_S_LINK_UP, 1)
+        # struct virtio_net_config (§5.1.4): mac, status, max_virtqueue_pairs, and mtu
+        # (which exists only with VIRTIO_NET_F_MTU).
+        raw = self.mac + struct.pack("<HH", VIRTIO_NET_S_LINK_UP, 1)
+        if self.mtu is not None:
+            raw += struct.pack("<H", self.mtu)
+        return raw
+
+    def update_rate_limiters(self, rx: RateLimiterConfig | None,
+                             tx: RateLimiterConfig | None) -> None:  # fmt: skip
+        """PATCH /network-interfaces/{id}: replace the buckets each update names (full)."""
+        if rx is not None:
+            self.rx_limiter.reconfigure(rx)
+        if tx is not None:
+            self.tx_limiter.reconfigure(tx)
 
     def activate(self) -> None:
         # What the tap may hand us follows what the driver accepted (§5.1.6.4: the device
@@ -257,6 +309,8 @@ class VirtioNet(VirtioDevice):
 
     def stop_host_io(self) -> None:
         self._watch_tap(False)
+        self.rx_limiter.unwatch()
+        self.tx_limiter.unwatch()
 
     # -- snapshots (docs/snapshot.md): the tap is reopened by name; the config space's MAC
     # must come back the same. `restored()` (activate) sets the tap's offloads again and
@@ -282,20 +336,36 @@ class VirtioNet(VirtioDevice):
                                 f"{format_mac(self.mac)}")  # fmt: skip
 
     def describe_device(self) -> str:
+        limits = [
+            f"; {way} {text}" for way, text in (
+                # rx holds a frame read from the tap and not paid for yet
+                ("rx", self.rx_limiter.describe(bool(self._pending) and not self._pending_paid)),
+                ("tx", self.tx_limiter.describe(self._tx_throttled is not None)),
+            ) if text
+        ]  # fmt: skip
         return (f"tap {self.tap_name}: {'watched' if self._tap_watched else 'not watched'}"
                 f"{', failed' if self._tap_failed else ''}; frame waiting {self._pending} B; "
                 f"rx held {len(self._rx_held)}; rx {self.rx_frames} frames "
-                f"({self.rx_dropped} dropped), tx {self.tx_frames} ({self.tx_dropped} dropped)")
+                f"({self.rx_dropped} dropped), tx {self.tx_frames} ({self.tx_dropped} dropped)"
+                f"{''.join(limits)}")  # fmt: skip
 
     def held_chains(self) -> dict[int, int]:
         # A frame read but not delivered is not saved: like a frame on the wire, it is lost
-        # with this process (TCP sends it again).
-        return {RX: len(self._rx_held)} if self._rx_held else {}
+        # with this process (TCP sends it again). A tx chain held by the limiter is saved
+        # as not taken: the restored device sends it.
+        held = {RX: len(self._rx_held)} if self._rx_held else {}
+        if self._tx_throttled is not None:
+            held[TX] = 1
+        return held
 
     def reset_device(self) -> None:
         self._watch_tap(False)
+        self.rx_limiter.unwatch()
+        self.tx_limiter.unwatch()
         self._rx_held = []
         self._pending = 0
+        self._pending_paid = False
+        self._tx_throttled = None
 
     def close(self) -> None:
         with self.lock:
@@ -303,6 +373,8 @@ class VirtioNet(VirtioDevice):
             if self.tap_fd >= 0:
                 os.close(self.tap_fd)
                 self.tap_fd = -1
+            self.rx_limiter.close()
+            self.tx_limiter.close()
         super().close()
 
     # -- live migration: a tap is attached to one process at a time
@@ -339,6 +411,9 @@ class VirtioNet(VirtioDevice):
     # -- TX (its own worker thread)
     def _process_tx(self, budget: Budget) -> None:
         assert self.mem is not None
+        if self.tx_limiter.limits or self._tx_throttled is not None:
+            self._process_tx_limited(budget)
+            return
         done = False
         queue, mem = self.queues[TX], self.mem
         while (n := budget.grant(TX_BATCH)) and (chains := queue.pop_batch(mem, n)):
@@ -346,6 +421,27 @@ class VirtioNet(VirtioDevice):
                 self._transmit(chain)
             # §5.1.6.2: transmit buffers are device-readable only; nothing is written.
             queue.push_batch(mem, [(chain.head, 0) for chain in chains])
+            done = True
+        if done:
+            self.signal_used(TX)
+
+    def _process_tx_limited(self, budget: Budget) -> None:
+        """One chain at a time, each paid for before it goes: one op and its frame bytes."""
+        assert self.mem is not None
+        queue, mem, limiter = self.queues[TX], self.mem, self.tx_limiter
+        done = False
+        while budget.take():
+            chain, self._tx_throttled = self._tx_throttled, None
+            if chain is None and (chain := queue.pop(mem)) is None:
+                break
+            if limiter.limits and not limiter.consume_request(
+                max(0, chain.readable_length - NET_HDR_SIZE)
+            ):
+                self._tx_throttled = chain
+                limiter.wait()
+                break
+            self._transmit(chain)
+            queue.push(mem, chain.head, 0)
             done = True
         if done:
             self.signal_used(TX)
@@ -358,6 +454,7 @@ class VirtioNet(VirtioDevice):
         if not NET_HDR_SIZE + MIN_FRAME <= total <= NET_HDR_SIZE + MAX_FRAME:
             self.glog.debug("virtio %s: tx packet of %d bytes dropped", self.name, total)
             self.tx_dropped += 1
+            self.tx_malformed += 1
             return
         first = chain.readable[0]
         if first.length >= NET_HDR_SIZE:
@@ -373,6 +470,7 @@ class VirtioNet(VirtioDevice):
             self.glog.debug("virtio %s: tx header flags %#x gso %#x not negotiated", self.name,
                             flags, gso_type)  # fmt: skip
             self.tx_dropped += 1
+            self.tx_malformed += 1
             return
         try:
             os.writev(self.tap_fd, iov.views(self.mem, chain.readable))
@@ -381,6 +479,7 @@ class VirtioNet(VirtioDevice):
             # full. A NIC drops such frames too.
             self.glog.debug("virtio %s: tx: %s", self.name, err)
             self.tx_dropped += 1
+            self.tap_write_fails += 1
             return
         self.tx_frames += 1
         self.tx_bytes += total - NET_HDR_SIZE
@@ -414,10 +513,16 @@ class VirtioNet(VirtioDevice):
                 if n < NET_HDR_SIZE + MIN_FRAME:
                     self.rx_dropped += 1
                     continue
-                self._pending = n
+                self._pending, self._pending_paid = n, False
+            limiter = self.rx_limiter
+            if not self._pending_paid and limiter.limits:
+                if not limiter.consume_request(self._pending - NET_HDR_SIZE):
+                    limiter.wait()  # the frame waits, read; the tap is not watched
+                    break
+                self._pending_paid = True
             if not self._deliver(self._pending):
                 break
-            self._pending = 0
+            self._pending, self._pending_paid = 0, False
             delivered += 1
         # Watch the tap while a frame read from it could go somewhere: not while one waits
         # for buffers (level-triggered, it would wake the worker in a loop).

@@ -187,6 +187,10 @@ class VirtioVsock(VirtioDevice):
         self._reset_level = 0  # event buffers left when the reset went out
         self.dropped_control = 0
         self.resets_sent = 0
+        # Firecracker's vsock metrics: packets and payload bytes each way, connections made,
+        # ended, and ended with a RST.
+        self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
+        self.conns_added = self.conns_removed = self.conns_killed = 0
 
     # -- VirtioDevice hooks
     def config_bytes(self) -> bytes:
@@ -323,6 +327,8 @@ class VirtioVsock(VirtioDevice):
         while budget.take() and (chain := self.queues[TX].pop(self.mem)) is not None:
             self._handle_tx(chain)
             self.complete(TX, chain.head, 0)
+            self.tx_packets += 1
+            self.tx_bytes += max(0, chain.readable_length - HDR_SIZE)
             done = True
         if done:
             self.signal_used(TX)
@@ -425,6 +431,7 @@ class VirtioVsock(VirtioDevice):
         conn = _Conn(local_port, peer_port, sock, ESTABLISHED, credit, peer_buf_alloc=buf_alloc,
                      peer_fwd_cnt=fwd_cnt)  # fmt: skip
         self.conns[(local_port, peer_port)] = conn
+        self.conns_added += 1
         self._queue_packet(conn, OP_RESPONSE)
         self._update_watch(conn)
 
@@ -512,6 +519,7 @@ class VirtioVsock(VirtioDevice):
         local = self._alloc_port(port)
         conn = _Conn(local, port, sock, CONNECTING, credit)
         self.conns[(local, port)] = conn
+        self.conns_added += 1
         self._queue_packet(conn, OP_REQUEST)
         self._update_watch(conn)
         self._fill_rx()
@@ -586,6 +594,8 @@ class VirtioVsock(VirtioDevice):
             del self.conns[(conn.local_port, conn.peer_port)]
             self.credit_free += conn.buf_alloc
             conn.pending = bytearray()
+            self.conns_removed += 1
+            self.conns_killed += rst
         self._unwatch(conn)
         conn.sock.close()
         conn.readable = False
@@ -657,6 +667,7 @@ class VirtioVsock(VirtioDevice):
             if self._control:
                 iov.scatter(self.mem, chain.writable, self._control.popleft())
                 self.complete(RX, chain.head, HDR_SIZE)
+                self.rx_packets += 1
                 used = True
                 continue
             assert conn is not None
@@ -665,6 +676,8 @@ class VirtioVsock(VirtioDevice):
                 self._rx_held = chain
                 continue
             self.complete(RX, chain.head, written)
+            self.rx_packets += 1
+            self.rx_bytes += written - HDR_SIZE
             used = True
         if used:
             self.signal_used(RX)

@@ -246,6 +246,7 @@ class VirtioWorkers:
         mine = [QueueWorker(device, g, queues) for g, queues in enumerate(device.worker_groups())]
         self.workers.extend(mine)
         device.watcher = mine[device.HOST_GROUP]
+        device.watchers = list(mine)
         if self._started:
             for w in mine:
                 w.start()
