@@ -664,7 +664,9 @@ class Vmm:
     def _run(self, machine: Machine, paused: bool = False) -> None:
         """Start the vCPU threads (parked at once when `paused`) and watch for the end."""
         if self.console_output is not None:
-            machine.console.add_listener(self.console_output)
+            # Firecracker's console: the guest never waits for the VMM's stdout; output that
+            # does not fit while stdout is full is dropped and counted (vmm/console.py).
+            machine.console.add_listener(self.console_output, lossless=False)
         machine.start(paused=paused)
         self.machine = machine
         self.state = State.PAUSED if paused else State.RUNNING

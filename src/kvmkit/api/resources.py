@@ -151,7 +151,10 @@ def collect(metrics: Metrics, machine: Machine, result: MachineResult | None,
     if serial is not None:
         metrics.set("uart", "read_count", serial.read_count)
         metrics.set("uart", "write_count", serial.write_count)
-        metrics.set("uart", "missed_write_count", serial.missed_write_count)
+        # Bytes the console dropped for a reader that fell behind count as missed too
+        # (Firecracker counts the bytes its non-blocking stdout refused).
+        metrics.set("uart", "missed_write_count",
+                    serial.missed_write_count + machine.console.dropped)  # fmt: skip
     blocks = [d for _, _, d in machine.virtio if isinstance(d, VirtioBlk)]
     nets = [d for _, _, d in machine.virtio if isinstance(d, VirtioNet)]
     _per_device(metrics, "block", [

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections import deque
 from enum import Enum
 
@@ -121,13 +122,17 @@ class MmdsStack:
         self.pending: deque[bytes] = deque()
         self._tick = 0
         self._ident = 0
+        # A virtio-net device calls intercept() on its tx worker thread and next_frame() on
+        # its rx worker thread.
+        self._lock = threading.Lock()
         # What the guest sent the MMDS and what we sent back (Firecracker's `mmds` metrics).
         self.rx_frames = self.tx_frames = self.dropped = self.resets = 0
 
     def reset(self) -> None:
         """Forget every connection and queued frame (the guest's driver was reset)."""
-        self.conns.clear()
-        self.pending.clear()
+        with self._lock:
+            self.conns.clear()
+            self.pending.clear()
 
     # -- from the guest
     def wants(self, head: bytes) -> bool:
@@ -144,11 +149,12 @@ class MmdsStack:
         """Process a frame the guest sent; True if it was for the MMDS (consumed here)."""
         if not self.wants(frame[: ETH_HDR + 28]):
             return False
-        self.rx_frames += 1
-        if frame[12:14] == b"\x08\x06":
-            self._arp(frame)
-        else:
-            self._ipv4(frame)
+        with self._lock:
+            self.rx_frames += 1
+            if frame[12:14] == b"\x08\x06":
+                self._arp(frame)
+            else:
+                self._ipv4(frame)
         return True
 
     def _arp(self, frame: bytes) -> None:
@@ -328,6 +334,10 @@ class MmdsStack:
     # -- to the guest
     def next_frame(self) -> bytes | None:
         """The next frame for the guest's receive queue, or None."""
+        with self._lock:
+            return self._next_frame()
+
+    def _next_frame(self) -> bytes | None:
         if self.pending:
             self.tx_frames += 1
             return self.pending.popleft()

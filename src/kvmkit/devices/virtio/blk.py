@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from kvmkit.devices.virtio import iov
-from kvmkit.devices.virtio.device import INT_CONFIG, VirtioDevice
+from kvmkit.devices.virtio.device import INT_CONFIG, Budget, VirtioDevice
 from kvmkit.devices.virtio.queue import Buffer, DescriptorChain, QueueError
 from kvmkit.devices.virtio.ratelimit import DeviceLimiter, RateLimiterConfig
+from kvmkit.guestlog import GuestLog
 from kvmkit.snapshot.format import Fields, SnapshotError
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,10 @@ class VirtioBlk(VirtioDevice):
         else:
             features |= VIRTIO_BLK_F_DISCARD
         super().__init__(name, [QUEUE_SIZE], features)
-        self.limiter = DeviceLimiter(self, self._resume, rate_limiter)
-        # A request the limiter made wait: taken from the ring, served first on resume.
+        self.glog = GuestLog(log)  # this module's logger, rate-limited
+        self.limiter = DeviceLimiter(self, 0, rate_limiter)
+        # A request the limiter made wait: taken from the ring, served first when the
+        # limiter's timer has the queue served again.
         self._throttled: DescriptorChain | None = None
         # Firecracker's block metrics (read by kvmkit.api.metrics): bytes and requests that
         # completed with VIRTIO_BLK_S_OK, flushes served, image updates (PATCH).
@@ -151,6 +154,10 @@ class VirtioBlk(VirtioDevice):
             "<QIIHBBI8sBBHIII", self.capacity, SIZE_MAX, SEG_MAX, 0, 0, 0, SECTOR_SIZE,
             b"", 0, 0, 1, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1,
         )  # fmt: skip
+
+    def describe_device(self) -> str:
+        return (f"{self.path}: {self.read_count} reads, {self.write_count} writes, "
+                f"{self.flush_count} flushes")
 
     # -- snapshots: the image is not in the snapshot; its identity is (docs/snapshot.md)
     def quiesce(self) -> None:
@@ -180,8 +187,7 @@ class VirtioBlk(VirtioDevice):
     # -- updates after boot (PATCH /drives/{id}, Firecracker's semantics)
     def update_rate_limiter(self, update: RateLimiterConfig) -> None:
         """Replace the buckets `update` names (full); the others stay."""
-        with self.lock:
-            self.limiter.update(self.limiter.config.merged(update))
+        self.limiter.reconfigure(update)
 
     def replace_image(self, path: str | Path) -> None:
         """Serve another image file from now on (Firecracker's PATCH of `path_on_host`):
@@ -194,17 +200,20 @@ class VirtioBlk(VirtioDevice):
         except OSError:
             self.update_fails += 1
             raise
-        with self.lock:
+        # The worker does its I/O on `fd` under the serve lock (not the register lock):
+        # the swap waits for the request in progress, and none starts on the old file.
+        with self._serving():
             if not self.read_only and self.fd >= 0:
                 os.fdatasync(self.fd)  # what the guest wrote to the old image stays there
-            old, self.fd, self.path = self.fd, fd, path
-            self.capacity = os.fstat(fd).st_size // SECTOR_SIZE
-            self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
-            self.update_count += 1
+            with self.lock:
+                old, self.fd, self.path = self.fd, fd, path
+                self.capacity = os.fstat(fd).st_size // SECTOR_SIZE
+                self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+                self.update_count += 1
+                if self.activated and self.interrupt is not None:
+                    self.interrupt.signal(INT_CONFIG)
             if old >= 0:
                 os.close(old)
-            if self.activated and self.interrupt is not None:
-                self.interrupt.signal(INT_CONFIG)
 
     @classmethod
     def check_device_state(cls, state: dict[str, Any], path: str) -> None:
@@ -243,14 +252,11 @@ class VirtioBlk(VirtioDevice):
             os.close(self.fd)
             self.fd = -1
 
-    def _resume(self) -> None:
-        self.process_queue(0)
-
-    def process_queue(self, index: int) -> None:
+    def process_queue(self, index: int, budget: Budget) -> None:
         assert self.mem is not None
         queue, limiter = self.queues[index], self.limiter
         done = False
-        while True:
+        while budget.take():
             chain, self._throttled = self._throttled, None
             if chain is None and (chain := queue.pop(self.mem)) is None:
                 break
@@ -309,7 +315,7 @@ class VirtioBlk(VirtioDevice):
             else:
                 status = VIRTIO_BLK_S_UNSUPP
         except OSError as err:
-            log.warning("virtio %s: %s: I/O error: %s", self.name, self.path, err)
+            self.glog.warning("virtio %s: %s: I/O error: %s", self.name, self.path, err)
             status = VIRTIO_BLK_S_IOERR
         self.mem.write_u8(status_addr, status)
         return written + 1
@@ -364,7 +370,9 @@ class VirtioBlk(VirtioDevice):
             if count > MAX_DISCARD_SECTORS or not self._in_range(sector, count * SECTOR_SIZE):
                 return VIRTIO_BLK_S_IOERR
         for sector, count, _ in segments:
-            _punch_hole(self.fd, sector * SECTOR_SIZE, count * SECTOR_SIZE)
+            err = _punch_hole(self.fd, sector * SECTOR_SIZE, count * SECTOR_SIZE)
+            if err:
+                self.glog.debug("virtio %s: discard: fallocate: %s", self.name, os.strerror(err))
         return VIRTIO_BLK_S_OK
 
     def _get_id(self, bufs: list[Buffer]) -> tuple[int, int]:
@@ -390,16 +398,16 @@ class VirtioBlk(VirtioDevice):
         return out
 
 
-def _punch_hole(fd: int, offset: int, length: int) -> None:
+def _punch_hole(fd: int, offset: int, length: int) -> int:
     """fallocate(PUNCH_HOLE | KEEP_SIZE); a file system without holes keeps the data (a
-    discard is a hint, §5.2.6.2)."""
+    discard is a hint, §5.2.6.2). Returns the errno, 0 on success."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
     if libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
-        err = ctypes.get_errno()
-        log.debug("discard: fallocate: %s", os.strerror(err))
+        return ctypes.get_errno()
+    return 0
 
 
 

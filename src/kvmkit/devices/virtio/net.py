@@ -22,7 +22,8 @@ the value in its configuration space (§5.1.4): the driver uses it as the interf
 
 On an interface that serves the MMDS (`mmds`, kvmkit.mmds.stack) the frames the guest sends
 to the MMDS address (ARP requests for it, IPv4 to it) go to the MMDS endpoint instead of the
-tap, and whenever a frame can go to the guest the endpoint's frames come first (as in
+tap (on the tx worker), and whenever a frame can go to the guest the endpoint's frames come
+first (on the rx worker, woken by the tx worker through the rx queue's eventfd; as in
 Firecracker's device model, docs/mmds/mmds-design.md); they pass the same rx rate limiter.
 
 Optional rate limiters (Firecracker's `rx_rate_limiter`/`tx_rate_limiter`, `ratelimit.py`)
@@ -44,9 +45,10 @@ from typing import Any
 
 from kvmkit.abi import tun
 from kvmkit.devices.virtio import iov
-from kvmkit.devices.virtio.device import VirtioDevice
+from kvmkit.devices.virtio.device import Budget, VirtioDevice
 from kvmkit.devices.virtio.queue import DescriptorChain, QueueError
 from kvmkit.devices.virtio.ratelimit import DeviceLimiter, RateLimiterConfig
+from kvmkit.guestlog import GuestLog
 from kvmkit.mmds.stack import MmdsStack
 from kvmkit.mmds.store import Mmds
 from kvmkit.snapshot.format import Fields, SnapshotError
@@ -258,10 +260,12 @@ class VirtioNet(VirtioDevice):
         if mtu is not None:
             features |= VIRTIO_NET_F_MTU
         super().__init__(name, [QUEUE_SIZE, QUEUE_SIZE], features)
-        self.rx_limiter = DeviceLimiter(self, self._fill_rx, rx_rate_limiter)
-        self.tx_limiter = DeviceLimiter(self, self._process_tx, tx_rate_limiter)
-        # A tx chain the limiter made wait (taken, sent first on resume), and whether the
-        # pending rx frame already got its tokens.
+        self.glog = GuestLog(log)  # this module's logger, rate-limited
+        # Each limiter's timer is watched by its queue's worker (rx's also watches the tap).
+        self.rx_limiter = DeviceLimiter(self, RX, rx_rate_limiter)
+        self.tx_limiter = DeviceLimiter(self, TX, tx_rate_limiter)
+        # A tx chain the limiter made wait (taken, sent first when the queue is served
+        # again), and whether the pending rx frame already got its tokens.
         self._tx_throttled: DescriptorChain | None = None
         self._pending_paid = False
         # rx chains taken from the ring and not used yet, oldest first (a frame that needs
@@ -295,11 +299,10 @@ class VirtioNet(VirtioDevice):
     def update_rate_limiters(self, rx: RateLimiterConfig | None,
                              tx: RateLimiterConfig | None) -> None:  # fmt: skip
         """PATCH /network-interfaces/{id}: replace the buckets each update names (full)."""
-        with self.lock:
-            if rx is not None:
-                self.rx_limiter.update(self.rx_limiter.config.merged(rx))
-            if tx is not None:
-                self.tx_limiter.update(self.tx_limiter.config.merged(tx))
+        if rx is not None:
+            self.rx_limiter.reconfigure(rx)
+        if tx is not None:
+            self.tx_limiter.reconfigure(tx)
 
     def activate(self) -> None:
         # What the tap may hand us follows what the driver accepted (§5.1.6.4: the device
@@ -349,6 +352,12 @@ class VirtioNet(VirtioDevice):
             raise SnapshotError(f"snapshot state: {path}: MAC {f.obj['mac']} was restored as "
                                 f"{format_mac(self.mac)}")  # fmt: skip
 
+    def describe_device(self) -> str:
+        return (f"tap {self.tap_name}: {'watched' if self._tap_watched else 'not watched'}"
+                f"{', failed' if self._tap_failed else ''}; frame waiting {self._pending} B; "
+                f"rx held {len(self._rx_held)}; rx {self.rx_frames} frames "
+                f"({self.rx_dropped} dropped), tx {self.tx_frames} ({self.tx_dropped} dropped)")
+
     def held_chains(self) -> dict[int, int]:
         # A frame read but not delivered is not saved: like a frame on the wire, it is lost
         # with this process (TCP sends it again). A tx chain held by the limiter is saved
@@ -388,21 +397,21 @@ class VirtioNet(VirtioDevice):
             self.watcher.unwatch(self.tap_fd)
         self._tap_watched = on
 
-    def process_queue(self, index: int) -> None:
+    def process_queue(self, index: int, budget: Budget) -> None:
         if index == TX:
-            self._process_tx()
+            self._process_tx(budget)
         else:
             self._fill_rx()  # new rx buffers: frames waiting in the tap can come in
 
-    # -- TX
-    def _process_tx(self) -> None:
+    # -- TX (its own worker thread)
+    def _process_tx(self, budget: Budget) -> None:
         assert self.mem is not None
         if self.tx_limiter.limits or self._tx_throttled is not None:
-            self._process_tx_limited()
+            self._process_tx_limited(budget)
             return
         done = False
         queue, mem = self.queues[TX], self.mem
-        while chains := queue.pop_batch(mem, TX_BATCH):
+        while (n := budget.grant(TX_BATCH)) and (chains := queue.pop_batch(mem, n)):
             for chain in chains:
                 self._transmit(chain)
             # §5.1.6.2: transmit buffers are device-readable only; nothing is written.
@@ -412,12 +421,12 @@ class VirtioNet(VirtioDevice):
             self.signal_used(TX)
         self._mmds_answer()
 
-    def _process_tx_limited(self) -> None:
+    def _process_tx_limited(self, budget: Budget) -> None:
         """One chain at a time, each paid for before it goes: one op and its frame bytes."""
         assert self.mem is not None
         queue, mem, limiter = self.queues[TX], self.mem, self.tx_limiter
         done = False
-        while True:
+        while budget.take():
             chain, self._tx_throttled = self._tx_throttled, None
             if chain is None and (chain := queue.pop(mem)) is None:
                 break
@@ -435,10 +444,11 @@ class VirtioNet(VirtioDevice):
         self._mmds_answer()
 
     def _mmds_answer(self) -> None:
-        """After frames went to the MMDS: its answers into the rx queue."""
+        """After frames went to the MMDS: have the rx worker put its answers into the rx
+        queue (the endpoint's lock keeps the two threads apart)."""
         if self._mmds_sent:
             self._mmds_sent = False
-            self._fill_rx()
+            self.notify_queue(RX)
 
     def _transmit(self, chain: DescriptorChain) -> None:
         assert self.mem is not None
@@ -446,7 +456,7 @@ class VirtioNet(VirtioDevice):
         # §5.1.6.2: each packet is the header followed by the frame; a packet shorter than
         # header + Ethernet header or longer than the largest frame is dropped.
         if not NET_HDR_SIZE + MIN_FRAME <= total <= NET_HDR_SIZE + MAX_FRAME:
-            log.debug("virtio %s: tx packet of %d bytes dropped", self.name, total)
+            self.glog.debug("virtio %s: tx packet of %d bytes dropped", self.name, total)
             self.tx_dropped += 1
             self.tx_malformed += 1
             return
@@ -461,8 +471,8 @@ class VirtioNet(VirtioDevice):
         if (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not self.has_feature(VIRTIO_NET_F_CSUM)) or (
             gso_type & ~VIRTIO_NET_HDR_GSO_ECN not in self._tx_gso_ok
         ):
-            log.debug("virtio %s: tx header flags %#x gso %#x not negotiated", self.name, flags,
-                      gso_type)  # fmt: skip
+            self.glog.debug("virtio %s: tx header flags %#x gso %#x not negotiated", self.name,
+                            flags, gso_type)  # fmt: skip
             self.tx_dropped += 1
             self.tx_malformed += 1
             return
@@ -473,7 +483,7 @@ class VirtioNet(VirtioDevice):
         except OSError as err:
             # EIO: the tap is down; EINVAL: a header the tap refuses; EAGAIN: its queue is
             # full. A NIC drops such frames too.
-            log.debug("virtio %s: tx: %s", self.name, err)
+            self.glog.debug("virtio %s: tx: %s", self.name, err)
             self.tx_dropped += 1
             self.tap_write_fails += 1
             return
@@ -490,7 +500,7 @@ class VirtioNet(VirtioDevice):
         self._mmds_sent = True
         return True
 
-    # -- RX
+    # -- RX (its own worker thread, which also watches the tap: HOST_GROUP is RX's)
     def _tap_event(self, events: int) -> None:
         self._fill_rx()
 
@@ -515,7 +525,7 @@ class VirtioNet(VirtioDevice):
                 except OSError as err:
                     # Not a state a frame can cause (the frame buffer takes the largest):
                     # the tap is gone. Stop reading it rather than spin; tx goes on.
-                    log.warning("virtio %s: rx from tap %s: %s; rx stopped", self.name,
+                    self.glog.warning("virtio %s: rx from tap %s: %s; rx stopped", self.name,
                                 self.tap_name, err)  # fmt: skip
                     self._tap_failed = True
                     break

@@ -12,9 +12,9 @@ every request, so time a bucket spends full is not banked: the most a limiter le
 at once is its size (plus the one-time burst).
 
 When a request does not get its tokens the limiter is *blocked*: it arms a timerfd for the
-moment the missing tokens will be there, and the device stops serving that queue. The
-device's worker watches the timerfd (`fd`); when it fires the device calls `on_timer()` and
-serves the queue again. Nothing polls.
+moment the missing tokens will be there, and the device stops serving that queue, holding
+the request. The queue's own worker thread watches the timerfd (`fd`, `DeviceLimiter`);
+when it fires the limiter unblocks and the queue is served again. Nothing polls.
 
 Pure logic apart from the timerfd (created on first need, through libc, as Python 3.11 has
 no `os.timerfd_*`); the clock is injectable for tests.
@@ -289,22 +289,25 @@ class RateLimiter:
 
 
 class DeviceLimiter(RateLimiter):
-    """A device's RateLimiter whose timer is watched by the device's worker thread: when the
-    limiter unblocks, `resume()` runs there (under the device lock, while the device is live)
-    to serve what waited."""
+    """The RateLimiter of one queue of a device (a drive's queue, a NIC's rx or tx queue,
+    the entropy queue). Its timer is watched by that queue's own worker thread
+    (`kvmkit.devices.virtio.worker`): when it fires, the worker marks the limiter unblocked
+    and notifies the queue through its eventfd, so the same worker serves it again, the
+    held request first, under the queue's serve lock and budget, as if the guest had
+    notified. The limiter's state is only touched under that serve lock."""
 
-    def __init__(self, device: VirtioDevice, resume: Callable[[], None],
+    def __init__(self, device: VirtioDevice, queue: int,
                  config: RateLimiterConfig | None = None,
                  clock: Callable[[], int] = time.monotonic_ns) -> None:  # fmt: skip
         super().__init__(config, clock)
         self._device = device
-        self._resume = resume
+        self._queue = queue
         self._watched = -1
 
     def wait(self) -> None:
-        """After `consume` said no: make sure the worker wakes the device when the timer
-        fires (the timerfd exists by now)."""
-        watcher = self._device.watcher
+        """After `consume` said no: make sure the queue's worker wakes when the timer fires
+        (the timerfd exists by now)."""
+        watcher = self._device.queue_watcher(self._queue)
         if watcher is None or self.fd < 0 or self._watched == self.fd:
             return
         watcher.watch(self._device, self.fd, selectors.EVENT_READ, self._fired)
@@ -312,12 +315,20 @@ class DeviceLimiter(RateLimiter):
 
     def _fired(self, events: int) -> None:
         if self.on_timer():
-            self._resume()
+            self._device.notify_queue(self._queue)
+
+    def reconfigure(self, update: RateLimiterConfig) -> None:
+        """PATCH after boot: the buckets `update` names are replaced (full), the others stay
+        (Firecracker's `BucketUpdate`). Taken under the queue's serve lock, so it waits for
+        the request being served (one at most); a throttled queue retries at once."""
+        with self._device.serve_locks[self._device.group_of(self._queue)]:
+            self.update(self.config.merged(update))
 
     def unwatch(self) -> None:
         """The device left the live state (reset, NEEDS_RESET) or is closing."""
-        if self._watched >= 0 and self._device.watcher is not None:
-            self._device.watcher.unwatch(self._watched)
+        watcher = self._device.queue_watcher(self._queue)
+        if self._watched >= 0 and watcher is not None:
+            watcher.unwatch(self._watched)
         self._watched = -1
         self.blocked = False  # nothing waits any more; a new request starts afresh
 

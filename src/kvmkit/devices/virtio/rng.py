@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from kvmkit.devices.virtio.device import VirtioDevice
+from kvmkit.devices.virtio.device import Budget, VirtioDevice
 from kvmkit.devices.virtio.queue import DescriptorChain
 from kvmkit.devices.virtio.ratelimit import DeviceLimiter, RateLimiterConfig
 
@@ -25,18 +25,14 @@ class VirtioRng(VirtioDevice):
 
     def __init__(self, name: str = "rng", rate_limiter: RateLimiterConfig | None = None) -> None:
         super().__init__(name, [QUEUE_SIZE], 0)
-        self.limiter = DeviceLimiter(self, self._resume, rate_limiter)
+        self.limiter = DeviceLimiter(self, 0, rate_limiter)
         self._throttled: DescriptorChain | None = None
         # Firecracker's entropy metrics: requests served and bytes given to the guest.
         self.entropy_event_count = 0
         self.entropy_bytes = 0
 
     def update_rate_limiter(self, update: RateLimiterConfig) -> None:
-        with self.lock:
-            self.limiter.update(self.limiter.config.merged(update))
-
-    def _resume(self) -> None:
-        self.process_queue(0)
+        self.limiter.reconfigure(update)
 
     def held_chains(self) -> dict[int, int]:
         return {0: 1} if self._throttled is not None else {}
@@ -52,11 +48,11 @@ class VirtioRng(VirtioDevice):
         self.limiter.close()
         super().close()
 
-    def process_queue(self, index: int) -> None:
+    def process_queue(self, index: int, budget: Budget) -> None:
         assert self.mem is not None
         queue, limiter = self.queues[index], self.limiter
         done = False
-        while True:
+        while budget.take():
             chain, self._throttled = self._throttled, None
             if chain is None and (chain := queue.pop(self.mem)) is None:
                 break
