@@ -396,6 +396,8 @@ def test_blk_ops_limit_and_held_request_in_a_snapshot(
     assert used
     used, _ = drv.request([blk_header(VIRTIO_BLK_T_GET_ID)], [20, 1], timeout=0.3)
     assert not used
+    # The state dump (SIGUSR1) says why the queue does not move.
+    assert "rate limiter blocked, a request held, throttled 1 times" in dev.describe()[-1]
     worker.pause()
     try:
         q = dev.save().to_dict()["queues"][0]

@@ -156,8 +156,9 @@ class VirtioBlk(VirtioDevice):
         )  # fmt: skip
 
     def describe_device(self) -> str:
+        limiter = self.limiter.describe(self._throttled is not None)
         return (f"{self.path}: {self.read_count} reads, {self.write_count} writes, "
-                f"{self.flush_count} flushes")
+                f"{self.flush_count} flushes{'; ' + limiter if limiter else ''}")
 
     # -- snapshots: the image is not in the snapshot; its identity is (docs/snapshot.md)
     def quiesce(self) -> None:

@@ -353,10 +353,18 @@ class VirtioNet(VirtioDevice):
                                 f"{format_mac(self.mac)}")  # fmt: skip
 
     def describe_device(self) -> str:
+        limits = [
+            f"; {way} {text}" for way, text in (
+                # rx holds a frame read from the tap and not paid for yet
+                ("rx", self.rx_limiter.describe(bool(self._pending) and not self._pending_paid)),
+                ("tx", self.tx_limiter.describe(self._tx_throttled is not None)),
+            ) if text
+        ]  # fmt: skip
         return (f"tap {self.tap_name}: {'watched' if self._tap_watched else 'not watched'}"
                 f"{', failed' if self._tap_failed else ''}; frame waiting {self._pending} B; "
                 f"rx held {len(self._rx_held)}; rx {self.rx_frames} frames "
-                f"({self.rx_dropped} dropped), tx {self.tx_frames} ({self.tx_dropped} dropped)")
+                f"({self.rx_dropped} dropped), tx {self.tx_frames} ({self.tx_dropped} dropped)"
+                f"{''.join(limits)}")  # fmt: skip
 
     def held_chains(self) -> dict[int, int]:
         # A frame read but not delivered is not saved: like a frame on the wire, it is lost

@@ -276,6 +276,16 @@ class RateLimiter:
         self.blocked = False
         return True
 
+    def describe(self, held: bool = False) -> str:
+        """For a VM's state dump (SIGUSR1): whether the queue waits for this limiter (and
+        holds a request), how often it was throttled; empty for a limiter that never
+        limited anything."""
+        if not self.limits and not self.throttled:
+            return ""
+        state = "blocked" if self.blocked else "open"
+        return (f"rate limiter {state}{', a request held' if held else ''}, throttled "
+                f"{self.throttled} times, {self.timer_events} timer wake-ups")
+
     def _arm(self, delay_ns: int) -> None:
         if self._fd < 0:
             self._fd = _timerfd_create()

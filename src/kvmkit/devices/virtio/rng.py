@@ -34,6 +34,10 @@ class VirtioRng(VirtioDevice):
     def update_rate_limiter(self, update: RateLimiterConfig) -> None:
         self.limiter.reconfigure(update)
 
+    def describe_device(self) -> str:
+        limiter = self.limiter.describe(self._throttled is not None)
+        return f"{self.entropy_bytes} bytes served{'; ' + limiter if limiter else ''}"
+
     def held_chains(self) -> dict[int, int]:
         return {0: 1} if self._throttled is not None else {}
 
