@@ -3,12 +3,14 @@
 
 One guest boot for every case: the default kernel and initrd, a root file system made by the
 test (busybox and an /sbin/init script), one interface on a tap in a network namespace this
-test creates, `/mmds/config` naming it with V2 and a store put before boot. The guest routes
-169.254.169.254 to eth0 and, with busybox: a GET without a token is refused (401); `nc`
-sends `PUT /latest/api/token`; `wget --header "X-metadata-token: ..."` reads a value (IMDS
-text), an object as JSON with `Accept: application/json` and an object's listing as text;
-a wrong token is refused; then the host PATCHes the store and the guest's next fetch sees
-the new value. The guest reboots: the process exits 0.
+test creates, `/mmds/config` naming it with V2 and a store put before boot. The guest gives
+eth0 an address (the MMDS answers the source address of the guest's packets, which Linux
+must accept on eth0) and a route to 169.254.169.254, then, with busybox: a GET without a
+token is refused (401); `nc` sends `PUT /latest/api/token`; `wget --header
+"X-metadata-token: ..."` reads a value (IMDS text), an object as JSON with `Accept:
+application/json` and an object's listing as text; a wrong token is refused; then the
+host PATCHes the store and the guest's next fetch sees the new value. The guest reboots:
+the process exits 0.
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ MMDS = "http://169.254.169.254"
 INIT = (
     PROLOGUE
     + r"""
-ip link set eth0 up
+ip addr add 172.16.0.2/24 dev eth0; ip link set eth0 up
 ip route add 169.254.169.254 dev eth0
-get() { wget -q -O - "$@" 2>&1; }
+get() { timeout 60 wget -q -O - "$@" 2>&1; }
 out=$(get MMDS/latest/meta-data/ami-id); echo "FCT NOTOKEN $? $out"
 token=$( (printf 'PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 60\r\n\r\n';
-          sleep 3) | nc 169.254.169.254 80 | tail -n 1)
+          sleep 3) | timeout 60 nc 169.254.169.254 80 | tail -n 1)
 echo "FCT TOKEN ${#token}"
 auth="X-metadata-token: $token"
 out=$(get --header "$auth" MMDS/latest/meta-data/ami-id); echo "FCT VALUE $? $out"
