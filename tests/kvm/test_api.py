@@ -155,7 +155,7 @@ BAD_REQUESTS: list[tuple[str, str, Any, str]] = [
         "backend_type": "Uffd", "backend_path": "/tmp/uffd.sock"}}, "unknown variant `Uffd`"),
     # endpoints kvmkit does not implement, and unknown ones
     ("PUT", "/balloon", {"amount_mib": 1}, "does not implement PUT /balloon"),
-    ("GET", "/mmds", None, "does not implement GET /mmds"),
+    ("GET", "/serial", None, "does not implement GET /serial"),
     ("PUT", "/cpu-config", {}, "does not implement PUT /cpu-config"),
     ("GET", "/no/such/path", None, "Invalid request method and/or path"),
     ("DELETE", "/vm", None, "Invalid request method and/or path"),

@@ -117,7 +117,8 @@ def test_every_flag_at_once(tmp_path: Path) -> None:
         boot = [e for e in entries if "Guest-boot-time" in e["msg"]]
         assert boot and boot[0]["msg"].startswith("[Info] Guest-boot-time = ")
         assert boot[0]["instance"] == "fc-instance-1" and "origin" in boot[0]
-        assert "--metadata: kvmkit has no MMDS yet" in vmm.stderr()
+        # --metadata: the store's first contents
+        assert vmm.ok("GET", "/mmds") == {"latest": {"meta-data": {"ami-id": "x"}}}
     finally:
         vmm.close()
 
@@ -236,3 +237,62 @@ def test_run_refuses_device_options_beside_the_api(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2 and "configure them through the API" in proc.stderr
     assert not (tmp_path / "a.sock").exists()
+
+
+def test_mmds_store_and_config_through_the_api(tmp_path: Path) -> None:
+    """PUT/PATCH/GET /mmds and PUT /mmds/config over the socket: Firecracker's answers,
+    its 413 when the store would pass --mmds-size-limit, its config errors; the config
+    shows in GET /vm/config and is refused after InstanceStart, the store is not."""
+    vmm = VmmProcess(tmp_path, "--mmds-size-limit", "100", name="fc", entry="firecracker")
+    try:
+        assert vmm.ok("GET", "/mmds") == {}
+        assert "not initialized" in vmm.fault("PATCH", "/mmds", {"a": "1"})
+        vmm.ok("PUT", "/mmds", {"latest": {"meta-data": {"id": "i-1", "k": "v"}}})
+        vmm.ok("PATCH", "/mmds", {"latest": {"meta-data": {"k": None, "n": "2"}}})
+        assert vmm.ok("GET", "/mmds") == {"latest": {"meta-data": {"id": "i-1", "n": "2"}}}
+        message = vmm.fault("PUT", "/mmds", {"big": "x" * 100}, status=413)
+        assert message == "MMDS limit exceeded error: The MMDS patch request doesn't fit."
+        vmm.fault("PATCH", "/mmds", {"big": "x" * 100}, status=413)
+        assert vmm.ok("GET", "/mmds") == {"latest": {"meta-data": {"id": "i-1", "n": "2"}}}
+        assert "invalid type" in vmm.fault("PUT", "/mmds", ["not", "an", "object"])
+
+        assert "missing field `network_interfaces`" in vmm.fault("PUT", "/mmds/config", {})
+        assert "is empty" in vmm.fault("PUT", "/mmds/config", {"network_interfaces": []})
+        assert "does not correspond to any existing network interface" in vmm.fault(
+            "PUT", "/mmds/config", {"network_interfaces": ["eth0"]})
+        vmm.ok("PUT", "/network-interfaces/eth0", {"iface_id": "eth0",
+                                                   "host_dev_name": "kvmkmmds0"})  # fmt: skip
+        assert "unknown variant `V3`" in vmm.fault(
+            "PUT", "/mmds/config", {"network_interfaces": ["eth0"], "version": "V3"})
+        for bad in ("10.0.0.1", "169.254.0.7", "169.254.255.1", "not-an-ip"):
+            assert "The MMDS IPv4 address is not link local." in vmm.fault(
+                "PUT", "/mmds/config", {"network_interfaces": ["eth0"], "ipv4_address": bad})
+        vmm.ok("PUT", "/mmds/config", {"network_interfaces": ["eth0"], "version": "V2"})
+        assert vmm.ok("GET", "/vm/config")["mmds-config"] == {
+            "version": "V2", "network_interfaces": ["eth0"], "ipv4_address": "169.254.169.254",
+            "imds_compat": False}  # fmt: skip
+
+        (tmp_path / "m.jsonl").touch()  # Firecracker's metrics file must exist too
+        vmm.ok("PUT", "/metrics", {"metrics_path": str(tmp_path / "m.jsonl")})
+        vmm.ok("PUT", "/actions", {"action_type": "FlushMetrics"})
+        line = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])
+        assert line["patch_api_requests"]["mmds_count"] == 3
+        assert line["put_api_requests"]["mmds_fails"] >= 9
+        assert line["get_api_requests"]["mmds_count"] == 3
+    finally:
+        vmm.close()
+    # After InstanceStart (a VM without interfaces: no tap on this host's network), the
+    # config is fixed and the store still changes.
+    vmm = VmmProcess(tmp_path, name="fc2", entry="firecracker")
+    try:
+        kernel = pvh.serial_loop_kernel(tmp_path / "loop.elf")
+        vmm.ok("PUT", "/mmds", {"n": "1"})
+        vmm.ok("PUT", "/machine-config", MACHINE)
+        vmm.ok("PUT", "/boot-source", {"kernel_image_path": str(kernel)})
+        vmm.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+        assert "not supported after starting" in vmm.fault(
+            "PUT", "/mmds/config", {"network_interfaces": ["eth0"]})
+        vmm.ok("PATCH", "/mmds", {"n": "3"})
+        assert vmm.ok("GET", "/mmds") == {"n": "3"}
+    finally:
+        vmm.close()

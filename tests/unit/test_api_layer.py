@@ -177,3 +177,30 @@ def test_config_file_devices_reach_the_machine_config(tmp_path: Path) -> None:
         assert vmm.vm_config()["entropy"] == {"rate_limiter": limit}
     finally:
         vmm.close()
+
+
+def test_config_file_mmds_config_names_the_serving_interfaces(tmp_path: Path) -> None:
+    """The config file's `mmds-config` (after its interfaces) gives the named interface the
+    MMDS store, not the other; `GET /vm/config` answers it with its defaults filled in."""
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"x")
+    vmm = Vmm()
+    try:
+        vmm.mmds_size_limit = 64
+        vmm.apply_config({
+            "boot-source": {"kernel_image_path": str(kernel)},
+            "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap8"},
+                                   {"iface_id": "eth1", "host_dev_name": "tap9"}],
+            "mmds-config": {"network_interfaces": ["eth1"], "ipv4_address": "169.254.170.2"},
+        })  # fmt: skip
+        eth0, eth1 = vmm._machine_config().nets
+        assert eth0.mmds is None and eth1.mmds is vmm.res.mmds
+        assert eth1.mmds.config is not None and eth1.mmds.config.ipv4_address == "169.254.170.2"
+        assert vmm.vm_config()["mmds-config"] == {
+            "version": "V1", "network_interfaces": ["eth1"], "ipv4_address": "169.254.170.2",
+            "imds_compat": False}  # fmt: skip
+        with pytest.raises(ApiError) as err:
+            vmm.put_mmds({"k": "v" * 64})  # --mmds-size-limit 64
+        assert err.value.status == 413
+    finally:
+        vmm.close()

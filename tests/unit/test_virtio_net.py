@@ -509,6 +509,82 @@ def test_rx_rate_limit_set_after_activation_spaces_frames(
     assert g.dev.rx_limiter.throttled >= 2 and g.dev.rx_limiter.timer_events >= 2
 
 
+def test_mmds_frames_answered_in_the_device_never_on_the_tap(
+    netns: str, worker: VirtioWorkers
+) -> None:
+    """An interface that serves the MMDS: the guest's ARP request for the MMDS address and
+    its TCP connection to it are answered in its rx queue and never reach the tap; a frame
+    for another address still goes to the tap."""
+    from mmds_guest import ACK, FIN, PSH, SYN, arp_request, parse, tcp
+
+    from kvmkit.mmds.store import Mmds, MmdsConfig
+
+    m = Mmds()
+    m.config = MmdsConfig(["eth0"])
+    m.put({"latest": {"meta-data": {"instance-id": "i-0123"}}})
+
+    def make() -> tuple[n.VirtioNet, socket.socket]:
+        dev = n.VirtioNet("kvmktap1", n.parse_mac("aa:fc:00:00:00:01"), mmds=m)
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        sock.bind(("kvmktap1", 0))
+        return dev, sock
+
+    dev, sock = in_netns(netns, make)
+    try:
+        worker.add(dev)
+        g = Guest(dev)
+        g.init(VIRTIO_F_VERSION_1 | n.VIRTIO_NET_F_MAC)
+        g.give_rx(16)
+        got: list[bytes] = []
+
+        def next_rx() -> bytes:
+            """The next frame from the MMDS (the host kernel sends its own IPv6 frames on
+            the tap too)."""
+            while True:
+                wait_for(lambda: got.extend(p[12:] for p in g.received()) or got)
+                frame = got.pop(0)
+                if frame[6:12] == bytes.fromhex("060123456701"):
+                    return frame
+                g.give_rx(1)
+
+        g.transmit(bytes(12) + arp_request())
+        reply = next_rx()
+        assert reply[12:14] == b"\x08\x06" and reply[22:28] == bytes.fromhex("060123456701")
+        g.transmit(bytes(12) + tcp(40000, 80, 100, 0, SYN))
+        synack = parse(next_rx())
+        assert synack.flags == SYN | ACK and synack.ack == 101
+        ack = synack.seq + 1
+        g.transmit(bytes(12) + tcp(40000, 80, 101, ack, ACK))
+        request = b"GET /latest/meta-data/instance-id HTTP/1.1\r\n\r\n"
+        g.transmit(bytes(12) + tcp(40000, 80, 101, ack, ACK | PSH, payload=request))
+        answer = b""
+        while True:
+            seg = parse(next_rx())
+            answer += seg.payload
+            if seg.flags & FIN:
+                break
+            if len(got) < 2:
+                g.give_rx(4)
+        assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"\r\n\r\ni-0123")
+        assert dev.tx_frames == 0 and dev.rx_frames >= 4  # nothing went through the tap
+
+        # A frame for another address goes to the tap as always; the sniffer saw nothing
+        # addressed to the MMDS.
+        other = tcp(40001, 80, 1, 0, SYN, dst=bytes([10, 0, 99, 1]))
+        g.transmit(bytes(12) + other)
+        sock.settimeout(2)
+        seen = []
+        while True:
+            data = sock.recv(70000)
+            seen.append(data)
+            if data == other:
+                break
+        mmds_ip = bytes([169, 254, 169, 254])
+        assert not [f for f in seen if mmds_ip in f[14:60]]
+        assert dev.tx_frames == 1
+    finally:
+        sock.close()
+        dev.close()
 def test_a_throttled_tx_queue_holds_up_neither_rx_nor_a_patch(
     setup: tuple[Guest, socket.socket],
 ) -> None:  # fmt: skip

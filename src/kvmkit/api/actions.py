@@ -42,6 +42,7 @@ from kvmkit.api import resources
 from kvmkit.api.metrics import Metrics
 from kvmkit.api.schema import SchemaError, validate
 from kvmkit.errors import UserError
+from kvmkit.mmds.store import DEFAULT_IPV4, Mmds, MmdsConfig, MmdsError, check_ipv4
 
 if TYPE_CHECKING:
     from kvmkit.migration.send import MigrationProgress
@@ -137,6 +138,11 @@ ROUTES: tuple[Route, ...] = (
     # kvmkit extension (docs/vfio.md)
     Route("PUT", "/vfio-devices/{id}", "_put_vfio_device", PRE_BOOT, "vfio", "VfioDevice",
           "device_id"),
+    # The MMDS store: any state (Firecracker's both controllers); its config pre-boot.
+    Route("GET", "/mmds", "get_mmds", ANY, "mmds"),
+    Route("PUT", "/mmds", "_put_mmds", ANY, "mmds", "MmdsContentsObject"),
+    Route("PATCH", "/mmds", "_patch_mmds", ANY, "mmds", "MmdsContentsObject"),
+    Route("PUT", "/mmds/config", "_put_mmds_config", PRE_BOOT, "mmds", "MmdsConfig"),
     Route("PUT", "/logger", "_put_logger", PRE_BOOT, "logger", "Logger"),
     Route("PUT", "/metrics", "_put_metrics", PRE_BOOT, "metrics", "Metrics"),
     # Each action has its own state rule (InstanceStart pre-boot, SendCtrlAltDel running).
@@ -195,14 +201,11 @@ class Vmm:
         # Firecracker's boot timer device.
         self.virtio_transport = virtio_transport
         self.boot_timer = boot_timer
-        # `--mmds-size-limit` (Firecracker: the API payload limit unless given); kept for
-        # MMDS, which kvmkit does not have yet.
-        self.mmds_size_limit: int | None = None
         self.state = State.NOT_STARTED
         self.res = resources.Resources(machine={
             "vcpu_count": DEFAULT_VCPUS, "mem_size_mib": DEFAULT_MEM_MIB, "smt": False,
             "track_dirty_pages": False, "huge_pages": "None",
-        })  # fmt: skip
+        }, mmds=Mmds())  # fmt: skip
         self.logger: dict[str, Any] | None = None
         self.metrics_config: dict[str, Any] | None = None
         self.metrics = Metrics()
@@ -230,6 +233,17 @@ class Vmm:
             from kvmkit.kvm.kick import install_kick_handler
 
             install_kick_handler()
+
+    @property
+    def mmds_size_limit(self) -> int:
+        """`--mmds-size-limit`: the MMDS store's limit in bytes (Firecracker's default: the
+        API payload limit, 51200)."""
+        return self.res.mmds.limit
+
+    @mmds_size_limit.setter
+    def mmds_size_limit(self, value: int | None) -> None:
+        if value is not None:
+            self.res.mmds.limit = value
 
     # -- the configuration, as Firecracker's resources (kept for the Python API's readers)
     @property
@@ -322,6 +336,15 @@ class Vmm:
     def put_logger(self, body: Any) -> None:
         self.request("PUT", "/logger", body)
 
+    def put_mmds(self, body: Any) -> None:
+        self.request("PUT", "/mmds", body)
+
+    def patch_mmds(self, body: Any) -> None:
+        self.request("PATCH", "/mmds", body)
+
+    def put_mmds_config(self, body: Any) -> None:
+        self.request("PUT", "/mmds/config", body)
+
     def put_metrics(self, body: Any) -> None:
         self.request("PUT", "/metrics", body)
 
@@ -393,7 +416,12 @@ class Vmm:
                            ("logger", self.logger), ("metrics", self.metrics_config)):
             if value is not None:
                 out[key] = copy.deepcopy(value)
+        if res.mmds.config is not None:
+            out["mmds-config"] = res.mmds.config.to_api()
         return out
+
+    def get_mmds(self) -> Any:
+        return self.res.mmds.get()
 
     # -- pre-boot configuration
     def _put_machine_config(self, body: dict[str, Any]) -> None:
@@ -481,6 +509,36 @@ class Vmm:
         if device_id not in devices and len(devices) >= MAX_VFIO:
             raise ApiError(f"at most {MAX_VFIO} VFIO devices")
         devices[device_id] = dict(body)
+        self._configured = True
+
+    # -- the MMDS (kvmkit.mmds; Firecracker's docs/mmds/mmds-user-guide.md)
+    def _put_mmds(self, body: dict[str, Any]) -> None:
+        try:
+            self.res.mmds.put(body)
+        except MmdsError as err:
+            raise ApiError(str(err), err.status) from None
+
+    def _patch_mmds(self, body: dict[str, Any]) -> None:
+        try:
+            self.res.mmds.patch(body)
+        except MmdsError as err:
+            raise ApiError(str(err), err.status) from None
+
+    def _put_mmds_config(self, body: dict[str, Any]) -> None:
+        ifaces = list(dict.fromkeys(body["network_interfaces"]))
+        if not ifaces:
+            raise ApiError("MMDS config error: The list of network interface IDs that allow "
+                           "forwarding MMDS requests is empty.")  # fmt: skip
+        if any(i not in self.res.ifaces for i in ifaces):
+            raise ApiError("MMDS config error: The list of network interface IDs provided "
+                           "contains at least one ID that does not correspond to any existing "
+                           "network interface.")  # fmt: skip
+        try:
+            address = check_ipv4(body.get("ipv4_address", DEFAULT_IPV4))
+        except ValueError as err:
+            raise ApiError(f"MMDS config error: {err}") from None
+        self.res.mmds.config = MmdsConfig(ifaces, body.get("version", "V1"), address,
+                                          body.get("imds_compat", False))  # fmt: skip
         self._configured = True
 
     def _put_logger(self, body: dict[str, Any]) -> None:
@@ -832,6 +890,8 @@ class Vmm:
             self.put_drive(drive["drive_id"], drive)
         for iface in data.get("network-interfaces", []):
             self.put_network_interface(iface["iface_id"], iface)
+        if "mmds-config" in data:
+            self.put_mmds_config(data["mmds-config"])
         if "vsock" in data:
             self.put_vsock(data["vsock"])
         if "entropy" in data:

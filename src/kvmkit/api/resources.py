@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvmkit.mmds.store import Mmds
+
 if TYPE_CHECKING:
     from kvmkit.api.metrics import Metrics
     from kvmkit.devices.virtio.blk import DriveConfig
@@ -32,6 +34,8 @@ class Resources:
     vsock: dict[str, Any] | None = None
     entropy: dict[str, Any] | None = None
     vfio_devices: dict[str, dict[str, Any]] = field(default_factory=dict)  # kvmkit extension
+    # The MMDS store and its configuration (kvmkit.mmds), shared with the devices serving it.
+    mmds: Mmds = field(default_factory=Mmds)
 
     def drive_order(self) -> list[str]:
         """Drive ids in device order: the root device first (/dev/vda), then in the order
@@ -69,12 +73,15 @@ def drive_configs(res: Resources) -> list[DriveConfig]:
 
 def net_configs(res: Resources) -> list[NetConfig]:
     """Network interfaces as virtio-net devices on their host taps, in the order they were
-    put (eth0, eth1, ...)."""
+    put (eth0, eth1, ...); those /mmds/config names serve the MMDS."""
     from kvmkit.devices.virtio.net import NetConfig
 
+    mmds = res.mmds
+    serving = set(mmds.config.network_interfaces) if mmds.config is not None else set()
     return [
         NetConfig(i["host_dev_name"], i.get("guest_mac"), i.get("mtu"),
-                  rate_limiter(i.get("rx_rate_limiter")), rate_limiter(i.get("tx_rate_limiter")))
+                  rate_limiter(i.get("rx_rate_limiter")), rate_limiter(i.get("tx_rate_limiter")),
+                  mmds=mmds if i["iface_id"] in serving else None)
         for i in res.ifaces.values()
     ]  # fmt: skip
 

@@ -58,7 +58,7 @@ def run_api(
     extra_config: dict[str, Any] | None = None, virtio_transport: str = "mmio",
     boot_timer: bool = False,
     start_times: tuple[int | None, int | None, int | None] = (None, None, None),
-    mmds_size_limit: int | None = None, firecracker_exit: bool = False,
+    mmds_size_limit: int | None = None, mmds_data: Any = None, firecracker_exit: bool = False,
 ) -> int:  # fmt: skip
     """Serve the API (and boot what the arguments or config file describe) until the VM
     ends; returns the process's exit status: `kvmkit run`'s, or with `firecracker_exit`
@@ -91,6 +91,11 @@ def run_api(
         vmm.report_start_time(*start_times)  # serving: the start-up Firecracker measures
         boot_now = False
         try:
+            if mmds_data is not None:  # `--metadata`: the store's first contents
+                try:
+                    vmm.put_mmds(mmds_data)
+                except ApiError as err:
+                    raise UserError(f"--metadata: {err.message}") from None
             if extra_config:
                 vmm.apply_config(extra_config)
             if config_file is not None:

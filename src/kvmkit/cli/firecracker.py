@@ -77,10 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-cpu-time-us", type=_u64, metavar="US",
                    help="the launcher's CPU time (µs), added to process_startup_time_cpu_us")
     p.add_argument("--mmds-size-limit", type=_u64, metavar="BYTES",
-                   help="MMDS data store limit (default: the API payload limit); kvmkit has "
-                   "no MMDS yet, so it only takes the value")  # fmt: skip
+                   help="MMDS data store limit in bytes (default: the API payload limit)")
     p.add_argument("--metadata", type=Path, metavar="FILE",
-                   help="MMDS contents (JSON): checked; kvmkit has no MMDS yet (no effect)")
+                   help="MMDS contents (a JSON object), as if PUT /mmds")
     p.add_argument("--describe-snapshot", type=Path, metavar="FILE",
                    help="print the data format version of a snapshot state file and exit")
     p.add_argument("--snapshot-version", action="store_true",
@@ -110,10 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError("--no-api needs --config-file")
         if args.seccomp_filter is not None and not Path(args.seccomp_filter).is_file():
             raise UserError(f"--seccomp-filter {args.seccomp_filter}: no such file")
-        if args.metadata is not None:
-            _check_json(args.metadata, "--metadata")
-            print(f"{prog}: --metadata: kvmkit has no MMDS yet; the contents are not served",
-                  file=sys.stderr)  # fmt: skip
+        metadata = None if args.metadata is None else _check_json(args.metadata, "--metadata")
     except UserError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return err.exit_status
@@ -140,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             virtio_transport="pci" if args.enable_pci else "mmio", boot_timer=args.boot_timer,
             start_times=(args.start_time_us, args.start_time_cpu_us, args.parent_cpu_time_us),
             mmds_size_limit=(args.mmds_size_limit if args.mmds_size_limit is not None
-                             else args.http_api_max_payload_size),
+                             else args.http_api_max_payload_size), mmds_data=metadata,
             firecracker_exit=True,
         )  # fmt: skip
     except UserError as err:
@@ -150,9 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _check_json(path: Path, what: str) -> None:
+def _check_json(path: Path, what: str) -> Any:
     try:
-        json.loads(path.read_text())
+        return json.loads(path.read_text())
     except OSError as err:
         raise UserError(f"{what} {path}: {err.strerror}") from None
     except ValueError as err:

@@ -491,7 +491,7 @@ class Machine:
                 mac = parse_mac(n.mac) if n.mac else None
                 devices.append(VirtioNet(
                     n.tap, mac, name=f"eth{i}", mtu=n.mtu, rx_rate_limiter=n.rx_rate_limiter,
-                    tx_rate_limiter=n.tx_rate_limiter,
+                    tx_rate_limiter=n.tx_rate_limiter, mmds=n.mmds,
                 ))  # fmt: skip
             if (vsock := self.config.vsock) is not None:
                 what = f"--vsock uds={vsock.uds_path}"

@@ -20,6 +20,12 @@ Offloads are offered only as the tap accepts them (TUNSETOFFLOAD): GUEST_CSUM/GU
 With an `mtu` (Firecracker's NetworkInterface.mtu) the device offers VIRTIO_NET_F_MTU and
 the value in its configuration space (§5.1.4): the driver uses it as the interface's MTU.
 
+On an interface that serves the MMDS (`mmds`, kvmkit.mmds.stack) the frames the guest sends
+to the MMDS address (ARP requests for it, IPv4 to it) go to the MMDS endpoint instead of the
+tap (on the tx worker), and whenever a frame can go to the guest the endpoint's frames come
+first (on the rx worker, woken by the tx worker through the rx queue's eventfd; as in
+Firecracker's device model, docs/mmds/mmds-design.md); they pass the same rx rate limiter.
+
 Optional rate limiters (Firecracker's `rx_rate_limiter`/`tx_rate_limiter`, `ratelimit.py`)
 take one op and the frame's bytes per frame: a tx frame that must wait stays taken and held,
 an rx frame stays read and pending (the tap unwatched meanwhile); the limiter's timer brings
@@ -43,6 +49,8 @@ from kvmkit.devices.virtio.device import Budget, VirtioDevice
 from kvmkit.devices.virtio.queue import DescriptorChain, QueueError
 from kvmkit.devices.virtio.ratelimit import DeviceLimiter, RateLimiterConfig
 from kvmkit.guestlog import GuestLog
+from kvmkit.mmds.stack import MmdsStack
+from kvmkit.mmds.store import Mmds
 from kvmkit.snapshot.format import Fields, SnapshotError
 
 log = logging.getLogger(__name__)
@@ -77,6 +85,9 @@ VIRTIO_NET_HDR_GSO_ECN = 0x80
 # virtio_net and Firecracker use the same bound: 65550 + the 12-byte header).
 MAX_FRAME = 65550
 MIN_FRAME = 14  # an Ethernet header
+# Bytes of a tx frame looked at to tell whether it is for the MMDS (Ethernet header and the
+# ARP target or IPv4 destination address: MmdsStack.wants).
+MMDS_PEEK = 42
 # Frames the worker takes from the tap per wake-up before it serves other devices (the tap
 # stays watched, so it comes back), and per used-buffer interrupt while it does.
 RX_BATCH = 64
@@ -99,6 +110,8 @@ class NetConfig:
     mtu: int | None = None
     rx_rate_limiter: RateLimiterConfig | None = None
     tx_rate_limiter: RateLimiterConfig | None = None
+    # The MMDS this interface serves (the API's /mmds/config names it), or None.
+    mmds: Mmds | None = None
 
     @classmethod
     def parse(cls, spec: str) -> NetConfig:
@@ -226,7 +239,7 @@ class VirtioNet(VirtioDevice):
     def __init__(
         self, tap: str, mac: bytes | None = None, name: str = "net", *, mtu: int | None = None,
         rx_rate_limiter: RateLimiterConfig | None = None,
-        tx_rate_limiter: RateLimiterConfig | None = None,
+        tx_rate_limiter: RateLimiterConfig | None = None, mmds: Mmds | None = None,
     ) -> None:  # fmt: skip
         if mtu is not None and not MIN_MTU <= mtu <= MAX_MTU:
             raise ValueError(f"mtu {mtu}: must be between {MIN_MTU} and {MAX_MTU}")
@@ -270,6 +283,10 @@ class VirtioNet(VirtioDevice):
         self.rx_frames = self.rx_bytes = self.rx_dropped = 0
         self.tx_frames = self.tx_bytes = self.tx_dropped = 0
         self.tx_malformed = self.tap_write_fails = 0
+        self.mmds: MmdsStack | None = None
+        self._mmds_sent = False
+        if mmds is not None and mmds.config is not None:
+            self.mmds = MmdsStack(mmds, mmds.config.ipv4_address)
 
     def config_bytes(self) -> bytes:
         # struct virtio_net_config (§5.1.4): mac, status, max_virtqueue_pairs, and mtu
@@ -366,6 +383,8 @@ class VirtioNet(VirtioDevice):
         self._pending = 0
         self._pending_paid = False
         self._tx_throttled = None
+        if self.mmds is not None:
+            self.mmds.reset()  # the guest's connections went with its driver
 
     def close(self) -> None:
         with self.lock:
@@ -424,6 +443,7 @@ class VirtioNet(VirtioDevice):
             done = True
         if done:
             self.signal_used(TX)
+        self._mmds_answer()
 
     def _process_tx_limited(self, budget: Budget) -> None:
         """One chain at a time, each paid for before it goes: one op and its frame bytes."""
@@ -445,6 +465,14 @@ class VirtioNet(VirtioDevice):
             done = True
         if done:
             self.signal_used(TX)
+        self._mmds_answer()
+
+    def _mmds_answer(self) -> None:
+        """After frames went to the MMDS: have the rx worker put its answers into the rx
+        queue (the endpoint's lock keeps the two threads apart)."""
+        if self._mmds_sent:
+            self._mmds_sent = False
+            self.notify_queue(RX)
 
     def _transmit(self, chain: DescriptorChain) -> None:
         assert self.mem is not None
@@ -472,6 +500,8 @@ class VirtioNet(VirtioDevice):
             self.tx_dropped += 1
             self.tx_malformed += 1
             return
+        if self.mmds is not None and self._to_mmds(chain, total):
+            return
         try:
             os.writev(self.tap_fd, iov.views(self.mem, chain.readable))
         except OSError as err:
@@ -483,6 +513,16 @@ class VirtioNet(VirtioDevice):
             return
         self.tx_frames += 1
         self.tx_bytes += total - NET_HDR_SIZE
+
+    def _to_mmds(self, chain: DescriptorChain, total: int) -> bool:
+        """Hand a frame for the MMDS to its endpoint (True), never to the tap."""
+        assert self.mem is not None and self.mmds is not None
+        head = iov.gather(self.mem, chain.readable, min(total, NET_HDR_SIZE + MMDS_PEEK))
+        if not self.mmds.wants(head[NET_HDR_SIZE:]):
+            return False
+        self.mmds.intercept(iov.gather(self.mem, chain.readable, total)[NET_HDR_SIZE:])
+        self._mmds_sent = True
+        return True
 
     # -- RX (its own worker thread, which also watches the tap: HOST_GROUP is RX's)
     def _tap_event(self, events: int) -> None:
@@ -496,6 +536,9 @@ class VirtioNet(VirtioDevice):
         assert self.mem is not None
         delivered = 0
         for _ in range(RX_BATCH):
+            if not self._pending and self.mmds is not None:
+                self._pending = self._mmds_frame()
+                self._pending_paid = False
             if not self._pending:
                 if self._tap_failed:
                     break
@@ -529,6 +572,18 @@ class VirtioNet(VirtioDevice):
         self._watch_tap(not self._pending and not self._tap_failed)
         if delivered:
             self.signal_used(RX)
+
+    def _mmds_frame(self) -> int:
+        """The MMDS endpoint's next frame into the frame buffer behind a zeroed header (no
+        offload flags: its checksums are complete); its length, 0 if there is none."""
+        assert self.mmds is not None
+        frame = self.mmds.next_frame()
+        if frame is None:
+            return 0
+        n = NET_HDR_SIZE + len(frame)
+        self._frame[:NET_HDR_SIZE] = bytes(NET_HDR_SIZE)
+        self._frame[NET_HDR_SIZE:n] = frame
+        return n
 
     def _take_rx(self, index: int) -> DescriptorChain | None:
         """The `index`th rx chain of the held ones, taking more from the ring as needed."""
