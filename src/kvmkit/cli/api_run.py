@@ -20,8 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kvmkit import seccomp
 from kvmkit.api.actions import ApiError, Vmm
 from kvmkit.errors import UserError
+from kvmkit.seccomp import Filters as SeccompFilters
 
 
 def load_config_file(path: Path) -> Any:
@@ -55,9 +57,14 @@ def run_api(
     initrd: Path | None = None, cmdline: str | None = None, vcpus: int = 1,
     mem_mib: int = 256, command: list[str] | None = None, timeout: float | None = None,
     instance_id: str = "anonymous-instance", prog: str = "kvmkit run",
-    extra_config: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None, seccomp_filters: SeccompFilters | None = None,
 ) -> int:  # fmt: skip
     from kvmkit.api.server import ApiServer
+
+    if seccomp_filters is not None:
+        # Before the API thread exists: from here on every thread of the process runs under
+        # a filter (docs/security.md).
+        seccomp.install_for_cli(seccomp_filters, prog)
 
     stdout = sys.stdout.buffer
 

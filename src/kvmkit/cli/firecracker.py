@@ -1,13 +1,15 @@
 """`kvmkit-firecracker`: kvmkit in place of the `firecracker` binary, for tools that launch
 Firecracker themselves. Accepts Firecracker's main options (--api-sock, --config-file,
 --no-api, --id, --log-path, --level, --show-level, --show-log-origin, --module,
---metrics-path, --boot-timer, --http-api-max-payload-size); everything else goes through
+--metrics-path, --boot-timer, --http-api-max-payload-size, --no-seccomp,
+--seccomp-filter, and kvmkit's --seccomp); everything else goes through
 the same action layer as `kvmkit run --api-sock` (docs/api.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,14 +38,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-path", help="metrics path (an existing file or FIFO)")
     p.add_argument("--boot-timer", action="store_true", help="accepted, no effect")
     p.add_argument("--http-api-max-payload-size", type=int, help="API body size limit")
+    p.add_argument(
+        "--seccomp", action=argparse.BooleanOptionalAction, default=None,
+        help="run every thread under its seccomp filter (kvmkit's default for now: off, "
+        "on with --seccomp-filter; docs/security.md says why)",
+    )  # fmt: skip
+    p.add_argument(
+        "--seccomp-filter", type=Path, metavar="FILE",
+        help="seccomp filters from FILE, in Firecracker's seccompiler JSON (docs/security.md)",
+    )  # fmt: skip
     p.add_argument("--version", action="version", version=f"kvmkit-firecracker {__version__}")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from kvmkit import seccomp
     from kvmkit.cli.api_run import run_api
+    from kvmkit.cli.run import seccomp_wanted
 
+    trace = seccomp.strace_argv()
+    if trace is not None:  # KVMKIT_SECCOMP_STRACE: list this process's calls (security.md)
+        os.execvp(trace[0], trace)
     args = build_parser().parse_args(argv)
+    try:
+        filters = seccomp.cli_filters(seccomp_wanted(args), args.seccomp_filter)
+    except UserError as err:
+        print(f"kvmkit-firecracker: {err}", file=sys.stderr)
+        return err.exit_status
     if args.no_api and args.config_file is None:
         print("kvmkit-firecracker: --no-api needs --config-file", file=sys.stderr)
         return 2
@@ -66,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_api(
             api_sock=None if args.no_api else args.api_sock, config_file=args.config_file,
             instance_id=args.id, prog="kvmkit-firecracker", extra_config=extra or None,
+            seccomp_filters=filters,
         )  # fmt: skip
     except UserError as err:
         print(f"kvmkit-firecracker: {err}", file=sys.stderr)

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kvmkit import seccomp
+from kvmkit.cli.run import add_seccomp_options, seccomp_wanted
 from kvmkit.errors import UserError
 from kvmkit.probe import detect_implementation
 
@@ -34,6 +36,7 @@ def register(sub: Any) -> None:
         help="host CPUs for the vCPU threads, as for kvmkit run (the snapshot does not "
         "carry the host's CPUs)",
     )  # fmt: skip
+    add_seccomp_options(p)
     p.set_defaults(func=restore)
 
 
@@ -42,7 +45,11 @@ def restore(args: argparse.Namespace) -> int:
     from kvmkit.vmm.config import parse_cpu_affinity
     from kvmkit.vmm.snapshot import read_snapshot, restore_machine
 
+    trace = seccomp.strace_argv()
+    if trace is not None:  # KVMKIT_SECCOMP_STRACE: list this process's calls (security.md)
+        os.execvp(trace[0], trace)
     dump = StateDump()  # kill -USR1 prints the VM's state (kvmkit run's)
+    filters = seccomp.cli_filters(seccomp_wanted(args), args.seccomp_filter)
     # A bad file (format, checksum, any state or device in it, a drive image that changed)
     # is reported before anything else: one line, exit status 2, no VM.
     read_snapshot(args.state)
@@ -59,6 +66,8 @@ def restore(args: argparse.Namespace) -> int:
         stdout.write(data)
         stdout.flush()
 
+    if filters is not None:
+        seccomp.install_for_cli(filters, "kvmkit restore")
     machine = restore_machine(
         args.state, args.mem, base_mem=args.base_mem, command_output=write_out
     )
