@@ -66,8 +66,11 @@ def expected_lines() -> dict[str, int]:
         want[f"ioctl {name}"] = value
     for cap in constants.Cap:
         want[f"const KVM_CAP_{cap.name}"] = int(cap)
-    for name in ("KVM_COALESCED_MMIO_PAGE_OFFSET", "KVM_PIT_SPEAKER_DUMMY"):
+    for name in ("KVM_COALESCED_MMIO_PAGE_OFFSET", "KVM_PIT_SPEAKER_DUMMY",
+                 "KVM_VCPU_TSC_CTRL", "KVM_VCPU_TSC_OFFSET"):
         want[f"const {name}"] = getattr(constants, name)
+    for flag in constants.DirtyLogFlag:
+        want[f"const KVM_DIRTY_LOG_{flag.name}"] = int(flag)
     for reason in constants.ExitReason:
         want[f"const KVM_EXIT_{reason.name}"] = int(reason)
     return want
