@@ -22,9 +22,7 @@ class VmmProcess:
         if entry == "firecracker":
             argv = [sys.executable, "-m", "kvmkit.cli.firecracker", "--api-sock", self.sock]
         else:
-            # Under kvmkit's seccomp filters (kvmkit-firecracker has them by default): every
-            # API test then also shows that the filters allow what the VMM does.
-            argv = [sys.executable, "-m", "kvmkit", "run", "--seccomp", "--api-sock", self.sock]
+            argv = [sys.executable, "-m", "kvmkit", "run", "--api-sock", self.sock]
         self.proc = subprocess.Popen(
             [*argv, *args], stdout=self.out_path.open("wb"), stderr=self.err_path.open("wb"),
             stdin=subprocess.DEVNULL, env=env, cwd=workdir,
