@@ -52,3 +52,22 @@ def test_vfio_tests_get_a_lane_of_their_own(hwvirt_tests: ModuleType) -> None:
     # The default lane gets no --device (no emulated IOMMU slowing its DMA).
     assert "--device" not in hwvirt_tests.lane_argv(".venv/bin/python", groups[default], default)
 
+
+def test_the_tests_are_spread_by_whole_files_over_the_lanes(hwvirt_tests: ModuleType) -> None:
+    boot = "tests/hwvirt/test_linux_boot.py"
+    ids = [f"{boot}::a", "tests/hwvirt/test_x.py::b", f"{boot}::c", "tests/hwvirt/test_y.py::d"]
+    vfio_ids = ["tests/hwvirt/test_vfio_linux.py::e"]
+    default = hwvirt_tests.LaneConfig()
+    vfio = hwvirt_tests.LaneConfig(("edu",), ("vfio_pci",))
+    workers = hwvirt_tests.plan({default: ids, vfio: vfio_ids}, 2)
+    # Two lanes side by side: the heaviest file (test_linux_boot.py) alone on one; the
+    # other, lighter files and the VFIO group on the other, one lane boot each, default first;
+    # a file's tests together and in their original order.
+    assert sorted(workers, key=len) == [
+        [(default, [f"{boot}::a", f"{boot}::c"])],
+        [(default, ["tests/hwvirt/test_x.py::b", "tests/hwvirt/test_y.py::d"]), (vfio, vfio_ids)],
+    ]
+    # One lane: everything in one worker, a lane boot per group.
+    assert hwvirt_tests.plan({default: ids, vfio: vfio_ids}, 1) == [
+        [(default, ids), (vfio, vfio_ids)]
+    ]
