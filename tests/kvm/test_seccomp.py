@@ -137,7 +137,6 @@ def without(filters: dict[str, Any], category: str, request: int) -> dict[str, A
     return out
 
 
-@STALE
 def test_a_forbidden_call_ends_the_process_with_one_log_line(
     kernel: Path, tmp_path: Path
 ) -> None:
