@@ -9,13 +9,15 @@
 #   e2fsprogs        mkfs.ext4, e2fsck and debugfs: the ext4-on-virtio-blk lane test makes and
 #                    checks its image on the host (not Essential: minimal containers lack it)
 #   iproute2         `ip` (netns, taps, addresses): `kvmkit net setup` and the net/vsock tests
+#   libseccomp2      the library behind pyseccomp: the VMM's seccomp filters (docs/security.md)
+#   strace           lists a VMM's system calls to regenerate those filters (scripts/seccomp_profile.py)
 # The lane kernel (Debian's linux-image-<abi>-amd64-unsigned) is fetched with `apt-get download`
 # and unpacked into the cache, never installed. Needs root (or sudo) only to install packages;
 # only the package registries need to be reachable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(qemu-system-x86 busybox-static cpio acpica-tools gcc binutils make linux-libc-dev e2fsprogs iproute2)
+PACKAGES=(qemu-system-x86 busybox-static cpio acpica-tools gcc binutils make linux-libc-dev e2fsprogs iproute2 libseccomp2 strace)
 
 say() { echo "setup-host: $*"; }
 

@@ -16,9 +16,14 @@ seccomp filter per kind) one place to hook in:
   command reported its status;
 - `input`, one for an interactive console (cli/run.py): the terminal's input to the UART;
 
-plus the main thread, and the API server, gdb stub and metrics threads where those are on.
-`start_thread` starts a daemon thread whose Python name is `kind:name` and whose kernel name
-(comm, 15 bytes) is `kind-name` truncated.
+- `api`, the API server's listener (api/server.py); the threads serving its connections are
+  started by the listener and run under its filter;
+
+plus the main thread (`vmm`), and the gdb stub and metrics threads where those are on (they
+run under the filter of the thread that started them). `start_thread` starts a daemon thread
+whose Python name is `kind:name` and whose kernel name (comm, 15 bytes) is `kind-name`
+truncated. A thread's first act is `name_thread`, which also puts it under its kind's seccomp
+filter when the process has filters on (kvmkit/seccomp, docs/security.md).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import enum
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from kvmkit import seccomp
 
 PR_SET_NAME = 15  # <linux/prctl.h>
 _libc: ctypes.CDLL | None = None
@@ -40,6 +47,7 @@ class ThreadKind(enum.Enum):
     DRAIN = "drain"
     WATCH = "watch"
     INPUT = "input"
+    API = "api"
 
 
 def _set_comm(name: str) -> None:
@@ -53,9 +61,11 @@ def _set_comm(name: str) -> None:
 
 
 def name_thread(kind: ThreadKind, name: str) -> None:
-    """Give the calling thread the kernel name `kind-name` (for threads started elsewhere:
-    the vCPU threads, whose Thread objects exist before they start)."""
+    """Give the calling thread the kernel name `kind-name` and its kind's seccomp filter
+    (called first thing by `start_thread`'s threads and by threads started elsewhere: the
+    vCPU threads, whose Thread objects exist before they start)."""
     _set_comm(f"{kind.value}-{name}")
+    seccomp.enter(kind.value)
 
 
 def start_thread(kind: ThreadKind, name: str, target: Callable[..., Any], *args: Any

@@ -23,6 +23,7 @@ import urllib.parse
 from typing import Any
 
 from kvmkit.api.actions import ROUTES, ApiError, Route, Vmm
+from kvmkit.threads import ThreadKind, start_thread
 from kvmkit.unixsock import remove_stale_socket
 
 log = logging.getLogger("kvmkit.api")
@@ -288,13 +289,12 @@ class ApiServer:
             self._server = _UnixServer(path, Router(vmm))
         except OSError as err:
             raise OSError(err.errno, f"cannot listen on {path}: {err.strerror}") from None
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-            name="api-server", daemon=True,
-        )  # fmt: skip
+        self._thread: threading.Thread | None = None
 
     def start(self) -> ApiServer:
-        self._thread.start()
+        # The listener is an `api` thread: under seccomp it loads the api filter first, and
+        # the connection threads it starts inherit it.
+        self._thread = start_thread(ThreadKind.API, "server", self._server.serve_forever, 0.2)
         return self
 
     def close(self, grace: float = 2.0) -> None:

@@ -20,8 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kvmkit import seccomp
 from kvmkit.api.actions import ApiError, Vmm
 from kvmkit.errors import UserError
+from kvmkit.seccomp import Filters as SeccompFilters
 
 
 def load_config_file(path: Path) -> Any:
@@ -59,11 +61,17 @@ def run_api(
     boot_timer: bool = False,
     start_times: tuple[int | None, int | None, int | None] = (None, None, None),
     mmds_size_limit: int | None = None, mmds_data: Any = None, firecracker_exit: bool = False,
+    seccomp_filters: SeccompFilters | None = None,
 ) -> int:  # fmt: skip
     """Serve the API (and boot what the arguments or config file describe) until the VM
     ends; returns the process's exit status: `kvmkit run`'s, or with `firecracker_exit`
     Firecracker's 0 for a guest that powered off or rebooted (its `reboot=k` way out)."""
     from kvmkit.api.server import ApiServer
+
+    if seccomp_filters is not None:
+        # Before the API thread exists: from here on every thread of the process runs under
+        # a filter (docs/security.md).
+        seccomp.install_for_cli(seccomp_filters, prog)
 
     stdout = sys.stdout.buffer
 

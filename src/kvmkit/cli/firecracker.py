@@ -1,7 +1,8 @@
 """`kvmkit-firecracker`: kvmkit in place of the `firecracker` binary, for tools that launch
 Firecracker themselves. It takes every option of `firecracker --help` (Firecracker 1.x,
 src/firecracker/src/main.rs) with Firecracker's meaning, or accepts it and does nothing where
-kvmkit has no equivalent (docs/api.md lists which); everything else goes through the same
+kvmkit has no equivalent (docs/api.md lists which), plus kvmkit's --seccomp; everything
+else goes through the same
 action layer as `kvmkit run --api-sock` (docs/api.md).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -63,12 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="API body size limit in bytes (default 51200)")  # fmt: skip
     p.add_argument("--enable-pci", action="store_true",
                    help="virtio devices on PCI (virtio-pci with MSI-X) instead of MMIO")
-    seccomp = p.add_mutually_exclusive_group()
-    seccomp.add_argument("--no-seccomp", action="store_true",
-                         help="accepted; kvmkit installs no seccomp filter yet (no effect)")
-    seccomp.add_argument("--seccomp-filter", metavar="FILE",
-                         help="accepted and checked to exist; kvmkit installs no seccomp "
-                         "filter yet (no effect)")  # fmt: skip
+    p.add_argument(
+        "--seccomp", action=argparse.BooleanOptionalAction, default=None,
+        help="run every thread under its seccomp filter (kvmkit's default for now: off, "
+        "on with --seccomp-filter; docs/security.md says why)",
+    )  # fmt: skip
+    p.add_argument(
+        "--seccomp-filter", type=Path, metavar="FILE",
+        help="seccomp filters from FILE, in Firecracker's seccompiler JSON (docs/security.md)",
+    )  # fmt: skip
     p.add_argument("--start-time-us", type=_u64, metavar="US",
                    help="process start (CLOCK_MONOTONIC, µs) as the launcher saw it: "
                    "api_server.process_startup_time_us counts from there")  # fmt: skip
@@ -89,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from kvmkit import seccomp
+    from kvmkit.cli.api_run import run_api
+    from kvmkit.cli.run import seccomp_wanted
+
+    trace = seccomp.strace_argv()
+    if trace is not None:  # KVMKIT_SECCOMP_STRACE: list this process's calls (security.md)
+        os.execvp(trace[0], trace)
     args = build_parser().parse_args(argv)
     prog = "kvmkit-firecracker"
     if args.version:
@@ -107,8 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"--id {args.id!r}: 1 to 64 characters, alphanumeric or '-'")
         if args.no_api and args.config_file is None:
             raise UserError("--no-api needs --config-file")
-        if args.seccomp_filter is not None and not Path(args.seccomp_filter).is_file():
-            raise UserError(f"--seccomp-filter {args.seccomp_filter}: no such file")
+        filters = seccomp.cli_filters(seccomp_wanted(args), args.seccomp_filter)
         metadata = None if args.metadata is None else _check_json(args.metadata, "--metadata")
     except UserError as err:
         print(f"{prog}: {err}", file=sys.stderr)
@@ -127,8 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kvmkit.api import server
 
     server.MAX_BODY = max(1, args.http_api_max_payload_size)
-    from kvmkit.cli.api_run import run_api
-
     try:
         return run_api(
             api_sock=None if args.no_api else args.api_sock, config_file=args.config_file,
@@ -138,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mmds_size_limit=(args.mmds_size_limit if args.mmds_size_limit is not None
                              else args.http_api_max_payload_size), mmds_data=metadata,
             firecracker_exit=True,
+            seccomp_filters=filters,
         )  # fmt: skip
     except UserError as err:
         print(f"{prog}: {err}", file=sys.stderr)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvmkit import seccomp
 from kvmkit.arch.x86_64.numa import NumaNode
 from kvmkit.arch.x86_64.topology import MAX_VCPUS, Topology
 from kvmkit.devices.virtio.blk import DriveConfig
@@ -133,8 +134,30 @@ def register(sub: Any) -> None:
         "--config-file", type=Path, metavar="F",
         help="boot from a JSON file in Firecracker's --config-file shape",
     )  # fmt: skip
+    add_seccomp_options(p)
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=run)
+
+
+def seccomp_wanted(args: argparse.Namespace) -> bool:
+    """`kvmkit run`/`restore`: filters with --seccomp or --seccomp-filter, not by default
+    (docs/security.md says why), never with --no-seccomp."""
+    if args.seccomp is None:
+        return args.seccomp_filter is not None
+    return bool(args.seccomp)
+
+
+def add_seccomp_options(p: argparse.ArgumentParser) -> None:
+    """`--seccomp/--no-seccomp` and `--seccomp-filter FILE` (docs/security.md)."""
+    p.add_argument(
+        "--seccomp", action=argparse.BooleanOptionalAction, default=None,
+        help="run every VMM thread under its seccomp filter (default: off, on with "
+        "--seccomp-filter; kvmkit-firecracker's default is on; docs/security.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--seccomp-filter", type=Path, metavar="FILE",
+        help="seccomp filters from FILE (Firecracker's seccompiler JSON) instead of kvmkit's",
+    )  # fmt: skip
 
 
 def _progress(line: str) -> None:
@@ -208,7 +231,12 @@ def _api_devices(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    trace = seccomp.strace_argv()
+    if trace is not None:  # KVMKIT_SECCOMP_STRACE: list this process's calls (security.md)
+        os.execvp(trace[0], trace)
     dump = StateDump()
+    # A bad --seccomp-filter is refused first, in one line, before anything starts.
+    filters = seccomp.cli_filters(seccomp_wanted(args), args.seccomp_filter)
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -237,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
             vcpus=args.vcpus if args.vcpus is not None else 1, mem_mib=args.mem_mib,
             command=command, timeout=args.timeout, virtio_transport=args.virtio_transport,
             extra_config=_api_devices(args) or None,
+            seccomp_filters=filters,
         )  # fmt: skip
     config = MachineConfig(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
@@ -282,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
         default_image(progress=_progress)
     from kvmkit.vmm.machine import EndReason, Machine  # here: `kvmkit --help` stays light
 
+    if filters is not None:
+        seccomp.install_for_cli(filters, "kvmkit run")
     with Machine(config, command_output=write_out) as machine:
         dump.machine = machine
         machine.build()

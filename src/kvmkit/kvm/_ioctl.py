@@ -9,13 +9,14 @@ arguments of any size and integer arguments beyond a C `int` (e.g. `KVM_SET_TSS_
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from typing import Any
 
 from kvmkit.kvm.errors import IoctlError, KvmError
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The process's own libc (dlopen(NULL)): ctypes.util.find_library runs `ldconfig -p` (a
+# fork and exec), which a VMM under its seccomp filters may not do (docs/security.md).
+_libc = ctypes.CDLL(None, use_errno=True)
 _ioctl = _libc.ioctl
 _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _ioctl.restype = ctypes.c_int

@@ -1,0 +1,417 @@
+"""Per-thread seccomp filters for a kvmkit VMM process (docs/security.md).
+
+A filter is a list of allowed system calls (and, for `ioctl`, allowed request numbers) per
+thread kind, written in Firecracker's seccompiler JSON format (Firecracker docs/seccompiler.md):
+a top-level object mapping a thread category to `{"default_action", "filter_action",
+"filter": [{"syscall", "args": [{"index", "type", "op", "val"}]}]}`. Firecracker's categories
+are `vmm` (the main thread), `api` and `vcpu`; kvmkit adds its own thread kinds (`virtio`,
+`console`, `drain`, `watch`, `input`, see kvmkit/threads.py), each falling back to `vmm`
+when a file does not name it.
+
+libseccomp (through the pyseccomp binding) turns each filter into BPF once, when the policy is
+installed; each thread then loads its kind's program as the first thing it does
+(`threads.name_thread`). The kernel stacks filters: a thread starts under the filter of the
+thread that created it and adds its own, so a call must pass both. The threads that create
+others (`vmm`, and `api`, whose requests build the VM) therefore allow what their children
+need; the leaf kinds (vCPU, virtio worker, console, ...) get only their own calls.
+
+A forbidden call is trapped (SECCOMP_RET_TRAP): the SIGSYS handler writes one line naming the
+thread and the call to stderr and to the kvmkit logger, then ends the process with exit status
+148, as Firecracker does (its `BadSyscall` exit code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from kvmkit.errors import UserError
+
+log = logging.getLogger("kvmkit.seccomp")
+
+# Firecracker's exit code after a bad system call (FcExitCode::BadSyscall).
+EXIT_BAD_SYSCALL = 148
+# Firecracker's three thread categories (docs/seccomp.md); a --seccomp-filter file needs them.
+FIRECRACKER_CATEGORIES = ("vmm", "api", "vcpu")
+# kvmkit's further thread kinds (threads.ThreadKind values): optional in a file, `vmm` if absent.
+KVMKIT_CATEGORIES = ("virtio", "console", "drain", "watch", "input")
+CATEGORIES = FIRECRACKER_CATEGORIES + KVMKIT_CATEGORIES
+
+# <linux/prctl.h>, <linux/seccomp.h>, <asm/unistd_64.h>, <asm-generic/siginfo.h>
+PR_SET_NO_NEW_PRIVS = 38
+SECCOMP_SET_MODE_FILTER = 1
+SYS_SECCOMP = 317
+SIGSYS = 31
+SA_SIGINFO = 4
+SI_SYSCALL_OFFSET = 24  # siginfo_t: signo, errno, code, pad (4 x int), then _sigsys._call_addr
+SYS_SECCOMP_CODE = 1  # si_code of a seccomp SIGSYS
+
+# libseccomp's actions (<seccomp.h>): the values of SCMP_ACT_*.
+ACT_KILL_PROCESS = 0x80000000
+ACT_KILL_THREAD = 0x00000000
+ACT_TRAP = 0x00030000
+ACT_LOG = 0x7FFC0000
+ACT_ALLOW = 0x7FFF0000
+ACT_ERRNO = 0x00050000
+ACT_TRACE = 0x7FF00000
+# libseccomp's comparison operators (enum scmp_compare).
+OPS = {"ne": 1, "lt": 2, "le": 3, "eq": 4, "ge": 5, "gt": 6, "masked_eq": 7}
+DWORD_MASK = 0xFFFFFFFF
+# Looked up (and not found) where the filters would be installed, as a mark in an strace log.
+INSTALL_MARK = "/kvmkit-seccomp-install-point"
+MAX_FILE = 1 << 20  # a filter file larger than this is refused (Firecracker's are ~30 KiB)
+
+
+class SeccompError(UserError):
+    """A filter file that cannot be used: one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    index: int
+    dword: bool
+    op: str
+    val: int
+    mask: int = 0
+
+
+@dataclass(frozen=True)
+class Rule:
+    syscall: str
+    conditions: tuple[Condition, ...] = ()
+
+
+@dataclass
+class Filter:
+    default_action: int
+    filter_action: int
+    rules: list[Rule] = field(default_factory=list)
+
+
+Filters = dict[str, Filter]
+
+
+def _action(value: Any, where: str) -> int:
+    named = {"allow": ACT_ALLOW, "trap": ACT_TRAP, "log": ACT_LOG, "kill_process": ACT_KILL_PROCESS,
+             "kill_thread": ACT_KILL_THREAD, "kill": ACT_KILL_PROCESS}  # fmt: skip
+    if isinstance(value, str) and value.lower() in named:
+        return named[value.lower()]
+    if isinstance(value, dict) and len(value) == 1:
+        ((key, num),) = value.items()
+        if key in ("errno", "trace") and isinstance(num, int) and not isinstance(num, bool):
+            if not 0 <= num <= 0xFFFF:
+                raise SeccompError(f"{where}: {key} {num} is out of range 0..65535")
+            return (ACT_ERRNO if key == "errno" else ACT_TRACE) | num
+    raise SeccompError(
+        f"{where}: unknown action {json.dumps(value)} (allow, trap, log, kill_process, "
+        'kill_thread, {"errno": N} or {"trace": N})'
+    )
+
+
+def _int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SeccompError(f"{where} must be an integer, not {json.dumps(value)}")
+    return value
+
+
+def _condition(raw: Any, where: str) -> Condition:
+    if not isinstance(raw, dict):
+        raise SeccompError(f"{where} must be an object")
+    # Firecracker's seccompiler names the keys `index`/`type` (older releases `arg_index`/
+    # `arg_type`); both are read.
+    index = _int(raw.get("index", raw.get("arg_index")), f"{where}.index")
+    kind = raw.get("type", raw.get("arg_type"))
+    if not 0 <= index <= 5:
+        raise SeccompError(f"{where}.index {index}: a system call has arguments 0..5")
+    if kind not in ("dword", "qword"):
+        raise SeccompError(f"{where}.type must be \"dword\" or \"qword\", not {json.dumps(kind)}")
+    op = raw.get("op")
+    mask = 0
+    if isinstance(op, dict) and set(op) == {"masked_eq"}:
+        mask = _int(op["masked_eq"], f"{where}.op.masked_eq")
+        op = "masked_eq"
+    if op not in OPS or (op == "masked_eq" and not mask):
+        raise SeccompError(
+            f"{where}.op must be one of eq, ne, lt, le, gt, ge or {{\"masked_eq\": MASK}}, "
+            f"not {json.dumps(raw.get('op'))}"
+        )
+    val = _int(raw.get("val"), f"{where}.val")
+    limit = DWORD_MASK if kind == "dword" else (1 << 64) - 1
+    if not 0 <= val <= limit or not 0 <= mask <= limit:
+        raise SeccompError(f"{where}.val {val} does not fit a {kind}")
+    return Condition(index, kind == "dword", op, val, mask)
+
+
+def parse_filters(data: Any, source: str, *, require: tuple[str, ...] = FIRECRACKER_CATEGORIES
+                  ) -> dict[str, Filter]:  # fmt: skip
+    """Firecracker's seccompiler JSON (already decoded) -> one `Filter` per category."""
+    if not isinstance(data, dict):
+        raise SeccompError(f"{source}: the top level must be an object of thread categories")
+    missing = [c for c in require if c not in data]
+    if missing:
+        raise SeccompError(f"{source}: no filter for thread category {', '.join(missing)}")
+    filters: dict[str, Filter] = {}
+    names = _syscall_numbers()
+    for category, body in data.items():
+        where = f"{source}: {category}"
+        if category not in CATEGORIES:
+            raise SeccompError(
+                f"{where}: unknown thread category (known: {', '.join(CATEGORIES)})"
+            )
+        if not isinstance(body, dict):
+            raise SeccompError(f"{where} must be an object")
+        unknown = set(body) - {"default_action", "filter_action", "filter", "comment"}
+        if unknown:
+            raise SeccompError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        for key in ("default_action", "filter_action", "filter"):
+            if key not in body:
+                raise SeccompError(f"{where}: {key} is missing")
+        default = _action(body["default_action"], f"{where}.default_action")
+        match = _action(body["filter_action"], f"{where}.filter_action")
+        if default == match:
+            raise SeccompError(f"{where}: default_action and filter_action are the same")
+        rules_raw = body["filter"]
+        if not isinstance(rules_raw, list):
+            raise SeccompError(f"{where}.filter must be a list")
+        rules = []
+        for i, raw in enumerate(rules_raw):
+            rwhere = f"{where}.filter[{i}]"
+            if not isinstance(raw, dict) or not isinstance(raw.get("syscall"), str):
+                raise SeccompError(f"{rwhere} must be an object with a \"syscall\" name")
+            extra = set(raw) - {"syscall", "args", "comment"}
+            if extra:
+                raise SeccompError(f"{rwhere}: unknown key {sorted(extra)[0]!r}")
+            if raw["syscall"] not in names:
+                raise SeccompError(f"{rwhere}: unknown system call {raw['syscall']!r}")
+            args = raw.get("args", [])
+            if not isinstance(args, list):
+                raise SeccompError(f"{rwhere}.args must be a list")
+            conds = tuple(_condition(a, f"{rwhere}.args[{j}]") for j, a in enumerate(args))
+            rules.append(Rule(raw["syscall"], conds))
+        filters[category] = Filter(default, match, rules)
+    return filters
+
+
+def load_filter_file(path: Path) -> dict[str, Filter]:
+    """Read and check a --seccomp-filter file (Firecracker's JSON format)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE + 1)
+    except OSError as err:
+        raise SeccompError(f"--seccomp-filter {path}: {err.strerror}") from None
+    if len(raw) > MAX_FILE:
+        raise SeccompError(f"--seccomp-filter {path}: larger than {MAX_FILE} bytes")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise SeccompError(f"--seccomp-filter {path}: not valid JSON: {err}") from None
+    filters = parse_filters(data, f"--seccomp-filter {path}")
+    for f_ in filters.values():
+        compile_filter(f_)  # refused here, before any thread runs under it
+    return filters
+
+
+def default_filters() -> dict[str, Filter]:
+    """kvmkit's own filters: default.json beside this module, measured (docs/security.md)."""
+    text = resources.files("kvmkit.seccomp").joinpath("default.json").read_text()
+    return parse_filters(json.loads(text), "kvmkit/seccomp/default.json")
+
+
+_names_cache: dict[str, int] = {}
+
+
+def _syscall_numbers() -> dict[str, int]:
+    """Every x86-64 system call name libseccomp knows -> its number."""
+    if not _names_cache:
+        import pyseccomp
+
+        arch = pyseccomp.system_arch()
+        for nr in range(512):
+            try:
+                name = pyseccomp.resolve_syscall(arch, nr)
+            except (OSError, ValueError):
+                continue
+            if name:
+                _names_cache[name.decode()] = nr
+    return _names_cache
+
+
+def compile_filter(f: Filter) -> bytes:
+    """The filter as a BPF program (struct sock_filter array), generated by libseccomp."""
+    import pyseccomp
+
+    ctx = pyseccomp.SyscallFilter(f.default_action)
+    # A call made with another architecture's ABI (int 0x80, x32) gets the default action.
+    ctx.set_attr(pyseccomp.Attr.ACT_BADARCH, f.default_action)
+    for rule in f.rules:
+        args = []
+        for c in rule.conditions:
+            if c.op == "masked_eq":
+                args.append(pyseccomp.Arg(c.index, OPS["masked_eq"], c.mask, c.val))
+            elif c.dword and c.op == "eq":
+                # A dword compares the low 32 bits only, as seccompiler does: a request number
+                # the caller sign-extended (ctypes c_int) still matches.
+                args.append(pyseccomp.Arg(c.index, OPS["masked_eq"], DWORD_MASK, c.val))
+            else:
+                args.append(pyseccomp.Arg(c.index, OPS[c.op], c.val))
+        try:
+            ctx.add_rule(f.filter_action, rule.syscall, *args)
+        except OSError as err:
+            raise SeccompError(
+                f"seccomp: libseccomp refused the rule for {rule.syscall}: {err.strerror or err}"
+            ) from None
+    with tempfile.TemporaryFile() as out:
+        ctx.export_bpf(out)
+        out.seek(0)
+        return out.read()
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+class _Sigaction(ctypes.Structure):
+    # glibc's struct sigaction on x86-64: handler, 1024-bit sa_mask, sa_flags, sa_restorer.
+    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * 16),
+                ("flags", ctypes.c_int), ("restorer", ctypes.c_void_p)]  # fmt: skip
+
+
+_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+
+@dataclass
+class Policy:
+    programs: dict[str, bytes]
+    names: dict[int, str]
+    buffers: dict[str, Any] = field(default_factory=dict)
+
+    def category(self, kind: str) -> str:
+        return kind if kind in self.programs else "vmm"
+
+
+_policy: Policy | None = None
+_libc: ctypes.CDLL | None = None
+_handler_ref: Any = None
+_state = threading.local()
+
+
+def active() -> bool:
+    """Whether this process runs under kvmkit's filters."""
+    return _policy is not None
+
+
+def _on_sigsys(signum: int, info: int | None, context: int | None) -> None:
+    """SIGSYS from SECCOMP_RET_TRAP: say which thread made which call, then end the process.
+
+    Runs in the offending thread, whose call did not happen. Only writes and _exit follow, so
+    the handler needs nothing beyond what every filter allows."""
+    nr = ctypes.c_int.from_address(info + SI_SYSCALL_OFFSET).value if info else -1
+    policy = _policy
+    name = policy.names.get(nr, "?") if policy is not None else "?"
+    thread = threading.current_thread().name
+    category = getattr(_state, "category", None)
+    # A thread that loaded no filter of its own (an API connection, metrics) runs under
+    # those of the thread that started it.
+    which = f"{category} filter" if category else "its creator's filter"
+    line = (
+        f"kvmkit: seccomp: thread {thread} ({which}) made the forbidden system "
+        f"call {nr} ({name}); shutting down the VM (exit status {EXIT_BAD_SYSCALL})"
+    )
+    try:
+        os.write(2, (line + "\n").encode())
+        for handler in logging.getLogger("kvmkit").handlers:
+            handler.handle(log.makeRecord(log.name, logging.CRITICAL, "", 0, line, (), None))
+            handler.flush()
+    finally:
+        os._exit(EXIT_BAD_SYSCALL)
+
+
+def install(filters: dict[str, Filter]) -> None:
+    """Compile `filters`, install the SIGSYS handler and put the calling thread (the main
+    thread) under the `vmm` filter. Threads started afterwards load their kind's filter."""
+    global _policy, _libc, _handler_ref
+    if _policy is not None:
+        raise RuntimeError("seccomp filters are already installed")
+    programs = {name: compile_filter(f) for name, f in filters.items()}
+    numbers = _syscall_numbers()
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _handler_ref = _HANDLER(_on_sigsys)
+    act = _Sigaction()
+    act.handler = ctypes.cast(_handler_ref, ctypes.c_void_p).value
+    act.flags = SA_SIGINFO
+    if _libc.sigaction(SIGSYS, ctypes.byref(act), None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"sigaction(SIGSYS): {os.strerror(err)}")
+    _policy = Policy(programs, {nr: name for name, nr in numbers.items()})
+    enter("vmm")
+
+
+def enter(kind: str) -> None:
+    """Put the calling thread under the filter of thread kind `kind` (a no-op when the
+    process runs without filters)."""
+    policy = _policy
+    if policy is None:
+        return
+    category = policy.category(kind)
+    program = policy.programs[category]
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    assert _libc is not None
+    # No new privileges: the kernel's condition for an unprivileged filter, and what
+    # Firecracker sets too.
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0),
+                   ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:  # fmt: skip
+        err = ctypes.get_errno()
+        raise OSError(err, f"PR_SET_NO_NEW_PRIVS: {os.strerror(err)}")
+    if _libc.syscall(ctypes.c_long(SYS_SECCOMP), ctypes.c_long(SECCOMP_SET_MODE_FILTER),
+                     ctypes.c_long(0), ctypes.byref(prog)) != 0:  # fmt: skip
+        err = ctypes.get_errno()
+        raise OSError(err, f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(err)}")
+    _state.category = category
+
+
+def cli_filters(enabled: bool, filter_file: Path | None) -> Filters | None:
+    """The VMM command lines' --seccomp-filter/--no-seccomp: the filters to install (the
+    file's, checked and compiled now, or kvmkit's default), or None without filters. Under
+    KVMKIT_SECCOMP_STRACE (the measurement of docs/security.md) the process runs unfiltered
+    so that strace sees every call it would make."""
+    if not enabled:
+        if filter_file is not None:
+            raise SeccompError("--seccomp-filter and --no-seccomp exclude each other")
+        return None
+    return load_filter_file(filter_file) if filter_file is not None else default_filters()
+
+
+def install_for_cli(filters: Filters, prog: str) -> None:
+    """`install`, or under KVMKIT_SECCOMP_STRACE a mark in the trace where it would happen
+    (scripts/seccomp_profile.py counts the main thread's calls from there on)."""
+    if os.environ.get("KVMKIT_SECCOMP_STRACE_ACTIVE"):
+        with contextlib.suppress(OSError):
+            os.stat(INSTALL_MARK)
+        return
+    try:
+        install(filters)
+    except OSError as err:
+        raise UserError(f"cannot install the seccomp filters: {err}") from None
+
+
+def strace_argv() -> list[str] | None:
+    """Under KVMKIT_SECCOMP_STRACE=DIR, the command line that re-runs this process under
+    `strace -f` writing DIR/kvmkit.PID.strace (scripts/seccomp_profile.py reads it)."""
+    out = os.environ.get("KVMKIT_SECCOMP_STRACE")
+    if not out or os.environ.get("KVMKIT_SECCOMP_STRACE_ACTIVE"):
+        return None
+    os.environ["KVMKIT_SECCOMP_STRACE_ACTIVE"] = "1"
+    path = os.path.join(out, f"kvmkit.{os.getpid()}.strace")
+    return ["strace", "-f", "-qq", "-e", "raw=ioctl", "-s", "32", "-o", path, "--",
+            sys.executable, *sys.orig_argv[1:]]  # fmt: skip
