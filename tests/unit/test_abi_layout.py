@@ -66,7 +66,12 @@ def expected_lines() -> dict[str, int]:
         want[f"ioctl {name}"] = value
     for cap in constants.Cap:
         want[f"const KVM_CAP_{cap.name}"] = int(cap)
-    for name in ("KVM_COALESCED_MMIO_PAGE_OFFSET", "KVM_PIT_SPEAKER_DUMMY"):
+    for name in ("KVM_COALESCED_MMIO_PAGE_OFFSET", "KVM_PIT_SPEAKER_DUMMY",
+                 "KVM_STATE_NESTED_FORMAT_VMX", "KVM_STATE_NESTED_FORMAT_SVM",
+                 "KVM_STATE_NESTED_GUEST_MODE", "KVM_STATE_NESTED_RUN_PENDING",
+                 "KVM_STATE_NESTED_EVMCS", "KVM_STATE_NESTED_MTF_PENDING",
+                 "KVM_STATE_NESTED_GIF_SET", "KVM_EXIT_HYPERV_SYNIC", "KVM_EXIT_HYPERV_HCALL",
+                 "KVM_EXIT_HYPERV_SYNDBG"):
         want[f"const {name}"] = getattr(constants, name)
     for reason in constants.ExitReason:
         want[f"const KVM_EXIT_{reason.name}"] = int(reason)
