@@ -41,6 +41,7 @@ from kvmkit.arch.x86_64 import layout, mptable
 from kvmkit.arch.x86_64 import regs as x86
 from kvmkit.arch.x86_64.acpi import write_acpi_tables
 from kvmkit.arch.x86_64.cpuid import guest_cpuid
+from kvmkit.arch.x86_64.hyperv import HV_X64_MSR_VP_INDEX
 from kvmkit.arch.x86_64.msrs import boot_msrs
 from kvmkit.arch.x86_64.numa import numa_tables
 from kvmkit.boot.loader import load_linux, setup_boot_vcpu
@@ -65,12 +66,13 @@ from kvmkit.kvm.kick import install_kick_handler
 from kvmkit.memory import GuestMemory
 from kvmkit.snapshot.core import VmSetup, build_vm, capture_kvm_state
 from kvmkit.snapshot.format import SnapshotError
-from kvmkit.snapshot.vcpu_state import resume_vcpu
+from kvmkit.snapshot.vcpu_state import enable_vcpu_caps, resume_vcpu
 from kvmkit.unixsock import remove_stale_socket
 from kvmkit.vmm import cpus
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.console import CommandOutput, ConsoleStream, new_nonce
 from kvmkit.vmm.dispatch import StopKind, Stopped
+from kvmkit.vmm.extensions import GuestExtensions, resolve
 from kvmkit.vmm.pci import MachinePci
 from kvmkit.vmm.persist import DeviceStates, MachineState, VirtioEntry
 from kvmkit.vmm.placement import add_guest_ram
@@ -193,6 +195,8 @@ class Machine:
         self._virtio_worker: VirtioWorker | None = None
         self._restored = False  # built by from_state: KVM_KVMCLOCK_CTRL before the vCPUs run
         self.x2apic_api = 0  # KVM_CAP_X2APIC_API flags enabled (APIC IDs above 254)
+        # --nested and --hyperv as resolved against the host (kvmkit.vmm.extensions)
+        self.extensions = GuestExtensions()
 
     # -- life cycle
     def __enter__(self) -> Machine:
@@ -266,6 +270,8 @@ class Machine:
         except OSError as err:
             raise UserError(str(err.strerror or err)) from None
         cfg.validate(cpus.host_limits(kvm))
+        supported = kvm.supported_cpuid()
+        self.extensions = ext = resolve(cfg, kvm, supported)  # refuses what the host lacks
         topology = cfg.cpu_topology
         apic_ids = topology.apic_ids()
         try:
@@ -302,7 +308,6 @@ class Machine:
         )
 
         self._add_devices(vm)
-        supported = kvm.supported_cpuid()
         # KVM emulates the TSC-deadline timer but reports it through a capability, not in
         # KVM_GET_SUPPORTED_CPUID (KVM API doc). Without it Linux calibrates the LAPIC timer
         # against the PIT, which fails under nested emulation ("APIC timer disabled due to
@@ -311,9 +316,15 @@ class Machine:
         msrs = boot_msrs()
         for index in range(cfg.vcpus):
             vcpu = cpus.create_vcpu(vm, topology, index)
-            cpuid = guest_cpuid(supported, topology, index, tsc_deadline=tsc_deadline)
+            cpuid = guest_cpuid(supported, topology, index, tsc_deadline=tsc_deadline,
+                                nested=ext.nested, hyperv=ext.hyperv)  # fmt: skip
             vcpu.set_cpuid2(cpuid)
+            enable_vcpu_caps(vcpu, ext.vcpu_caps)  # after CPUID, before any Hyper-V MSR
             vcpu.set_msrs(msrs)
+            if "vpindex" in ext.hyperv_features:
+                # VP index = vCPU index, the number Linux gives the CPU (KVM's default is
+                # the creation order, the same here; set it so it does not depend on that).
+                vcpu.set_msrs([(HV_X64_MSR_VP_INDEX, index)])
             self._setup_lapic(vcpu)
             self._setup_fpu(vcpu)
             if index == 0:
@@ -593,7 +604,9 @@ class Machine:
         # The MAC the guest knows (a random one when none was configured) and the tap by name.
         nets = [NetConfig(dev.tap_name, format_mac(dev.mac))
                 for _, _, dev in self.virtio if isinstance(dev, VirtioNet)]  # fmt: skip
-        config = dataclasses.replace(cfg, nets=nets)
+        ext = self.extensions
+        config = dataclasses.replace(
+            cfg, nets=nets, hyperv=ext.hyperv_features if ext.hyperv is not None else cfg.hyperv)
         assert self.serial is not None
         devices = DeviceStates(
             serial=self.serial.save(),
@@ -604,7 +617,10 @@ class Machine:
         )  # fmt: skip
         return MachineState(
             kvm=capture_kvm_state(self.kvm, self.vm, [t.vcpu for t in self.threads],
-                                  dataclasses.replace(SETUP, x2apic_api=self.x2apic_api)),
+                                  dataclasses.replace(SETUP, x2apic_api=self.x2apic_api,
+                                                      nested=ext.nested,
+                                                      vcpu_caps=ext.vcpu_caps,
+                                                      extra_msrs=ext.extra_msrs)),
             config=config, drive_sizes=tuple(d.path.stat().st_size for d in cfg.drives),
             nonce=self.nonce, command=self.command.save() if self.command is not None else None,
             devices=devices,
@@ -654,7 +670,10 @@ class Machine:
                 raise UserError(str(err.strerror or err)) from None
             restored = build_vm(kvm, state.kvm, memory)
             machine.vm = restored.vm
-            machine.x2apic_api = state.kvm.setup.x2apic_api
+            setup = state.kvm.setup
+            machine.x2apic_api = setup.x2apic_api
+            machine.extensions = GuestExtensions(
+                nested=setup.nested, vcpu_caps=setup.vcpu_caps, extra_msrs=setup.extra_msrs)
             machine._add_devices(restored.vm)
             machine._restore_devices(state.devices)
             if config.command:
