@@ -5,7 +5,8 @@ It is the guest side of the console protocol in `kvmkit.vmm.console`:
 
 1. mount proc, sysfs, devtmpfs, devpts, tmpfs on /tmp, /run and /dev/shm; set the hostname;
    load the kernel modules listed in /lib/modules/<release>/kvmkit.order (quietly: a module
-   that is missing or fails to load is skipped);
+   that is missing or fails to load is skipped), and those of kvmkit-kvm.order (KVM) when
+   /proc/cpuinfo shows svm or vmx (a `--nested` guest);
 2. read /proc/cmdline:
    `kvmkit.nonce=<hex>`       marker nonce
    `kvmkit.cmd=<b64url>`      the command: base64url (no `=` padding) of a JSON array of
@@ -172,11 +173,15 @@ hostname kvmkit
 ip link set lo up 2>/dev/null
 
 KVER=$(uname -r)
-if [ -r "/lib/modules/$KVER/kvmkit.order" ]; then
+ORDERS=kvmkit.order
+# The CPU shows VMX or SVM only to a --nested guest: then load KVM too (/dev/kvm).
+grep -qwE 'svm|vmx' /proc/cpuinfo && ORDERS="$ORDERS kvmkit-kvm.order"
+for order in $ORDERS; do
+    [ -r "/lib/modules/$KVER/$order" ] || continue
     while read -r mod; do
         [ -n "$mod" ] && insmod "/lib/modules/$KVER/$mod" >/dev/null 2>&1
-    done < "/lib/modules/$KVER/kvmkit.order"
-fi
+    done < "/lib/modules/$KVER/$order"
+done
 
 NONCE= CMD= HAVE_CMD= PANIC_TEST= QUIET=
 read -r CMDLINE < /proc/cmdline
