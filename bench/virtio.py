@@ -47,7 +47,9 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import selectors
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,6 +57,7 @@ import tarfile
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,9 +123,11 @@ VMMS = ("kvmkit-mmio", "kvmkit-pci", "qemu")
 class Series:
     name: str
     samples: list[dict[str, float]] = field(default_factory=list)
+    failed: int = 0
 
     def median(self, key: str) -> float:
-        return statistics.median(s[key] for s in self.samples)
+        """NaN when every run failed."""
+        return statistics.median(s[key] for s in self.samples) if self.samples else float("nan")
 
 
 def build_tools(
@@ -159,9 +164,13 @@ def fresh_disk(workdir: Path) -> Path:
     return disk
 
 
-def kvmkit_argv(tools: Path, disk: Path, transport: str, net: bool) -> list[str]:
+def kvmkit_argv(
+    tools: Path, disk: Path, transport: str, net: bool, timeout: float
+) -> list[str]:  # fmt: skip
+    # kvmkit's own --timeout is a backstop behind the bench's (which diagnoses a live process).
     return [
-        sys.executable, "-m", "kvmkit", "run", "--mem-mib", str(MEM_MIB), "--timeout", "900",
+        sys.executable, "-m", "kvmkit", "run", "--mem-mib", str(MEM_MIB),
+        "--timeout", str(int(timeout) + 60),
         "--virtio-transport", transport,
         "--drive", f"{tools},ro,serial={TOOLS_SERIAL}", "--drive", f"{disk},serial={BENCH_SERIAL}",
         *(["--net", f"tap={TAP},mac={GUEST_MAC}"] if net else []),
@@ -193,40 +202,118 @@ def qemu_argv(
     ]  # fmt: skip
 
 
-def run_guest(argv: list[str], nonce: str | None, timeout: float = 900) -> dict[str, list[str]]:
-    """Boot, collect the guest's `KEY values...` lines; `nonce` set: parse the raw console."""
+class RunTimeout(RuntimeError):
+    """A VMM run went past --run-timeout; the message carries what was seen of it."""
+
+
+def run_guest(
+    argv: list[str], nonce: str | None, timeout: float, host_state: Callable[[], str] | None = None
+) -> dict[str, list[str]]:  # fmt: skip
+    """Boot, collect the guest's `KEY values...` lines; `nonce` set: parse the raw console.
+
+    stdout and stderr are both read as they come (a VMM blocked on a full stderr pipe would
+    look like a stalled guest), and the whole run is bounded by `timeout`: past it the VMM's
+    state is captured (`diagnose`; kvmkit also prints its own on SIGUSR1, read for a few more
+    seconds; `host_state()` adds the host side) and the run fails with RunTimeout instead of
+    hanging."""
     lines: dict[str, list[str]] = {}
     text = bytearray()
+    err = bytearray()
     parser = CommandOutput(nonce, text.extend) if nonce is not None else None
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    assert proc.stdout is not None
-    start = time.monotonic()
-    try:
-        while time.monotonic() - start < timeout:
-            chunk = proc.stdout.read1(65536)  # type: ignore[attr-defined]
-            if not chunk:
-                break
-            if parser is not None:
-                parser.feed(chunk)
-                if parser.status is not None:
+    assert proc.stdout is not None and proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    report = ""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ, "out")
+        sel.register(proc.stderr, selectors.EVENT_READ, "err")
+        try:
+            while sel.get_map():
+                left = deadline - time.monotonic()
+                if left <= 0 and not timed_out:
+                    timed_out = True
+                    report = diagnose(proc.pid) + (host_state() if host_state else "")
+                    if "kvmkit" in argv:
+                        os.kill(proc.pid, signal.SIGUSR1)  # kvmkit run: its device state
+                    deadline = time.monotonic() + 3
+                    continue
+                if left <= 0:
                     break
-            else:
-                text.extend(chunk)
-    finally:
-        proc.kill()
-        _, err = proc.communicate()
-    for line in text.decode(errors="replace").splitlines():
-        key, *values = line.split()
-        if key in ("DEV", "SEQW", "SEQR", "RANDR", "RANDW", "NETTX", "NETRX", "TCPSTAT", "DONE"):
-            lines[key] = values
+                for key, _ in sel.select(min(left, 5.0)):
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        sel.unregister(key.fileobj)
+                    elif key.data == "err":
+                        err += chunk
+                    elif parser is not None:
+                        parser.feed(chunk)
+                    else:
+                        text.extend(chunk)
+                if parser is not None and parser.status is not None:
+                    break
+        finally:
+            proc.kill()
+            proc.wait()
+    console = text.decode(errors="replace")
+    if timed_out:
+        raise RunTimeout(
+            f"{argv[0]}: no result after {timeout:.0f} s; last output:\n{console[-2000:]}\n"
+            f"stderr:\n{err.decode(errors='replace')[-2000:]}\n{report}"
+        )
+    for line in console.splitlines():
+        tag, *values = line.split() or [""]
+        if tag in ("DEV", "SEQW", "SEQR", "RANDR", "RANDW", "NETTX", "NETRX", "TCPSTAT", "DONE"):
+            lines[tag] = values
     if "DONE" not in lines:
         raise RuntimeError(
-            f"{argv[0]}: the guest did not finish: {text.decode(errors='replace')[-2000:]}\n"
+            f"{argv[0]}: the guest did not finish: {console[-2000:]}\n"
             f"{err.decode(errors='replace')[-2000:]}"
         )
     return lines
+
+
+def _kvm_stats(pid: int) -> dict[str, int]:
+    """The per-VM counters KVM keeps in debugfs (`/sys/kernel/debug/kvm/PID-FD/`), summed
+    over the process's VMs; empty without debugfs."""
+    out: dict[str, int] = {}
+    for vmdir in Path("/sys/kernel/debug/kvm").glob(f"{pid}-*"):
+        for f in vmdir.iterdir():
+            if f.is_file():
+                try:
+                    out[f.name] = out.get(f.name, 0) + int(f.read_text().split()[0])
+                except (OSError, ValueError, IndexError):
+                    pass
+    return out
+
+
+def diagnose(pid: int) -> str:
+    """What a stalled VMM process is doing: each thread's kernel state and wait channel, the
+    Python stacks (py-spy, when installed), and whether the guest still runs (KVM's exit
+    counters over two seconds: counters that move say the guest executes; still ones, a
+    guest that stopped or a vCPU thread that never re-enters KVM_RUN)."""
+    parts = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            comm = (task / "comm").read_text().strip()
+            wchan = (task / "wchan").read_text().strip()
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        parts.append(f"  thread {task.name} {comm}: state {state} wchan {wchan}")
+    before = _kvm_stats(pid)
+    time.sleep(2)
+    after = _kvm_stats(pid)
+    moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    parts.append(f"  KVM counters moving over 2 s: {moved or 'none'}")
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if os.path.exists(spy):
+        res = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True,
+                             timeout=60, check=False)  # fmt: skip
+        parts.append(res.stdout + res.stderr)
+    return "diagnosis:\n" + "\n".join(parts)
 
 
 def rate(values: list[str]) -> float:
@@ -268,6 +355,16 @@ class NetNs:
             raise
         return self
 
+    def state(self) -> str:
+        """The host side of the namespace, for a stalled run: the tap's counters and the
+        TCP sockets of the host-side rio (queues, retransmits, state)."""
+        out = []
+        for argv in (["ip", "-n", self.name, "-s", "link", "show", TAP],
+                     ["ip", "netns", "exec", self.name, "ss", "-tnie"]):  # fmt: skip
+            res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+            out.append(f"  $ {' '.join(argv)}\n{res.stdout}{res.stderr}")
+        return "\n".join(out)
+
     def results(self) -> tuple[float, float]:
         """(guest -> host, host -> guest) MiB/s as the host-side rio timed them."""
         out = []
@@ -301,17 +398,20 @@ def figures(lines: dict[str, list[str]]) -> dict[str, float]:
 
 
 def run_one(
-    name: str, image_kernel: Path, image_initrd: Path, tools: Path, disk: Path,
-    netns: NetNs | None,
+    name: str, tools: Path, disk: Path, netns: NetNs | None, timeout: float,
 ) -> dict[str, float]:  # fmt: skip
     net = netns is not None
     if name.startswith("kvmkit"):
-        argv = kvmkit_argv(tools, disk, name.removeprefix("kvmkit-"), net)
+        argv = kvmkit_argv(tools, disk, name.removeprefix("kvmkit-"), net, timeout)
         nonce = None
     else:
         nonce = new_nonce()
-        argv = qemu_argv(image_kernel, image_initrd, tools, disk, nonce, net)
-    lines = run_guest(netns.wrap(argv) if netns is not None else argv, nonce)
+        # Looked up per run, as kvmkit does: the image in the shared cache may be rebuilt
+        # (a new kernel package) while the bench runs.
+        image = default_image()
+        argv = qemu_argv(image.kernel, image.initrd, tools, disk, nonce, net)
+    lines = run_guest(netns.wrap(argv) if netns is not None else argv, nonce, timeout,
+                      netns.state if netns is not None else None)  # fmt: skip
     out = figures(lines)
     if netns is not None:
         out["net_tx"], out["net_rx"] = netns.results()
@@ -331,6 +431,11 @@ def main() -> int:
     ap.add_argument("--net-mib", type=int, default=64, help="MiB per TCP stream (0: no net)")
     ap.add_argument("--net-seconds", type=float, default=10.0, help="at most this long per stream")
     ap.add_argument("--vmms", default=",".join(VMMS), help=f"columns, of {','.join(VMMS)}")
+    ap.add_argument(
+        "--run-timeout", type=float, default=300.0,
+        help="give up on one VMM run after this many seconds (default 300; a normal run in a "
+        "two-vCPU lane takes about 50 s): its state is printed and the bench goes on",
+    )  # fmt: skip
     args = ap.parse_args()
     if not os.path.exists("/dev/kvm"):
         print("no /dev/kvm: run this inside `kvmkit lane`", file=sys.stderr)
@@ -357,11 +462,21 @@ def main() -> int:
             for s in series:
                 disk = fresh_disk(workdir)
                 t = time.monotonic()
-                if net_mib > 0:
-                    with NetNs(workdir / "rio", net_mib, args.net_seconds) as ns:
-                        sample = run_one(s.name, image.kernel, image.initrd, tools, disk, ns)
-                else:
-                    sample = run_one(s.name, image.kernel, image.initrd, tools, disk, None)
+                try:
+                    if net_mib > 0:
+                        with NetNs(workdir / "rio", net_mib, args.net_seconds) as ns:
+                            sample = run_one(s.name, tools, disk, ns,
+                                             args.run_timeout)  # fmt: skip
+                    else:
+                        sample = run_one(s.name, tools, disk, None,
+                                         args.run_timeout)  # fmt: skip
+                except (RuntimeError, subprocess.SubprocessError) as err:
+                    # One failed run is reported and the others go on: the table says how
+                    # many of each column failed.
+                    s.failed += 1
+                    print(f"run {run + 1} {s.name}: FAILED after {time.monotonic() - t:.1f} s: "
+                          f"{err}", file=sys.stderr, flush=True)  # fmt: skip
+                    continue
                 s.samples.append(sample)
                 print(f"run {run + 1} {s.name}: {time.monotonic() - t:.1f} s, "
                       + ", ".join(f"{k} {v:.2f}" for k, v in s.samples[-1].items()),
@@ -380,16 +495,20 @@ def main() -> int:
     print(f"{'VMM':<12}" + "".join(f"{title:>22}" for _, title in shown))
     for s in series:
         print(f"{s.name:<12}" + "".join(f"{s.median(key):>22.2f}" for key, _ in shown))
+    failed = [f"{s.name} {s.failed} of {args.runs}" for s in series if s.failed]
+    if failed:
+        print(f"FAILED runs (not in the medians): {', '.join(failed)}")
+    status = 1 if failed else 0
     q = series[-1]
-    if q.name != "qemu":
+    if q.name != "qemu" or not q.samples:
         print(f"total {time.monotonic() - started:.0f} s")
-        return 0
+        return status
     for k in series[:-1]:
         print(f"{k.name} / QEMU: " + ", ".join(
             f"{title.split(' (')[0]} x{k.median(key) / q.median(key):.2f}" for key, title in shown
         ))  # fmt: skip
     print(f"total {time.monotonic() - started:.0f} s")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 from kvmtrace import KvmTrace
 
 from kvmkit.image.guest import default_image
+from kvmkit.vmm.console import BUFFER
 
 pytestmark = pytest.mark.hwvirt
 
@@ -118,3 +119,67 @@ def test_initrd_too_large_for_memory(tmp_path: Path) -> None:
     proc = kvmkit_run("--kernel", kernel, "--initrd", str(big), "--mem-mib", "64", "--", "true")
     assert proc.returncode == 2
     assert b"Traceback" not in proc.stderr and proc.stderr.count(b"\n") == 1
+
+
+def handles_sigusr1(pid: int) -> bool:
+    """The process has a handler for SIGUSR1 (SigCgt in /proc/PID/status, bit 10 - 1)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << 9))
+    return False
+
+
+def test_a_reader_that_pauses_holds_the_guest_and_loses_nothing() -> None:
+    """`kvmkit run -- CMD | reader` where the reader stops reading for a while: kvmkit keeps
+    at most its console buffer (vmm/console.py), Linux's serial driver waits on the UART's
+    busy state (the console byte count in the SIGUSR1 state dump stops growing while the
+    process runs on), and once the reader reads again the whole output arrives intact."""
+    import fcntl
+    import re
+    import signal
+    import threading
+    import time
+
+    expected = "".join(f"{i}\n" for i in range(100000, 114001)).encode()  # 98 KB
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmkit", "run", "--timeout", "540", "--", "seq", "100000",
+         "114000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    # A one-page pipe (F_SETPIPE_SZ): the console buffer fills after ~68 KB of output, not
+    # 128, which keeps this slow serial test short.
+    fcntl.fcntl(proc.stdout.fileno(), 1031, 4096)  # F_SETPIPE_SZ, <linux/fcntl.h>
+    err = bytearray()
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        while chunk := proc.stderr.read1(65536):  # type: ignore[attr-defined]
+            err.extend(chunk)
+
+    threading.Thread(target=read_stderr, daemon=True).start()
+    try:
+        # stdout is not read: the pipe fills, then kvmkit's console buffer, then the guest
+        # must wait. Every 5 s the state dump says how many bytes the guest has written.
+        counts: list[int] = []
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(5)
+            if not handles_sigusr1(proc.pid):
+                continue  # still starting: the signal's default action would end it
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            found = re.findall(rb"console: (\d+) bytes from the guest", bytes(err))
+            if found:
+                counts.append(int(found[-1]))
+            if len(counts) >= 3 and counts[-1] == counts[-3] and counts[-1] > BUFFER:
+                break
+        assert proc.poll() is None, bytes(err).decode(errors="replace")
+        held = counts[-1]
+        assert len(counts) >= 3 and held == counts[-3] and held > BUFFER, counts
+        assert held < len(expected)  # held back, not buffered whole
+        out = proc.stdout.read()
+        assert proc.wait(120) == 0, bytes(err).decode(errors="replace")[-3000:]
+    finally:
+        proc.kill()
+    assert out == expected

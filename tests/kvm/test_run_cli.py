@@ -117,3 +117,64 @@ def test_too_few_free_huge_pages_refused_before_anything_starts() -> None:
     proc = kvmkit_run("--huge-pages", "2M", "--mem-mib", str(mem), "--", "true")
     one_line_error(proc, f"the guest needs {mem // 2} huge pages of 2 MiB, ")
     assert "are free to this process" in proc.stderr and "nr_hugepages" in proc.stderr
+
+
+def _handles_sigusr1(pid: int) -> bool:
+    """The process has a handler for SIGUSR1 (SigCgt in /proc/PID/status, bit 10 - 1)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << 9))
+    return False
+
+
+def test_sigusr1_prints_the_vm_state_and_the_run_goes_on(tmp_path: Path) -> None:
+    """`kill -USR1` a running `kvmkit run` (a halting PVH kernel, one drive): its vCPUs,
+    console, virtio queues and worker threads on stderr, as often as asked, and the VM keeps
+    running (it ends here on its --timeout of 15 s, status 124). A signal that comes while the VM is
+    still being built is answered too, not the end of the process."""
+    import signal
+    import threading
+    import time
+
+    kernel = pvh.build(pvh.HALT, tmp_path / "halt.elf")
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    env = dict(os.environ, KVMKIT_FORCE_RUN="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmkit", "run", "--kernel", str(kernel), "--cmdline", "",
+         "--mem-mib", "64", "--timeout", "15", "--drive", str(disk)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    err = bytearray()
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        while chunk := proc.stderr.read1(65536):  # type: ignore[attr-defined]
+            err.extend(chunk)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        while proc.poll() is None and not _handles_sigusr1(proc.pid):
+            time.sleep(0.05)
+        dumps = 0
+        deadline = time.monotonic() + 60
+        # Until the dump shows the started VM; then once more: it is answered again.
+        while proc.poll() is None and time.monotonic() < deadline:
+            proc.send_signal(signal.SIGUSR1)
+            dumps += 1
+            time.sleep(0.5)
+            if err.count(b"worker vda/0: running") >= 2:
+                break
+        assert proc.wait(60) == 124, bytes(err).decode(errors="replace")
+    finally:
+        proc.kill()
+        proc.wait()
+    reader.join(10)
+    text = bytes(err).decode(errors="replace")
+    assert text.count("worker vda/0: running") >= 2, text
+    assert "vcpu0: running" in text and "console: 0 bytes from the guest" in text
+    assert "virtio vda (device 2): status 0x0" in text and "  q0: off size 256" in text
+    assert "  transport mmio: interrupt status 0" in text
+    assert text.count("kvmkit VM state after") + text.count("no VM yet") == dumps

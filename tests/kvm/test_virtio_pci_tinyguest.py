@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from kvmkit.arch.x86_64 import layout
 from kvmkit.devices.bus import Bus
-from kvmkit.devices.virtio.device import VirtioWorker
 from kvmkit.devices.virtio.rng import VirtioRng
+from kvmkit.devices.virtio.worker import VirtioWorkers
 from kvmkit.kvm import VmExit
 from kvmkit.kvm.exits import IoExit, MmioExit
 from kvmkit.testing.tinyguest import TinyGuest
@@ -132,7 +132,7 @@ int main(void)
 
 def test_tiny_guest_drives_virtio_pci_with_msix_and_ioeventfd() -> None:
     dev = VirtioRng()
-    worker = VirtioWorker()
+    worker = VirtioWorkers()
     with TinyGuest("long64", irqchip=True) as g:
         pio, mmio = Bus("pio"), Bus("mmio")
         pci = MachinePci(g.vm, g.mem, pio, mmio)

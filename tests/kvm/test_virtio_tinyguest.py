@@ -6,9 +6,9 @@ NEEDS_RESET in its status register."""
 from __future__ import annotations
 
 from kvmkit.devices.irq import NoIrq
-from kvmkit.devices.virtio.device import VirtioWorker
 from kvmkit.devices.virtio.mmio import VirtioMmio
 from kvmkit.devices.virtio.rng import VirtioRng
+from kvmkit.devices.virtio.worker import VirtioWorkers
 from kvmkit.kvm import VmExit
 from kvmkit.kvm.exits import MmioExit
 from kvmkit.testing.tinyguest import TinyGuest
@@ -75,7 +75,7 @@ int main(void)
 
 def test_hostile_tiny_guest_driver_gets_needs_reset_and_vmm_survives() -> None:
     dev = VirtioRng()
-    worker = VirtioWorker()
+    worker = VirtioWorkers()
     with TinyGuest("long64", cpl=3) as g:
         transport = VirtioMmio(dev, g.mem, NoIrq())
         transport.attach(g.vm, BASE)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmkit.vmm.console import CommandOutput, ConsoleStream
+from kvmkit.vmm.console import BUFFER, SLACK, CommandOutput, ConsoleStream
 
 
 def run_stream(stream: bytes, cuts: list[int], nonce: str = "0123abcd") -> tuple[bytes, int | None]:
@@ -54,8 +57,10 @@ def test_console_stream_keeps_a_tail_and_notifies() -> None:
     console.feed(b"01234")
     console.feed(b"56789")
     assert console.tail() == b"23456789"
+    assert console.flush()  # listeners get the bytes on the console thread
     assert bytes(seen) == b"0123456789" and console.total == 10
     assert console.wait_for(b"789", timeout=0)
+    console.close()
 
 
 def test_a_line_printed_before_a_quiet_spell_arrives_whole() -> None:
@@ -111,3 +116,77 @@ def test_released_newlines_change_nothing_but_timing(
     parser.feed(stream[pos:])
     parser.flush()
     assert (bytes(out), parser.status) == (payload, status)
+
+
+def test_a_reader_that_never_reads_never_blocks_the_writer() -> None:
+    """feed() (a vCPU thread) returns at once while a lossless reader is stuck; once BUFFER
+    bytes wait, has_room() turns False (the UART holds the guest: flow control) and bytes
+    past BUFFER + SLACK are dropped and counted. When the reader takes its bytes again,
+    on_room fires and everything kept arrives in order."""
+    release = threading.Event()
+    got = bytearray()
+
+    def stuck(data: bytes) -> None:
+        release.wait()
+        got.extend(data)
+
+    rooms: list[int] = []
+    console = ConsoleStream()
+    console.on_room = lambda: rooms.append(1)
+    console.add_listener(stuck)
+    chunk = bytes(range(256)) * 16  # 4 KiB
+    start = time.monotonic()
+    fed = 0
+    while console.has_room():
+        console.feed(chunk)
+        fed += len(chunk)
+    assert BUFFER <= fed <= BUFFER + len(chunk)
+    for _ in range((SLACK // len(chunk)) + 8):  # a guest ignoring the busy UART
+        console.feed(chunk)
+        fed += len(chunk)
+    assert time.monotonic() - start < 2.0  # no feed() waited for the reader
+    assert console.dropped == fed - (BUFFER + SLACK)
+    release.set()
+    assert console.flush()
+    assert rooms == [1]
+    assert len(got) == BUFFER + SLACK and got == (chunk * (len(got) // len(chunk) + 1))[: len(got)]
+    console.close()
+
+
+def test_lossy_readers_drop_instead_of_holding_the_guest() -> None:
+    """Firecracker's console (lossless=False): the UART is always ready; what does not fit
+    in BUFFER while the reader is stuck is dropped and counted, and the reader gets the
+    rest when it reads again."""
+    release = threading.Event()
+    got = bytearray()
+    console = ConsoleStream()
+    console.add_listener(lambda data: (release.wait(), got.extend(data)), lossless=False)
+    for _ in range(2 * BUFFER // 4096):
+        console.feed(bytes(4096))
+        assert console.has_room()
+    assert console.dropped >= BUFFER - 4096
+    release.set()
+    assert console.flush()
+    assert len(got) + console.dropped == 2 * BUFFER
+    console.close()
+
+
+def test_a_failing_reader_is_dropped_and_the_others_go_on() -> None:
+    got = bytearray()
+
+    def broken(data: bytes) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    console = ConsoleStream()
+    console.add_listener(broken)
+    console.add_listener(got.extend)
+    console.feed(b"one ")
+    console.feed(b"two")
+    assert console.flush() and got == b"one two"
+    console.close()
+
+
+def test_the_status_is_found_in_the_raw_console_when_output_was_held_back() -> None:
+    out = CommandOutput("feed", lambda data: None)
+    raw = b"boot\nKVMKIT-feed-BEGIN\nlots of output\nKVMKIT-feed-EXIT 3\n"
+    assert out.status_in(raw) == 3 and out.status_in(b"no marker") is None

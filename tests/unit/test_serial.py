@@ -354,3 +354,30 @@ def test_concurrent_writers_and_input() -> None:
     for t in threads:
         t.join()
     assert sorted(u.output) == sorted(b"a" * 500 + b"b" * 500)
+
+
+def test_flow_control_holds_thre_until_the_line_is_free() -> None:
+    """With the console full (tx_ready False) the transmitter reads busy: LSR THRE/TEMT
+    clear, no THRE interrupt after a write or when ETBEI is enabled; tx_space() then raises
+    THRE and its interrupt, which is what Linux's serial8250_tx_chars waits for."""
+    ready = [True]
+    u = Uart(tx_ready=lambda: ready[0])
+    u.outb(IER, 0x02)
+    u.inb(IIR)
+    n = u.irq.count
+    u.outb(THR, ord("a"))
+    assert u.irq.count == n + 1 and u.inb(LSR) == 0x60
+    u.inb(IIR)
+    ready[0] = False
+    u.outb(THR, ord("b"))  # the byte is taken (a FIFO load under way), then the line holds
+    assert u.output == b"ab"
+    assert u.inb(LSR) & 0x60 == 0 and u.inb(IIR) & 0x0F == 0x01
+    assert u.irq.count == n + 1
+    u.outb(IER, 0)
+    u.outb(IER, 0x02)  # re-enabling ETBEI does not report an empty THR either
+    assert u.irq.count == n + 1 and u.inb(IIR) & 0x0F == 0x01
+    ready[0] = True
+    u.dev.tx_space()
+    assert u.irq.count == n + 2 and u.inb(LSR) == 0x60
+    u.dev.tx_space()  # THRE already pending: no second interrupt
+    assert u.irq.count == n + 2 and u.inb(IIR) & 0x0F == 0x02

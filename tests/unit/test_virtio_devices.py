@@ -3,6 +3,7 @@ block device over real files and the entropy device, served by the real worker t
 
 from __future__ import annotations
 
+import logging
 import struct
 import time
 from collections.abc import Iterator
@@ -36,10 +37,10 @@ from kvmkit.devices.virtio.device import (
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
     VirtioDevice,
-    VirtioWorker,
 )
 from kvmkit.devices.virtio.queue import VIRTQ_DESC_F_NEXT
 from kvmkit.devices.virtio.rng import VirtioRng
+from kvmkit.devices.virtio.worker import VirtioWorkers
 
 
 class Driver(MockDriver):
@@ -120,14 +121,14 @@ class Driver(MockDriver):
 
 
 @pytest.fixture
-def worker() -> Iterator[VirtioWorker]:
-    w = VirtioWorker()
+def worker() -> Iterator[VirtioWorkers]:
+    w = VirtioWorkers()
     w.start()
     yield w
     w.close()
 
 
-def attach(dev: VirtioDevice, worker: VirtioWorker) -> Driver:
+def attach(dev: VirtioDevice, worker: VirtioWorkers) -> Driver:
     drv = Driver(dev)
     worker.add(dev)
     return drv
@@ -137,7 +138,7 @@ def blk_header(rtype: int, sector: int = 0) -> bytes:
     return struct.pack("<IIQ", rtype, 0, sector)
 
 
-def test_mmio_identity_and_feature_negotiation(tmp_path: Path, worker: VirtioWorker) -> None:
+def test_mmio_identity_and_feature_negotiation(tmp_path: Path, worker: VirtioWorkers) -> None:
     img = tmp_path / "d.img"
     img.write_bytes(bytes(4096))
     drv = attach(VirtioBlk(img), worker)
@@ -154,14 +155,16 @@ def test_mmio_identity_and_feature_negotiation(tmp_path: Path, worker: VirtioWor
     assert drv.rd(r.STATUS) == 0 and drv.rd(r.QUEUE_READY) == 0
 
 
-def test_features_ok_refused_without_version_1(tmp_path: Path, worker: VirtioWorker) -> None:
+def test_features_ok_refused_without_version_1(tmp_path: Path, worker: VirtioWorkers) -> None:
     drv = attach(VirtioRng(), worker)
     drv.init(features=0)  # a legacy driver
     assert not drv.rd(r.STATUS) & STATUS_FEATURES_OK
 
 
 @pytest.mark.parametrize("event_idx", [False, True])
-def test_blk_write_read_flush_get_id(tmp_path: Path, worker: VirtioWorker, event_idx: bool) -> None:
+def test_blk_write_read_flush_get_id(
+    tmp_path: Path, worker: VirtioWorkers, event_idx: bool
+) -> None:
     img = tmp_path / "d.img"
     img.write_bytes(bytes(64 * 1024))
     dev = VirtioBlk(img, serial="disk-42")
@@ -189,7 +192,7 @@ def test_blk_write_read_flush_get_id(tmp_path: Path, worker: VirtioWorker, event
     assert dev.flush_count == 1
 
 
-def test_blk_out_of_range_unsupported_and_read_only(tmp_path: Path, worker: VirtioWorker) -> None:
+def test_blk_out_of_range_unsupported_and_read_only(tmp_path: Path, worker: VirtioWorkers) -> None:
     img = tmp_path / "d.img"
     img.write_bytes(b"A" * 4096)
     img.chmod(0o444)
@@ -207,7 +210,7 @@ def test_blk_out_of_range_unsupported_and_read_only(tmp_path: Path, worker: Virt
     assert drv.mem.read(bufs[0][0], 1) == bytes([VIRTIO_BLK_S_UNSUPP])
 
 
-def test_rng_fills_buffers(worker: VirtioWorker) -> None:
+def test_rng_fills_buffers(worker: VirtioWorkers) -> None:
     drv = attach(VirtioRng(), worker)
     drv.init()
     used, bufs = drv.request([], [256, 256])
@@ -216,7 +219,7 @@ def test_rng_fills_buffers(worker: VirtioWorker) -> None:
     assert len(set(data)) > 64  # random, not zeros
 
 
-def test_corrupt_queue_sets_needs_reset_and_device_recovers(worker: VirtioWorker) -> None:
+def test_corrupt_queue_sets_needs_reset_and_device_recovers(worker: VirtioWorkers) -> None:
     dev = VirtioRng()
     drv = attach(dev, worker)
     drv.init()
@@ -279,7 +282,7 @@ def test_virtio_irqs_avoid_the_sci_and_other_overridden_pins(tmp_path: Path) -> 
         MachineConfig(drives=drives, rng=True).validate()
 
 
-def test_blk_discard_punches_a_hole(tmp_path: Path, worker: VirtioWorker) -> None:
+def test_blk_discard_punches_a_hole(tmp_path: Path, worker: VirtioWorkers) -> None:
     from kvmkit.devices.virtio.blk import VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_T_DISCARD
 
     img = tmp_path / "d.img"
@@ -320,3 +323,80 @@ def test_run_cli_rejects_bad_drives(tmp_path: Path, spec: str, message: str) -> 
     )  # fmt: skip
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+LIVE = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
+
+
+def test_status_bits_stay_set_until_a_reset(worker: VirtioWorkers) -> None:
+    """§2.1.2: the driver never clears a status bit but by a reset; a write without
+    DRIVER_OK leaves the device live (it neither stops nor activates a second time)."""
+    dev = VirtioRng()
+    drv = attach(dev, worker)
+    drv.init()
+    drv.wr(r.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
+    assert drv.rd(r.STATUS) == LIVE
+    used, _ = drv.request([], [8])
+    assert used and used[0][1] == 8
+    drv.wr(r.STATUS, 0)
+    assert drv.rd(r.STATUS) == 0 and not dev.activated
+
+
+def test_status_bits_out_of_order_are_refused(worker: VirtioWorkers) -> None:
+    """The order of §3.1.1: FEATURES_OK before DRIVER reads back clear; DRIVER_OK without
+    FEATURES_OK is a device error; NEEDS_RESET is the device's own bit (§2.1.2)."""
+    dev = VirtioRng()
+    drv = attach(dev, worker)
+    drv.wr(r.STATUS, 0)
+    drv.wr(r.STATUS, STATUS_ACKNOWLEDGE | STATUS_NEEDS_RESET)
+    assert drv.rd(r.STATUS) == STATUS_ACKNOWLEDGE
+    drv.wr(r.DRIVER_FEATURES_SEL, 1)
+    drv.wr(r.DRIVER_FEATURES, 1)  # VERSION_1
+    drv.wr(r.STATUS, STATUS_ACKNOWLEDGE | STATUS_FEATURES_OK)
+    assert drv.rd(r.STATUS) == STATUS_ACKNOWLEDGE
+    drv.wr(r.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK)
+    assert drv.rd(r.STATUS) & STATUS_NEEDS_RESET and not dev.activated
+    assert dev.errors == ["DRIVER_OK without FEATURES_OK"]
+
+
+def test_enabling_a_bad_queue_on_a_live_device_is_a_device_error(worker: VirtioWorkers) -> None:
+    """A queue made ready after DRIVER_OK is checked before it is used (§2.7): a ring outside
+    guest memory is NEEDS_RESET, and the queue never goes live."""
+    rng = VirtioRng()
+    drv = attach(rng, worker)
+    drv.init()
+    drv.wr(r.QUEUE_READY, 0)  # virtio-mmio lets a driver stop a queue (§4.2.2)
+    drv.wr(r.QUEUE_DESC_LOW, 0)
+    drv.wr(r.QUEUE_DESC_HIGH, 0x10)  # 64 GiB: outside the 1 MiB of guest memory
+    drv.wr(r.QUEUE_READY, 1)
+    assert drv.rd(r.STATUS) & STATUS_NEEDS_RESET
+    assert drv.rd(r.QUEUE_READY) == 0 and not rng.queues[0].ready
+    assert "outside guest memory" in rng.errors[0]
+
+
+def test_a_guest_failing_over_and_over_grows_neither_memory_nor_the_log(
+    worker: VirtioWorkers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A driver that corrupts its ring after every reset, 200 times: the device keeps a
+    bounded record of its errors (the first and the last ones, and a count) and logs a
+    burst of warnings, then about one per 10 s (kvmkit.guestlog), not one per error."""
+    caplog.set_level(logging.WARNING, logger="kvmkit.devices.virtio.device")
+    dev = VirtioRng()
+    drv = attach(dev, worker)
+    rounds = 200
+    for _ in range(rounds):
+        drv.avail_idx = drv.used_seen = drv.free_head = 0
+        drv.mem.fill(AVAIL_BASE, 0x100)
+        drv.mem.fill(USED_BASE, 0x100)
+        drv.init()
+        drv.write_desc(DESC_BASE, 0, 0x20000, 4, VIRTQ_DESC_F_NEXT, 0)  # a loop to itself
+        drv.publish(0)
+        drv.wr(r.QUEUE_NOTIFY, 0)
+        deadline = time.monotonic() + 5
+        while not drv.rd(r.STATUS) & STATUS_NEEDS_RESET and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert drv.rd(r.STATUS) & STATUS_NEEDS_RESET
+    warnings = [rec for rec in caplog.records if "needs reset" in rec.getMessage()]
+    assert len(warnings) <= 12
+    assert len(dev.errors) <= 16 and "longer" in dev.errors[0] and "longer" in dev.errors[-1]
+    assert dev.errors.count == rounds

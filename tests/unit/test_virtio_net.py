@@ -29,8 +29,8 @@ from kvmkit.devices.virtio.device import (
     STATUS_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
     VirtioState,
-    VirtioWorker,
 )
+from kvmkit.devices.virtio.worker import VirtioWorkers
 from kvmkit.snapshot.format import SnapshotError
 from kvmkit.testing.netns import in_netns, temp_netns
 
@@ -53,8 +53,8 @@ def netns() -> Iterator[str]:
 
 
 @pytest.fixture
-def worker() -> Iterator[VirtioWorker]:
-    w = VirtioWorker()
+def worker() -> Iterator[VirtioWorkers]:
+    w = VirtioWorkers()
     w.start()
     yield w
     w.close()
@@ -86,7 +86,7 @@ def frame(dst: bytes, src: bytes, payload: bytes) -> bytes:
 
 
 @pytest.fixture
-def setup(netns: str, worker: VirtioWorker) -> Iterator[tuple[Guest, socket.socket]]:
+def setup(netns: str, worker: VirtioWorkers) -> Iterator[tuple[Guest, socket.socket]]:
     """The `kvmkit net setup` helper makes the tap (so it is tested too); the device
     attaches to it; an AF_PACKET socket is the host's side of the wire."""
     proc = subprocess.run(
@@ -258,7 +258,7 @@ def test_mergeable_rx_buffers_carry_a_frame_larger_than_one(
 
 
 def test_snapshot_saves_held_rx_chains_as_not_taken(
-    setup: tuple[Guest, socket.socket], netns: str,
+    setup: tuple[Guest, socket.socket], netns: str, worker: VirtioWorkers,
 ) -> None:  # fmt: skip
     """Chains a mergeable frame took while waiting for more are saved as not taken: the
     restored device uses them for the next frames (the waiting frame itself is lost with
@@ -270,8 +270,7 @@ def test_snapshot_saves_held_rx_chains_as_not_taken(
     g.give_rx(2, length=512)
     sock.send(frame(g.dev.mac, src, b"L" * 1400))  # needs 3 buffers
     wait_for(lambda: g.dev.held_chains() == {n.RX: 2})
-    worker = g.dev.watcher
-    assert isinstance(worker, VirtioWorker) and worker.pause()
+    assert worker.pause()
     state = json.loads(json.dumps(g.dev.save().to_dict()))
     # Both held chains are saved as not taken.
     assert state["queues"][n.RX]["last_avail"] == g.dev.queues[n.RX].last_avail - 2
@@ -279,7 +278,7 @@ def test_snapshot_saves_held_rx_chains_as_not_taken(
     memory = g.mem.read(0, MEM_SIZE)
     g.dev.close()
     dev2 = in_netns(netns, lambda: n.VirtioNet(TAP, n.parse_mac("02:00:00:00:00:07")))
-    worker2 = VirtioWorker()
+    worker2 = VirtioWorkers()
     try:
         restore_as_new_process(g, dev2, worker2, memory, state, transport_state)
         after = [frame(dev2.mac, src, b"after %d" % i) for i in range(2)]
@@ -319,7 +318,7 @@ def tap_offloads(netns: str) -> tuple[int, int]:
 
 
 def test_snapshot_restore_reapplies_offloads_and_rx_resumes(
-    setup: tuple[Guest, socket.socket], netns: str,
+    setup: tuple[Guest, socket.socket], netns: str, worker: VirtioWorkers,
 ) -> None:  # fmt: skip
     """A device saved with the worker paused and restored, as in another process, over a
     copy of guest memory: the tap is reopened, gets the offloads the driver negotiated
@@ -345,8 +344,7 @@ def test_snapshot_restore_reapplies_offloads_and_rx_resumes(
     # Chains the device took in a batch and holds unused are saved as not taken.
     taken = g.dev.queues[n.RX].last_avail - g.dev.held_chains().get(n.RX, 0)
 
-    worker = g.dev.watcher
-    assert isinstance(worker, VirtioWorker) and worker.pause()
+    assert worker.pause()
     state = json.loads(json.dumps(g.dev.save().to_dict()))
     transport_state = g.transport.save().to_dict()
     assert state["device"] == {"tap": TAP, "mac": "02:00:00:00:00:07"}
@@ -355,7 +353,7 @@ def test_snapshot_restore_reapplies_offloads_and_rx_resumes(
     g.dev.close()  # the old process ends; the tap (made by `kvmkit net setup`) stays
 
     dev2 = in_netns(netns, lambda: n.VirtioNet(TAP, n.parse_mac("02:00:00:00:00:07")))
-    worker2 = VirtioWorker()
+    worker2 = VirtioWorkers()
     try:
         # The reopened tap starts without offloads (kvmkit probes them at open).
         assert tap_offloads(netns) == (0, 0)
@@ -446,3 +444,22 @@ def test_net_helper_refuses_bad_input(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "prefix length" in proc.stderr
+
+
+def test_a_tap_gone_at_driver_ok_is_needs_reset_not_the_end_of_the_vm(
+    setup: tuple[Guest, socket.socket], netns: str,
+) -> None:  # fmt: skip
+    """The tap is deleted before the guest's driver finishes initialising: TUNSETOFFLOAD at
+    DRIVER_OK fails (EBADFD). That is a host error, not a reason to end the VM: the register
+    write returns, the device is in NEEDS_RESET and the driver is told by a configuration
+    change interrupt (§2.1.2); the other device state stays usable (a reset works)."""
+    g, _ = setup
+    subprocess.run(["ip", "-n", netns, "link", "del", TAP], check=True, timeout=30)
+    g.init(VIRTIO_F_VERSION_1 | n.VIRTIO_NET_F_MAC | n.VIRTIO_NET_F_GUEST_CSUM)
+    status = g.rd(r.STATUS)
+    assert status & STATUS_NEEDS_RESET and status & STATUS_DRIVER_OK
+    assert not g.dev.activated
+    assert g.rd(r.INTERRUPT_STATUS) & 2  # INT_CONFIG
+    assert "activation" in g.dev.errors[0]
+    g.wr(r.STATUS, 0)
+    assert g.rd(r.STATUS) == 0

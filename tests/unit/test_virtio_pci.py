@@ -28,6 +28,7 @@ from kvmkit.devices.virtio.device import (
     STATUS_FEATURES_OK,
     STATUS_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
+    Budget,
     VirtioDevice,
 )
 from kvmkit.devices.virtio.rng import VirtioRng
@@ -209,7 +210,7 @@ class Driver:
 def serve(dev: VirtioDevice, queue: int = 0) -> None:
     """What the worker thread does when the queue's notify eventfd fires."""
     os.eventfd_read(dev.notify_fds[queue])
-    dev.notified(queue)
+    dev.serve_queue(queue, Budget())
 
 
 # -- the root and mechanism #1

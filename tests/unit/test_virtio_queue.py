@@ -15,6 +15,7 @@ from kvmkit.devices.virtio.queue import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
+    QueueArea,
     QueueError,
     SplitQueue,
     vring_need_event,
@@ -237,3 +238,44 @@ def test_random_descriptor_tables_never_escape(
     used_idx = drv.mem.read_u16(USED_BASE + 2)
     assert used_idx == popped
     assert struct.unpack("<H", drv.mem.read(AVAIL_BASE + 2, 2))[0] == avail_idx
+
+
+def test_queue_set_up_setters_splice_halves_and_refuse_a_live_queue() -> None:
+    """What both transports use for the driver's queue registers (§4.2.2 QueueDescLow/High,
+    §4.1.3.1 64-bit fields as two dwords): halves and whole addresses land in their area;
+    a ready queue keeps its layout (§4.2.2.3, §4.1.4.3.2)."""
+    mem = new_memory()
+    q = SplitQueue(16)
+    assert q.set_address(QueueArea.DESC, 0x1234_5000, width=32)
+    assert q.set_address(QueueArea.DESC, 0x9, shift=32, width=32)
+    assert q.address(QueueArea.DESC) == 0x9_1234_5000
+    assert q.set_address(QueueArea.DESC, DESC_BASE)
+    assert q.set_address(QueueArea.DRIVER, AVAIL_BASE)
+    assert q.set_address(QueueArea.DEVICE, USED_BASE)
+    assert not q.set_address(QueueArea.DESC, 0, shift=16, width=32)  # not a half
+    assert q.set_size(8)
+    q.enable(mem)
+    assert q.ready and q.size == 8
+    assert not q.set_size(4) and not q.set_address(QueueArea.DRIVER, 0x40)
+    assert (q.size, q.avail_addr) == (8, AVAIL_BASE)
+    q.disable()
+    assert q.set_size(4) and q.size == 4
+
+
+@pytest.mark.parametrize(
+    ("size", "desc"), [(3, DESC_BASE), (64, DESC_BASE), (16, DESC_BASE + 8), (16, MEM_SIZE)]
+)
+def test_enabling_a_bad_layout_is_refused_and_the_queue_stays_off(size: int, desc: int) -> None:
+    """§2.7: size a power of 2 up to the maximum, areas aligned and in guest memory; checked
+    before a live device's queue is used."""
+    mem = new_memory()
+    q = SplitQueue(32)
+    q.set_size(size)
+    for area, addr in ((QueueArea.DESC, desc), (QueueArea.DRIVER, AVAIL_BASE),
+                       (QueueArea.DEVICE, USED_BASE)):  # fmt: skip
+        q.set_address(area, addr)
+    with pytest.raises(QueueError):
+        q.enable(mem)
+    assert not q.ready
+    q.enable(None)  # before DRIVER_OK the check waits for activation
+    assert q.ready

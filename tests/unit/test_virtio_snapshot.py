@@ -28,15 +28,15 @@ from kvmkit.devices.virtio.device import (
     STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
     VirtioState,
-    VirtioWorker,
 )
 from kvmkit.devices.virtio.rng import VirtioRng
+from kvmkit.devices.virtio.worker import VirtioWorkers
 from kvmkit.snapshot.format import SnapshotError
 
 
 @pytest.fixture
-def worker() -> Iterator[VirtioWorker]:
-    w = VirtioWorker()
+def worker() -> Iterator[VirtioWorkers]:
+    w = VirtioWorkers()
     w.start()
     yield w
     w.close()
@@ -52,7 +52,7 @@ def wait_used(drv: Driver, n: int, timeout: float = 5.0) -> list[tuple[int, int]
 
 
 def test_blk_restored_without_reset_serves_the_request_queued_before_the_pause(
-    tmp_path: Path, worker: VirtioWorker
+    tmp_path: Path, worker: VirtioWorkers
 ) -> None:
     img = tmp_path / "d.img"
     img.write_bytes(bytes(64 * 1024))
@@ -80,7 +80,7 @@ def test_blk_restored_without_reset_serves_the_request_queued_before_the_pause(
 
     # "Another process": a new device, transport, worker and a copy of guest memory.
     dev2 = VirtioBlk(img, serial="snap")
-    worker2 = VirtioWorker()
+    worker2 = VirtioWorkers()
     try:
         mem2 = new_memory()
         mem2.write(0, memory)
@@ -111,7 +111,7 @@ def test_blk_restored_without_reset_serves_the_request_queued_before_the_pause(
         dev.close()
 
 
-def test_worker_pause_holds_notifications_until_resume(worker: VirtioWorker) -> None:
+def test_worker_pause_holds_notifications_until_resume(worker: VirtioWorkers) -> None:
     dev = VirtioRng()
     drv = attach(dev, worker)
     drv.init()
@@ -127,7 +127,7 @@ def test_worker_pause_holds_notifications_until_resume(worker: VirtioWorker) -> 
     dev.close()
 
 
-def test_transport_restore_reraises_a_pending_interrupt(worker: VirtioWorker) -> None:
+def test_transport_restore_reraises_a_pending_interrupt(worker: VirtioWorkers) -> None:
     dev = VirtioRng()
     drv = attach(dev, worker)
     drv.init()
@@ -144,7 +144,7 @@ def test_transport_restore_reraises_a_pending_interrupt(worker: VirtioWorker) ->
     dev2.close()
 
 
-def _active_rng_state(worker: VirtioWorker) -> dict[str, Any]:
+def _active_rng_state(worker: VirtioWorkers) -> dict[str, Any]:
     dev = VirtioRng()
     drv = attach(dev, worker)
     drv.init()
@@ -188,7 +188,7 @@ def _set(path: str, value: Any) -> Any:
     ],
 )
 def test_malformed_state_is_refused_and_changes_nothing(
-    worker: VirtioWorker, change: Any, message: str
+    worker: VirtioWorkers, change: Any, message: str
 ) -> None:
     state = copy.deepcopy(_active_rng_state(worker))
     change(state)
@@ -212,7 +212,7 @@ def test_state_is_checked_without_a_device() -> None:
 
 
 def test_blk_restore_refuses_a_resized_image_or_other_options(
-    tmp_path: Path, worker: VirtioWorker
+    tmp_path: Path, worker: VirtioWorkers
 ) -> None:
     img = tmp_path / "d.img"
     img.write_bytes(bytes(8192))

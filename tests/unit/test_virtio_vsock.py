@@ -19,9 +19,9 @@ from kvmkit.devices.virtio import vsock as v
 from kvmkit.devices.virtio.device import (
     STATUS_NEEDS_RESET,
     VirtioState,
-    VirtioWorker,
 )
 from kvmkit.devices.virtio.queue import VIRTQ_DESC_F_WRITE
+from kvmkit.devices.virtio.worker import VirtioWorkers
 from kvmkit.snapshot.format import SnapshotError
 
 CID = 42
@@ -91,15 +91,15 @@ class Guest(MmioGuest):
 
 
 @pytest.fixture
-def worker() -> Iterator[VirtioWorker]:
-    w = VirtioWorker()
+def worker() -> Iterator[VirtioWorkers]:
+    w = VirtioWorkers()
     w.start()
     yield w
     w.close()
 
 
 @pytest.fixture
-def guest(tmp_path: Path, worker: VirtioWorker) -> Iterator[Guest]:
+def guest(tmp_path: Path, worker: VirtioWorkers) -> Iterator[Guest]:
     dev = v.VirtioVsock(CID, tmp_path / "v.sock")
     worker.add(dev)
     g = Guest(dev)
@@ -308,7 +308,7 @@ def test_reset_closes_host_connections(guest: Guest) -> None:
 
 @pytest.mark.parametrize("posted", [4, 0], ids=["event-buffers-posted", "none-yet"])
 def test_restore_resets_the_guest_then_new_connections_work(
-    guest: Guest, worker: VirtioWorker, posted: int
+    guest: Guest, worker: VirtioWorkers, posted: int
 ) -> None:
     """Firecracker's behaviour: connections do not survive a snapshot. The device restored
     (as in another process, over a copy of guest memory) has none; it sends the guest
@@ -339,7 +339,7 @@ def test_restore_resets_the_guest_then_new_connections_work(
     assert g.events() == []  # nothing was sent while running
 
     dev2 = v.VirtioVsock(CID, uds)
-    worker2 = VirtioWorker()
+    worker2 = VirtioWorkers()
     try:
         restore_as_new_process(g, dev2, worker2, memory, state, transport_state)
         if not posted:
@@ -478,3 +478,45 @@ def test_run_cli_rejects_bad_net_and_vsock(tmp_path: Path, args: list[str], mess
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_credit_for_all_connections_together_is_bounded(guest: Guest) -> None:
+    """§5.10.6.3: the buf_alloc kvmkit advertises on a connection is the most guest data it
+    may have to hold for it (what the host socket has not taken). Advertised over all
+    connections it is capped (32 MiB): 200 guest connections to a host program that never
+    reads get 256 KiB each until the cap, the rest are refused with RST (the guest's
+    connect() fails: ECONNRESET; a host program's CONNECT is closed), and a closed
+    connection gives its credit back."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{guest.dev.uds_path}_6100")
+    listener.listen(512)
+    answers: list[Packet] = []
+
+    def answer() -> Packet:
+        guest.give_rx(1)
+        wait_for(lambda: guest.poll())
+        return guest.received.pop(0)
+
+    for i in range(200):
+        guest.send(v.OP_REQUEST, 10000 + i, 6100)
+        answers.append(answer())
+    accepted = [p for p in answers if p[6] == v.OP_RESPONSE]
+    refused = [p for p in answers if p[6] == v.OP_RST]
+    assert len(accepted) + len(refused) == 200
+    credit = sum(p[8] for p in accepted)
+    assert credit <= 32 << 20
+    assert refused and all(p[8] == v.CONN_BUF_ALLOC for p in accepted)
+    assert len(guest.dev.conns) == len(accepted)
+    # A host program's CONNECT finds no credit either: its socket is closed at once.
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(5)
+    client.connect(str(guest.dev.uds_path))
+    client.sendall(b"CONNECT 5000\n")
+    assert client.recv(10) == b""
+    # A connection closed by the guest frees its credit for a new one.
+    first = accepted[0]
+    guest.send(v.OP_RST, first[3], 6100)
+    guest.send(v.OP_REQUEST, 20000, 6100)
+    again = answer()
+    assert again[6] == v.OP_RESPONSE and again[8] == v.CONN_BUF_ALLOC
+    listener.close()

@@ -18,7 +18,6 @@ from kvmkit.devices.virtio.device import (
     STATUS_FEATURES_OK,
     VirtioDevice,
     VirtioState,
-    VirtioWorker,
 )
 from kvmkit.devices.virtio.mmio import MmioTransportState, VirtioMmio
 from kvmkit.devices.virtio.queue import (
@@ -27,6 +26,7 @@ from kvmkit.devices.virtio.queue import (
     VIRTQ_DESC_F_WRITE,
     SplitQueue,
 )
+from kvmkit.devices.virtio.worker import VirtioWorkers
 from kvmkit.memory import GuestMemory
 
 MEM_SIZE = 1 << 20
@@ -43,7 +43,7 @@ def new_memory() -> GuestMemory:
 
 
 def restore_as_new_process(
-    guest: Any, device: VirtioDevice, worker: VirtioWorker, memory: bytes,
+    guest: Any, device: VirtioDevice, worker: VirtioWorkers, memory: bytes,
     state: dict[str, Any], transport_state: dict[str, Any],
 ) -> None:  # fmt: skip
     """What a restoring process does, for a test's mock guest (`mem`, `dev`, `transport` and

@@ -38,9 +38,11 @@ def register(sub: Any) -> None:
 
 
 def restore(args: argparse.Namespace) -> int:
+    from kvmkit.cli.run import StateDump
     from kvmkit.vmm.config import parse_cpu_affinity
     from kvmkit.vmm.snapshot import read_snapshot, restore_machine
 
+    dump = StateDump()  # kill -USR1 prints the VM's state (kvmkit run's)
     # A bad file (format, checksum, any state or device in it, a drive image that changed)
     # is reported before anything else: one line, exit status 2, no VM.
     read_snapshot(args.state)
@@ -60,6 +62,7 @@ def restore(args: argparse.Namespace) -> int:
     machine = restore_machine(
         args.state, args.mem, base_mem=args.base_mem, command_output=write_out
     )
+    dump.machine = machine
     with machine:
         machine.config.cpu_affinity = affinity
         machine.config.validate_affinity()

@@ -23,6 +23,7 @@ from kvmkit.devices.virtio.net import NetConfig
 from kvmkit.devices.virtio.vsock import VsockConfig
 from kvmkit.errors import UserError
 from kvmkit.probe import detect_implementation
+from kvmkit.threads import ThreadKind, start_thread
 from kvmkit.vmm.config import MachineConfig, parse_cpu_affinity
 
 if TYPE_CHECKING:
@@ -177,6 +178,7 @@ def _forward_input(machine: Machine, fd: int, stop: threading.Event) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    dump = StateDump()
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -237,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
     from kvmkit.vmm.machine import EndReason, Machine  # here: `kvmkit --help` stays light
 
     with Machine(config, command_output=write_out) as machine:
+        dump.machine = machine
         machine.build()
         gdb_stub = _start_gdb(machine, args) if getattr(args, "gdb", None) else None
         interactive = not command
@@ -249,9 +252,8 @@ def run(args: argparse.Namespace) -> int:
                 stack.enter_context(_raw_terminal(stdin_fd))
                 _progress("console attached; Ctrl-A x quits\r")
             if interactive and stdin_fd >= 0:
-                threading.Thread(
-                    target=_forward_input, args=(machine, stdin_fd, stop_input), daemon=True
-                ).start()
+                start_thread(ThreadKind.INPUT, "stdin", _forward_input, machine, stdin_fd,
+                             stop_input)  # fmt: skip
             machine.start()
             if args.snapshot_after is not None:
                 from kvmkit.vmm.snapshot import snapshot_after
@@ -281,6 +283,28 @@ def run(args: argparse.Namespace) -> int:
         return result.command_status
     print(f"kvmkit run: {result.message}", file=sys.stderr)
     return result.exit_status
+
+
+class StateDump:
+    """`kill -USR1 PID` prints the VM's state (vCPUs, console, virtio queues beside the
+    guest's rings, worker threads) to stderr: what to look at when a run seems stuck.
+    Installed first thing, so a signal sent while the VM is still being built is answered
+    (not the default action, which ends the process)."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.machine: Machine | None = None
+        signal.signal(signal.SIGUSR1, self._dump)
+
+    def _dump(self, signum: int, frame: object) -> None:
+        try:
+            machine = self.machine
+            text = machine.describe() if machine is not None else "kvmkit: no VM yet\n"
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except Exception as err:  # a diagnostic must not end the run
+            print(f"kvmkit: state dump failed: {err!r}", file=sys.stderr)
 
 
 def _cpu_options(config: MachineConfig, args: argparse.Namespace) -> None:

@@ -18,14 +18,17 @@ from __future__ import annotations
 import ctypes
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from kvmkit.abi import structs
+from kvmkit.threads import ThreadKind, start_thread
 
 _HEADER = ctypes.sizeof(structs.kvm_coalesced_mmio_ring)
 _ENTRY = ctypes.sizeof(structs.kvm_coalesced_mmio)
 _DATA = structs.kvm_coalesced_mmio.data.offset
 _ENTRY_HEAD = struct.Struct("<QII")  # phys_addr, len, pio
+STOP_TIMEOUT = 5.0  # seconds RingDrainer.stop waits for its thread
 
 # handle(pio, addr, size, data): `data` holds len(data) // size writes of `size` bytes each
 # to the same address, in guest order.
@@ -59,36 +62,44 @@ class CoalescedRing:
         header = self._header
         return bool(header[0] != header[1])
 
-    def drain(self, handle: WriteHandler) -> int:
+    def drain(self, handle: WriteHandler, timeout: float | None = None) -> int:
         """Take every queued write in order and pass runs of writes to the same address and
         size to `handle` in one call. Returns the number of writes taken. Serialized: two
-        threads draining at once hand the writes over in ring order."""
-        with self._lock:
-            header, page, cap = self._header, self._page, self.capacity
-            first, last = header[0], header[1]
-            if first >= cap or last >= cap:
-                raise CoalescedRingError(f"coalesced ring indexes out of range ({first}, {last})")
-            taken = 0
-            run_key: tuple[bool, int, int] | None = None
-            run: list[bytes] = []
-            while first != last:
-                off = _HEADER + first * _ENTRY
-                addr, length, pio = _ENTRY_HEAD.unpack_from(page, off)
-                length = min(length, 8)
-                data = bytes(page[off + _DATA : off + _DATA + length])
-                key = (bool(pio), addr, length)
-                if key != run_key:
-                    if run_key is not None:
-                        handle(*run_key, b"".join(run))
-                    run_key, run = key, []
-                run.append(data)
-                taken += 1
-                first = (first + 1) % cap
-            header[0] = first  # free the slots; the copies above are what the handler sees
-            if run_key is not None:
-                handle(*run_key, b"".join(run))
-            self.drained += taken
-            return taken
+        threads draining at once hand the writes over in ring order. With `timeout`, gives
+        up (returns -1) if another drain holds the ring that long (its handler is stuck)."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            return -1
+        try:
+            return self._drain_locked(handle)
+        finally:
+            self._lock.release()
+
+    def _drain_locked(self, handle: WriteHandler) -> int:
+        header, page, cap = self._header, self._page, self.capacity
+        first, last = header[0], header[1]
+        if first >= cap or last >= cap:
+            raise CoalescedRingError(f"coalesced ring indexes out of range ({first}, {last})")
+        taken = 0
+        run_key: tuple[bool, int, int] | None = None
+        run: list[bytes] = []
+        while first != last:
+            off = _HEADER + first * _ENTRY
+            addr, length, pio = _ENTRY_HEAD.unpack_from(page, off)
+            length = min(length, 8)
+            data = bytes(page[off + _DATA : off + _DATA + length])
+            key = (bool(pio), addr, length)
+            if key != run_key:
+                if run_key is not None:
+                    handle(*run_key, b"".join(run))
+                run_key, run = key, []
+            run.append(data)
+            taken += 1
+            first = (first + 1) % cap
+        header[0] = first  # free the slots; the copies above are what the handler sees
+        if run_key is not None:
+            handle(*run_key, b"".join(run))
+        self.drained += taken
+        return taken
 
 
 class RingDrainer:
@@ -104,20 +115,32 @@ class RingDrainer:
         self._handle = handle
         self._interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="coalesced-drain", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        if self._thread is None:
+            self._thread = start_thread(ThreadKind.DRAIN, "coalesced", self._main)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> bool:
+        """Stop the thread and hand over what is left in the ring; bounded: if the thread is
+        stuck in a handler (a device that blocks) it is left behind (a daemon thread), and
+        the last drain is skipped if it cannot get the ring within `timeout`. False then."""
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        self.drain()
-
-    def drain(self) -> None:
+        deadline = time.monotonic() + timeout
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            thread.join(timeout)
+            if thread.is_alive():
+                return False
         if self.ring.pending():
-            self.ring.drain(self._handle)
+            return self.ring.drain(self._handle, max(0.0, deadline - time.monotonic())) >= 0
+        return True
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Hand queued writes over now (from any thread); with `timeout`, give up if a
+        drain stuck in a handler holds the ring that long."""
+        if self.ring.pending():
+            self.ring.drain(self._handle, timeout)
 
     def _main(self) -> None:
         seen = -1

@@ -15,10 +15,13 @@ import threading
 from typing import Protocol
 
 from kvmkit.abi import structs
+from kvmkit.guestlog import GuestLog
 from kvmkit.kvm.errors import KvmError
 from kvmkit.kvm.vm import MAX_IRQ_ROUTES, default_x86_routes, route_msi
 
 log = logging.getLogger(__name__)
+# Lines a guest can cause, rate-limited (kvmkit.guestlog).
+glog = GuestLog(log)
 
 FIRST_MSI_GSI = 24  # after the IOAPIC's 24 pins
 
@@ -74,5 +77,5 @@ class GsiRouter:
         except KvmError as err:
             # KVM refuses some messages (e.g. address_hi bits with the x2APIC API on): the
             # guest's bad entry must not take the VMM down; the vector just stays silent.
-            log.warning("GSI routing rejected (%s); guest MSI-X entry ignored", err)
+            glog.warning("GSI routing rejected (%s); guest MSI-X entry ignored", err)
             return False

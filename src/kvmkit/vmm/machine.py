@@ -14,7 +14,7 @@ and the boot registers on vCPU 0; the others wait for INIT/SIPI in the in-kernel
 
 The operations state transfer is built on (snapshots: kvmkit.vmm.snapshot; migration):
 
-    m.pause()                  every vCPU held outside KVM_RUN, the virtio worker parked
+    m.pause()                  every vCPU held outside KVM_RUN, the virtio workers parked
     state = m.capture_state()  a kvmkit.vmm.persist.MachineState (no guest memory)
     m.resume()
     m2 = Machine.from_state(state, memory)   memory: a GuestMemory from any source
@@ -52,13 +52,14 @@ from kvmkit.devices.legacy.power import AcpiPower
 from kvmkit.devices.legacy.rtc import CmosRtc
 from kvmkit.devices.legacy.serial import Serial8250
 from kvmkit.devices.virtio.blk import VirtioBlk
-from kvmkit.devices.virtio.device import VirtioDevice, VirtioWorker
+from kvmkit.devices.virtio.device import VirtioDevice
 from kvmkit.devices.virtio.mmio import MmioTransportState, VirtioMmio
 from kvmkit.devices.virtio.mmio import cmdline_entry as virtio_cmdline_entry
 from kvmkit.devices.virtio.net import NetConfig, VirtioNet, format_mac, parse_mac
 from kvmkit.devices.virtio.pci import PciTransportState, VirtioPci
 from kvmkit.devices.virtio.rng import VirtioRng
 from kvmkit.devices.virtio.vsock import VirtioVsock
+from kvmkit.devices.virtio.worker import VirtioWorkers
 from kvmkit.errors import UserError
 from kvmkit.kvm import Kvm, KvmError, Vcpu, Vm
 from kvmkit.kvm.coalesced import CoalescedRing, RingDrainer
@@ -67,6 +68,7 @@ from kvmkit.memory import GuestMemory
 from kvmkit.snapshot.core import VmSetup, build_vm, capture_kvm_state
 from kvmkit.snapshot.format import SnapshotError
 from kvmkit.snapshot.vcpu_state import enable_vcpu_caps, resume_vcpu
+from kvmkit.threads import ThreadKind, start_thread
 from kvmkit.unixsock import remove_stale_socket
 from kvmkit.vmm import cpus
 from kvmkit.vmm.config import MachineConfig
@@ -95,6 +97,8 @@ PANIC_MARKER = b"Kernel panic - not syncing"
 # After the command reported its status the init powers off; if that takes longer than
 # this, the VM is stopped anyway (the status is already known).
 POWEROFF_GRACE = 10.0
+# How long close() waits for the VM's threads in all before leaving stuck ones behind.
+CLOSE_TIMEOUT = 10.0
 PAUSE_TIMEOUT = 10.0
 # How `build` creates the VM (and a restore recreates it): Intel needs three pages for
 # real-mode emulation and an identity-map page below 4 GiB, outside RAM and device windows
@@ -192,7 +196,8 @@ class Machine:
         self.virtio: list[tuple[int, int, VirtioDevice]] = []
         self.virtio_transports: list[VirtioMmio | VirtioPci] = []  # in the order of self.virtio
         self.pci: MachinePci | None = None  # the PCI bus, with virtio_transport="pci"
-        self._virtio_worker: VirtioWorker | None = None
+        # The virtio queue workers (devices/virtio/worker.py); pause parks them.
+        self._virtio_workers: VirtioWorkers | None = None
         self._restored = False  # built by from_state: KVM_KVMCLOCK_CTRL before the vCPUs run
         self.x2apic_api = 0  # KVM_CAP_X2APIC_API flags enabled (APIC IDs above 254)
         # --nested and --hyperv as resolved against the host (kvmkit.vmm.extensions)
@@ -208,17 +213,33 @@ class Machine:
         self.close()
 
     def close(self) -> None:
+        """Stop everything and release it, in bounded time (CLOSE_TIMEOUT for the threads
+        in all): a thread that does not stop (a vCPU or worker stuck in the kernel, a
+        console reader that never reads) is left behind as a daemon thread, and what it may
+        still touch (guest memory, the vCPU mappings, device fds) is not unmapped or closed
+        under it; the process is about to end anyway."""
         self.stop()
+        deadline = time.monotonic() + CLOSE_TIMEOUT
         for t in self.threads:
-            t.join(5)
+            t.join(max(0.0, deadline - time.monotonic()))
+        stuck = [f"vcpu{t.vcpu.id}" for t in self.threads if t.thread.is_alive()]
         if self.ring is not None:
-            self.ring.stop()
-            self.ring.ring.release()
+            if self.ring.stop(max(0.0, deadline - time.monotonic())):
+                self.ring.ring.release()
+            else:
+                stuck.append("coalesced-drain")
             self.ring = None
+        if (workers := self._virtio_workers) is not None:
+            if not workers.stop(max(0.0, deadline - time.monotonic())):
+                stuck.extend(f"virtio worker {name}" for name in workers.not_parked())
+            workers.close()
+        self.console.close(max(0.0, deadline - time.monotonic()))
+        if stuck:
+            log.warning("closing the VM with %s still running: its memory stays mapped",
+                        ", ".join(stuck))  # fmt: skip
+            return
         if self.vm is not None:
             self.vm.close()
-        if self._virtio_worker is not None:
-            self._virtio_worker.close()
         for _, _, dev in self.virtio:
             dev.close()
         for irq in self._irqs:
@@ -226,7 +247,6 @@ class Machine:
         if self.pci is not None:
             self.pci.close()
         self.mem.close()
-        self.console.close()
         if self.kvm is not None:
             self.kvm.close()
 
@@ -335,7 +355,9 @@ class Machine:
         serial_irq = EventFdIrq(SERIAL_IRQ)
         self._irqs.append(serial_irq)
         vm.irqfd(serial_irq.fd, serial_irq.gsi)
-        self.serial = Serial8250(serial_irq, self.console.feed, fifo64=self.config.serial_fifo64)
+        self.serial = Serial8250(serial_irq, self.console.feed, fifo64=self.config.serial_fifo64,
+                                 tx_ready=self.console.has_room)  # fmt: skip
+        self.console.on_room = self.serial.tx_space
         self.pio.insert(self.serial, SERIAL_PORT, 8, "serial0")
         if self.config.coalesce_serial and vm.check_extension(Cap.COALESCED_PIO) > 0:
             # THR writes queue in KVM's ring instead of exiting one by one: with nested
@@ -389,7 +411,7 @@ class Machine:
             raise UserError(f"{what}: {err}") from None
         if not devices:
             return
-        self._virtio_worker = worker = VirtioWorker()
+        self._virtio_workers = worker = VirtioWorkers()
         if self.config.virtio_transport == "pci":
             self.pci = MachinePci(vm, self.mem, self.pio, self.mmio)
             for dev in devices:
@@ -436,11 +458,11 @@ class Machine:
                 sink = self._command_output or (lambda data: None)
                 self.command = CommandOutput(self.nonce, sink)
             self.console.add_listener(self.command.feed)
-            threading.Thread(target=self._watch_command, daemon=True).start()
+            start_thread(ThreadKind.WATCH, "command", self._watch_command)
         self._attach_ring()
         self.started_at = time.monotonic()
-        if self._virtio_worker is not None:
-            self._virtio_worker.start()
+        if self._virtio_workers is not None:
+            self._virtio_workers.start()
         if self._restored:
             # KVM_KVMCLOCK_CTRL right before the vCPUs run again: the guest learns it was
             # paused (no soft-lockup reports for the time it spent on disk or on the wire).
@@ -513,8 +535,13 @@ class Machine:
             status = self.command.status if self.command is not None else None
             self._result = MachineResult(reason, status, detail)
         self._done.set()
+        # Every vCPU is asked to stop even if asking one fails (a kick that finds its
+        # thread gone): one error must not leave the others running.
         for t in self.threads:
-            t.stop()
+            try:
+                t.stop()
+            except Exception:
+                log.exception("vcpu%d: stop failed", t.vcpu.id)
 
     def stop(self) -> None:
         self._finish(EndReason.STOPPED)
@@ -523,26 +550,35 @@ class Machine:
         """Block until the VM ends; None on timeout (the VM keeps running)."""
         if not self._done.wait(timeout):
             return None
+        deadline = time.monotonic() + CLOSE_TIMEOUT
         for t in self.threads:
-            t.join(10)
-        self.drain_coalesced()
-        self.console.flush()  # the guest's last bytes reach the listeners before the result
+            t.join(max(0.0, deadline - time.monotonic()))
+        if self.ring is not None:
+            self.ring.drain(max(0.0, deadline - time.monotonic()))
+        # The guest's last bytes reach the listeners before the result (bounded: a reader
+        # that stopped reading is given up on, vmm/console.py).
+        delivered = self.console.flush()
         assert self._result is not None
         if self.command is not None:
-            self.command.flush()
+            if delivered:
+                self.command.flush()
             # The EXIT marker may still have been in the console's delivery buffer when the
-            # VM ended: take the status the parser has now.
+            # VM ended: take the status the parser has now, or find the marker in the raw
+            # console if the output could not all be delivered.
             if self._result.command_status is None:
-                self._result.command_status = self.command.status
+                status = self.command.status
+                if status is None and not delivered:
+                    status = self.command.status_in(self.console.tail(64 * 1024))
+                self._result.command_status = status
         return self._result
 
     # -- pause, capture, rebuild: what snapshots and migration are built on
     @property
     def paused(self) -> bool:
-        """Every vCPU held by a pause outside KVM_RUN (or ended) and the virtio worker
-        parked: the state `capture_state()` reads is final."""
-        worker = self._virtio_worker
-        if worker is not None and not worker.paused:
+        """Every vCPU held by a pause outside KVM_RUN (or ended) and every virtio queue
+        worker parked: the state `capture_state()` reads is final."""
+        workers = self._virtio_workers
+        if workers is not None and not workers.paused:
             return False
         return bool(self.threads) and all(
             t.control.state is RunState.FINISHED
@@ -554,11 +590,12 @@ class Machine:
 
     def pause(self, timeout: float = PAUSE_TIMEOUT) -> None:
         """The PAUSE event on every vCPU, then wait until each is held outside KVM_RUN (or
-        has ended); then park the virtio worker between requests (after the vCPUs: no new
-        notification arrives), make the devices' effects durable (virtio-blk fdatasync) and
+        has ended); then park every virtio queue worker between passes (after the vCPUs: no
+        new notification arrives; a worker finishes at most the chain it is serving, its
+        pass being cut there), make the devices' effects durable (virtio-blk fdatasync) and
         hand the coalesced ring's writes to their devices. A vCPU the debugger holds is held
         already (kvmkit.vmm.runstate). UserError, with the machine running again, when a
-        vCPU or the worker does not stop within `timeout`."""
+        vCPU or a worker does not stop within `timeout`."""
         if self.vm is None or not self.threads:
             raise UserError("the machine is not running: nothing to pause")
         for t in self.threads:
@@ -567,10 +604,11 @@ class Machine:
             if not t.control.wait_held(timeout, lambda t=t: t.alive):  # type: ignore[misc]
                 self.resume()
                 raise UserError(f"vcpu{t.vcpu.id} did not pause within {timeout} s")
-        worker = self._virtio_worker
+        workers = self._virtio_workers
         try:
-            if worker is not None and not worker.pause(timeout):
-                raise UserError(f"the virtio worker did not pause within {timeout} s")
+            if workers is not None and not workers.pause(timeout):
+                busy = ", ".join(workers.not_parked())
+                raise UserError(f"virtio worker {busy} did not pause within {timeout} s")
             for _, _, dev in self.virtio:
                 try:
                     dev.quiesce()
@@ -582,10 +620,10 @@ class Machine:
         self.drain_coalesced()  # device state includes every write the guest made
 
     def resume(self) -> None:
-        """The virtio worker runs again, then the RESUME event on every paused vCPU, each told
-        first that it was paused (KVM_KVMCLOCK_CTRL)."""
-        if self._virtio_worker is not None:
-            self._virtio_worker.resume()
+        """The virtio queue workers run again, then the RESUME event on every paused vCPU,
+        each told first that it was paused (KVM_KVMCLOCK_CTRL)."""
+        if self._virtio_workers is not None:
+            self._virtio_workers.resume()
         for t in self.threads:
             status = t.control.status
             if status.state is RunState.PAUSED or status.pause_pending:
@@ -714,6 +752,29 @@ class Machine:
             self.pci.root.restore(devices.pci_root)
         for _, _, dev in self.virtio:
             dev.kick_ready_queues()
+
+    def describe(self) -> str:
+        """The machine's state as text, for a VM that seems stuck (`kvmkit run` prints it on
+        SIGUSR1): vCPU threads and their exits, the console, each virtio device and queue
+        (kvmkit's indexes beside the guest's rings) and the worker threads. Never blocks."""
+        lines = [f"kvmkit VM state after {time.monotonic() - self.started_at:.1f} s"]
+        for t in self.threads:
+            st = t.stats
+            lines.append(
+                f"vcpu{t.vcpu.id}: {t.control.state.value}"
+                f"{'' if t.thread.is_alive() else ' (thread ended)'}, {t.exits} exits (io in "
+                f"{st.exit_io_in}, out {st.exit_io_out}, mmio read {st.exit_mmio_read}, write "
+                f"{st.exit_mmio_write})"
+            )
+        c = self.console
+        lines.append(f"console: {c.total} bytes from the guest, {c.dropped} dropped")
+        for (_, _, dev), transport in zip(self.virtio, self.virtio_transports, strict=True):
+            lines.extend(dev.describe())
+            isr = getattr(transport, "isr", getattr(transport, "_isr", None))
+            lines.append(f"  transport {transport.KIND}: interrupt status {isr}")
+        if self._virtio_workers is not None:
+            lines.extend(self._virtio_workers.describe())
+        return "\n".join(lines) + "\n"
 
     @property
     def exits(self) -> int:

@@ -12,11 +12,11 @@ a diff). A restore reads and checks the whole state file (`read_snapshot`) and t
 file's size before any VM exists, maps the memory file MAP_PRIVATE, and hands both to
 `Machine.from_state`, where the restore order is.
 
-Virtio devices are quiesced by the pause: the worker thread parks between requests (never
-inside a chain) and block devices fdatasync their images. A restore rebuilds them from the
-saved configuration (same MMIO slots, IRQs, ioeventfds and irqfds), takes over their queue
-state without a reset and kicks every ready queue once, so a request the guest queued just
-before the pause is served. virtio-net reopens its tap by name; virtio-vsock binds a new
+Virtio devices are quiesced by the pause: every queue worker thread parks between passes
+(never inside a chain) and block devices fdatasync their images. A restore rebuilds them
+from the saved configuration (same MMIO slots, IRQs, ioeventfds and irqfds), takes over
+their queue state without a reset and kicks every ready queue once, so a request the guest
+queued just before the pause is served. virtio-net reopens its tap by name; virtio-vsock binds a new
 Unix socket (a stale one left by a killed process is removed) and, having no connection,
 sends the guest a transport reset.
 """

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from kvmkit.devices.bus import Bus
 from kvmkit.kvm import IntrExit, Vcpu, VmExit
 from kvmkit.kvm.errors import KvmError
+from kvmkit.threads import ThreadKind, name_thread
 from kvmkit.vmm.dispatch import (
     HANDLED,
     DebugHook,
@@ -80,6 +81,7 @@ class VcpuThread:
             self.thread.join(timeout)
 
     def _main(self) -> None:
+        name_thread(ThreadKind.VCPU, str(self.vcpu.id))
         try:
             stopped = self._loop()
         except KvmError as err:

@@ -49,7 +49,11 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from kvmkit.guestlog import GuestLog
+
 log = logging.getLogger(__name__)
+# Lines a guest can cause, rate-limited (kvmkit.guestlog).
+glog = GuestLog(log)
 
 BASE = 0x60
 LENGTH = 5
@@ -130,7 +134,7 @@ class I8042:
 
     def read(self, offset: int, data: memoryview) -> None:
         if len(data) != 1 or offset not in (DATA_OFFSET, COMMAND_OFFSET):
-            log.debug("i8042: ignored %d-byte read at offset %d", len(data), offset)
+            glog.debug("i8042: ignored %d-byte read at offset %d", len(data), offset)
             data[:] = b"\xff" * len(data)
             return
         more = False
@@ -146,7 +150,7 @@ class I8042:
 
     def write(self, offset: int, data: memoryview) -> None:
         if len(data) != 1 or offset not in (DATA_OFFSET, COMMAND_OFFSET):
-            log.debug("i8042: ignored %d-byte write at offset %d", len(data), offset)
+            glog.debug("i8042: ignored %d-byte write at offset %d", len(data), offset)
             return
         value = data[0]
         reset = False
@@ -192,13 +196,13 @@ class I8042:
             # Pulse output port lines whose bit is 0 in the low nibble; bit 0 is RESET.
             return not cmd & 0x01
         else:
-            log.debug("i8042: unknown command %#x ignored", cmd)
+            glog.debug("i8042: unknown command %#x ignored", cmd)
         return False
 
     def _data(self, value: int) -> bool:
         cmd, self._pending = self._pending, None
         if cmd is None:
-            log.debug("i8042: keyboard byte %#x dropped (no keyboard)", value)
+            glog.debug("i8042: keyboard byte %#x dropped (no keyboard)", value)
         elif cmd == CMD_WRITE_CTR:
             self._ctr = value
         elif cmd in (CMD_WRITE_KBD_OUTBUF, CMD_WRITE_AUX_OUTBUF):

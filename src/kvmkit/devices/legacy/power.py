@@ -24,7 +24,11 @@ import logging
 import threading
 from collections.abc import Callable
 
+from kvmkit.guestlog import GuestLog
+
 log = logging.getLogger(__name__)
+# Lines a guest can cause, rate-limited (kvmkit.guestlog).
+glog = GuestLog(log)
 
 PM_BASE = 0x600
 PM_LEN = 9
@@ -80,7 +84,7 @@ class AcpiPower:
         n = len(data)
         data[:] = bytes(n)
         if n not in (1, 2, 4) or offset < 0 or offset + n > PM_LEN:
-            log.debug("acpi pm: ignored %d-byte read at offset %d", n, offset)
+            glog.debug("acpi pm: ignored %d-byte read at offset %d", n, offset)
             return
         with self._lock:
             for i in range(n):
@@ -90,7 +94,7 @@ class AcpiPower:
     def write(self, offset: int, data: memoryview) -> None:
         n = len(data)
         if n not in (1, 2, 4) or offset < 0 or offset + n > PM_LEN:
-            log.debug("acpi pm: ignored %d-byte write at offset %d", n, offset)
+            glog.debug("acpi pm: ignored %d-byte write at offset %d", n, offset)
             return
         if offset == RESET_OFFSET:
             if data[0] == self.reset_value:
@@ -114,6 +118,6 @@ class AcpiPower:
                 if sleep_type == self.s5_sleep_type:
                     poweroff = True
                 else:
-                    log.info("acpi pm: guest asked for unsupported sleep type %d", sleep_type)
+                    glog.info("acpi pm: guest asked for unsupported sleep type %d", sleep_type)
         if poweroff:
             self._on_poweroff()

@@ -28,7 +28,11 @@ import threading
 import time
 from collections.abc import Callable
 
+from kvmkit.guestlog import GuestLog
+
 log = logging.getLogger(__name__)
+# Lines a guest can cause, rate-limited (kvmkit.guestlog).
+glog = GuestLog(log)
 
 BASE = 0x70
 LENGTH = 2
@@ -146,14 +150,14 @@ class CmosRtc:
                 raise ValueError(when)
             guest = calendar.timegm((*when, 0, 0, 0))
         except (ValueError, OverflowError) as err:
-            log.debug("rtc: guest set an invalid time %s", err)
+            glog.debug("rtc: guest set an invalid time %s", err)
             return
         self._offset = guest - int(self._clock())
 
     # -- BusDevice
     def read(self, offset: int, data: memoryview) -> None:
         if len(data) != 1 or offset not in (INDEX_OFFSET, DATA_OFFSET):
-            log.debug("rtc: ignored %d-byte read at offset %d", len(data), offset)
+            glog.debug("rtc: ignored %d-byte read at offset %d", len(data), offset)
             data[:] = b"\xff" * len(data)
             return
         with self._lock:
@@ -176,7 +180,7 @@ class CmosRtc:
 
     def write(self, offset: int, data: memoryview) -> None:
         if len(data) != 1 or offset not in (INDEX_OFFSET, DATA_OFFSET):
-            log.debug("rtc: ignored %d-byte write at offset %d", len(data), offset)
+            glog.debug("rtc: ignored %d-byte write at offset %d", len(data), offset)
             return
         value = data[0]
         with self._lock:

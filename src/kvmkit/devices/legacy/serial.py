@@ -38,7 +38,11 @@ triggers when a new interrupt condition appears. The MCR OUT2 gate of PC boards 
 (QEMU and Firecracker do not model it either).
 
 Output: each THR write (outside loopback) calls `out(bytes([c]))` under the device lock, so
-bytes from several vCPUs keep their order; `out` must not block for long (queue it).
+bytes from several vCPUs keep their order; `out` must not block (queue it: ConsoleStream).
+Flow control: with `tx_ready` given, the transmitter is busy while it returns False (LSR
+THRE and TEMT clear, no THRE interrupt), as a UART whose line is held by the other end; the
+guest's driver then waits for the THRE interrupt that `tx_space()` raises when output can
+flow again (Linux's serial8250_tx_chars runs only on THRE; its console_write polls LSR).
 `write_burst` takes many writes to one register at once (the coalesced PIO ring hands THR
 writes over that way, `kvmkit.kvm.coalesced`): same effect as writing them one by one, one
 `out` call and at most one interrupt edge.
@@ -54,9 +58,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from kvmkit.devices.irq import IrqLine
+from kvmkit.guestlog import GuestLog
 from kvmkit.snapshot.format import Fields, SnapshotError
 
 log = logging.getLogger(__name__)
+# Lines a guest can cause, rate-limited (kvmkit.guestlog).
+glog = GuestLog(log)
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -179,13 +186,14 @@ class Serial8250:
 
     def __init__(
         self, irq: IrqLine, out: Callable[[bytes], None], *, fifo_size: int = FIFO_SIZE,
-        fifo64: bool = True,
+        fifo64: bool = True, tx_ready: Callable[[], bool] | None = None,
     ) -> None:  # fmt: skip
         if fifo_size < 1:
             raise ValueError("fifo_size must be at least 1")
         self.fifo64 = fifo64  # a TL16C750 with its 64-byte mode; False: a 16550A
         self._irq = irq
         self._out = out
+        self._tx_ready = tx_ready
         self._lock = threading.Lock()
         self.fifo_size = fifo_size
         self._rx: deque[int] = deque()
@@ -208,8 +216,13 @@ class Serial8250:
         self.missed_write_count = 0
 
     # -- state helpers (called with the lock held)
+    def _tx_ok(self) -> bool:
+        """The transmitter takes a character (module docstring: flow control); loopback
+        output goes to the receiver, not the line."""
+        return self._tx_ready is None or bool(self._mcr & MCR_LOOP) or self._tx_ready()
+
     def _lsr(self) -> int:
-        lsr = LSR_THRE | LSR_TEMT | self._lsr_errors
+        lsr = (LSR_THRE | LSR_TEMT if self._tx_ok() else 0) | self._lsr_errors
         if self._rx:
             lsr |= LSR_DR
         return lsr
@@ -260,7 +273,7 @@ class Serial8250:
     # -- BusDevice
     def read(self, offset: int, data: memoryview) -> None:
         if len(data) != 1 or not 0 <= offset < PORT_COUNT:
-            log.debug("serial: ignored %d-byte read at offset %d", len(data), offset)
+            glog.debug("serial: ignored %d-byte read at offset %d", len(data), offset)
             data[:] = b"\xff" * len(data)
             return
         with self._lock:
@@ -295,7 +308,7 @@ class Serial8250:
 
     def write(self, offset: int, data: memoryview) -> None:
         if len(data) != 1 or not 0 <= offset < PORT_COUNT:
-            log.debug("serial: ignored %d-byte write at offset %d", len(data), offset)
+            glog.debug("serial: ignored %d-byte write at offset %d", len(data), offset)
             return
         value = data[0]
         fire = False
@@ -306,10 +319,11 @@ class Serial8250:
                     self._dll = value
                 else:
                     self._transmit(value)
-                    # The character left at once: THR is empty again (THRE re-asserted).
-                    self._thre_pending = True
+                    # The character left at once: THR is empty again (THRE re-asserted),
+                    # unless the line is held (flow control: tx_space() raises it later).
+                    self._thre_pending = self._tx_ok()
                     # In loopback the byte arrived in RBR: RDA may have become pending too.
-                    fire = bool(self._ier & IER_THRE) or (
+                    fire = bool(self._ier & IER_THRE and self._thre_pending) or (
                         before != IIR_RDI and self._iir_id() == IIR_RDI
                     )
             elif offset == IER_DLM:
@@ -319,7 +333,7 @@ class Serial8250:
                     old = self._ier
                     self._ier = value & IER_MASK
                     # Turning ETBEI on with THR empty raises THRE (16550D; Linux's THRE test).
-                    if self._ier & IER_THRE and not old & IER_THRE:
+                    if self._ier & IER_THRE and not old & IER_THRE and self._tx_ok():
                         self._thre_pending = True
                     fire = self._iir_id() != IIR_NO_INT and (
                         before == IIR_NO_INT or self._ier & ~old != 0
@@ -364,9 +378,9 @@ class Serial8250:
                     self._out(data)
                 except Exception:  # a broken console must not take the vCPU thread down
                     self.missed_write_count += len(data)
-                    log.exception("serial: output callback failed")
-                self._thre_pending = True
-                fire = bool(self._ier & IER_THRE)
+                    glog.exception("serial: output callback failed")
+                self._thre_pending = self._tx_ok()
+                fire = bool(self._ier & IER_THRE and self._thre_pending)
         if not transmit:
             for i in range(len(data)):
                 self.write(offset, memoryview(data)[i : i + 1])
@@ -383,7 +397,7 @@ class Serial8250:
             self._out(bytes([byte]))
         except Exception:  # a broken console must not take the vCPU thread down
             self.missed_write_count += 1
-            log.exception("serial: output callback failed")
+            glog.exception("serial: output callback failed")
 
     def _receive_locked(self, data: bytes) -> int:
         room = self.fifo_size - len(self._rx)
@@ -394,6 +408,17 @@ class Serial8250:
         return len(taken)
 
     # -- host side
+    def tx_space(self) -> None:
+        """The line can take output again (flow control): THR reads empty, and the THRE
+        interrupt is raised if the driver enabled it."""
+        with self._lock:
+            if self._thre_pending or not self._tx_ok():
+                return
+            self._thre_pending = True
+            fire = bool(self._ier & IER_THRE)
+        if fire:
+            self._irq.trigger()
+
     def enqueue_input(self, data: bytes) -> int:
         """Queue bytes from the host for the guest to read; returns how many fitted in the
         receive FIFO (the caller keeps the rest and retries when `input_space()` allows).

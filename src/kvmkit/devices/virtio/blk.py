@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from kvmkit.devices.virtio import iov
-from kvmkit.devices.virtio.device import VirtioDevice
+from kvmkit.devices.virtio.device import Budget, VirtioDevice
 from kvmkit.devices.virtio.queue import Buffer, DescriptorChain, QueueError
+from kvmkit.guestlog import GuestLog
 from kvmkit.snapshot.format import Fields, SnapshotError
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class VirtioBlk(VirtioDevice):
         else:
             features |= VIRTIO_BLK_F_DISCARD
         super().__init__(name, [QUEUE_SIZE], features)
+        self.glog = GuestLog(log)  # this module's logger, rate-limited
         # Firecracker's block metrics (read by kvmkit.api.metrics): bytes and requests that
         # completed with VIRTIO_BLK_S_OK, flushes served.
         self.read_bytes = 0
@@ -115,6 +117,10 @@ class VirtioBlk(VirtioDevice):
             "<QIIHBBI8sBBHIII", self.capacity, SIZE_MAX, SEG_MAX, 0, 0, 0, SECTOR_SIZE,
             b"", 0, 0, 1, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1,
         )  # fmt: skip
+
+    def describe_device(self) -> str:
+        return (f"{self.path}: {self.read_count} reads, {self.write_count} writes, "
+                f"{self.flush_count} flushes")
 
     # -- snapshots: the image is not in the snapshot; its identity is (docs/snapshot.md)
     def quiesce(self) -> None:
@@ -165,11 +171,11 @@ class VirtioBlk(VirtioDevice):
             os.close(self.fd)
             self.fd = -1
 
-    def process_queue(self, index: int) -> None:
+    def process_queue(self, index: int, budget: Budget) -> None:
         assert self.mem is not None
         queue = self.queues[index]
         done = False
-        while (chain := queue.pop(self.mem)) is not None:
+        while budget.take() and (chain := queue.pop(self.mem)) is not None:
             written = self.handle(chain)
             self.complete(index, chain.head, written)
             done = True
@@ -215,7 +221,7 @@ class VirtioBlk(VirtioDevice):
             else:
                 status = VIRTIO_BLK_S_UNSUPP
         except OSError as err:
-            log.warning("virtio %s: %s: I/O error: %s", self.name, self.path, err)
+            self.glog.warning("virtio %s: %s: I/O error: %s", self.name, self.path, err)
             status = VIRTIO_BLK_S_IOERR
         self.mem.write_u8(status_addr, status)
         return written + 1
@@ -270,7 +276,9 @@ class VirtioBlk(VirtioDevice):
             if count > MAX_DISCARD_SECTORS or not self._in_range(sector, count * SECTOR_SIZE):
                 return VIRTIO_BLK_S_IOERR
         for sector, count, _ in segments:
-            _punch_hole(self.fd, sector * SECTOR_SIZE, count * SECTOR_SIZE)
+            err = _punch_hole(self.fd, sector * SECTOR_SIZE, count * SECTOR_SIZE)
+            if err:
+                self.glog.debug("virtio %s: discard: fallocate: %s", self.name, os.strerror(err))
         return VIRTIO_BLK_S_OK
 
     def _get_id(self, bufs: list[Buffer]) -> tuple[int, int]:
@@ -296,16 +304,16 @@ class VirtioBlk(VirtioDevice):
         return out
 
 
-def _punch_hole(fd: int, offset: int, length: int) -> None:
+def _punch_hole(fd: int, offset: int, length: int) -> int:
     """fallocate(PUNCH_HOLE | KEEP_SIZE); a file system without holes keeps the data (a
-    discard is a hint, §5.2.6.2)."""
+    discard is a hint, §5.2.6.2). Returns the errno, 0 on success."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
     if libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
-        err = ctypes.get_errno()
-        log.debug("discard: fallocate: %s", os.strerror(err))
+        return ctypes.get_errno()
+    return 0
 
 
 

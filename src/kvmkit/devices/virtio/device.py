@@ -1,19 +1,34 @@
 """The transport-independent part of a virtio device (virtio 1.2 §2, §3).
 
-A device is written once as a `VirtioDevice` subclass; a transport (virtio-mmio today,
-see docs/virtio.md) maps its registers onto the state kept here:
+A device is written once as a `VirtioDevice` subclass; a transport (virtio-mmio or
+virtio-pci, see docs/virtio.md) maps its registers onto the state kept here:
 
 - feature bits (§2.2) offered by the device and accepted by the driver, FEATURES_OK (§3.1.1);
-- the device status (§2.1) with reset, DRIVER_OK (activation) and NEEDS_RESET;
-- the queues (`SplitQueue`) and their notification eventfds: a driver's notify write is a
-  KVM ioeventfd, so it reaches the `VirtioWorker` thread without a vCPU exit;
+- the device status (§2.1) as a state machine with a transition table (`STATUS_ORDER`):
+  reset, FEATURES_OK, DRIVER_OK (activation) and NEEDS_RESET;
+- the queues (`SplitQueue`), set up through `queue_set_size`, `queue_set_address`,
+  `queue_set_ready` (the transports only decode their registers), and their notification
+  eventfds: a driver's notify write is a KVM ioeventfd, so it reaches the queue's worker
+  thread (`kvmkit.devices.virtio.worker`) without a vCPU exit;
 - interrupts through the transport's `Interrupt` (an irqfd: one write(2), no vCPU exit);
 - the device-specific configuration space (`config_read`/`config_write`).
 
-A subclass sets DEVICE_ID, `queue_sizes`, `features` and implements `process_queue(index)`
-(runs on the worker thread, holding `self.lock`) and optionally `config_bytes`,
-`config_write`, `activate`, `reset_device`, and for snapshots `quiesce`, `save_device`,
-`check_device_state`, `restore_device`, `restored` and `held_chains`.
+Threads and locks. vCPU threads touch the registers; worker threads serve the queues (one
+per queue group, `worker_groups()`). Two kinds of lock keep them apart without making a
+vCPU wait for device I/O:
+
+- `lock`, the register lock: status, features, queue set-up, config space. Held briefly by
+  a vCPU's register access, never across I/O.
+- `serve_locks[g]`: held by group g's worker while it serves a chain or a host event (disk
+  I/O, tap and socket I/O happen here, outside `lock`). A status change takes every serve
+  lock first (so a reset waits for the chain in progress on each queue, at most one, and a
+  worker never sees a half-reset device), then `lock`. A worker may take `lock` while it
+  holds its serve lock (device_error); never the other way round.
+
+A subclass sets DEVICE_ID, `queue_sizes`, `features` and implements `process_queue(index,
+budget)` (runs on the queue's worker, holding its serve lock) and optionally `config_bytes`,
+`config_write`, `activate`, `reset_device`, `worker_groups`, and for snapshots `quiesce`,
+`save_device`, `check_device_state`, `restore_device`, `restored` and `held_chains`.
 
 Snapshots (docs/snapshot.md): `save()` returns the device's state as a `VirtioState`
 (status, features, config generation, every queue's registers and indexes, and the
@@ -25,16 +40,17 @@ saves its own registers (selectors, interrupt status) beside it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import selectors
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from kvmkit.devices.virtio.queue import QueueError, QueueState, SplitQueue
+from kvmkit.devices.virtio.queue import QueueArea, QueueError, QueueState, SplitQueue
 from kvmkit.errors import UserError
+from kvmkit.guestlog import ErrorRecord, GuestLog
 from kvmkit.memory import GuestMemory
 from kvmkit.snapshot.format import Fields, SnapshotError
 
@@ -57,6 +73,25 @@ VIRTIO_F_ACCESS_PLATFORM = 1 << 33
 # Interrupt causes (ISR status bits, §4.1.4.5 / §4.2.2 InterruptStatus)
 INT_VRING = 1
 INT_CONFIG = 2
+
+# The device status state machine (§2.1, §3.1.1). The driver sets the bits in this order,
+# each needing the ones before it (§3.1.1 steps 2-8; several may come in one write); a bit
+# set out of order is refused: FEATURES_OK reads back clear (the driver sees the failure,
+# §3.1.1 step 6), DRIVER_OK puts the device in NEEDS_RESET. FAILED (the driver gave up,
+# §2.1) needs nothing. The driver never clears a bit but by writing 0, a reset (§2.1.2 "The
+# driver MUST NOT clear a device status bit"; §2.4): a write without some set bit keeps it.
+# NEEDS_RESET is the device's alone (§2.1.2): the driver cannot set or clear it.
+STATUS_ORDER: tuple[tuple[int, int], ...] = (
+    (STATUS_ACKNOWLEDGE, 0),
+    (STATUS_DRIVER, STATUS_ACKNOWLEDGE),
+    (STATUS_FEATURES_OK, STATUS_ACKNOWLEDGE | STATUS_DRIVER),
+    (STATUS_DRIVER_OK, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK),
+    (STATUS_FAILED, 0),
+)
+
+# Chains one pass over a queue may take before its worker serves its other fds (and parks,
+# if a pause is asked for); the queue's eventfd is written again so the next pass comes.
+QUEUE_BUDGET = 64
 
 
 # Version of the plain data `VirtioDevice.save()` returns; restore refuses any other.
@@ -144,9 +179,37 @@ class VirtioState:
         return state
 
 
+class Budget:
+    """How much one pass over a queue may do: `grant(n)` gives up to n chains until
+    QUEUE_BUDGET were given, or nothing once `halt()` says stop (a pause or the worker's
+    stop was asked for, the device left the live state). `cut` tells the worker that the
+    pass ended early, so the queue still has work: it comes back to it."""
+
+    __slots__ = ("_halt", "cut", "left")
+
+    def __init__(self, chains: int = QUEUE_BUDGET,
+                 halt: Callable[[], bool] | None = None) -> None:  # fmt: skip
+        self.left = chains
+        self.cut = False
+        self._halt = halt
+
+    def grant(self, want: int = 1) -> int:
+        if self.left <= 0 or (self._halt is not None and self._halt()):
+            self.cut = True
+            return 0
+        n = min(want, self.left)
+        self.left -= n
+        return n
+
+    def take(self) -> bool:
+        """One more chain?"""
+        return self.grant(1) == 1
+
+
 class FdWatcher(Protocol):
-    """How a device has host file descriptors of its own (a tap, Unix sockets) watched by the
-    worker thread; `callback(events)` then runs there, like `process_queue`."""
+    """How a device has host file descriptors of its own (a tap, Unix sockets) watched by a
+    worker thread (the worker of the device's `HOST_GROUP`); `callback(events)` then runs
+    there, under that group's serve lock, like `process_queue`."""
 
     def watch(self, device: VirtioDevice, fd: int, events: int,
               callback: Callable[[int], None]) -> None:  # fmt: skip
@@ -159,6 +222,8 @@ class FdWatcher(Protocol):
 
 class VirtioDevice:
     DEVICE_ID: ClassVar[int] = 0
+    # The queue group whose worker watches the device's host fds (see `worker_groups`).
+    HOST_GROUP: ClassVar[int] = 0
 
     def __init__(self, name: str, queue_sizes: list[int], features: int) -> None:
         self.name = name
@@ -174,15 +239,27 @@ class VirtioDevice:
         self.mem: GuestMemory | None = None
         self.interrupt: Interrupt | None = None
         self.activated = False
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # the register lock (module docstring)
+        groups = self.worker_groups()
+        if sorted(i for g in groups for i in g) != list(range(len(queue_sizes))):
+            raise ValueError(f"virtio {name}: worker groups {groups} do not cover the queues")
+        self.serve_locks = [threading.Lock() for _ in groups]
         # One eventfd per queue: the transport registers it as an ioeventfd on its notify
         # register (or writes it itself when there is no VM, e.g. in tests).
         self.notify_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in queue_sizes]
-        self.errors: list[str] = []
-        # Set by `VirtioWorker.add`: devices with host fds of their own watch them here.
+        # Bounded: a guest can make a device fail over and over (kvmkit.guestlog).
+        self.errors = ErrorRecord()
+        self.glog = GuestLog(log)
+        # Set by `VirtioWorkers.add`: devices with host fds of their own watch them here.
         self.watcher: FdWatcher | None = None
 
     # -- hooks for subclasses
+    def worker_groups(self) -> list[list[int]]:
+        """Which queues share a worker thread: by default each queue has its own, so a busy
+        queue never delays another and the queues of one device run in parallel. A device
+        whose queues share state (vsock's connections) puts them in one group."""
+        return [[i] for i in range(len(self.queues))]
+
     def config_bytes(self) -> bytes:
         """The device-specific configuration space, little-endian (§2.5)."""
         return b""
@@ -191,17 +268,19 @@ class VirtioDevice:
         """A driver write to the configuration space (ignored unless overridden)."""
 
     def activate(self) -> None:
-        """Called once at DRIVER_OK, the queues validated (and by `restored`)."""
+        """Called once at DRIVER_OK, the queues validated (and by `restored`). An OSError
+        (a host resource gone: the tap was deleted) puts the device in NEEDS_RESET."""
 
-    def process_queue(self, index: int) -> None:
-        """Take and complete the available chains of queue `index` (worker thread)."""
+    def process_queue(self, index: int, budget: Budget) -> None:
+        """Take and complete available chains of queue `index` while `budget.grant()` allows
+        (worker thread, holding the queue's serve lock, not the register lock)."""
         raise NotImplementedError
 
     def reset_device(self) -> None:
-        """Device-specific part of a reset (§2.4)."""
+        """Device-specific part of a reset (§2.4); every serve lock is held."""
 
     def quiesce(self) -> None:
-        """The VM is pausing and the worker is parked: make what the device did durable
+        """The VM is pausing and the workers are parked: make what the device did durable
         (virtio-blk: fdatasync of its image)."""
 
     def save_device(self) -> dict[str, Any]:
@@ -230,9 +309,14 @@ class VirtioDevice:
         device takes them again instead of losing them with this process."""
         return {}
 
+    def stop_host_io(self) -> None:
+        """Stop watching host fds (the device left the live state: NEEDS_RESET, reset).
+        A level-triggered fd left watched would wake the worker in a loop. Called with the
+        host group's serve lock held (by its worker, or by a reset that holds them all)."""
+
     # -- snapshots
     def save(self) -> VirtioState:
-        """The device's state. Call with the worker paused (no chain in progress): then the
+        """The device's state. Call with the workers paused (no chain in progress): then the
         queues' indexes match the rings in guest memory."""
         with self.lock:
             held = self.held_chains()
@@ -286,7 +370,7 @@ class VirtioDevice:
                 except QueueError as err:
                     raise SnapshotError(f"snapshot state: {path}.queues[{i}]: {err}") from None
         self.check_device_state(st.device, f"{path}.device")
-        with self.lock:
+        with self._serving(), self.lock:
             self.restore_device(st.device, f"{path}.device")
             for q, qs in zip(self.queues, st.queues, strict=True):
                 q.restore(qs)
@@ -309,11 +393,7 @@ class VirtioDevice:
             if q.ready:
                 os.eventfd_write(fd, 1)
 
-    def stop_host_io(self) -> None:
-        """Stop watching host fds (the device left the live state: NEEDS_RESET, reset).
-        A level-triggered fd left watched would wake the worker in a loop."""
-
-    # -- used by transports
+    # -- used by transports (vCPU threads)
     def has_feature(self, bit: int) -> bool:
         return bool(self.driver_features & bit)
 
@@ -325,33 +405,83 @@ class VirtioDevice:
 
     def write_driver_features(self, select: int, value: int) -> None:
         """§3.1.1 step 5: features may only be written before FEATURES_OK."""
-        if self.status & STATUS_FEATURES_OK or select > 1:
-            return
-        shift = 32 * select
-        mask = 0xFFFFFFFF << shift
-        self.driver_features = (self.driver_features & ~mask) | ((value << shift) & mask)
+        with self.lock:
+            if self.status & STATUS_FEATURES_OK or select > 1:
+                return
+            shift = 32 * select
+            mask = 0xFFFFFFFF << shift
+            self.driver_features = (self.driver_features & ~mask) | ((value << shift) & mask)
+
+    def queue_set_size(self, index: int, value: int) -> None:
+        """virtio-mmio QueueNum / virtio-pci queue_size for queue `index` (ignored for a
+        queue the device does not have or one that is ready, §4.2.2.3, §4.1.4.3.2)."""
+        with self.lock:
+            if 0 <= index < len(self.queues):
+                self.queues[index].set_size(value)
+
+    def queue_set_address(self, index: int, area: QueueArea, value: int, *, shift: int = 0,
+                          width: int = 64) -> None:  # fmt: skip
+        """A queue area's address, whole or one 32-bit half (SplitQueue.set_address)."""
+        with self.lock:
+            if 0 <= index < len(self.queues):
+                self.queues[index].set_address(area, value, shift=shift, width=width)
+
+    def queue_set_ready(self, index: int, ready: bool) -> None:
+        """QueueReady / queue_enable. Enabling a queue of a live device checks its layout
+        first (§2.7): a bad one is a device error (NEEDS_RESET), and the queue stays off."""
+        with self.lock:
+            if not 0 <= index < len(self.queues):
+                return
+            q = self.queues[index]
+            if not ready:
+                q.disable()
+                return
+            try:
+                q.enable(self.mem if self.activated else None)
+            except QueueError as err:
+                self.device_error(f"queue {index}: {err}")
 
     def set_status(self, value: int) -> None:
-        with self.lock:
-            value &= 0xFF
-            if value == 0:
-                self.reset()
-                return
-            old = self.status
-            if value & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
-                # §3.1.1 step 6: the device refuses features it did not offer, and a modern
-                # transport needs VIRTIO_F_VERSION_1 (§6.1): FEATURES_OK then reads back 0.
-                accepted = self.driver_features & ~self.device_features == 0
-                if not accepted or not self.has_feature(VIRTIO_F_VERSION_1):
-                    value &= ~STATUS_FEATURES_OK
-            # NEEDS_RESET is set by the device only; the driver cannot clear it but by reset.
-            self.status = (value & ~STATUS_NEEDS_RESET) | (old & STATUS_NEEDS_RESET)
-            if value & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK:
-                self._activate()
+        """A driver write of the device status (§2.1), through `STATUS_ORDER`."""
+        value &= 0xFF
+        if value == 0:
+            self.reset()
+            return
+        with self._serving(), self.lock:
+            status = self.status
+            for bit, needs in STATUS_ORDER:
+                if not value & bit or status & bit:
+                    continue
+                if status & needs != needs:
+                    if bit == STATUS_DRIVER_OK:
+                        self.status = status
+                        self.device_error("DRIVER_OK without FEATURES_OK")
+                        status = self.status
+                    continue  # refused: the bit stays clear
+                if bit == STATUS_FEATURES_OK and not self._features_acceptable():
+                    continue
+                status |= bit
+                if bit == STATUS_DRIVER_OK:
+                    self.status = status
+                    self._activate()
+                    status = self.status
+            self.status = status
+
+    def _features_acceptable(self) -> bool:
+        """§3.1.1 step 6: the device refuses features it did not offer, and a modern
+        transport needs VIRTIO_F_VERSION_1 (§6.1): FEATURES_OK then reads back 0."""
+        return (
+            self.driver_features & ~self.device_features == 0
+            and self.has_feature(VIRTIO_F_VERSION_1)
+        )
 
     def _activate(self) -> None:
-        if self.mem is None or not self.status & STATUS_FEATURES_OK:
-            self.device_error("DRIVER_OK without FEATURES_OK")
+        """DRIVER_OK (every serve lock and the register lock held): check the ready queues'
+        layout, take up the host side (`activate`), then serve. A layout error or a host
+        error (OSError: a tap that vanished refuses TUNSETOFFLOAD) is not the end of the
+        VM: the device enters NEEDS_RESET with a configuration change interrupt (§2.1.2)."""
+        if self.mem is None:
+            self.device_error("DRIVER_OK before the device has guest memory")
             return
         try:
             for q in self.queues:
@@ -362,58 +492,71 @@ class VirtioDevice:
         except QueueError as err:
             self.device_error(str(err))
             return
+        try:
+            self.activate()
+        except OSError as err:
+            self.stop_host_io()
+            self.device_error(f"activation: {err.strerror or err}")
+            return
         self.activated = True
-        self.activate()
         # Chains the driver queued before DRIVER_OK (allowed for some devices) get served.
         for fd in self.notify_fds:
             os.eventfd_write(fd, 1)
 
     def reset(self) -> None:
-        """§2.4: back to the initial state; the driver reads status 0 when it completed."""
+        """§2.4: back to the initial state; the driver reads status 0 when it completed. The
+        workers stop after the chain each is serving (`activated` goes first), then the reset
+        happens with all of them out of the device."""
         with self.lock:
+            self.activated = False
+        with self._serving(), self.lock:
+            self.stop_host_io()
             self.status = 0
             self.driver_features = 0
-            self.activated = False
             for q in self.queues:
                 q.reset()
             self.reset_device()
 
+    @contextlib.contextmanager
+    def _serving(self) -> Iterator[None]:
+        """Every serve lock, in order: no worker is inside the device meanwhile."""
+        with contextlib.ExitStack() as stack:
+            for lock in self.serve_locks:
+                stack.enter_context(lock)
+            yield
+
     def device_error(self, message: str) -> None:
         """§2.1.2: the device entered an error state; set NEEDS_RESET and, when DRIVER_OK
-        is set, tell the driver with a configuration change notification."""
-        log.warning("virtio %s: %s: needs reset", self.name, message)
-        self.errors.append(message)
+        is set, tell the driver with a configuration change notification. The device stops
+        serving; its host fds are let go by their worker (`host_event`) or the reset."""
+        self.glog.warning("virtio %s: %s: needs reset", self.name, message)
         with self.lock:
+            self.errors.append(message)
             self.activated = False
-            self.stop_host_io()
             self.status |= STATUS_NEEDS_RESET
             if self.status & STATUS_DRIVER_OK and self.interrupt is not None:
                 self.interrupt.signal(INT_CONFIG)
 
-    def notified(self, index: int) -> None:
-        """The worker saw the queue's notify eventfd: serve the queue."""
-        with self.lock:
-            if not self.activated or self.mem is None:
-                return
-            queue = self.queues[index]
-            if not queue.ready:
-                return
-            try:
-                self.process_queue(index)
-            except QueueError as err:
-                self.device_error(f"queue {index}: {err}")
+    # -- used by the worker threads (kvmkit.devices.virtio.worker)
+    def serve_queue(self, index: int, budget: Budget) -> None:
+        """The queue's notify eventfd fired: serve it (its worker, serve lock held)."""
+        if not self.activated or self.mem is None or not self.queues[index].ready:
+            return
+        try:
+            self.process_queue(index, budget)
+        except QueueError as err:
+            self.device_error(f"queue {index}: {err}")
 
     def host_event(self, callback: Callable[[int], None], events: int) -> None:
-        """The worker saw a watched host fd ready: run the device's callback under the
-        device lock, only while the device is live."""
-        with self.lock:
-            if not self.activated or self.mem is None:
-                self.stop_host_io()
-                return
-            try:
-                callback(events)
-            except QueueError as err:
-                self.device_error(f"host event: {err}")
+        """A watched host fd is ready: run the device's callback (host group's worker,
+        serve lock held) while the device is live; otherwise let the host fds go."""
+        if not self.activated or self.mem is None:
+            self.stop_host_io()
+            return
+        try:
+            callback(events)
+        except QueueError as err:
+            self.device_error(f"host event: {err}")
 
     def complete(self, index: int, head: int, written: int) -> None:
         """Helper for process_queue: return a chain; interrupt if the driver wants one."""
@@ -426,172 +569,44 @@ class VirtioDevice:
         if self.queues[index].needs_interrupt(self.mem) and self.interrupt is not None:
             self.interrupt.signal(INT_VRING, index)
 
+    # -- diagnostics
+    def describe_device(self) -> str:
+        """One line of the subclass's own state for `describe` (empty: nothing to add)."""
+        return ""
+
+    def describe(self) -> list[str]:
+        """The device's state as lines of text, for a stalled VM (`kvmkit run` prints it on
+        SIGUSR1): status, each queue's indexes beside what the guest's rings say. Reads
+        without locks: a snapshot that may be a moment inconsistent, never blocking."""
+        lines = [
+            f"virtio {self.name} (device {self.DEVICE_ID}): status {self.status:#x}"
+            f"{' live' if self.activated else ''}, features {self.driver_features:#x}, "
+            f"errors {self.errors.count}{': ' + self.errors[-1] if self.errors else ''}"
+        ]
+        mem = self.mem
+        for i, q in enumerate(self.queues):
+            guest = ""
+            if q.ready and mem is not None:
+                try:
+                    guest = (
+                        f" | guest avail.idx {mem.read_u16(q.avail_addr + 2)} "
+                        f"flags {mem.read_u16(q.avail_addr)} used.idx "
+                        f"{mem.read_u16(q.used_addr + 2)} used_event "
+                        f"{mem.read_u16(q.avail_addr + 4 + 2 * q.size)} avail_event "
+                        f"{mem.read_u16(q.used_addr + 4 + 8 * q.size)}"
+                    )
+                except Exception as err:  # a ring the guest placed badly
+                    guest = f" | rings unreadable: {err}"
+            lines.append(
+                f"  q{i}: {'ready' if q.ready else 'off'} size {q.size} last_avail "
+                f"{q.last_avail} next_used {q.next_used}{guest}"
+            )
+        extra = self.describe_device()
+        if extra:
+            lines.append(f"  {extra}")
+        return lines
+
     def close(self) -> None:
         for fd in self.notify_fds:
             os.close(fd)
         self.notify_fds = []
-
-
-class VirtioWorker:
-    """The event loop that serves every virtio device: one thread waiting on the queues'
-    notify eventfds and on the host fds devices watch (`FdWatcher`), so device work never
-    runs on a vCPU thread."""
-
-    def __init__(self) -> None:
-        self._sel = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
-        self._thread: threading.Thread | None = None
-        self._stop = False
-        # Devices call watch/unwatch from the worker thread (inside callbacks) and from
-        # vCPU threads (activate/reset through a register write): the selector's table is
-        # changed under this lock; epoll itself takes changes while another thread waits.
-        self._sel_lock = threading.Lock()
-        # Pausing (snapshots): the thread parks between requests, never inside a chain.
-        self._cond = threading.Condition()
-        self._pause_requested = False
-        self._parked = False
-
-    @property
-    def paused(self) -> bool:
-        """Parked (or not running): no device code runs until `resume()`."""
-        with self._cond:
-            thread = self._thread
-            return self._parked or thread is None or not thread.is_alive()
-
-    def pause(self, timeout: float = 10.0) -> bool:
-        """Ask the thread to park after the request it is serving; wait until it did.
-        Notifications arriving meanwhile stay counted in their eventfds."""
-        with self._cond:
-            self._pause_requested = True
-        os.write(self._wake_w, b"p")
-        with self._cond:
-            return self._cond.wait_for(
-                lambda: self._parked or self._thread is None or not self._thread.is_alive(),
-                timeout,
-            )
-
-    def resume(self) -> None:
-        with self._cond:
-            self._pause_requested = False
-            self._cond.notify_all()
-
-    def _park_if_asked(self) -> None:
-        with self._cond:
-            if not self._pause_requested:
-                return
-            self._parked = True
-            self._cond.notify_all()
-            while self._pause_requested and not self._stop:
-                self._cond.wait()
-            self._parked = False
-
-    def add(self, device: VirtioDevice) -> None:
-        for index, fd in enumerate(device.notify_fds):
-            self._sel.register(fd, selectors.EVENT_READ, _Watch(device, None, index))
-        device.watcher = self
-
-    # -- FdWatcher
-    def watch(self, device: VirtioDevice, fd: int, events: int,
-              callback: Callable[[int], None]) -> None:  # fmt: skip
-        data = _Watch(device, callback, -1)
-        with self._sel_lock:
-            try:
-                self._sel.modify(fd, events, data)
-            except KeyError:
-                self._sel.register(fd, events, data)
-
-    def unwatch(self, fd: int) -> None:
-        with self._sel_lock:
-            try:
-                self._sel.unregister(fd)
-            except (KeyError, ValueError):
-                pass
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="virtio", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop:
-            self._park_if_asked()
-            for key, events in self._sel.select():
-                data = key.data
-                if data is None:
-                    _drain(self._wake_r)
-                    continue
-                if self._pause_requested or self._stop:
-                    break  # park first; the fd stays readable and is served after
-                if data.callback is None:
-                    try:
-                        os.eventfd_read(key.fd)
-                    except BlockingIOError:
-                        continue
-                    except OSError:
-                        # The device was closed under the worker (its eventfds are gone):
-                        # forget the fd rather than let the thread die with EBADF.
-                        self.unwatch(key.fd)
-                        continue
-                    _run_guarded(data.device, data.index)
-                    continue
-                # A callback earlier in this batch may have unwatched (and closed) this fd,
-                # or watched a new fd under the same number: only a current watch runs.
-                with self._sel_lock:
-                    current = self._sel.get_map().get(key.fd)
-                if current is None or current.data is not data:
-                    continue
-                _run_host_guarded(data.device, data.callback, events)
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        os.write(self._wake_w, b"x")
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-    def close(self) -> None:
-        self.stop()
-        self._sel.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-
-class _Watch:
-    """What the selector holds per fd: a queue's notify eventfd (`callback` None) or a
-    device's host fd with its callback."""
-
-    __slots__ = ("callback", "device", "index")
-
-    def __init__(self, device: VirtioDevice, callback: Callable[[int], None] | None,
-                 index: int) -> None:  # fmt: skip
-        self.device = device
-        self.callback = callback
-        self.index = index
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 64):
-            pass
-    except BlockingIOError:
-        pass
-
-
-def _run_guarded(device: VirtioDevice, index: int) -> None:
-    """A bug in a device must not take the worker (and every other device) down."""
-    try:
-        device.notified(index)
-    except Exception as err:
-        log.exception("virtio %s: device error", device.name)
-        device.device_error(f"internal error: {err!r}")
-
-
-def _run_host_guarded(device: VirtioDevice, callback: Callable[[int], None], events: int) -> None:
-    try:
-        device.host_event(callback, events)
-    except Exception as err:
-        log.exception("virtio %s: device error", device.name)
-        device.device_error(f"internal error: {err!r}")

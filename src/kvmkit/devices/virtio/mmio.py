@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from kvmkit.devices.irq import IrqLine
 from kvmkit.devices.virtio.device import INT_CONFIG, INT_VRING, VirtioDevice
-from kvmkit.devices.virtio.queue import QueueError, SplitQueue
+from kvmkit.devices.virtio.queue import QueueArea
 from kvmkit.kvm.vm import Vm
 from kvmkit.memory import GuestMemory
 from kvmkit.snapshot.format import Fields, SnapshotError
@@ -212,48 +212,32 @@ class VirtioMmio:
                     self._isr = 0
                 self._queue_sel = self._features_sel = self._driver_features_sel = 0
             return
-        with dev.lock:
-            if offset == DEVICE_FEATURES_SEL:
-                self._features_sel = value
-            elif offset == DRIVER_FEATURES_SEL:
-                self._driver_features_sel = value
-            elif offset == DRIVER_FEATURES:
-                dev.write_driver_features(self._driver_features_sel, value)
-            elif offset == QUEUE_SEL:
-                self._queue_sel = value
-            elif self._queue_sel < len(dev.queues):
-                self._write_queue(dev.queues[self._queue_sel], offset, value)
+        if offset in _QUEUE_AREAS:
+            area, shift = _QUEUE_AREAS[offset]
+            dev.queue_set_address(self._queue_sel, area, value, shift=shift, width=32)
+        elif offset == QUEUE_NUM:
+            dev.queue_set_size(self._queue_sel, value)
+        elif offset == QUEUE_READY:
+            # §4.2.2: 1 makes the queue live, 0 stops it (the driver's way to stop using it)
+            dev.queue_set_ready(self._queue_sel, bool(value & 1))
+        elif offset == DRIVER_FEATURES:
+            dev.write_driver_features(self._driver_features_sel, value)
+        else:
+            with dev.lock:
+                if offset == DEVICE_FEATURES_SEL:
+                    self._features_sel = value
+                elif offset == DRIVER_FEATURES_SEL:
+                    self._driver_features_sel = value
+                elif offset == QUEUE_SEL:
+                    self._queue_sel = value
 
-    def _write_queue(self, q: SplitQueue, offset: int, value: int) -> None:
-        # §4.2.2.3: queue registers may only change while QueueReady is 0; the device
-        # ignores writes to a live queue (a driver must reset or un-ready it first).
-        if offset == QUEUE_READY:
-            if value & 1 and not q.ready:
-                q.ready = True
-                if self.device.activated and self.device.mem is not None:
-                    try:
-                        q.validate(self.device.mem)
-                    except QueueError as err:
-                        self.device.device_error(str(err))
-            elif not value & 1:
-                q.ready = False
-            return
-        if q.ready:
-            return
-        if offset == QUEUE_NUM:
-            q.size = value
-        elif offset == QUEUE_DESC_LOW:
-            q.desc_addr = (q.desc_addr & ~0xFFFFFFFF) | value
-        elif offset == QUEUE_DESC_HIGH:
-            q.desc_addr = (q.desc_addr & 0xFFFFFFFF) | (value << 32)
-        elif offset == QUEUE_DRIVER_LOW:
-            q.avail_addr = (q.avail_addr & ~0xFFFFFFFF) | value
-        elif offset == QUEUE_DRIVER_HIGH:
-            q.avail_addr = (q.avail_addr & 0xFFFFFFFF) | (value << 32)
-        elif offset == QUEUE_DEVICE_LOW:
-            q.used_addr = (q.used_addr & ~0xFFFFFFFF) | value
-        elif offset == QUEUE_DEVICE_HIGH:
-            q.used_addr = (q.used_addr & 0xFFFFFFFF) | (value << 32)
+
+# The queue address registers (§4.2.2): area, and which half of its 64-bit address.
+_QUEUE_AREAS = {
+    QUEUE_DESC_LOW: (QueueArea.DESC, 0), QUEUE_DESC_HIGH: (QueueArea.DESC, 32),
+    QUEUE_DRIVER_LOW: (QueueArea.DRIVER, 0), QUEUE_DRIVER_HIGH: (QueueArea.DRIVER, 32),
+    QUEUE_DEVICE_LOW: (QueueArea.DEVICE, 0), QUEUE_DEVICE_HIGH: (QueueArea.DEVICE, 32),
+}  # fmt: skip
 
 
 def cmdline_entry(base: int, irq: int) -> str:

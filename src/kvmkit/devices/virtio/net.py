@@ -31,8 +31,9 @@ from typing import Any
 
 from kvmkit.abi import tun
 from kvmkit.devices.virtio import iov
-from kvmkit.devices.virtio.device import VirtioDevice
+from kvmkit.devices.virtio.device import Budget, VirtioDevice
 from kvmkit.devices.virtio.queue import DescriptorChain, QueueError
+from kvmkit.guestlog import GuestLog
 from kvmkit.snapshot.format import Fields, SnapshotError
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ class VirtioNet(VirtioDevice):
         # MRG_RXBUF needs nothing from the tap: kvmkit spreads a frame over the buffers.
         features |= VIRTIO_NET_F_MRG_RXBUF
         super().__init__(name, [QUEUE_SIZE, QUEUE_SIZE], features)
+        self.glog = GuestLog(log)  # this module's logger, rate-limited
         # rx chains taken from the ring and not used yet, oldest first (a frame that needs
         # more mergeable buffers than the guest has posted so far).
         self._rx_held: list[DescriptorChain] = []
@@ -279,6 +281,12 @@ class VirtioNet(VirtioDevice):
             raise SnapshotError(f"snapshot state: {path}: MAC {f.obj['mac']} was restored as "
                                 f"{format_mac(self.mac)}")  # fmt: skip
 
+    def describe_device(self) -> str:
+        return (f"tap {self.tap_name}: {'watched' if self._tap_watched else 'not watched'}"
+                f"{', failed' if self._tap_failed else ''}; frame waiting {self._pending} B; "
+                f"rx held {len(self._rx_held)}; rx {self.rx_frames} frames "
+                f"({self.rx_dropped} dropped), tx {self.tx_frames} ({self.tx_dropped} dropped)")
+
     def held_chains(self) -> dict[int, int]:
         # A frame read but not delivered is not saved: like a frame on the wire, it is lost
         # with this process (TCP sends it again).
@@ -306,18 +314,18 @@ class VirtioNet(VirtioDevice):
             self.watcher.unwatch(self.tap_fd)
         self._tap_watched = on
 
-    def process_queue(self, index: int) -> None:
+    def process_queue(self, index: int, budget: Budget) -> None:
         if index == TX:
-            self._process_tx()
+            self._process_tx(budget)
         else:
             self._fill_rx()  # new rx buffers: frames waiting in the tap can come in
 
-    # -- TX
-    def _process_tx(self) -> None:
+    # -- TX (its own worker thread)
+    def _process_tx(self, budget: Budget) -> None:
         assert self.mem is not None
         done = False
         queue, mem = self.queues[TX], self.mem
-        while chains := queue.pop_batch(mem, TX_BATCH):
+        while (n := budget.grant(TX_BATCH)) and (chains := queue.pop_batch(mem, n)):
             for chain in chains:
                 self._transmit(chain)
             # §5.1.6.2: transmit buffers are device-readable only; nothing is written.
@@ -332,7 +340,7 @@ class VirtioNet(VirtioDevice):
         # §5.1.6.2: each packet is the header followed by the frame; a packet shorter than
         # header + Ethernet header or longer than the largest frame is dropped.
         if not NET_HDR_SIZE + MIN_FRAME <= total <= NET_HDR_SIZE + MAX_FRAME:
-            log.debug("virtio %s: tx packet of %d bytes dropped", self.name, total)
+            self.glog.debug("virtio %s: tx packet of %d bytes dropped", self.name, total)
             self.tx_dropped += 1
             return
         first = chain.readable[0]
@@ -346,8 +354,8 @@ class VirtioNet(VirtioDevice):
         if (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not self.has_feature(VIRTIO_NET_F_CSUM)) or (
             gso_type & ~VIRTIO_NET_HDR_GSO_ECN not in self._tx_gso_ok
         ):
-            log.debug("virtio %s: tx header flags %#x gso %#x not negotiated", self.name, flags,
-                      gso_type)  # fmt: skip
+            self.glog.debug("virtio %s: tx header flags %#x gso %#x not negotiated", self.name,
+                            flags, gso_type)  # fmt: skip
             self.tx_dropped += 1
             return
         try:
@@ -355,13 +363,13 @@ class VirtioNet(VirtioDevice):
         except OSError as err:
             # EIO: the tap is down; EINVAL: a header the tap refuses; EAGAIN: its queue is
             # full. A NIC drops such frames too.
-            log.debug("virtio %s: tx: %s", self.name, err)
+            self.glog.debug("virtio %s: tx: %s", self.name, err)
             self.tx_dropped += 1
             return
         self.tx_frames += 1
         self.tx_bytes += total - NET_HDR_SIZE
 
-    # -- RX
+    # -- RX (its own worker thread, which also watches the tap: HOST_GROUP is RX's)
     def _tap_event(self, events: int) -> None:
         self._fill_rx()
 
@@ -383,7 +391,7 @@ class VirtioNet(VirtioDevice):
                 except OSError as err:
                     # Not a state a frame can cause (the frame buffer takes the largest):
                     # the tap is gone. Stop reading it rather than spin; tx goes on.
-                    log.warning("virtio %s: rx from tap %s: %s; rx stopped", self.name,
+                    self.glog.warning("virtio %s: rx from tap %s: %s; rx stopped", self.name,
                                 self.tap_name, err)  # fmt: skip
                     self._tap_failed = True
                     break

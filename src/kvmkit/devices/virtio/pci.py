@@ -38,7 +38,7 @@ from kvmkit.devices.pci.config import (
 from kvmkit.devices.pci.msix import MsiRouting, Msix, MsixState
 from kvmkit.devices.pci.root import PciFunction
 from kvmkit.devices.virtio.device import INT_CONFIG, INT_VRING, VirtioDevice
-from kvmkit.devices.virtio.queue import QueueError
+from kvmkit.devices.virtio.queue import QueueArea
 from kvmkit.memory import GuestMemory
 from kvmkit.snapshot.format import Fields, SnapshotError
 
@@ -101,6 +101,8 @@ QUEUE_DRIVER = 0x28
 QUEUE_DEVICE = 0x30
 QUEUE_NOTIFY_DATA = 0x38
 QUEUE_RESET = 0x3A
+_QUEUE_AREAS = {QUEUE_DESC: QueueArea.DESC, QUEUE_DRIVER: QueueArea.DRIVER,
+                QUEUE_DEVICE: QueueArea.DEVICE}  # fmt: skip
 _FIELDS = {
     DEVICE_FEATURE_SELECT: 4, DEVICE_FEATURE: 4, DRIVER_FEATURE_SELECT: 4,
     DRIVER_FEATURE: 4, CONFIG_MSIX_VECTOR: 2, NUM_QUEUES: 2, DEVICE_STATUS: 1,
@@ -277,7 +279,8 @@ class VirtioPci(PciFunction):
         except OSError as err:
             # Another function's BAR overlaps (the guest placed them so): KVM refuses the
             # duplicate; notifications still work through MMIO exits.
-            log.warning("virtio-pci %s: ioeventfd at %#x: %s", self.device.name, base, err)
+            self.device.glog.warning("virtio-pci %s: ioeventfd at %#x: %s", self.device.name, base,
+                                     err)  # fmt: skip
             for index, fd in enumerate(fds):
                 try:
                     vm.ioeventfd(fd, base + NOTIFY_OFFSET + 4 * index, 2, deassign=True)
@@ -403,12 +406,8 @@ class VirtioPci(PciFunction):
                 return int(q.ready)
             if field == QUEUE_NOTIFY_OFF:
                 return self.queue_select  # notify address = base + 4 * queue index
-            if field == QUEUE_DESC:
-                return q.desc_addr >> (8 * byte)
-            if field == QUEUE_DRIVER:
-                return q.avail_addr >> (8 * byte)
-            if field == QUEUE_DEVICE:
-                return q.used_addr >> (8 * byte)
+            if field in _QUEUE_AREAS:
+                return q.address(_QUEUE_AREAS[field]) >> (8 * byte)
             return 0  # queue_notify_data, queue_reset: features not offered
 
     def _valid_vector(self, vector: int) -> int:
@@ -427,55 +426,37 @@ class VirtioPci(PciFunction):
             if value & 0xFF == 0:
                 self._reset_transport()
             return
-        with dev.lock:
-            if field == DEVICE_FEATURE_SELECT:
-                self.device_feature_select = value
-            elif field == DRIVER_FEATURE_SELECT:
-                self.driver_feature_select = value
-            elif field == DRIVER_FEATURE:
-                dev.write_driver_features(self.driver_feature_select, value)
-            elif field == CONFIG_MSIX_VECTOR:
-                self.config_vector = self._valid_vector(value)
-            elif field == QUEUE_SELECT:
-                self.queue_select = value
-            elif self.queue_select < len(dev.queues):
-                self._queue_write(field, byte, length, value)
-            # read-only fields (device_feature, num_queues, ...) and writes for a queue
-            # that does not exist are ignored
-
-    def _queue_write(self, field: int, byte: int, length: int, value: int) -> None:
-        dev = self.device
-        index = self.queue_select
-        q = dev.queues[index]
-        if field == QUEUE_MSIX_VECTOR:
-            self.queue_vectors[index] = self._valid_vector(value)
+        if field == DRIVER_FEATURE:
+            dev.write_driver_features(self.driver_feature_select, value)
             return
-        if field == QUEUE_ENABLE:
+        index = self.queue_select
+        if field == QUEUE_SIZE:
+            # Checked when the queue goes live (power of two, <= the maximum: §2.7,
+            # §4.1.4.3.2).
+            dev.queue_set_size(index, value)
+        elif field == QUEUE_ENABLE:
             # §4.1.4.3.2: the driver MUST NOT write 0 to queue_enable (disabling is a reset
             # or queue_reset, not offered); a 0 is ignored.
-            if value == 1 and not q.ready:
-                q.ready = True
-                if dev.activated and dev.mem is not None:
-                    try:
-                        q.validate(dev.mem)
-                    except QueueError as err:
-                        dev.device_error(f"queue {index}: {err}")
-            return
-        if q.ready:
-            return  # §4.1.4.3.2: the queue's fields are fixed once it is enabled
-        if field == QUEUE_SIZE:
-            # Checked at enable/DRIVER_OK (power of two, <= the maximum: §2.7, §4.1.4.3.2).
-            q.size = value
-            return
-        # A 64-bit field: written whole, or as two dwords (§4.1.3.1), low or high half.
-        mask = (1 << 64) - 1 if length == 8 else 0xFFFFFFFF << (8 * byte)
-        bits = (value << (8 * byte)) & mask
-        if field == QUEUE_DESC:
-            q.desc_addr = (q.desc_addr & ~mask) | bits
-        elif field == QUEUE_DRIVER:
-            q.avail_addr = (q.avail_addr & ~mask) | bits
-        elif field == QUEUE_DEVICE:
-            q.used_addr = (q.used_addr & ~mask) | bits
+            if value == 1:
+                dev.queue_set_ready(index, True)
+        elif field in _QUEUE_AREAS:
+            # A 64-bit field: written whole, or as two dwords (§4.1.3.1), low or high half.
+            dev.queue_set_address(index, _QUEUE_AREAS[field], value, shift=8 * byte,
+                                  width=8 * length)  # fmt: skip
+        else:
+            with dev.lock:
+                if field == DEVICE_FEATURE_SELECT:
+                    self.device_feature_select = value
+                elif field == DRIVER_FEATURE_SELECT:
+                    self.driver_feature_select = value
+                elif field == CONFIG_MSIX_VECTOR:
+                    self.config_vector = self._valid_vector(value)
+                elif field == QUEUE_SELECT:
+                    self.queue_select = value
+                elif field == QUEUE_MSIX_VECTOR and index < len(dev.queues):
+                    self.queue_vectors[index] = self._valid_vector(value)
+            # read-only fields (device_feature, num_queues, ...) and writes for a queue
+            # that does not exist are ignored
 
     def _reset_transport(self) -> None:
         """§4.1.4.3 / §2.4: a reset (status 0) also forgets the vectors and selectors."""

@@ -19,6 +19,7 @@ writing avail_event then re-reading avail.idx) go through `full_fence()`.
 
 from __future__ import annotations
 
+import enum
 import logging
 import struct
 import threading
@@ -56,6 +57,14 @@ def full_fence() -> None:
     fence), so a store before this call is visible before any load after it."""
     with _fence_lock:
         pass
+
+
+class QueueArea(enum.Enum):
+    """The three parts of a split virtqueue whose guest addresses the driver sets (§2.7)."""
+
+    DESC = "descriptor table"
+    DRIVER = "driver area"  # the available ring
+    DEVICE = "device area"  # the used ring
 
 
 class QueueError(Exception):
@@ -140,6 +149,55 @@ class SplitQueue:
         self.event_idx, self.indirect = state.event_idx, state.indirect
         self.last_avail, self.next_used = state.last_avail, state.next_used
         self._signalled_used = state.signalled_used
+
+    # -- set-up by the driver, through a transport's queue registers (§4.1.4.3, §4.2.2)
+    def set_size(self, value: int) -> bool:
+        """The driver's queue size (virtio-mmio QueueNum, virtio-pci queue_size). Refused
+        (False) while the queue is ready: its layout is fixed then (§4.2.2.3, §4.1.4.3.2).
+        The value is checked when the queue goes live (`enable`, `validate`: a power of 2 up
+        to `max_size`, §2.7), so a driver that wrote a bad one learns it from NEEDS_RESET
+        rather than having the device use a ring size the driver did not lay out."""
+        if self.ready:
+            return False
+        self.size = value & 0xFFFFFFFF
+        return True
+
+    def set_address(self, area: QueueArea, value: int, *, shift: int = 0, width: int = 64) -> bool:
+        """Write `width` bits of one area's 64-bit guest address, at bit `shift`: the whole
+        address, or its low or high half (virtio-mmio's QueueDescLow/High ..., §4.2.2;
+        virtio-pci's 64-bit fields written as two dwords, §4.1.3.1). Refused (False) while the
+        queue is ready (§4.2.2.3, §4.1.4.3.2); alignment and placement are checked by
+        `validate` when the queue goes live."""
+        if self.ready or width not in (32, 64) or shift not in (0, 32) or shift + width > 64:
+            return False
+        mask = ((1 << width) - 1) << shift
+        bits = (value << shift) & mask
+        if area is QueueArea.DESC:
+            self.desc_addr = (self.desc_addr & ~mask) | bits
+        elif area is QueueArea.DRIVER:
+            self.avail_addr = (self.avail_addr & ~mask) | bits
+        else:
+            self.used_addr = (self.used_addr & ~mask) | bits
+        return True
+
+    def address(self, area: QueueArea) -> int:
+        if area is QueueArea.DESC:
+            return self.desc_addr
+        return self.avail_addr if area is QueueArea.DRIVER else self.used_addr
+
+    def enable(self, mem: GuestMemory | None) -> None:
+        """QueueReady / queue_enable = 1. With `mem` (the device is live, so the queue is
+        used at once) the layout is checked first: on QueueError the queue stays not ready.
+        Before DRIVER_OK (`mem` None) the check waits for activation."""
+        if self.ready:
+            return
+        if mem is not None:
+            self.validate(mem)
+        self.ready = True
+
+    def disable(self) -> None:
+        """virtio-mmio QueueReady = 0 (§4.2.2: the driver stops using the queue)."""
+        self.ready = False
 
     # -- activation checks
     def validate(self, mem: GuestMemory) -> None:

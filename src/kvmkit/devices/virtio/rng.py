@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from kvmkit.devices.virtio.device import VirtioDevice
+from kvmkit.devices.virtio.device import Budget, VirtioDevice
 
 VIRTIO_ID_RNG = 4
 QUEUE_SIZE = 256
@@ -20,11 +20,11 @@ class VirtioRng(VirtioDevice):
     def __init__(self, name: str = "rng") -> None:
         super().__init__(name, [QUEUE_SIZE], 0)
 
-    def process_queue(self, index: int) -> None:
+    def process_queue(self, index: int, budget: Budget) -> None:
         assert self.mem is not None
         queue = self.queues[index]
         done = False
-        while (chain := queue.pop(self.mem)) is not None:
+        while budget.take() and (chain := queue.pop(self.mem)) is not None:
             written = 0
             for buf in chain.writable:
                 n = min(buf.length, MAX_REQUEST - written)

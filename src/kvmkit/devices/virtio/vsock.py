@@ -1,4 +1,5 @@
-"""virtio-vsock (virtio 1.2 §5.10) with Firecracker's host side: Unix sockets.
+"""virtio-vsock (virtio 1.2 §5.10): the virtio side; the host side, Firecracker's Unix
+sockets, is `vsock_uds.UdsHost`.
 
 Queues (§5.10.2): 0 rx (device -> driver packets), 1 tx (driver -> device), 2 event. The
 configuration space is the guest's CID (§5.10.4). Every packet starts with a 44-byte header
@@ -19,10 +20,16 @@ restored device has none; it sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the eve
 its connected sockets (its listeners stay) before anything of a new connection reaches it.
 
 Bounded buffering: data the guest sends is written straight to the host socket; what the
-socket does not take waits in a per-connection buffer that the credit we gave the guest
-(`CONN_BUF_ALLOC`) bounds: a guest that sends beyond it is reset. Data from a host socket is
-read straight into guest rx buffers, only as much as the guest's credit allows and only while
-the guest has rx buffers available: otherwise the socket is not read.
+socket does not take waits in a per-connection buffer that the credit we gave the guest on
+that connection (its buf_alloc, §5.10.6.3) bounds: a guest that sends beyond it is reset.
+The credit of all connections together is capped too (`CREDIT_TOTAL`, 32 MiB): a new
+connection gets CONN_BUF_ALLOC (256 KiB) or what is left when that is less, and is refused
+(RST) when less than MIN_CONN_CREDIT is left; a closed connection gives its credit back.
+A connection's credit never shrinks (a sender computing its free space as buf_alloc minus
+the bytes in flight in unsigned arithmetic, as Linux does, would wrap below zero). So guest
+data held by kvmkit is at most CREDIT_TOTAL. Data from a host socket is read straight into
+guest rx buffers, only as much as the guest's credit allows and only while the guest has rx
+buffers available: otherwise the socket is not read.
 """
 
 from __future__ import annotations
@@ -39,8 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from kvmkit.devices.virtio import iov
-from kvmkit.devices.virtio.device import VirtioDevice
+from kvmkit.devices.virtio.device import Budget, VirtioDevice
 from kvmkit.devices.virtio.queue import Buffer, DescriptorChain, QueueError
+from kvmkit.devices.virtio.vsock_uds import UdsHost
+from kvmkit.guestlog import GuestLog
 from kvmkit.snapshot.format import Fields, SnapshotError
 
 log = logging.getLogger(__name__)
@@ -71,11 +80,11 @@ EVENT_STRUCT = struct.Struct("<I")
 VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0
 
 CONN_BUF_ALLOC = 256 * 1024  # the credit we give the guest per connection (§5.10.6.3)
+CREDIT_TOTAL = 32 << 20  # the credit of all connections together: guest data kvmkit may hold
+MIN_CONN_CREDIT = 16 * 1024  # a connection that would get less is refused
 MAX_PKT = 64 * 1024  # payload per packet either way (Linux: VIRTIO_VSOCK_MAX_PKT_BUF_SIZE)
 MAX_CONNS = 1024  # connections at once: a guest cannot open unbounded host sockets
 MAX_CONTROL = 1024  # control packets waiting for rx buffers; beyond, new ones are dropped
-MAX_PENDING_CLIENTS = 64  # host clients that have not finished their CONNECT line
-CONNECT_LINE_MAX = 32  # "CONNECT 4294967295\n" is 19 bytes
 FIRST_HOST_PORT = 1 << 30  # host ports handed to host-initiated connections (as Firecracker)
 
 
@@ -134,6 +143,7 @@ class _Conn:
     peer_port: int  # the guest's port
     sock: socket.socket
     state: str
+    buf_alloc: int  # the credit we give the guest on this connection (from the pool)
     # Our receive side (guest -> host): what we told the guest (§5.10.6.3).
     fwd_cnt: int = 0  # bytes the guest sent that reached the host socket (u32, wraps)
     last_fwd_cnt_sent: int = 0
@@ -156,31 +166,19 @@ class _Conn:
         return max(0, self.peer_buf_alloc - in_flight)
 
 
-@dataclass(eq=False)
-class _Client:
-    """A host client of the listening socket that has not sent its CONNECT line yet."""
-
-    sock: socket.socket
-    line: bytearray = field(default_factory=bytearray)
-
-
 class VirtioVsock(VirtioDevice):
     DEVICE_ID = VIRTIO_ID_VSOCK
 
     def __init__(self, cid: int, uds_path: str | Path, name: str = "vsock") -> None:
         super().__init__(name, [QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE], 0)
+        self.glog = GuestLog(log)  # this module's logger, rate-limited
         if not MIN_GUEST_CID <= cid <= MAX_GUEST_CID:
             raise ValueError(f"vsock cid {cid}: must be between 3 and {MAX_GUEST_CID}")
         self.cid = cid
-        self.uds_path = Path(uds_path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.listener.bind(os.fspath(self.uds_path))
-        st = os.stat(self.uds_path)
-        self._uds_id = (st.st_dev, st.st_ino)  # close() removes this file, not a newer one
-        self.listener.listen(16)
-        self.listener.setblocking(False)
+        self.host = UdsHost(uds_path)
+        self.uds_path = self.host.uds_path
         self.conns: dict[tuple[int, int], _Conn] = {}  # (local_port, peer_port)
-        self.clients: dict[int, _Client] = {}  # fd -> client
+        self.credit_free = CREDIT_TOTAL  # credit not given to any connection
         self._control: collections.deque[bytes] = collections.deque()  # headers to send
         self._ready: collections.deque[_Conn] = collections.deque()  # readable host sockets
         self._rx_held: DescriptorChain | None = None
@@ -195,15 +193,13 @@ class VirtioVsock(VirtioDevice):
         return struct.pack("<Q", self.cid)  # struct virtio_vsock_config (§5.10.4)
 
     def activate(self) -> None:
-        if self.watcher is not None:
-            self.watcher.watch(self, self.listener.fileno(), selectors.EVENT_READ, self._accept)
+        watcher = self.watcher
+        if watcher is not None:
+            self.host.start(functools.partial(watcher.watch, self), watcher.unwatch,
+                            self._host_connect)  # fmt: skip
 
     def stop_host_io(self) -> None:
-        if self.watcher is None:
-            return
-        self.watcher.unwatch(self.listener.fileno())
-        for client in self.clients.values():
-            self.watcher.unwatch(client.sock.fileno())
+        self.host.stop()
         for conn in self.conns.values():
             self._unwatch(conn)
 
@@ -212,10 +208,9 @@ class VirtioVsock(VirtioDevice):
         self.stop_host_io()
         for conn in list(self.conns.values()):
             conn.sock.close()
-        for client in self.clients.values():
-            client.sock.close()
+        self.host.close_clients()
         self.conns.clear()
-        self.clients.clear()
+        self.credit_free = CREDIT_TOTAL
         self._control.clear()
         self._ready.clear()
         self._rx_held = None
@@ -224,16 +219,7 @@ class VirtioVsock(VirtioDevice):
     def close(self) -> None:
         with self.lock:
             self.reset_device()
-            if self.listener.fileno() >= 0:
-                self.listener.close()
-                # Only our own socket file: a process restoring a snapshot of this VM may
-                # have put its own at the path already (it removes a stale one).
-                try:
-                    st = os.stat(self.uds_path)
-                    if (st.st_dev, st.st_ino) == self._uds_id:
-                        self.uds_path.unlink()
-                except OSError:
-                    pass
+            self.host.close()
         super().close()
 
     # -- snapshots: the guest CID and the next host port; no connection is saved
@@ -262,12 +248,23 @@ class VirtioVsock(VirtioDevice):
         if self.queues[EVENT].ready:
             self._reset = RESET_SEND
 
+    def describe_device(self) -> str:
+        pending = sum(len(c.pending) for c in self.conns.values())
+        return (f"{len(self.conns)} connections, {pending} B of guest data held, credit free "
+                f"{self.credit_free}; {len(self._control)} control packets waiting "
+                f"({self.dropped_control} dropped); {len(self.host.clients)} host clients")
+
     def held_chains(self) -> dict[int, int]:
         return {RX: 1} if self._rx_held is not None else {}
 
-    def process_queue(self, index: int) -> None:
+    def worker_groups(self) -> list[list[int]]:
+        # One worker for the three queues: they share the connections (a tx packet queues
+        # an rx answer; a host socket's data goes out on rx).
+        return [[RX, TX, EVENT]]
+
+    def process_queue(self, index: int, budget: Budget) -> None:
         if index == TX:
-            self._process_tx()
+            self._process_tx(budget)
         # An rx notification means new rx buffers: packets waiting for them can go now. An
         # event queue notification (new event buffers) may be the driver's answer to a
         # TRANSPORT_RESET, which _fill_rx waits for.
@@ -297,17 +294,17 @@ class VirtioVsock(VirtioDevice):
             self._reset = RESET_ACK
             queue.notify_on_next(self.mem)  # with EVENT_IDX the answer must notify too
             self.signal_used(EVENT)
-            log.info("virtio %s: transport reset sent", self.name)
+            self.glog.info("virtio %s: transport reset sent", self.name)
         if queue.pending(self.mem) <= self._reset_level:
             return False
         self._reset = None
         return True
 
     # -- guest -> host
-    def _process_tx(self) -> None:
+    def _process_tx(self, budget: Budget) -> None:
         assert self.mem is not None
         done = False
-        while (chain := self.queues[TX].pop(self.mem)) is not None:
+        while budget.take() and (chain := self.queues[TX].pop(self.mem)) is not None:
             self._handle_tx(chain)
             self.complete(TX, chain.head, 0)
             done = True
@@ -339,7 +336,7 @@ class VirtioVsock(VirtioDevice):
                         OP_CREDIT_UPDATE, OP_CREDIT_REQUEST):  # fmt: skip
             bad = f"unknown op {op}"
         if bad:
-            log.info("virtio %s: bad tx packet: %s", self.name, bad)
+            self.glog.info("virtio %s: bad tx packet: %s", self.name, bad)
             if op != OP_RST:  # §5.10.6.4: never answer a RST with a RST
                 self._send_rst_raw(dst_port, src_port, src_cid)
                 conn = self.conns.get((dst_port, src_port))
@@ -380,23 +377,36 @@ class VirtioVsock(VirtioDevice):
         if conn.sock.fileno() >= 0:
             self._update_watch(conn)
 
-    def _guest_connect(self, local_port: int, peer_port: int, buf_alloc: int, fwd_cnt: int) -> None:
-        """A guest REQUEST to host port `local_port`: connect to `<uds_path>_<port>`."""
+    def _take_credit(self) -> int:
+        """The credit for a new connection from the pool (module docstring); 0: refuse it."""
         if len(self.conns) >= MAX_CONNS:
+            return 0
+        credit = min(CONN_BUF_ALLOC, self.credit_free)
+        if credit < MIN_CONN_CREDIT:
+            return 0
+        self.credit_free -= credit
+        return credit
+
+    def _guest_connect(self, local_port: int, peer_port: int, buf_alloc: int, fwd_cnt: int) -> None:
+        """A guest REQUEST to host port `local_port`: connect to `<uds_path>_<port>`. Refused
+        (RST: the guest's connect fails with ECONNRESET, as when nobody listens) when
+        nothing listens there or the connection or credit limits are reached."""
+        credit = self._take_credit()
+        if not credit:
+            self.glog.info("virtio %s: guest connection to port %d refused: %d connections, "
+                           "%d bytes of credit left", self.name, local_port, len(self.conns),
+                           self.credit_free)  # fmt: skip
             self._send_rst_raw(local_port, peer_port, self.cid)
             return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.setblocking(False)
         try:
-            sock.connect(f"{self.uds_path}_{local_port}")
+            sock = self.host.connect(local_port)
         except OSError as err:
-            # Nothing listens there (ENOENT, ECONNREFUSED) or its backlog is full (EAGAIN):
-            # the guest's connect fails with ECONNRESET, as when nobody listens.
-            log.debug("virtio %s: connect %s_%d: %s", self.name, self.uds_path, local_port, err)
-            sock.close()
+            self.credit_free += credit
+            self.glog.debug("virtio %s: connect %s_%d: %s", self.name, self.uds_path, local_port,
+                            err)  # fmt: skip
             self._send_rst_raw(local_port, peer_port, self.cid)
             return
-        conn = _Conn(local_port, peer_port, sock, ESTABLISHED, peer_buf_alloc=buf_alloc,
+        conn = _Conn(local_port, peer_port, sock, ESTABLISHED, credit, peer_buf_alloc=buf_alloc,
                      peer_fwd_cnt=fwd_cnt)  # fmt: skip
         self.conns[(local_port, peer_port)] = conn
         self._queue_packet(conn, OP_RESPONSE)
@@ -411,15 +421,8 @@ class VirtioVsock(VirtioDevice):
         if conn.early_data:
             conn.readable = True
             self._ready.append(conn)
-        line = f"OK {conn.local_port}\n".encode()
-        try:
-            sent = conn.sock.send(line)
-        except OSError:
-            sent = -1
-        # A fresh socket's send buffer takes a few bytes: anything else means the client
-        # went away.
-        if sent != len(line):
-            self._close(conn, rst=True)
+        if not self.host.send_ok(conn.sock, conn.local_port):
+            self._close(conn, rst=True)  # the client went away
 
     def _guest_data(self, conn: _Conn, payload: list[Buffer], length: int) -> None:
         assert self.mem is not None
@@ -429,8 +432,9 @@ class VirtioVsock(VirtioDevice):
         # §5.10.6.3: the guest may send at most the credit we gave; what the host socket has
         # not taken yet must fit in it. More is a guest bug: reset the connection rather
         # than buffer without bound.
-        if len(conn.pending) + length > CONN_BUF_ALLOC:
-            log.info("virtio %s: port %d: guest exceeded its credit", self.name, conn.peer_port)
+        if len(conn.pending) + length > conn.buf_alloc:
+            self.glog.info("virtio %s: port %d: guest exceeded its credit", self.name,
+                           conn.peer_port)  # fmt: skip
             self._close(conn, rst=True)
             return
         views = iov.views(self.mem, payload)
@@ -478,67 +482,23 @@ class VirtioVsock(VirtioDevice):
     def _credit_check(self, conn: _Conn) -> None:
         """Tell the guest about freed buffer space when it matters (§5.10.6.3): once half of
         the credit was freed since the last report, so a sender never waits for long."""
-        if (conn.fwd_cnt - conn.last_fwd_cnt_sent) & 0xFFFFFFFF >= CONN_BUF_ALLOC // 2:
+        if (conn.fwd_cnt - conn.last_fwd_cnt_sent) & 0xFFFFFFFF >= conn.buf_alloc // 2:
             self._queue_packet(conn, OP_CREDIT_UPDATE)
 
     # -- host -> guest
-    def _accept(self, events: int) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as err:
-                log.warning("virtio %s: accept: %s", self.name, err)
-                return
-            if len(self.clients) >= MAX_PENDING_CLIENTS:
-                sock.close()
-                continue
-            sock.setblocking(False)
-            client = _Client(sock)
-            self.clients[sock.fileno()] = client
-            assert self.watcher is not None
-            self.watcher.watch(
-                self,
-                sock.fileno(),
-                selectors.EVENT_READ,
-                functools.partial(self._client_line, client),
-            )
-
-    def _client_line(self, client: _Client, events: int) -> None:
-        """Read the host client's `CONNECT <port>\\n` (it may come in pieces). The line is
-        peeked first so that data the client sent right after it stays in the socket."""
-        try:
-            peek = client.sock.recv(CONNECT_LINE_MAX - len(client.line), socket.MSG_PEEK)
-            end = peek.find(b"\n")
-            data = client.sock.recv(end + 1 if end >= 0 else len(peek))
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        client.line += data
-        if data and b"\n" not in client.line and len(client.line) < CONNECT_LINE_MAX:
-            return
-        self._drop_client(client)
-        line, nl, _ = bytes(client.line).partition(b"\n")
-        words = line.split()
-        port = -1
-        if nl and len(words) == 2 and words[0] == b"CONNECT" and words[1].isdigit():
-            port = int(words[1])
-        if not 0 <= port <= 0xFFFFFFFF or len(self.conns) >= MAX_CONNS:
-            client.sock.close()
+    def _host_connect(self, sock: socket.socket, port: int) -> None:
+        """A host program's `CONNECT <port>` (UdsHost): ask the guest (REQUEST), or close
+        the socket at once when the connection or credit limits are reached."""
+        credit = self._take_credit()
+        if not credit:
+            sock.close()
             return
         local = self._alloc_port(port)
-        conn = _Conn(local, port, client.sock, CONNECTING)
+        conn = _Conn(local, port, sock, CONNECTING, credit)
         self.conns[(local, port)] = conn
         self._queue_packet(conn, OP_REQUEST)
         self._update_watch(conn)
         self._fill_rx()
-
-    def _drop_client(self, client: _Client) -> None:
-        assert self.watcher is not None
-        self.watcher.unwatch(client.sock.fileno())
-        self.clients.pop(client.sock.fileno(), None)
 
     def _alloc_port(self, peer_port: int) -> int:
         while (self._next_port, peer_port) in self.conns:
@@ -608,6 +568,8 @@ class VirtioVsock(VirtioDevice):
     def _close(self, conn: _Conn, *, rst: bool = False) -> None:
         if self.conns.get((conn.local_port, conn.peer_port)) is conn:
             del self.conns[(conn.local_port, conn.peer_port)]
+            self.credit_free += conn.buf_alloc
+            conn.pending = bytearray()
         self._unwatch(conn)
         conn.sock.close()
         conn.readable = False
@@ -618,7 +580,7 @@ class VirtioVsock(VirtioDevice):
     def _header(self, conn: _Conn, op: int, length: int = 0, flags: int = 0) -> bytes:
         conn.last_fwd_cnt_sent = conn.fwd_cnt
         return HEADER.pack(HOST_CID, self.cid, conn.local_port, conn.peer_port, length,
-                           VIRTIO_VSOCK_TYPE_STREAM, op, flags, CONN_BUF_ALLOC,
+                           VIRTIO_VSOCK_TYPE_STREAM, op, flags, conn.buf_alloc,
                            conn.fwd_cnt)  # fmt: skip
 
     def _queue_packet(self, conn: _Conn, op: int, flags: int = 0) -> None:
