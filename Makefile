@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-host test-hwvirt lint clean
+.PHONY: setup demo test test-host test-hwvirt lint clean bench-migration
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test-hwvirt: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests bench scripts
 	$(VENV)/bin/mypy
+
+# Live-migration benchmark against QEMU (docs/migration.md): a quiet machine, in the lane
+# unless the host has VMX/SVM; about an hour with the defaults.
+bench-migration: $(VENV)/.installed
+	$(VPY) -m kvmkit lane --cpus 2 --mem-mib 8192 --timeout 7200 -- $(VPY) bench/migration.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -71,8 +71,11 @@ def expected_lines() -> dict[str, int]:
                  "KVM_STATE_NESTED_GUEST_MODE", "KVM_STATE_NESTED_RUN_PENDING",
                  "KVM_STATE_NESTED_EVMCS", "KVM_STATE_NESTED_MTF_PENDING",
                  "KVM_STATE_NESTED_GIF_SET", "KVM_EXIT_HYPERV_SYNIC", "KVM_EXIT_HYPERV_HCALL",
-                 "KVM_EXIT_HYPERV_SYNDBG"):
+                 "KVM_EXIT_HYPERV_SYNDBG",
+                 "KVM_VCPU_TSC_CTRL", "KVM_VCPU_TSC_OFFSET"):
         want[f"const {name}"] = getattr(constants, name)
+    for flag in constants.DirtyLogFlag:
+        want[f"const KVM_DIRTY_LOG_{flag.name}"] = int(flag)
     for reason in constants.ExitReason:
         want[f"const KVM_EXIT_{reason.name}"] = int(reason)
     return want

@@ -21,6 +21,7 @@ ISSUE_ENDPOINTS = {
     ("patch", "/network-interfaces/{iface_id}"), ("put", "/vsock"), ("put", "/actions"),
     ("patch", "/vm"), ("put", "/snapshot/create"), ("put", "/snapshot/load"),
     ("put", "/logger"), ("put", "/metrics"), ("get", "/vm/config"),
+    ("get", "/migration"), ("put", "/migration"),  # kvmkit extension (issue 14)
 }  # fmt: skip
 
 
@@ -98,6 +99,25 @@ def test_router_never_answers_5xx(body: bytes, method: str, path: str) -> None:
             assert set(value) == {"fault_message"}
     finally:
         vmm.close()
+
+
+def test_migration_before_start_and_bad_requests_are_refused() -> None:
+    vmm = Vmm()
+    assert vmm.get_migration() == {"state": "none"}
+    with pytest.raises(ApiError, match="not supported before starting"):
+        vmm.put_migration({"destination_url": "unix:/tmp/x.sock"})
+    for body, needle in [
+        ({"destination_url": "ftp://x"}, "does not match"),
+        ({"destination_url": "unix:/x", "max_downtime_ms": 0}, "below the minimum"),
+        ({"destination_url": "unix:/x", "bandwidth_mib_s": "fast"}, "expected number"),
+        ({"destination_url": "unix:/x", "other": 1}, "unknown field"),
+        ({}, "destination_url"),
+    ]:
+        with pytest.raises(ApiError, match=needle):
+            vmm.put_migration(body)
+    status, value = Router(vmm).handle("PUT", "/migration", b'{"destination_url": 3}')
+    assert status == 400 and "destination_url" in value["fault_message"]
+    assert Router(vmm).handle("GET", "/migration", b"") == (200, {"state": "none"})
 
 
 def test_smt_and_huge_pages_become_the_machine_topology_and_backing() -> None:

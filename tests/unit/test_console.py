@@ -118,6 +118,27 @@ def test_released_newlines_change_nothing_but_timing(
     assert (bytes(out), parser.status) == (payload, status)
 
 
+def test_a_frozen_parser_releases_no_newline_its_saved_state_would_release_again() -> None:
+    # A paused machine's parser state may be taken (a snapshot, a migration) and its held
+    # newline released by the restoring process: the paused source must not release it too.
+    from kvmkit.vmm.console import CommandOutput
+
+    out: list[bytes] = []
+    parser = CommandOutput("abc", out.append)
+    parser.feed(b"KVMKIT-abc-BEGIN\ntick 1\n")
+    parser.freeze(True)
+    parser.release_newline(quiet=0.0)
+    assert b"".join(out) == b"tick 1" and parser.save().buf == b"\n"
+    restored: list[bytes] = []
+    again = CommandOutput("abc", restored.append)
+    again.restore(parser.save())
+    again.release_newline(quiet=0.0)
+    assert b"".join(out + restored) == b"tick 1\n"  # once
+    parser.freeze(False)  # resumed instead: the newline goes out here
+    parser.release_newline(quiet=0.0)
+    assert b"".join(out) == b"tick 1\n"
+
+
 def test_a_reader_that_never_reads_never_blocks_the_writer() -> None:
     """feed() (a vCPU thread) returns at once while a lossless reader is stuck; once BUFFER
     bytes wait, has_room() turns False (the UART holds the guest: flow control) and bytes

@@ -416,6 +416,44 @@ def test_restore_refuses_another_cid_or_malformed_vsock_state(guest: Guest) -> N
     assert guest.dev.save() == state
 
 
+def test_a_failed_migration_hands_the_socket_back(guest: Guest, worker: VirtioWorkers) -> None:
+    """A live migration's hand-over (kvmkit.migration): the paused source lets go of its
+    socket (host programs see EOF, the path is free for the destination to bind). When the
+    migration fails after that, the source binds the path again, tells the guest that its
+    connections were reset (as after a restore) and host programs connect as before."""
+    g = guest
+    uds = g.dev.uds_path
+    g.give_rx(8)
+    g.give_events(1)
+    client, req = host_connect(g, 5000)
+    g.send(v.OP_RESPONSE, 5000, req[2])
+    assert client.recv(64) == f"OK {req[2]}\n".encode()
+    assert worker.pause()
+    g.dev.release_host()
+    assert client.recv(10) == b"" and g.dev.conns == {}
+    assert not uds.exists()
+    taker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    taker.bind(str(uds))  # what the destination would do; then it fails and lets go
+    taker.close()
+    uds.unlink()
+    g.dev.reacquire_host()
+    worker.resume()
+    assert uds.exists()
+    events: list[tuple[int, int]] = []
+    wait_for(lambda: events.extend(g.events()) or events)
+    assert events == [(4, v.VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)]
+    g.give_events(1)  # the guest handled the reset
+    client2, req2 = host_connect(g, 5001)
+    g.send(v.OP_RESPONSE, 5001, req2[2])
+    assert client2.recv(64) == f"OK {req2[2]}\n".encode()
+    client2.sendall(b"still here")
+    assert g.expect(v.OP_RW)[10] == b"still here"
+    g.dev.reacquire_host()  # not released: nothing to do
+    client.close()
+    client2.close()
+    assert g.dev.errors == []
+
+
 def test_close_leaves_a_newer_socket_file_alone(tmp_path: Path) -> None:
     """The process that took a snapshot may close after a restoring one (which removed the
     stale file) bound its own socket at the path: that one stays."""

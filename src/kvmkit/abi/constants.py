@@ -226,6 +226,13 @@ class MemFlag(enum.IntFlag):
     READONLY = 1 << 1
 
 
+class DirtyLogFlag(enum.IntFlag):
+    """KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) args[0]."""
+
+    MANUAL_PROTECT_ENABLE = 1 << 0
+    INITIALLY_SET = 1 << 1
+
+
 class IoeventfdFlag(enum.IntFlag):
     DATAMATCH = 1 << 0
     PIO = 1 << 1
@@ -292,3 +299,8 @@ KVM_EXIT_HYPERV_SYNDBG = 3
 KVM_MSR_EXIT_REASON_INVAL = 1 << 0
 KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
 KVM_MSR_EXIT_REASON_FILTER = 1 << 2
+# vCPU attributes (asm/kvm.h): the TSC control group and its offset attribute (Linux 5.16).
+KVM_VCPU_TSC_CTRL = 0
+KVM_VCPU_TSC_OFFSET = 0
+# The kernel's sigset_t for KVM_SET_SIGNAL_MASK on x86-64: 64 signals, 8 bytes.
+KVM_SIGSET_BYTES = 8

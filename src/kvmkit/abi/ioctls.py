@@ -6,7 +6,7 @@ mistake the ABI keeps); they are kept as they are.
 
 from __future__ import annotations
 
-from ctypes import c_uint64
+from ctypes import c_uint32, c_uint64
 
 from kvmkit.abi import structs as s
 from kvmkit.abi.constants import KVMIO
@@ -25,6 +25,7 @@ GET_MSR_FEATURE_INDEX_LIST = IOWR(KVMIO, 0x0A, s.kvm_msr_list)
 # VM ioctls
 CREATE_VCPU = IO(KVMIO, 0x41)
 GET_DIRTY_LOG = IOW(KVMIO, 0x42, s.kvm_dirty_log)
+CLEAR_DIRTY_LOG = IOWR(KVMIO, 0xC0, s.kvm_clear_dirty_log)
 SET_USER_MEMORY_REGION = IOW(KVMIO, 0x46, s.kvm_userspace_memory_region)
 SET_TSS_ADDR = IO(KVMIO, 0x47)
 SET_IDENTITY_MAP_ADDR = IOW(KVMIO, 0x48, c_uint64)
@@ -77,6 +78,10 @@ SET_XSAVE = IOW(KVMIO, 0xA5, s.kvm_xsave)
 GET_XCRS = IOR(KVMIO, 0xA6, s.kvm_xcrs)
 SET_XCRS = IOW(KVMIO, 0xA7, s.kvm_xcrs)
 KVMCLOCK_CTRL = IO(KVMIO, 0xAD)
+SET_SIGNAL_MASK = IOW(KVMIO, 0x8B, c_uint32)  # struct kvm_signal_mask: u32 len + the sigset
+HAS_DEVICE_ATTR = IOW(KVMIO, 0xE3, s.kvm_device_attr)  # devices, and vCPUs (VCPU_ATTRIBUTES)
+GET_DEVICE_ATTR = IOW(KVMIO, 0xE2, s.kvm_device_attr)
+SET_DEVICE_ATTR = IOW(KVMIO, 0xE1, s.kvm_device_attr)
 GET_NESTED_STATE = IOWR(KVMIO, 0xBE, s.kvm_nested_state)
 SET_NESTED_STATE = IOW(KVMIO, 0xBF, s.kvm_nested_state)
 GET_SUPPORTED_HV_CPUID = IOWR(KVMIO, 0xC1, s.kvm_cpuid2)

@@ -486,6 +486,32 @@ class kvm_dirty_log(KvmStruct):
     _fields_ = [("slot", c_uint32), ("padding1", c_uint32), ("u", _dirty_log_union)]
 
 
+class kvm_clear_dirty_log(KvmStruct):
+    """KVM_CLEAR_DIRTY_LOG (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): re-protect the pages whose
+    bits are set in `dirty_bitmap`, `num_pages` from `first_page` of the slot."""
+
+    _c_name_ = "struct kvm_clear_dirty_log"
+    _anonymous_ = ("u",)
+    _fields_ = [
+        ("slot", c_uint32),
+        ("num_pages", c_uint32),
+        ("first_page", c_uint64),
+        ("u", _dirty_log_union),
+    ]
+
+
+class kvm_device_attr(KvmStruct):
+    """KVM_{HAS,GET,SET}_DEVICE_ATTR, on a device or (KVM_CAP_VCPU_ATTRIBUTES) a vCPU."""
+
+    _c_name_ = "struct kvm_device_attr"
+    _fields_ = [
+        ("flags", c_uint32),
+        ("group", c_uint32),
+        ("attr", c_uint64),
+        ("addr", c_uint64),
+    ]
+
+
 class kvm_enable_cap(KvmStruct):
     _c_name_ = "struct kvm_enable_cap"
     _fields_ = [

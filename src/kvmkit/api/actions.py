@@ -43,7 +43,10 @@ from kvmkit.errors import UserError
 from kvmkit.vmm.config import MachineConfig
 
 if TYPE_CHECKING:
+    from kvmkit.migration.send import MigrationProgress
     from kvmkit.vmm.machine import Machine, MachineResult
+
+DEFAULT_MAX_DOWNTIME_MS = 300  # kvmkit.vmm.machine's (QEMU's default downtime limit)
 
 log = logging.getLogger("kvmkit.api")
 
@@ -138,6 +141,10 @@ class Vmm:
         self._lock = threading.Lock()
         self._log_handler: logging.Handler | None = None
         self._configured = False  # anything boot-specific set (snapshot load then refused)
+        # Live migration (kvmkit extension): GET /migration shows this; while one runs,
+        # requests that change the VM are refused.
+        self.migration: dict[str, Any] = {"state": "none"}
+        self._migrating = False
         if threading.current_thread() is threading.main_thread():
             # vCPU kicks (pause, stop) from the API threads need the signal handler, and
             # only the main thread can install it: create the Vmm there.
@@ -149,6 +156,9 @@ class Vmm:
     def _mutating(self) -> _Held:
         if not self._lock.acquire(timeout=BUSY_TIMEOUT):
             raise ApiError("the VMM is busy with another request; try again")
+        if self._migrating:
+            self._lock.release()
+            raise ApiError("a migration of this microVM is in progress")
         return _Held(self._lock)
 
     def _pre_boot(self) -> None:
@@ -569,6 +579,58 @@ class Vmm:
                 raise ApiError(f"Cannot load the snapshot: {err}") from None
             self._latency("load_snapshot", t0)
             log.info("snapshot %s loaded (%s)", body["snapshot_path"], self.state.value)
+
+    # -- live migration (kvmkit extension, docs/migration.md)
+    def get_migration(self) -> dict[str, Any]:
+        """GET /migration: the state of the last (or running) migration and its progress."""
+        return copy.deepcopy(self.migration)
+
+    def put_migration(self, body: Any) -> dict[str, Any]:
+        """PUT /migration: migrate the running microVM to a `kvmkit restore --incoming` at
+        `destination_url`; answers when it is over. Success: the guest runs at the
+        destination and this VMM's microVM has ended. Failure (ApiError): it runs on here."""
+        body = _check(body, "MigrationParams")
+        url = body["destination_url"]
+        with self._mutating():
+            self._post_boot()
+            machine = self.machine
+            assert machine is not None
+            if self.state is State.PAUSED:
+                raise ApiError("the microVM is paused: resume it before migrating")
+            if self.ended.is_set():
+                raise ApiError("the microVM has ended: nothing to migrate")
+            self._migrating = True
+            self.migration = {"state": "setup", "destination_url": url}
+        t0 = time.monotonic()
+
+        def progress(p: MigrationProgress) -> None:
+            self.migration = {**p.to_dict(), "destination_url": url}
+
+        try:
+            result = machine.migrate(
+                url, max_downtime_ms=body.get("max_downtime_ms", DEFAULT_MAX_DOWNTIME_MS),
+                bandwidth_mib_s=body.get("bandwidth_mib_s"), progress=progress,
+            )  # fmt: skip
+        except UserError as err:
+            self.migration = {**self.migration, "state": "failed", "error": str(err)}
+            log.warning("migration to %s failed: %s", url, err)
+            raise ApiError(str(err)) from None
+        finally:
+            self._migrating = False
+        self.migration = {**result.progress.to_dict(), **result.to_dict(),
+                          "state": "completed", "destination_url": url}  # fmt: skip
+        self._latency("migration", t0)
+        log.info("migrated to %s: %s", url, result.summary())
+        return copy.deepcopy(self.migration)
+
+    def adopt(self, machine: Machine, *, paused: bool = False) -> None:
+        """Run a machine built elsewhere (a migration received by `kvmkit restore
+        --incoming --api-sock`): the API controls it from here."""
+        with self._mutating():
+            self._pre_boot()
+            cfg = machine.config
+            self.machine_config.update(vcpu_count=cfg.vcpus, mem_size_mib=cfg.mem_mib)
+            self._run(machine, paused=paused)
 
     # -- config file (Firecracker's --config-file shape)
     def apply_config(self, data: Any) -> None:

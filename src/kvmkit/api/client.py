@@ -13,7 +13,7 @@ from typing import Any
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 60.0) -> None:
+    def __init__(self, path: str, timeout: float | None = 60.0) -> None:
         super().__init__("localhost", timeout=timeout)
         self.unix_path = path
 
@@ -25,7 +25,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def request(
-    sock_path: str, method: str, path: str, body: Any = None, *, timeout: float = 60.0
+    sock_path: str, method: str, path: str, body: Any = None, *, timeout: float | None = 60.0
 ) -> tuple[int, Any]:
     """One request; returns (status, parsed JSON body or None)."""
     conn = UnixHTTPConnection(sock_path, timeout=timeout)

@@ -123,6 +123,7 @@ class Router:
             getters: dict[str, Callable[[], dict[str, Any]]] = {
                 "/": vmm.describe, "/version": vmm.version,
                 "/machine-config": vmm.get_machine_config, "/vm/config": vmm.vm_config,
+                "/migration": vmm.get_migration,
             }  # fmt: skip
             if path in getters:
                 return 200, getters[path]()
@@ -139,6 +140,8 @@ class Router:
                 ("PUT", "/snapshot/create"): vmm.snapshot_create,
                 ("PUT", "/snapshot/load"): vmm.snapshot_load,
             }
+            if (method, path) == ("PUT", "/migration"):  # answers with the outcome
+                return 200, vmm.put_migration(_parse_body(raw))
             fn = puts.get((method, path))
             if fn is not None:
                 fn(_parse_body(raw))
@@ -247,8 +250,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if len(body) < length:  # the client went away mid-body
             self.close_connection = True
             return
-        status, value = self.server.router.handle(self.command, self.path, body)
-        self._reply(status, value)
+        with self.server.busy:
+            status, value = self.server.router.handle(self.command, self.path, body)
+            self._reply(status, value)
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -260,6 +264,7 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(self, path: str, router: Router) -> None:
         self.router = router
         self.active = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.busy = _InFlight()
         super().__init__(path, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -282,6 +287,28 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         log.debug("api: connection ended with an error", exc_info=True)
 
 
+class _InFlight:
+    """Counts requests being handled, so that closing the server can let them answer (a
+    PUT /migration answers just as the microVM ends, which ends the process)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._count = 0
+
+    def __enter__(self) -> None:
+        with self._cond:
+            self._count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._count -= 1
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._count == 0, timeout)
+
+
 class ApiServer:
     """Serve `vmm` on the Unix socket `path` from a background thread."""
 
@@ -301,7 +328,9 @@ class ApiServer:
         self._thread.start()
         return self
 
-    def close(self) -> None:
+    def close(self, grace: float = 2.0) -> None:
+        """Stop serving; requests already being handled get `grace` seconds to answer."""
+        self._server.busy.wait_idle(grace)
         self._server.shutdown()
         self._server.server_close()
         with contextlib.suppress(OSError):

@@ -177,6 +177,36 @@ def _forward_input(machine: Machine, fd: int, stop: threading.Event) -> None:
             machine.write_console(bytes(out))
 
 
+def _api_devices(args: argparse.Namespace) -> dict[str, Any]:
+    """--drive, --net and --vsock as the API's drives, network interfaces and vsock (with
+    --api-sock the action layer builds the machine; they used to be dropped silently)."""
+    if args.rng or args.virtio_transport != "mmio":
+        raise UserError("--rng and --virtio-transport pci do not combine with --api-sock yet")
+    out: dict[str, Any] = {}
+    try:
+        drives = [DriveConfig.parse(spec) for spec in args.drive]
+        nets = [NetConfig.parse(spec) for spec in args.net]
+        vsock = VsockConfig.parse(args.vsock) if args.vsock else None
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if drives:
+        # The API's drive id is the drive's serial (GET_ID), as `serial=` gives it.
+        out["drives"] = [
+            {"drive_id": d.serial or f"drive{i}", "path_on_host": str(d.path),
+             "is_root_device": False, "is_read_only": d.read_only}
+            for i, d in enumerate(drives)
+        ]  # fmt: skip
+    if nets:
+        out["network-interfaces"] = [
+            {"iface_id": f"eth{i}", "host_dev_name": n.tap, **({"guest_mac": n.mac} if n.mac
+                                                               else {})}
+            for i, n in enumerate(nets)
+        ]  # fmt: skip
+    if vsock is not None:
+        out["vsock"] = {"guest_cid": vsock.cid, "uds_path": str(vsock.uds_path)}
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     dump = StateDump()
     command = list(args.command)
@@ -200,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
             api_sock=args.api_sock, config_file=args.config_file, kernel=args.kernel,
             initrd=args.initrd, cmdline=args.cmdline,
             vcpus=args.vcpus if args.vcpus is not None else 1, mem_mib=args.mem_mib,
-            command=command, timeout=args.timeout,
+            command=command, timeout=args.timeout, extra_config=_api_devices(args) or None,
         )  # fmt: skip
     config = MachineConfig(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,

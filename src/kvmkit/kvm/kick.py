@@ -33,6 +33,10 @@ def install_kick_handler() -> bool:
     return True
 
 
+def kick_handler_installed() -> bool:
+    return _installed
+
+
 def kick_thread(thread_ident: int) -> None:
     if not _installed:
         raise RuntimeError("install_kick_handler() must run in the main thread first")

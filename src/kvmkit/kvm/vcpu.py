@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+import signal
 import threading
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
@@ -12,6 +13,9 @@ from typing import TYPE_CHECKING
 from kvmkit.abi import ioctls, structs
 from kvmkit.abi.constants import (
     KVM_COALESCED_MMIO_PAGE_OFFSET,
+    KVM_SIGSET_BYTES,
+    KVM_VCPU_TSC_CTRL,
+    KVM_VCPU_TSC_OFFSET,
     Cap,
     GuestDebug,
     MpState,
@@ -21,7 +25,7 @@ from kvmkit.kvm._ioctl import _ioctl, close_fd, ioctl_int, ioctl_ptr
 from kvmkit.kvm.cpuid import CpuidEntry, from_kvm_cpuid2, to_kvm_cpuid2
 from kvmkit.kvm.errors import KvmError
 from kvmkit.kvm.exits import ExitTable, VmExit
-from kvmkit.kvm.kick import kick_thread
+from kvmkit.kvm.kick import KICK_SIGNAL, kick_handler_installed, kick_thread
 
 if TYPE_CHECKING:
     from kvmkit.kvm.vm import Vm
@@ -46,6 +50,7 @@ class Vcpu:
         self._exits = ExitTable(self.run_page, self._mapping)
         self._run_request = ioctls.RUN
         self._thread: int | None = None  # thread inside run(), for kick()
+        self._has_tsc_offset: bool | None = None
 
     def close(self) -> None:
         if self.fd < 0:
@@ -72,6 +77,58 @@ class Vcpu:
                 return self._exits.intr
             raise KvmError("KVM_RUN", err)
         return self._exits.lookup(self.run_page.exit_reason)
+
+    def inject_pending_timers(self) -> VmExit:
+        """A KVM_RUN that enters no guest code but lets KVM deliver the LAPIC timer
+        interrupts that expired while the vCPU was outside KVM_RUN, so that KVM_GET_LAPIC
+        shows them (in IRR) instead of holding them in its private pending count.
+
+        KVM counts a timer that expires while the vCPU is out of KVM_RUN in
+        `apic->lapic_timer.pending` (arch/x86/kvm/lapic.c, apic_timer_expired) and moves it
+        into the IRR only in vcpu_run(), after vcpu_enter_guest()/vcpu_block() returned 1:
+        `if (kvm_cpu_has_pending_timer(vcpu)) kvm_inject_pending_timer_irqs(vcpu)`
+        (arch/x86/kvm/x86.c). With `immediate_exit` set KVM_RUN returns EINTR before
+        vcpu_run(), so a kick alone never gets there. A signal that is pending and unblocked
+        while KVM_RUN runs does: vcpu_enter_guest() sees the pending work
+        (kvm_vcpu_exit_request) and returns 1 without entering the guest, vcpu_run()
+        injects the timer interrupts, then handles the signal and returns EINTR. So: block
+        the kick signal in this thread, send it to ourselves (it stays pending), give KVM a
+        signal mask without it for the duration of KVM_RUN (KVM_SET_SIGNAL_MASK, which
+        kvm_sigset_activate() installs), run, then restore both masks; the pending kick is
+        delivered to kvmkit's no-op handler when this thread unblocks it.
+
+        Call it on a vCPU that is held outside KVM_RUN (paused after an EINTR exit: no I/O
+        completion is pending), from the thread that runs it. Returns KVM_RUN's exit: an
+        IntrExit, or an exit KVM raised from a pending request before entry."""
+        if not kick_handler_installed():
+            raise RuntimeError("install_kick_handler() must run in the main thread first")
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
+        saved_exit = self.immediate_exit
+        try:
+            signal.pthread_kill(threading.get_ident(), KICK_SIGNAL)  # pending while blocked
+            self.set_signal_mask(set(old) - {KICK_SIGNAL})
+            self.immediate_exit = False
+            try:
+                return self.run()
+            finally:
+                self.set_signal_mask(None)
+                self.immediate_exit = saved_exit
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def set_signal_mask(self, blocked: Iterable[int] | None) -> None:
+        """KVM_SET_SIGNAL_MASK: the signals blocked while this vCPU is in KVM_RUN (None: the
+        thread's own mask again)."""
+        if blocked is None:
+            ioctl_int(self.fd, "KVM_SET_SIGNAL_MASK", ioctls.SET_SIGNAL_MASK, 0)
+            return
+        bits = 0
+        for sig in blocked:
+            bits |= 1 << (int(sig) - 1)  # the kernel's sigset_t: bit n-1 is signal n
+        buf = bytearray(4 + KVM_SIGSET_BYTES)  # struct kvm_signal_mask {u32 len; u8 sigset[]}
+        buf[0:4] = KVM_SIGSET_BYTES.to_bytes(4, "little")
+        buf[4:] = bits.to_bytes(KVM_SIGSET_BYTES, "little")
+        ioctl_ptr(self.fd, "KVM_SET_SIGNAL_MASK", ioctls.SET_SIGNAL_MASK, buf)
 
     def coalesced_ring_page(self) -> memoryview:
         """The coalesced MMIO/PIO ring page of this vCPU's mapping (shared by all vCPUs of
@@ -287,6 +344,37 @@ class Vcpu:
 
     def set_tsc_khz(self, khz: int) -> None:
         ioctl_int(self.fd, "KVM_SET_TSC_KHZ", ioctls.SET_TSC_KHZ, khz)
+
+    def _tsc_attr(self, op: str, request: int, value: ctypes.c_uint64 | None) -> int:
+        attr = structs.kvm_device_attr()
+        attr.group, attr.attr = KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET
+        if value is not None:
+            attr.addr = ctypes.addressof(value)
+        return ioctl_ptr(self.fd, op, request, attr)
+
+    def has_tsc_offset(self) -> bool:
+        """The KVM_VCPU_TSC_OFFSET attribute exists (Linux 5.16, KVM_CAP_VCPU_ATTRIBUTES);
+        asked once per vCPU."""
+        if self._has_tsc_offset is None:
+            self._has_tsc_offset = self.vm.kvm.check_extension(Cap.VCPU_ATTRIBUTES) > 0
+            if self._has_tsc_offset:
+                try:
+                    self._tsc_attr("KVM_HAS_DEVICE_ATTR(TSC_OFFSET)", ioctls.HAS_DEVICE_ATTR,
+                                   None)  # fmt: skip
+                except KvmError:
+                    self._has_tsc_offset = False
+        return self._has_tsc_offset
+
+    def get_tsc_offset(self) -> int:
+        """The guest TSC's offset from the host TSC (guest TSC = host TSC + offset, modulo
+        2^64, scaled first where KVM scales the TSC)."""
+        value = ctypes.c_uint64()
+        self._tsc_attr("KVM_GET_DEVICE_ATTR(TSC_OFFSET)", ioctls.GET_DEVICE_ATTR, value)
+        return value.value
+
+    def set_tsc_offset(self, offset: int) -> None:
+        value = ctypes.c_uint64(offset & (2**64 - 1))
+        self._tsc_attr("KVM_SET_DEVICE_ATTR(TSC_OFFSET)", ioctls.SET_DEVICE_ATTR, value)
 
     def kvmclock_ctrl(self) -> None:
         """Tell the guest's kvmclock it was paused (avoids soft-lockup warnings on resume)."""

@@ -12,6 +12,7 @@ from kvmkit.abi import ioctls, structs
 from kvmkit.abi.constants import (
     KVM_MSI_VALID_DEVID,
     Cap,
+    DirtyLogFlag,
     IoeventfdFlag,
     IrqchipId,
     IrqfdFlag,
@@ -107,8 +108,9 @@ class Vm:
         ioctl_ptr(self.fd, "KVM_SET_USER_MEMORY_REGION", ioctls.SET_USER_MEMORY_REGION, region)
 
     def get_dirty_log(self, slot: int, memory_size: int) -> bytearray:
-        """The slot's dirty bitmap (one bit per 4 KiB page, little-endian 64-bit words); KVM
-        clears it as it reads it."""
+        """The slot's dirty bitmap (one bit per 4 KiB page, little-endian 64-bit words). KVM
+        clears it and write-protects the pages as it reads it, unless manual protection is
+        on (`enable_manual_dirty_log`): then the bits stay until `clear_dirty_log`."""
         npages = (memory_size + PAGE_SIZE - 1) // PAGE_SIZE
         bitmap = bytearray(((npages + 63) // 64) * 8)
         buf = (ctypes.c_char * len(bitmap)).from_buffer(bitmap)
@@ -118,6 +120,25 @@ class Vm:
         ioctl_ptr(self.fd, "KVM_GET_DIRTY_LOG", ioctls.GET_DIRTY_LOG, log)
         del buf
         return bitmap
+
+    def enable_manual_dirty_log(self, flags: DirtyLogFlag | int) -> None:
+        """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with `flags` (0 turns it off again): pages are
+        re-protected only by `clear_dirty_log`, range by range, not by KVM_GET_DIRTY_LOG for
+        the whole slot at once (KVM API doc, 7.18)."""
+        self.enable_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2, int(flags))
+
+    def clear_dirty_log(self, slot: int, first_page: int, bitmap: bytes | bytearray,
+                        num_pages: int) -> None:  # fmt: skip
+        """KVM_CLEAR_DIRTY_LOG: clear the dirty bits set in `bitmap` (one bit per page from
+        `first_page`, which must be a multiple of 64; `num_pages` too, unless the range ends
+        at the end of the slot) and write-protect those pages again."""
+        buf = bytearray(bitmap) or bytearray(8)
+        cbuf = (ctypes.c_char * len(buf)).from_buffer(buf)
+        req = structs.kvm_clear_dirty_log()
+        req.slot, req.first_page, req.num_pages = slot, first_page, num_pages
+        req.dirty_bitmap = ctypes.addressof(cbuf)
+        ioctl_ptr(self.fd, "KVM_CLEAR_DIRTY_LOG", ioctls.CLEAR_DIRTY_LOG, req)
+        del cbuf
 
     def set_tss_addr(self, addr: int) -> None:
         """Three pages KVM needs below 4 GiB on Intel for real-mode emulation."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import struct
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,8 @@ class GuestMemory:
         # same region again and again, and this check is much cheaper than a bisect. One
         # tuple, replaced whole, so threads sharing this object always see a consistent one.
         self._last: tuple[int, int, MemoryRegion] | None = None
+        # Weak references to live write views while VMM writes are tracked (`view`).
+        self._write_views: dict[int, weakref.ref[memoryview]] = {}
 
     # -- building
     def add(self, region: MemoryRegion) -> MemoryRegion:
@@ -123,12 +126,21 @@ class GuestMemory:
 
     # -- access
     def view(self, gpa: int, length: int, *, write: bool = False) -> memoryview:
-        """A zero-copy view of guest memory. With `write=True` the pages are recorded dirty."""
+        """A zero-copy view of guest memory. With `write=True` the pages are recorded dirty,
+        when the view is made and again when it is gone (see below)."""
         region = self.region_for(gpa, length)
         off = gpa - region.guest_phys_addr
+        view = memoryview(region.mapping)[off : off + length]
         if write:
             region.mark_dirty(off, length)
-        return memoryview(region.mapping)[off : off + length]
+            if region.vmm_dirty:
+                # The device writes through the view after this call returns (a readv into
+                # it): a migration round that takes the dirty bits in between would send the
+                # page before the write and never again. Marking once more when the view is
+                # released puts the page into the round after its last write.
+                ref = weakref.ref(view, _ViewDone(self, region, off, length))
+                self._write_views[id(ref)] = ref
+        return view
 
     def read(self, gpa: int, length: int) -> bytes:
         region = self.region_for(gpa, length)
@@ -193,7 +205,24 @@ class GuestMemory:
     def start_vmm_dirty_tracking(self) -> None:
         """Record pages the VMM writes through this object (KVM's log only sees the guest)."""
         for region in self.regions:
-            region.vmm_dirty = bytearray((region.size // PAGE_SIZE + 7) // 8)
+            with region.dirty_lock:
+                if not region.vmm_dirty:
+                    region.vmm_dirty = bytearray((region.size // PAGE_SIZE + 7) // 8)
+
+    def stop_vmm_dirty_tracking(self) -> None:
+        for region in self.regions:
+            with region.dirty_lock:
+                region.vmm_dirty = bytearray()
+
+    def set_dirty_logging(self, vm: Vm, on: bool) -> None:
+        """Turn KVM dirty logging on or off for every registered region (each slot is
+        registered again with or without KVM_MEM_LOG_DIRTY_PAGES; allowed while the VM runs,
+        KVM API doc 4.35)."""
+        for region in self.regions:
+            if region.slot < 0 or region.log_dirty == on:
+                continue
+            region.log_dirty = on
+            self._register(vm, region)
 
     def dirty_pages(self, vm: Vm) -> Iterator[int]:
         """GPAs of pages dirtied since the last call, by the guest (KVM's dirty log, which
@@ -204,10 +233,8 @@ class GuestMemory:
                 kvm_log = vm.get_dirty_log(region.slot, region.size)
                 n = min(len(bitmap), len(kvm_log))
                 bitmap[:n] = kvm_log[:n]
-            if region.vmm_dirty:
-                for i, b in enumerate(region.vmm_dirty):
-                    bitmap[i] |= b
-                region.vmm_dirty[:] = bytes(len(region.vmm_dirty))
+            for i, b in enumerate(region.take_vmm_dirty()):
+                bitmap[i] |= b
             npages = region.size // PAGE_SIZE
             for byte_index, byte in enumerate(bitmap):
                 if not byte:
@@ -216,3 +243,16 @@ class GuestMemory:
                     page = byte_index * 8 + bit
                     if byte & (1 << bit) and page < npages:
                         yield region.guest_phys_addr + page * PAGE_SIZE
+
+
+class _ViewDone:
+    """The weak-reference callback of a write view: its pages are dirty once more."""
+
+    __slots__ = ("length", "mem", "offset", "region")
+
+    def __init__(self, mem: GuestMemory, region: MemoryRegion, offset: int, length: int) -> None:
+        self.mem, self.region, self.offset, self.length = mem, region, offset, length
+
+    def __call__(self, ref: weakref.ref[memoryview]) -> None:
+        self.mem._write_views.pop(id(ref), None)
+        self.region.mark_dirty(self.offset, self.length)

@@ -12,6 +12,7 @@ import ctypes
 import errno
 import mmap
 import os
+import threading
 from dataclasses import dataclass, field
 
 PAGE_SIZE = 4096
@@ -32,8 +33,12 @@ class MemoryRegion:
     read_only: bool = False
     log_dirty: bool = False
     huge_page_size: int = 0  # hugetlbfs page size of the backing, 0 for base pages
-    # Pages written by the VMM itself (device emulation), which KVM's dirty log cannot see.
+    # Pages written by the VMM itself (device emulation), which KVM's dirty log cannot see:
+    # one bit per page, empty while nobody tracks them. Device threads set bits while a
+    # migration takes them (`take_vmm_dirty`): the lock keeps a bit set between the two
+    # from being lost.
     vmm_dirty: bytearray = field(default_factory=bytearray)
+    dirty_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def end(self) -> int:
@@ -46,8 +51,20 @@ class MemoryRegion:
         if not self.vmm_dirty or length <= 0:
             return
         first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
-        for page in range(first, last + 1):
-            self.vmm_dirty[page >> 3] |= 1 << (page & 7)
+        with self.dirty_lock:
+            bitmap = self.vmm_dirty
+            if not bitmap:  # tracking stopped meanwhile
+                return
+            for page in range(first, last + 1):
+                bitmap[page >> 3] |= 1 << (page & 7)
+
+    def take_vmm_dirty(self) -> bytes:
+        """The VMM-dirty bitmap so far, cleared at once (b"" when nobody tracks)."""
+        with self.dirty_lock:
+            taken = bytes(self.vmm_dirty)
+            if taken:
+                self.vmm_dirty[:] = bytes(len(taken))
+            return taken
 
     def close(self) -> None:
         try:

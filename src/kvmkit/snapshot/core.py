@@ -29,10 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmkit.abi.constants import Cap
+from kvmkit.abi.constants import Cap, ClockFlag
 from kvmkit.arch.x86_64.hyperv import HV_MSR_RANGE
 from kvmkit.arch.x86_64.topology import MAX_VCPUS
-from kvmkit.kvm import Kvm, Vcpu, Vm
+from kvmkit.kvm import IntrExit, Kvm, KvmError, Vcpu, Vm
 from kvmkit.memory import GuestMemory
 from kvmkit.snapshot.format import Fields, SnapshotError, read_state, write_state
 from kvmkit.snapshot.memory import MemoryState, restore_memory, write_memory
@@ -40,6 +40,7 @@ from kvmkit.snapshot.vcpu_state import (
     VCPU_CAPS,
     VcpuState,
     check_nested_host,
+    interrupts_unchanged,
     restore_vcpu,
     resume_vcpu,
     save_vcpu,
@@ -148,11 +149,58 @@ class KvmState:
         return cls(setup, vm, vcpus)
 
 
-def capture_kvm_state(kvm: Kvm, vm: Vm, vcpus: list[Vcpu], setup: VmSetup) -> KvmState:
-    """The KVM state of a VM whose vCPUs are all held outside KVM_RUN (paused)."""
-    msrs = saveable_msrs(kvm, vcpus[0], setup.extra_msrs)
+# Rounds of "deliver pending timers, read, check nothing came since" before the state is
+# taken as it is (only a timer firing every few microseconds could keep it changing).
+SETTLE_ROUNDS = 4
+OnVcpu = Callable[[Vcpu, Callable[[], Any]], Any]
+
+
+def _here(vcpu: Vcpu, fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+def deliver_pending_timers(vcpu: Vcpu, on_vcpu: OnVcpu = _here) -> None:
+    """Move LAPIC timer interrupts KVM holds as pending into the vCPU's IRR, where
+    KVM_GET_LAPIC sees them (`Vcpu.inject_pending_timers`), on the vCPU's thread."""
+    exit_ = on_vcpu(vcpu, vcpu.inject_pending_timers)
+    if not isinstance(exit_, IntrExit):
+        raise SnapshotError(
+            f"vcpu{vcpu.id}: KVM reported {exit_.describe()} for the paused vCPU; "
+            "its state was not taken"
+        )
+
+
+def capture_kvm_state(
+    kvm: Kvm, vm: Vm, vcpus: list[Vcpu], setup: VmSetup, *, on_vcpu: OnVcpu = _here,
+    msr_indices: list[int] | None = None,
+) -> KvmState:  # fmt: skip
+    """The KVM state of a VM whose vCPUs are all held outside KVM_RUN (paused).
+
+    A LAPIC timer that expired while its vCPU was paused is only a count inside KVM
+    (`Vcpu.inject_pending_timers`): KVM_GET_LAPIC does not show it and a restore would lose
+    the interrupt. So each vCPU first lets KVM deliver such timers into its IRR; after the
+    state is read, once more, and a vCPU that got an interrupt in between (a timer that
+    expired during the read) is read again. `on_vcpu(vcpu, fn)` runs `fn` on the vCPU's own
+    thread (a VcpuControl's `call_held`); the default runs it here, which works but makes KVM
+    switch the vCPU's task (a synchronize_rcu) twice. `msr_indices`: `saveable_msrs` found
+    before (it does not change for a VM; finding it costs an ioctl per refused MSR)."""
+    msrs = saveable_msrs(kvm, vcpus[0], setup.extra_msrs) if msr_indices is None else msr_indices
+    if setup.irqchip:
+        for v in vcpus:
+            deliver_pending_timers(v, on_vcpu)
     vcpu_states = [save_vcpu(v, msrs, irqchip=setup.irqchip, nested=setup.nested)
                    for v in vcpus]  # fmt: skip
+    for _ in range(SETTLE_ROUNDS if setup.irqchip else 0):
+        changed = []
+        for i, v in enumerate(vcpus):
+            deliver_pending_timers(v, on_vcpu)
+            if not interrupts_unchanged(v, vcpu_states[i]):
+                changed.append(i)
+        if not changed:
+            break
+        for i in changed:
+            vcpu_states[i] = save_vcpu(vcpus[i], msrs, irqchip=setup.irqchip,
+                                       nested=setup.nested)  # fmt: skip
     return KvmState(setup, save_vm(vm, irqchip=setup.irqchip, pit=setup.pit), vcpu_states)
 
 
@@ -196,11 +244,11 @@ class Snapshot:
 def capture(
     kvm: Kvm, vm: Vm, vcpus: list[Vcpu], mem: GuestMemory, mem_path: str | os.PathLike[str],
     setup: VmSetup, *, diff: bool = False, devices: dict[str, Any] | None = None,
-    meta: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None, on_vcpu: OnVcpu = _here,
 ) -> Snapshot:  # fmt: skip
     """Snapshot a VM whose vCPUs are all paused (outside KVM_RUN): writes the memory file and
-    returns the state (write it with `save`)."""
-    state = capture_kvm_state(kvm, vm, vcpus, setup)
+    returns the state (write it with `save`). `on_vcpu`: see `capture_kvm_state`."""
+    state = capture_kvm_state(kvm, vm, vcpus, setup, on_vcpu=on_vcpu)
     memory = write_memory(mem, mem_path, vm=vm, diff=diff)
     return Snapshot(state.setup, state.vm, state.vcpus, memory, dict(devices or {}),
                     dict(meta or {}))  # fmt: skip
@@ -232,14 +280,11 @@ class Restored:
         self.mem.close()
 
 
-def build_vm(kvm: Kvm, state: KvmState, mem: GuestMemory) -> Restored:
-    """A new VM from a checked KVM state and guest memory from any source (a snapshot's
-    memory file, pages received over a migration stream), in the order KVM needs: VM,
-    KVM_CAP_X2APIC_API, TSS and identity map, irqchip and PIT, memory slots, vCPUs (each
-    restored, vcpu_state.py), then the VM state (PIT -> clock -> irqchip). `mem` stays the
-    caller's on failure."""
-    setup = state.setup
-    check_nested_host(kvm, state.vcpus)
+def prepare_vm(kvm: Kvm, setup: VmSetup, mem: GuestMemory) -> Vm:
+    """The first part of `build_vm`, which needs no state: the VM, KVM_CAP_X2APIC_API, TSS
+    and identity map, irqchip and PIT, memory slots. A migration's destination does this
+    while the pages arrive (registering guest RAM is the slowest step of a rebuild) and
+    hands the VM to `build_vm(prepared=...)` once the state is in."""
     vm = kvm.create_vm()
     try:
         if setup.x2apic_api:
@@ -253,6 +298,33 @@ def build_vm(kvm: Kvm, state: KvmState, mem: GuestMemory) -> Restored:
         if setup.pit:
             vm.create_pit2(setup.pit_flags)
         mem.register(vm)
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+def build_vm(kvm: Kvm, state: KvmState, mem: GuestMemory, *, advance_clock: bool = False,
+             prepared: Vm | None = None) -> Restored:  # fmt: skip
+    """A new VM from a checked KVM state and guest memory from any source (a snapshot's
+    memory file, pages received over a migration stream), in the order KVM needs: VM,
+    KVM_CAP_X2APIC_API, TSS and identity map, irqchip and PIT, memory slots (`prepare_vm`,
+    or `prepared`: a VM
+    `prepare_vm` made for this state's setup and `mem`), vCPUs (each restored,
+    vcpu_state.py), then the VM state (PIT -> clock -> irqchip). `mem` stays the caller's
+    on failure; the VM is closed.
+
+    `advance_clock` (live migration): the guest's clocks move on by the time since the state
+    was taken instead of continuing from it: kvmclock (vm_state.py), and the TSC of every
+    vCPU where both hosts gave the host TSC with the clock (`advance_tsc`)."""
+    try:
+        check_nested_host(kvm, state.vcpus)  # before any vCPU: one line where KVM cannot
+    except BaseException:
+        if prepared is not None:
+            prepared.close()
+        raise
+    vm = prepared if prepared is not None else prepare_vm(kvm, state.setup, mem)
+    try:
         if vm.check_extension(Cap.MAX_VCPU_ID) and any(
             v.id >= max(vm.check_extension(Cap.MAX_VCPU_ID), 1) for v in state.vcpus
         ):
@@ -260,13 +332,49 @@ def build_vm(kvm: Kvm, state: KvmState, mem: GuestMemory) -> Restored:
         vcpus = []
         for vcpu_state in state.vcpus:
             vcpu = vm.create_vcpu(vcpu_state.id)
-            restore_vcpu(vcpu, vcpu_state, setup.vcpu_caps)
+            restore_vcpu(vcpu, vcpu_state, state.setup.vcpu_caps)
             vcpus.append(vcpu)
-        restore_vm(vm, state.vm)
+        restore_vm(vm, state.vm, advance=advance_clock)
+        if advance_clock:
+            advance_tsc(vm, vcpus, state)
     except BaseException:
         vm.close()
         raise
     return Restored(vm, mem, vcpus, state)
+
+
+def advance_tsc(vm: Vm, vcpus: list[Vcpu], state: KvmState) -> bool:
+    """Move each vCPU's TSC on by the time since the source took `state`, after the clock
+    was set (KVM API doc 4.133, KVM_VCPU_TSC_CTRL, steps 4-7 of its migration recipe):
+
+        offset_dest = offset_src + (clock_dest - clock_src) * tsc_khz / 1e6
+                      + (host_tsc_src - host_tsc_dest)
+
+    where clock_* are kvmclock nanoseconds and host_tsc_* the host TSC read with them
+    (KVM_CLOCK_HOST_TSC). Needs the TSC-offset attribute on both hosts and a stable master
+    clock on both (KVM gives HOST_TSC only then). Where any of that is missing the vCPUs
+    keep the TSC restored through IA32_TSC: it continues from its value at the pause, as
+    after a snapshot, while kvmclock (which Linux guests keep time with) still advances.
+    Returns whether the TSCs were moved."""
+    if state.vm.host_tsc is None:
+        return False
+    saved = list(zip(vcpus, state.vcpus, strict=True))
+    if any(s.tsc_offset is None or not s.tsc_khz for _, s in saved):
+        return False
+    if not all(v.has_tsc_offset() for v in vcpus):
+        return False
+    now = vm.get_clock()
+    if not now.flags & ClockFlag.HOST_TSC:
+        return False
+    elapsed_ns = max(0, int(now.clock) - state.vm.clock)
+    for vcpu, s in saved:
+        assert s.tsc_offset is not None and s.tsc_khz is not None
+        ticks = elapsed_ns * s.tsc_khz // 1_000_000
+        try:
+            vcpu.set_tsc_offset(s.tsc_offset + ticks + state.vm.host_tsc - int(now.host_tsc))
+        except KvmError:
+            return False
+    return True
 
 
 def load(

@@ -120,7 +120,7 @@ def _mapping_is_file_truth(region: MemoryRegion) -> bool:
     return fcntl.fcntl(region.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
 
 
-def _data_ranges(region: MemoryRegion) -> list[tuple[int, int]]:
+def data_ranges(region: MemoryRegion) -> list[tuple[int, int]]:
     """Ranges of the region that may hold non-zero data (the whole region by default)."""
     if not _mapping_is_file_truth(region):
         return [(0, region.size)]
@@ -143,7 +143,7 @@ def _data_ranges(region: MemoryRegion) -> list[tuple[int, int]]:
 def _write_full(fd: int, region: MemoryRegion, offset: int) -> None:
     view = memoryview(region.mapping)
     try:
-        for start, end in _data_ranges(region):
+        for start, end in data_ranges(region):
             for at in range(start, end, _CHUNK):
                 n = min(_CHUNK, end - at)
                 chunk = view[at : at + n]
@@ -197,18 +197,8 @@ def write_memory(
 def enable_dirty_log(mem: GuestMemory, vm: Vm) -> None:
     """Turn on KVM dirty logging for every region (re-registers the slots with the flag) and
     VMM-side dirty tracking, so diff snapshots can be taken from now on."""
-    from kvmkit.abi.constants import MemFlag
-
-    for region in mem.regions:
-        if region.slot < 0:
-            continue
-        region.log_dirty = True
-        flags = MemFlag.LOG_DIRTY_PAGES | (MemFlag.READONLY if region.read_only else 0)
-        vm.set_user_memory_region(
-            region.slot, region.guest_phys_addr, region.size, region.host_addr, flags
-        )
-    if not all(r.vmm_dirty for r in mem.regions):
-        mem.start_vmm_dirty_tracking()
+    mem.set_dirty_logging(vm, True)
+    mem.start_vmm_dirty_tracking()
 
 
 def _pages(bitmap: bytes) -> list[int]:

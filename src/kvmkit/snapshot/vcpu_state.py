@@ -26,6 +26,13 @@ Restore order (Firecracker's, KVM-BEHAVIOURS.md section 2), and why:
   MSRs         IA32_TSC first, IA32_TSC_DEADLINE last (the deadline is an absolute TSC value)
   vCPU events  last: pending exceptions/NMIs/interrupts go on top of the restored state
 `KVM_KVMCLOCK_CTRL` is issued separately, just before the vCPU runs again (`resume_vcpu`).
+The TSC frequency is set right after CPUID (`KVM_SET_TSC_KHZ`, before the TSC MSR is
+written): a guest keeps the TSC rate it calibrated at boot, or the restore is refused.
+
+Fields added after format version 1 are optional (`tsc_khz`, `tsc_offset`): a state without
+them restores as before, and readers ignore keys they do not know. New vCPU state (nested
+state, more MSR groups) goes the same way: an optional key, saved where KVM has it, checked
+in `from_dict`, restored at its place in the order above.
 
 The LAPIC timer rules (KVM-BEHAVIOURS.md section 1), applied when saving:
   - KVM_GET_LAPIC gives the live current count (TMCCT) and KVM_SET_LAPIC restarts from it,
@@ -75,6 +82,10 @@ NESTED_FLAGS = (KVM_STATE_NESTED_GUEST_MODE | KVM_STATE_NESTED_RUN_PENDING
                 | KVM_STATE_NESTED_GIF_SET)  # fmt: skip
 # The vCPU capabilities a state may ask to enable (kvmkit.vmm.hyperv.vcpu_caps)
 VCPU_CAPS = (int(Cap.HYPERV_ENFORCE_CPUID), int(Cap.HYPERV_SYNIC2))
+MAX_TSC_KHZ = 2**32 - 1  # KVM_SET_TSC_KHZ takes a u32
+# The LAPIC registers an interrupt moves through: ISR 0x100-0x17F, TMR, IRR 0x200-0x27F
+# (SDM vol. 3A 11.8.4); the span KVM changes when it delivers a pending timer interrupt.
+_DELIVERY_SPAN = slice(x86.APIC_ISR, x86.APIC_IRR + 0x80)
 _SIZES = {
     "regs": ctypes.sizeof(structs.kvm_regs),
     "sregs": ctypes.sizeof(structs.kvm_sregs),
@@ -99,6 +110,8 @@ class VcpuState:
     msrs: list[tuple[int, int]] = field(default_factory=list)  # in restore order
     events: bytes = b""
     nested: bytes | None = None  # KVM_GET_NESTED_STATE, with --nested (header + data)
+    tsc_khz: int | None = None  # KVM_GET_TSC_KHZ: the rate the guest's TSC runs at
+    tsc_offset: int | None = None  # KVM_VCPU_TSC_OFFSET, where KVM has the attribute
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +130,8 @@ class VcpuState:
             "events": b64(self.events),
             **({"nested_state": {"version": NESTED_STATE_VERSION, "data": b64(self.nested)}}
                if self.nested is not None else {}),
+            **({"tsc_khz": self.tsc_khz} if self.tsc_khz is not None else {}),
+            **({"tsc_offset": self.tsc_offset} if self.tsc_offset is not None else {}),
         }
 
     @classmethod
@@ -153,6 +168,8 @@ class VcpuState:
             msrs=msrs,
             events=f.get_blob("events", _SIZES["events"]),
             nested=_nested_from(f) if f.has("nested_state") else None,
+            tsc_khz=f.get_int("tsc_khz", 1, MAX_TSC_KHZ) if f.has("tsc_khz") else None,
+            tsc_offset=f.get_int("tsc_offset") if f.has("tsc_offset") else None,
         )
 
 
@@ -267,6 +284,23 @@ def neutralize_expired_oneshot(page: bytes) -> bytes:
 # -- save / restore
 
 
+def interrupts_unchanged(vcpu: Vcpu, saved: VcpuState) -> bool:
+    """Nothing was delivered to the vCPU since `saved` was read: its LAPIC's IRR and ISR and
+    its pending-event record are as saved (see kvmkit.snapshot.core.capture_kvm_state)."""
+    if saved.lapic is not None:
+        if bytes(vcpu.get_lapic())[_DELIVERY_SPAN] != saved.lapic[_DELIVERY_SPAN]:
+            return False
+    return bytes(vcpu.get_vcpu_events()) == saved.events
+
+
+def _tsc_khz(vcpu: Vcpu) -> int | None:
+    try:
+        khz = vcpu.get_tsc_khz()
+    except KvmError:
+        return None  # no KVM_CAP_GET_TSC_KHZ
+    return khz if 0 < khz <= MAX_TSC_KHZ else None
+
+
 def save_vcpu(vcpu: Vcpu, msr_indices: list[int], *, irqchip: bool = True,
               nested: bool = False) -> VcpuState:  # fmt: skip
     """Read the state of a vCPU that is outside KVM_RUN (paused after an EINTR exit, so any
@@ -290,6 +324,8 @@ def save_vcpu(vcpu: Vcpu, msr_indices: list[int], *, irqchip: bool = True,
         lapic=lapic,
         msrs=order_msrs(values),
         events=bytes(vcpu.get_vcpu_events()),
+        tsc_khz=_tsc_khz(vcpu),
+        tsc_offset=vcpu.get_tsc_offset() if vcpu.has_tsc_offset() else None,
         nested=vcpu.get_nested_state() if nested else None,
     )
 
@@ -306,11 +342,31 @@ def enable_vcpu_caps(vcpu: Vcpu, caps: tuple[int, ...]) -> None:
             vcpu.enable_cap(cap)
 
 
+def match_tsc_khz(vcpu: Vcpu, khz: int) -> None:
+    """Run the vCPU's TSC at `khz`, the rate the guest calibrated against (KVM_SET_TSC_KHZ;
+    KVM accepts rates within 250 ppm of the host's without scaling, others only with TSC
+    scaling, KVM_CAP_TSC_CONTROL). SnapshotError where it cannot: a guest whose TSC changed
+    rate would see its clocks and timers run fast or slow."""
+    current = _tsc_khz(vcpu)
+    if current == khz:
+        return
+    try:
+        vcpu.set_tsc_khz(khz)
+    except KvmError as err:
+        raise SnapshotError(
+            f"vcpu{vcpu.id}: the guest's TSC runs at {khz} kHz, this host's at {current} kHz, "
+            f"and KVM cannot run it at {khz} kHz (KVM_SET_TSC_KHZ: {err.strerror}; TSC "
+            "scaling needs KVM_CAP_TSC_CONTROL)"
+        ) from None
+
+
 def restore_vcpu(vcpu: Vcpu, state: VcpuState, caps: tuple[int, ...] = ()) -> None:
     """Load `state` into a freshly created vCPU, in the order of the module docstring; `caps`:
     the vCPU capabilities the VM was built with (VmSetup.vcpu_caps)."""
     vcpu.set_cpuid2(state.cpuid)
     enable_vcpu_caps(vcpu, caps)
+    if state.tsc_khz is not None:
+        match_tsc_khz(vcpu, state.tsc_khz)
     vcpu.set_mp_state(state.mp_state)
     vcpu.set_regs(structs.kvm_regs.from_bytes(state.regs))
     vcpu.set_sregs(structs.kvm_sregs.from_bytes(state.sregs))

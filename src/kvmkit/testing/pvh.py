@@ -48,6 +48,30 @@ idtr:	.word 0
 """
 
 
+# Rewrites a counter into every page from 16 MiB to 16 MiB + PAGES pages, then writes '.' to
+# the serial port and counts the pass: a guest that keeps dirtying memory (at CPL0 it runs
+# in PVM's emulator: a pass of 2048 pages takes some milliseconds) and whose console shows
+# that it runs. The pass count is kept at 0x7000.
+DIRTY_LOOP = _NOTE + """
+	xorl %eax, %eax
+1:	movl $0x1000000, %edi
+	movl $PAGES, %ecx
+2:	movl %eax, (%edi)
+	addl $4096, %edi
+	decl %ecx
+	jnz 2b
+	incl %eax
+	movl %eax, 0x7000
+	movw $0x3f8, %dx
+	movl %eax, %ebx
+	movb $'.', %al
+	outb %al, %dx
+	movl %ebx, %eax
+	jmp 1b
+"""
+DIRTY_COUNTER = 0x7000
+
+
 def build(source: str, out: Path) -> Path:
     """Assemble and link `source` (which starts with the PVH note) into the ELF `out`."""
     src, obj = out.with_suffix(".S"), out.with_suffix(".o")
@@ -63,3 +87,9 @@ def build(source: str, out: Path) -> Path:
 
 def serial_loop_kernel(out: Path, delay: int = 20000) -> Path:
     return build(SERIAL_LOOP.replace("DELAY", str(delay)), out)
+
+
+def dirty_loop_kernel(out: Path, pages: int = 2048) -> Path:
+    """DIRTY_LOOP over `pages` pages from 16 MiB (the guest needs 16 MiB + pages x 4 KiB of
+    RAM)."""
+    return build(DIRTY_LOOP.replace("PAGES", str(pages)), out)

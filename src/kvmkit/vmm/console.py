@@ -250,6 +250,9 @@ class CommandOutput:
         # machine's watcher thread.
         self._lock = threading.Lock()
         self._last_feed = time.monotonic()
+        # While the machine is paused its state may be taken (a snapshot, a migration): a
+        # newline released then would be released again by whoever restores that state.
+        self._frozen = False
 
     def feed(self, data: bytes) -> None:
         with self._lock:
@@ -297,7 +300,8 @@ class CommandOutput:
         with self._lock:
             if (
                 self.started and self.status is None and self._buf == b"\n"
-                and not self.sent and time.monotonic() - self._last_feed >= quiet
+                and not self.sent and not self._frozen
+                and time.monotonic() - self._last_feed >= quiet
             ):  # fmt: skip
                 self._sink(b"\n")
                 self.sent = 1
@@ -316,6 +320,11 @@ class CommandOutput:
             return prefix.startswith(tail)
         rest = tail[len(prefix) :]
         return tail.startswith(prefix) and re.fullmatch(rb"\d{0,3}\r?", rest) is not None
+
+    def freeze(self, frozen: bool) -> None:
+        """Hold back newline releases (the machine is paused: its state may be taken)."""
+        with self._lock:
+            self._frozen = frozen
 
     def status_in(self, raw: bytes) -> int | None:
         """The exit status in raw console output (the EXIT marker), for when the output

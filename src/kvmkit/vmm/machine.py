@@ -12,13 +12,15 @@ devices and their irqfds, then vCPUs, each with its APIC ID as its id (kvmkit.vm
 docs/topology.md): CPUID before anything else on the vCPU, then MSRs, LAPIC LINT pins, FPU,
 and the boot registers on vCPU 0; the others wait for INIT/SIPI in the in-kernel LAPIC.
 
-The operations state transfer is built on (snapshots: kvmkit.vmm.snapshot; migration):
+The operations state transfer is built on (snapshots: kvmkit.vmm.snapshot; live migration:
+kvmkit.migration):
 
     m.pause()                  every vCPU held outside KVM_RUN, the virtio workers parked
     state = m.capture_state()  a kvmkit.vmm.persist.MachineState (no guest memory)
     m.resume()
     m2 = Machine.from_state(state, memory)   memory: a GuestMemory from any source
     m2.start()                 (start(paused=True): built and held, for a later resume())
+    m.migrate("unix:/tmp/m")   live migration (kvmkit.migration), the same state over a socket
 
 Each vCPU thread owns its run state (kvmkit.vmm.runstate): pause and resume are events on
 it, as are the GDB stub's stops.
@@ -35,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from kvmkit.abi.constants import KVM_PIT_SPEAKER_DUMMY, Cap
 from kvmkit.arch.x86_64 import layout, mptable
@@ -67,7 +70,7 @@ from kvmkit.kvm.kick import install_kick_handler
 from kvmkit.memory import GuestMemory
 from kvmkit.snapshot.core import VmSetup, build_vm, capture_kvm_state
 from kvmkit.snapshot.format import SnapshotError
-from kvmkit.snapshot.vcpu_state import enable_vcpu_caps, resume_vcpu
+from kvmkit.snapshot.vcpu_state import enable_vcpu_caps, resume_vcpu, saveable_msrs
 from kvmkit.threads import ThreadKind, start_thread
 from kvmkit.unixsock import remove_stale_socket
 from kvmkit.vmm import cpus
@@ -80,6 +83,9 @@ from kvmkit.vmm.persist import DeviceStates, MachineState, VirtioEntry
 from kvmkit.vmm.placement import add_guest_ram
 from kvmkit.vmm.runstate import Event, RunState
 from kvmkit.vmm.vcpu import VcpuThread
+
+if TYPE_CHECKING:
+    from kvmkit.migration.send import MigrationProgress, MigrationResult
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,7 @@ POWEROFF_GRACE = 10.0
 # How long close() waits for the VM's threads in all before leaving stuck ones behind.
 CLOSE_TIMEOUT = 10.0
 PAUSE_TIMEOUT = 10.0
+DEFAULT_MAX_DOWNTIME_MS = 300  # QEMU's default downtime limit (migrate_set_parameter)
 # How `build` creates the VM (and a restore recreates it): Intel needs three pages for
 # real-mode emulation and an identity-map page below 4 GiB, outside RAM and device windows
 # (KVM API doc, KVM_SET_TSS_ADDR); the in-kernel irqchip and PIT, the PIT with KVM's stub of
@@ -117,6 +124,7 @@ class EndReason(enum.Enum):
     TRIPLE_FAULT = "triple-fault"
     ERROR = "error"
     STOPPED = "stopped"
+    MIGRATED = "migrated"
 
 
 # `kvmkit run` exit statuses when no command status is available (documented in the README).
@@ -127,6 +135,7 @@ EXIT_STATUS = {
     EndReason.TRIPLE_FAULT: 5,
     EndReason.ERROR: 6,
     EndReason.STOPPED: 130,
+    EndReason.MIGRATED: 0,
 }
 MESSAGES = {
     EndReason.POWEROFF: "the guest powered off",
@@ -135,6 +144,7 @@ MESSAGES = {
     EndReason.TRIPLE_FAULT: "the guest triple-faulted (CPU reset)",
     EndReason.ERROR: "the VM stopped on an error",
     EndReason.STOPPED: "the VM was stopped",
+    EndReason.MIGRATED: "the guest migrated away",
 }
 
 
@@ -202,6 +212,10 @@ class Machine:
         self.x2apic_api = 0  # KVM_CAP_X2APIC_API flags enabled (APIC IDs above 254)
         # --nested and --hyperv as resolved against the host (kvmkit.vmm.extensions)
         self.extensions = GuestExtensions()
+        self.rebuild_ms: dict[str, float] = {}  # from_state's steps, in milliseconds
+        # The MSRs a state of this machine holds, found before any vCPU runs (the vCPUs
+        # would hold their mutex in KVM_RUN): saves the probing from a migration's downtime.
+        self._msr_indices: list[int] | None = None
 
     # -- life cycle
     def __enter__(self) -> Machine:
@@ -350,6 +364,7 @@ class Machine:
             if index == 0:
                 setup_boot_vcpu(vcpu, self.boot, self.mem)
             self.threads.append(VcpuThread(vcpu, self.pio, self.mmio, self._on_vcpu_stopped))
+        self._msr_indices = saveable_msrs(kvm, self.threads[0].vcpu, self.extensions.extra_msrs)
 
     def _add_devices(self, vm: Vm) -> None:
         serial_irq = EventFdIrq(SERIAL_IRQ)
@@ -560,7 +575,9 @@ class Machine:
         delivered = self.console.flush()
         assert self._result is not None
         if self.command is not None:
-            if delivered:
+            if delivered and self._result.reason is not EndReason.MIGRATED:
+                # (A guest that migrated goes on printing at the destination, which has the
+                # bytes held back here in the parser state it received.)
                 self.command.flush()
             # The EXIT marker may still have been in the console's delivery buffer when the
             # VM ended: take the status the parser has now, or find the marker in the raw
@@ -618,10 +635,14 @@ class Machine:
             self.resume()
             raise
         self.drain_coalesced()  # device state includes every write the guest made
+        if self.command is not None:
+            self.command.freeze(True)
 
     def resume(self) -> None:
         """The virtio queue workers run again, then the RESUME event on every paused vCPU,
         each told first that it was paused (KVM_KVMCLOCK_CTRL)."""
+        if self.command is not None:
+            self.command.freeze(False)
         if self._virtio_workers is not None:
             self._virtio_workers.resume()
         for t in self.threads:
@@ -631,6 +652,23 @@ class Machine:
                     resume_vcpu(t.vcpu)
                 t.control.request(Event.RESUME)
 
+    def vm_setup(self) -> VmSetup:
+        """How this machine's VM was set up (what a state records and a rebuild repeats)."""
+        ext = self.extensions
+        return dataclasses.replace(SETUP, x2apic_api=self.x2apic_api, nested=ext.nested,
+                                   vcpu_caps=ext.vcpu_caps, extra_msrs=ext.extra_msrs)
+
+    def state_config(self) -> tuple[MachineConfig, tuple[int, ...]]:
+        """The configuration a state of this machine carries, with each drive's image size:
+        each net with the MAC the guest knows (a random one when none was configured) and
+        its tap by name."""
+        nets = [NetConfig(dev.tap_name, format_mac(dev.mac))
+                for _, _, dev in self.virtio if isinstance(dev, VirtioNet)]  # fmt: skip
+        ext = self.extensions  # with --hyperv: the features the guest got on this host
+        hyperv = ext.hyperv_features if ext.hyperv is not None else self.config.hyperv
+        config = dataclasses.replace(self.config, nets=nets, hyperv=hyperv)
+        return config, tuple(d.path.stat().st_size for d in self.config.drives)
+
     def capture_state(self) -> MachineState:
         """The state of the paused machine, without guest memory (kvmkit.vmm.persist)."""
         if self.vm is None or self.kvm is None or not self.threads:
@@ -638,13 +676,7 @@ class Machine:
         if not self.paused:
             raise UserError("pause the machine before taking its state")
         self.console.flush()  # the parser state below must include every byte printed so far
-        cfg = self.config
-        # The MAC the guest knows (a random one when none was configured) and the tap by name.
-        nets = [NetConfig(dev.tap_name, format_mac(dev.mac))
-                for _, _, dev in self.virtio if isinstance(dev, VirtioNet)]  # fmt: skip
-        ext = self.extensions
-        config = dataclasses.replace(
-            cfg, nets=nets, hyperv=ext.hyperv_features if ext.hyperv is not None else cfg.hyperv)
+        config, drive_sizes = self.state_config()
         assert self.serial is not None
         devices = DeviceStates(
             serial=self.serial.save(),
@@ -655,23 +687,67 @@ class Machine:
         )  # fmt: skip
         return MachineState(
             kvm=capture_kvm_state(self.kvm, self.vm, [t.vcpu for t in self.threads],
-                                  dataclasses.replace(SETUP, x2apic_api=self.x2apic_api,
-                                                      nested=ext.nested,
-                                                      vcpu_caps=ext.vcpu_caps,
-                                                      extra_msrs=ext.extra_msrs)),
-            config=config, drive_sizes=tuple(d.path.stat().st_size for d in cfg.drives),
-            nonce=self.nonce, command=self.command.save() if self.command is not None else None,
-            devices=devices,
+                                  self.vm_setup(), on_vcpu=self._on_vcpu_thread,
+                                  msr_indices=self._msr_indices),
+            config=config, drive_sizes=drive_sizes, nonce=self.nonce,
+            command=self.command.save() if self.command is not None else None, devices=devices,
         )  # fmt: skip
+
+    def _on_vcpu_thread(self, vcpu: Vcpu, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the thread of a held vCPU (capture_kvm_state's timer delivery)."""
+        thread = next(t for t in self.threads if t.vcpu is vcpu)
+        return thread.control.call_held(fn, thread_alive=thread.thread.is_alive)
+
+    def migrate(
+        self, destination: str, *, max_downtime_ms: int = DEFAULT_MAX_DOWNTIME_MS,
+        bandwidth_mib_s: float | None = None,
+        progress: Callable[[MigrationProgress], None] | None = None,
+    ) -> MigrationResult:  # fmt: skip
+        """Live-migrate the running guest to a `kvmkit restore --incoming` (or
+        `kvmkit.migration.receive_migration`) listening at `destination` (`unix:PATH` or
+        `tcp:HOST:PORT`); see kvmkit.migration. On success the guest runs there and this
+        machine has ended (EndReason.MIGRATED); on any failure MigrationError is raised and
+        the guest runs on here."""
+        from kvmkit.migration.machine import migrate_machine
+
+        return migrate_machine(self, destination, max_downtime_ms=max_downtime_ms,
+                               bandwidth_mib_s=bandwidth_mib_s, progress=progress)  # fmt: skip
+
+    def release_host_devices(self) -> None:
+        """A migration's hand-over: give up the host side the destination's devices open
+        by name (taps, the vsock socket). The machine must be paused."""
+        for _, _, dev in self.virtio:
+            dev.release_host()
+
+    def reacquire_host_devices(self) -> None:
+        """Undo `release_host_devices` (the migration failed after it). A device whose host
+        side cannot be opened again goes into its error state; the guest runs on."""
+        for _, _, dev in self.virtio:
+            try:
+                dev.reacquire_host()
+            except OSError as err:
+                dev.device_error(f"cannot take its host side back: {err}")
+
+    def finish_migrated(self, detail: str) -> None:
+        """The destination took the guest over: end this machine (the vCPUs stay paused
+        until they stop)."""
+        self._finish(EndReason.MIGRATED, detail)
 
     @classmethod
     def from_state(
         cls, state: MachineState, memory: GuestMemory, *,
         command_output: Callable[[bytes], None] | None = None, kvm_device: str = "/dev/kvm",
+        advance_clock: bool = False, prepared: tuple[Kvm, Vm] | None = None,
     ) -> Machine:  # fmt: skip
         """A machine rebuilt from a checked state onto `memory` (its regions laid out as the
         state's machine had them, not yet registered with a VM; the machine owns it from
         here, also on failure). `start()` resumes the guest where it was paused.
+        `advance_clock` (a live migration): the guest's kvmclock and TSC move on by the time
+        since the state was taken (kvmkit.snapshot.core.build_vm) instead of continuing
+        from where they were (a snapshot). `prepared`: a /dev/kvm handle and a VM that
+        `kvmkit.snapshot.core.prepare_vm` made for `state.kvm.setup` and `memory` beforehand
+        (a migration's destination, while the pages arrived); the machine owns them from
+        here.
 
         The restore order, and why:
           1. the host side the devices reopen: a vsock socket file a killed process left
@@ -702,18 +778,30 @@ class Machine:
                 except OSError as err:
                     raise UserError(f"vsock: {err.strerror or err}") from None
             install_kick_handler()
+            vm = None
+            if prepared is not None:
+                machine.kvm, vm = prepared
+                prepared = None  # owned now: closed with the machine
             try:
-                machine.kvm = kvm = Kvm(kvm_device)
+                machine.kvm = kvm = machine.kvm or Kvm(kvm_device)
             except OSError as err:
                 raise UserError(str(err.strerror or err)) from None
-            restored = build_vm(kvm, state.kvm, memory)
+            t0 = time.monotonic()
+            restored = build_vm(kvm, state.kvm, memory, advance_clock=advance_clock,
+                                prepared=vm)  # fmt: skip
             machine.vm = restored.vm
             setup = state.kvm.setup
             machine.x2apic_api = setup.x2apic_api
             machine.extensions = GuestExtensions(
                 nested=setup.nested, vcpu_caps=setup.vcpu_caps, extra_msrs=setup.extra_msrs)
+            t1 = time.monotonic()
             machine._add_devices(restored.vm)
+            t2 = time.monotonic()
             machine._restore_devices(state.devices)
+            t3 = time.monotonic()
+            # How long each step took (a migration's destination reports it: it is downtime)
+            machine.rebuild_ms = {"kvm": (t1 - t0) * 1e3, "devices": (t2 - t1) * 1e3,
+                                  "device state": (t3 - t2) * 1e3}  # fmt: skip
             if config.command:
                 sink = command_output or (lambda data: None)
                 machine.command = CommandOutput(state.nonce, sink)
@@ -723,7 +811,12 @@ class Machine:
                 machine.threads.append(
                     VcpuThread(vcpu, machine.pio, machine.mmio, machine._on_vcpu_stopped)
                 )
+            machine._msr_indices = saveable_msrs(kvm, restored.vcpus[0],
+                                                 machine.extensions.extra_msrs)
         except BaseException:
+            if prepared is not None:
+                prepared[1].close()
+                prepared[0].close()
             machine.close()
             raise
         return machine

@@ -151,22 +151,8 @@ class MachineState:
 
     def to_dict(self) -> dict[str, Any]:
         """The payload (JSON-able plain data; `memory` is the transport's to add)."""
-        cfg = self.config
-        drives = [
-            {"path": str(d.path.absolute()), "read_only": d.read_only, "serial": d.serial,
-             "size": size}
-            for d, size in zip(cfg.drives, self.drive_sizes, strict=True)
-        ]  # fmt: skip
-        vsock = None
-        if cfg.vsock is not None:
-            vsock = {"cid": cfg.vsock.cid, "uds_path": str(cfg.vsock.uds_path.absolute())}
         meta: dict[str, Any] = {
-            "config": {"vcpus": cfg.vcpus, "mem_mib": cfg.mem_mib, "command": list(cfg.command),
-                       "drives": drives, "rng": cfg.rng,
-                       "virtio_transport": cfg.virtio_transport,
-                       "nets": [{"tap": n.tap, "mac": n.mac} for n in cfg.nets],
-                       "vsock": vsock, **_save_cpu_memory(cfg)},
-            "nonce": self.nonce,
+            "config": config_to_dict(self.config, self.drive_sizes), "nonce": self.nonce,
         }  # fmt: skip
         if self.command is not None:
             meta["command"] = self.command.to_dict()
@@ -198,6 +184,28 @@ class MachineState:
         if config.virtio_transport == "pci" and devices.virtio and devices.pci_root is None:
             raise SnapshotError("snapshot state: devices.pci_root is missing")
         return cls(kvm, config, sizes, meta.get_str("nonce", 64), command, devices)
+
+
+def config_to_dict(cfg: MachineConfig, drive_sizes: tuple[int, ...]) -> dict[str, Any]:
+    """`meta.config` of the payload: what a machine is built from, with each drive's image
+    size (a migration sends it first, so the destination checks it before any page)."""
+    drives = [
+        {"path": str(d.path.absolute()), "read_only": d.read_only, "serial": d.serial,
+         "size": size}
+        for d, size in zip(cfg.drives, drive_sizes, strict=True)
+    ]  # fmt: skip
+    vsock = None
+    if cfg.vsock is not None:
+        vsock = {"cid": cfg.vsock.cid, "uds_path": str(cfg.vsock.uds_path.absolute())}
+    return {"vcpus": cfg.vcpus, "mem_mib": cfg.mem_mib, "command": list(cfg.command),
+            "drives": drives, "rng": cfg.rng, "virtio_transport": cfg.virtio_transport,
+            "nets": [{"tap": n.tap, "mac": n.mac} for n in cfg.nets],
+            "vsock": vsock, **_save_cpu_memory(cfg)}  # fmt: skip
+
+
+def config_from_dict(obj: Any) -> tuple[MachineConfig, tuple[int, ...]]:
+    """`config_to_dict`'s data checked as a state's `meta.config` is (SnapshotError)."""
+    return _config_from(Fields({"config": obj}, "meta"))
 
 
 def _config_from(meta: Fields) -> tuple[MachineConfig, tuple[int, ...]]:

@@ -30,6 +30,9 @@ corresponding operations are complete (and guest state is consistent) only after
 has re-entered the kernel with KVM_RUN"), and an EINTR return comes from that re-entry. So a
 parked vCPU is outside KVM_RUN, not inside device emulation, with its registers final; its
 state can be read (snapshots, migration, gdb) from any thread. `wait_held()` waits for that.
+Work that must be done on the vCPU's own thread while it is held (a KVM_RUN that only lets
+KVM deliver expired timer interrupts, `Vcpu.inject_pending_timers`) goes through
+`call_held()`: the parked thread runs it and stays parked.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ import enum
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 
 class RunState(enum.Enum):
@@ -101,6 +104,24 @@ def transition(status: Status, event: Event) -> Status:
     return found
 
 
+@dataclass(slots=True)
+class _Call:
+    """A function to run on the parked vCPU thread, and its outcome."""
+
+    fn: Callable[[], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as err:  # handed to the caller of call_held
+            self.error = err
+        finally:
+            self.done.set()
+
+
 class Kickable(Protocol):
     """What the control needs of a vCPU (`kvmkit.kvm.Vcpu`)."""
 
@@ -127,6 +148,7 @@ class VcpuControl:
         self._cond = threading.Condition()
         self._status = Status(RunState.RUNNING)
         self._parked = False
+        self._calls: list[_Call] = []
         self.on_release: Callable[[], None] | None = None
 
     @property
@@ -190,6 +212,31 @@ class VcpuControl:
                 self._cond.wait(0.05 if left is None else min(left, 0.05))
             return True
 
+    def call_held(self, fn: Callable[[], Any], timeout: float = 10.0,
+                  thread_alive: Callable[[], bool] | None = None) -> Any:  # fmt: skip
+        """Run `fn` on the vCPU's thread while it stays held, and return its result (or
+        raise its exception). The vCPU must be held (`wait_held`). A FINISHED vCPU, or one
+        whose thread is gone (`thread_alive()` false), has no thread: `fn` runs here."""
+        call = _Call(fn)
+        with self._cond:
+            if not self._held_locked():
+                raise IllegalTransition(self._status, Event.PAUSE)
+            here = not self._parked or (thread_alive is not None and not thread_alive())
+            if not here:
+                self._calls.append(call)
+                self._cond.notify_all()
+        if here:
+            call.run()
+        elif not call.done.wait(timeout):
+            with self._cond:
+                if call in self._calls:  # never picked up: it will not run now
+                    self._calls.remove(call)
+                    raise TimeoutError(f"the vCPU thread did not run a call within {timeout} s")
+            call.done.wait()  # it is running: KVM_RUN without guest entry returns at once
+        if call.error is not None:
+            raise call.error
+        return call.result
+
     # -- the vCPU thread
     def hold_point(self) -> bool:
         """After an interrupted (EINTR) or debug exit: block while the vCPU is held. Returns
@@ -210,7 +257,16 @@ class VcpuControl:
                 if self._status.state is RunState.FINISHED:
                     self._parked = False
                     self._cond.notify_all()
+                    self._fail_calls()
                     return False
+                if self._calls:
+                    call = self._calls.pop(0)
+                    self._cond.release()
+                    try:
+                        call.run()
+                    finally:
+                        self._cond.acquire()
+                    continue
                 self._cond.wait()
             self._parked = False
             self._cond.notify_all()
@@ -223,4 +279,17 @@ class VcpuControl:
         with self._cond:
             self._status = Status(RunState.FINISHED)
             self._parked = False
+            self._fail_calls()
             self._cond.notify_all()
+
+    def _fail_calls(self) -> None:
+        """Calls queued for a thread that is leaving: run them by their caller instead."""
+        calls, self._calls = self._calls, []
+        for call in calls:
+            call.error = _Gone()
+            call.done.set()
+
+
+class _Gone(RuntimeError):
+    def __init__(self) -> None:
+        super().__init__("the vCPU thread ended before it ran the call")

@@ -303,6 +303,15 @@ class VirtioDevice:
         its watch). Runs under the device lock; OSError fails the restore."""
         self.activate()
 
+    def release_host(self) -> None:
+        """A live migration's hand-over (the machine is paused): give up the host resources
+        the destination's device opens by name (a tap, a listening socket). Most devices
+        hold none: nothing to do."""
+
+    def reacquire_host(self) -> None:
+        """Undo `release_host` after a failed migration (OSError: the device goes into its
+        error state)."""
+
     def held_chains(self) -> dict[int, int]:
         """{queue: count} of the chains the device took most recently and holds unused (rx
         buffers waiting for data). A snapshot saves them as not taken yet, so the restored

@@ -305,6 +305,22 @@ class VirtioNet(VirtioDevice):
                 self.tap_fd = -1
         super().close()
 
+    # -- live migration: a tap is attached to one process at a time
+    def release_host(self) -> None:
+        with self.lock:
+            self.stop_host_io()
+            if self.tap_fd >= 0:
+                os.close(self.tap_fd)
+                self.tap_fd = -1
+
+    def reacquire_host(self) -> None:
+        with self.lock:
+            if self.tap_fd >= 0:
+                return
+            self.tap_fd, self.created_tap = open_tap(self.tap_name)
+            if self.activated:
+                self.restored()  # the offloads the driver accepted, and the watch
+
     def _watch_tap(self, on: bool) -> None:
         if self.watcher is None or on == self._tap_watched or self.tap_fd < 0:
             return

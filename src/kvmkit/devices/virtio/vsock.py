@@ -222,6 +222,22 @@ class VirtioVsock(VirtioDevice):
             self.host.close()
         super().close()
 
+    # -- live migration: the destination binds the socket path; connections are reset
+    def release_host(self) -> None:
+        with self.lock:
+            self.reset_device()  # host clients see EOF, as when a snapshotted VM stops
+            self.host.close()  # the listener, and the socket file if it is still ours
+
+    def reacquire_host(self) -> None:
+        with self.lock:
+            if self.host.reopen() and self.activated:
+                # The guest's connections were reset on the host side: tell it (as after a
+                # restore), and watch the new listener. The worker sends the reset when it
+                # serves a queue: kick them, as a restore does, or the guest would not hear
+                # of it until it next notified one.
+                self.restored()
+                self.kick_ready_queues()
+
     # -- snapshots: the guest CID and the next host port; no connection is saved
     def save_device(self) -> dict[str, Any]:
         return {"cid": self.cid, "next_port": self._next_port}

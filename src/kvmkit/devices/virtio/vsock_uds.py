@@ -92,6 +92,24 @@ class UdsHost:
             except OSError:
                 pass
 
+    def reopen(self) -> bool:
+        """Bind `uds_path` again after `close` (a live migration that failed after the
+        hand-over: kvmkit.migration); False if the listener is open still. OSError when the
+        path cannot be bound. `start` watches the new listener."""
+        if self.listener.fileno() >= 0:
+            return False
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(os.fspath(self.uds_path))
+            listener.listen(16)
+            st = os.stat(self.uds_path)
+        except OSError:
+            listener.close()
+            raise
+        listener.setblocking(False)
+        self.listener, self._uds_id = listener, (st.st_dev, st.st_ino)
+        return True
+
     def connect(self, port: int) -> socket.socket:
         """A non-blocking socket connected to `<uds_path>_<port>`; OSError when nothing
         listens there (ENOENT, ECONNREFUSED) or its backlog is full (EAGAIN)."""
