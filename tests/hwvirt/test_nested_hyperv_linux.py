@@ -260,20 +260,21 @@ def test_nested_guest_runs_its_own_guest_across_a_restore(tools: Path, tmp_path:
     )
     with run_machine(config, out) as vm:
         wait_for(vm, out, b"L3 phase 1 ", 600)
-        # Pause until KVM says the vCPU was running L3 (guest mode), a few tries: L2's own
-        # timer interrupts and phase reports take it out of L3 now and then.
+        # Snapshot until the state file says the vCPU was running L3 (KVM's nested state in
+        # guest mode), a few tries: L2's own timer interrupts and phase reports take it out
+        # of L3 now and then, and taking the state delivers pending timer interrupts.
         pauses = 0
         while True:
             vm.pause()
             pauses += 1
-            flags = [nested_flags(v.nested or b"") for v in vm.capture_state().kvm.vcpus]
+            snapshot_machine(vm, state, mem)
+            saved = [v.nested for v in read_snapshot(state)[0].kvm.vcpus]
+            flags = [nested_flags(blob or b"") for blob in saved]
             if any(f & KVM_STATE_NESTED_GUEST_MODE for f in flags):
                 break
             assert pauses < 20, f"the vCPU was never in guest mode at a pause: flags {flags}"
             vm.resume()
             time.sleep(0.2)
-        snapshot_machine(vm, state, mem)
-        saved = [v.nested for v in vm.capture_state().kvm.vcpus]
     text = out.decode(errors="replace")
     boot = time.monotonic() - t0
     print(text)
