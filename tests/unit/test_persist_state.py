@@ -17,6 +17,8 @@ import pytest
 from virtio_mock import new_memory
 
 from kvmkit.abi import structs
+from kvmkit.abi.constants import Cap
+from kvmkit.arch.x86_64 import hyperv as hv
 from kvmkit.arch.x86_64 import layout
 from kvmkit.devices.irq import NoIrq
 from kvmkit.devices.legacy.serial import Serial8250
@@ -29,7 +31,8 @@ from kvmkit.snapshot.vcpu_state import VcpuState
 from kvmkit.snapshot.vm_state import CHIPS, IRQCHIP_SIZE, PIT_SIZE, VmState
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.console import CommandState
-from kvmkit.vmm.machine import SETUP
+from kvmkit.vmm.extensions import GuestExtensions
+from kvmkit.vmm.machine import SETUP, Machine
 from kvmkit.vmm.persist import DeviceStates, MachineState, VirtioEntry
 
 
@@ -219,3 +222,26 @@ def test_states_from_before_nested_and_hyperv_load_without_them(state: MachineSt
         del data["meta"]["config"][key]
     back = MachineState.from_dict(data)
     assert back == state and not back.config.nested and back.config.hyperv is False
+
+
+def test_a_machines_setup_and_config_carry_its_extensions() -> None:
+    """What a snapshot and a live migration's SETUP message take from a Machine
+    (`vm_setup()`, `state_config()`): the resolved --nested/--hyperv choices, so that the
+    destination enables the same vCPU capabilities, saves the same extra MSRs and knows the
+    vCPUs carry nested state."""
+    machine = Machine(MachineConfig(nested=True, hyperv=True))
+    try:
+        assert machine.vm_setup() == SETUP  # not built: nothing resolved yet
+        caps = (int(Cap.HYPERV_ENFORCE_CPUID), int(Cap.HYPERV_SYNIC2))
+        extra = hv.extra_msrs({"synic", "stimer"})
+        features = frozenset({"vpindex", "synic", "time", "stimer"})
+        machine.extensions = GuestExtensions(
+            nested=True, hyperv=hv.HvCpuid((), features), vcpu_caps=caps, extra_msrs=extra
+        )
+        setup = machine.vm_setup()
+        assert (setup.nested, setup.vcpu_caps, setup.extra_msrs) == (True, caps, extra)
+        assert type(SETUP).from_dict(setup.to_dict()) == setup
+        config, sizes = machine.state_config()
+        assert config.nested and config.hyperv == features and sizes == ()
+    finally:
+        machine.close()
