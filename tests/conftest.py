@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _write_lane_configs(items)
     kvm_dir = Path(__file__).parent / "kvm"
     for item in items:
         if kvm_dir in Path(str(item.fspath)).parents:
@@ -58,6 +60,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     "`make test` runs these inside `kvmkit lane`"
                 )
             )
+
+
+def _write_lane_configs(items: list[pytest.Item]) -> None:
+    """With KVMKIT_LANE_CONFIGS=FILE, write one JSON line per test: the lane it needs (the
+    `lane_devices` marker's devices and modules; none: the default lane). scripts/
+    hwvirt_tests.py groups the hwvirt tests by it, one lane boot per group."""
+    path = os.environ.get("KVMKIT_LANE_CONFIGS")
+    if not path:
+        return
+    with open(path, "w") as f:
+        for item in items:
+            marker = item.get_closest_marker("lane_devices")
+            devices = list(marker.args) if marker else []
+            modules = list(marker.kwargs.get("modules", ())) if marker else []
+            line = {"nodeid": item.nodeid, "devices": devices, "modules": modules}
+            f.write(json.dumps(line) + "\n")
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -1,7 +1,8 @@
 """Compare kvmkit's ctypes ABI with the system's kernel headers.
 
 A C program compiled against `<linux/kvm.h>` prints `sizeof`/`offsetof` of every structure and
-field kvmkit defines, every ioctl number, capability and exit reason; any mismatch fails.
+field kvmkit defines, every ioctl number, capability and exit reason; any mismatch fails. The
+same for the VFIO ABI (`<linux/vfio.h>`, `<linux/pci_regs.h>`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from kvmkit.abi import constants, ioctls, structs
+from kvmkit.abi import constants, ioctls, structs, vfio
 
 HEADER = Path("/usr/include/linux/kvm.h")
+VFIO_HEADER = Path("/usr/include/linux/vfio.h")
 
 pytestmark = pytest.mark.skipif(
     shutil.which("gcc") is None or not HEADER.exists(),
@@ -51,13 +53,18 @@ FLEX = [
 ]
 
 
-def expected_lines() -> dict[str, int]:
+def struct_lines(classes: tuple[type[structs.KvmStruct], ...]) -> dict[str, int]:
     want: dict[str, int] = {}
-    for cls in structs.ALL_STRUCTS:
+    for cls in classes:
         want[f"sizeof {cls._c_name_}"] = ctypes.sizeof(cls)
         for path, offset, size in walk(cls):
             want[f"offsetof {cls._c_name_} {path}"] = offset
             want[f"sizeof {cls._c_name_} {path}"] = size
+    return want
+
+
+def expected_lines() -> dict[str, int]:
+    want = struct_lines(structs.ALL_STRUCTS)
     for base, field, entry, factory in FLEX:
         sized = factory(3)
         want[f"offsetof {base._c_name_} {field}"] = getattr(sized, field).offset
@@ -72,6 +79,8 @@ def expected_lines() -> dict[str, int]:
                  "KVM_STATE_NESTED_EVMCS", "KVM_STATE_NESTED_MTF_PENDING",
                  "KVM_STATE_NESTED_GIF_SET", "KVM_EXIT_HYPERV_SYNIC", "KVM_EXIT_HYPERV_HCALL",
                  "KVM_EXIT_HYPERV_SYNDBG",
+                 "KVM_DEV_TYPE_VFIO", "KVM_DEV_VFIO_GROUP", "KVM_DEV_VFIO_GROUP_ADD",
+                 "KVM_DEV_VFIO_GROUP_DEL",
                  "KVM_VCPU_TSC_CTRL", "KVM_VCPU_TSC_OFFSET"):
         want[f"const {name}"] = getattr(constants, name)
     for flag in constants.DirtyLogFlag:
@@ -81,12 +90,35 @@ def expected_lines() -> dict[str, int]:
     return want
 
 
-def c_program(keys: list[str]) -> str:
-    out = ["#include <stddef.h>", "#include <stdio.h>", "#include <linux/kvm.h>"]
+def vfio_expected_lines() -> dict[str, int]:
+    want = struct_lines(vfio.ALL_STRUCTS)
+    for name, value in vfio.ALL_IOCTLS.items():
+        want[f"ioctl {name}"] = value
+    for name, value in {**vfio.CONSTANTS, **vfio.PCI_CONSTANTS}.items():
+        want[f"const {name}"] = int(value)
+    # `data` is __u8[] in C; eventfds are s32s stored in it from the same offset.
+    for base, field, entry, factory in (
+        (vfio.vfio_irq_set, "data", ctypes.c_uint8, vfio.irq_set_bools_type),
+    ):
+        want[f"offsetof {base._c_name_} {field}"] = getattr(factory(3), field).offset
+        want[f"sizeof {base._c_name_} {field}[0]"] = ctypes.sizeof(entry)
+    assert vfio.irq_set_eventfds_type(3).data.offset == ctypes.sizeof(vfio.vfio_irq_set)
+    return want
+
+
+def c_program(keys: list[str], header: str = "linux/kvm.h", *, guard: bool = True) -> str:
+    """The C program printing every key. `guard`: constants missing from the header print -1
+    (KVM guards some capabilities with #ifdef); without it a missing one fails to compile
+    (VFIO's region and IRQ indexes are enum members, which #ifdef cannot see)."""
+    out = ["#include <stddef.h>", "#include <stdio.h>", f"#include <{header}>"]
+    if header == "linux/vfio.h":
+        out.append("#include <linux/pci_regs.h>")
     out.append("int main(void) {")
     for key in keys:
         kind, rest = key.split(" ", 1)
         if kind == "ioctl":
+            expr = f"(unsigned long long)({rest})"
+        elif kind == "const" and not guard:
             expr = f"(unsigned long long)({rest})"
         elif kind == "const":
             # Some capabilities are guarded by #ifdef in the header; print -1 when absent.
@@ -111,11 +143,11 @@ def c_program(keys: list[str]) -> str:
     return "\n".join(out)
 
 
-def test_abi_matches_kernel_headers(tmp_path: Path) -> None:
-    want = expected_lines()
+def compare(tmp_path: Path, want: dict[str, int], header: str, guard: bool = True) -> list[str]:
+    """Compile and run the C program for `want`; the keys whose values differ."""
     keys = sorted(want)
     src = tmp_path / "layout.c"
-    src.write_text(c_program(keys))
+    src.write_text(c_program(keys, header, guard=guard))
     exe = tmp_path / "layout"
     subprocess.run(["gcc", "-O0", "-o", str(exe), str(src)], check=True)
     got: dict[str, int] = {}
@@ -123,14 +155,28 @@ def test_abi_matches_kernel_headers(tmp_path: Path) -> None:
     for line in proc.stdout.splitlines():
         key, value = line.rsplit(" ", 1)
         got[key] = int(value)
-    mismatches = [
+    return [
         f"{key}: kvmkit {want[key]:#x}, kernel headers {got.get(key, 'missing')}"
         for key in keys
         if got.get(key) != want[key] and not (key.startswith("const") and got.get(key) == -1)
     ]
+
+
+def test_abi_matches_kernel_headers(tmp_path: Path) -> None:
+    want = expected_lines()
+    mismatches = compare(tmp_path, want, "linux/kvm.h")
     assert not mismatches, "\n".join(mismatches)
     # The test must have checked a meaningful amount: every struct and its fields.
-    assert len(keys) > 400
+    assert len(want) > 400
+
+
+@pytest.mark.skipif(not VFIO_HEADER.exists(), reason="needs <linux/vfio.h>")
+def test_vfio_abi_matches_kernel_headers(tmp_path: Path) -> None:
+    want = vfio_expected_lines()
+    # Unguarded: a constant the headers lack fails to compile instead of passing as -1.
+    mismatches = compare(tmp_path, want, "linux/vfio.h", guard=False)
+    assert not mismatches, "\n".join(mismatches)
+    assert len(want) > 150
 
 
 def test_layout_walk_sees_nested_and_anonymous_members() -> None:

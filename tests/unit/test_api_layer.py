@@ -21,6 +21,7 @@ ISSUE_ENDPOINTS = {
     ("patch", "/network-interfaces/{iface_id}"), ("put", "/vsock"), ("put", "/actions"),
     ("patch", "/vm"), ("put", "/snapshot/create"), ("put", "/snapshot/load"),
     ("put", "/logger"), ("put", "/metrics"), ("get", "/vm/config"),
+    ("put", "/vfio-devices/{device_id}"),  # kvmkit extension (docs/vfio.md)
     ("get", "/migration"), ("put", "/migration"),  # kvmkit extension (issue 14)
 }  # fmt: skip
 

@@ -299,6 +299,11 @@ KVM_EXIT_HYPERV_SYNDBG = 3
 KVM_MSR_EXIT_REASON_INVAL = 1 << 0
 KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
 KVM_MSR_EXIT_REASON_FILTER = 1 << 2
+# The KVM-VFIO pseudo device (KVM_CREATE_DEVICE; Documentation/virt/kvm/devices/vfio.rst).
+KVM_DEV_TYPE_VFIO = 4
+KVM_DEV_VFIO_GROUP = 1
+KVM_DEV_VFIO_GROUP_ADD = 1
+KVM_DEV_VFIO_GROUP_DEL = 2
 # vCPU attributes (asm/kvm.h): the TSC control group and its offset attribute (Linux 5.16).
 KVM_VCPU_TSC_CTRL = 0
 KVM_VCPU_TSC_OFFSET = 0

@@ -439,6 +439,11 @@ class kvm_msi(KvmStruct):
     ]
 
 
+class kvm_create_device(KvmStruct):
+    _c_name_ = "struct kvm_create_device"
+    _fields_ = [("type", c_uint32), ("fd", c_uint32), ("flags", c_uint32)]
+
+
 class kvm_irqfd(KvmStruct):
     _c_name_ = "struct kvm_irqfd"
     _fields_ = [

@@ -54,6 +54,7 @@ DEFAULT_MEM_MIB = 128  # Firecracker's defaults for GET /machine-config before a
 DEFAULT_VCPUS = 1
 MAX_DRIVES = 64
 MAX_IFACES = 64
+MAX_VFIO = 31  # PCI bus 0's slots less the host bridge (vmm/config.py MAX_PCI_FUNCTIONS)
 BUSY_TIMEOUT = 60.0  # a request waits this long for another one to finish, then 400
 NOT_AFTER_START = "The requested operation is not supported after starting the microVM."
 NOT_BEFORE_START = "The requested operation is not supported before starting the microVM."
@@ -126,6 +127,7 @@ class Vmm:
         self.drives: dict[str, dict[str, Any]] = {}
         self.ifaces: dict[str, dict[str, Any]] = {}
         self.vsock: dict[str, Any] | None = None
+        self.vfio_devices: dict[str, dict[str, Any]] = {}  # kvmkit extension (VFIO)
         self.logger: dict[str, Any] | None = None
         self.metrics_config: dict[str, Any] | None = None
         self.metrics = Metrics()
@@ -191,6 +193,8 @@ class Vmm:
         out["network-interfaces"] = [copy.deepcopy(n) for n in self.ifaces.values()]
         if self.vsock is not None:
             out["vsock"] = copy.deepcopy(self.vsock)
+        if self.vfio_devices:
+            out["vfio-devices"] = [copy.deepcopy(d) for d in self.vfio_devices.values()]
         if self.logger is not None:
             out["logger"] = copy.deepcopy(self.logger)
         if self.metrics_config is not None:
@@ -295,6 +299,28 @@ class Vmm:
             self.vsock = dict(body)
             self._configured = True
 
+    def put_vfio_device(self, device_id: str, body: Any) -> None:
+        """kvmkit extension: give the guest host PCI device `bdf` (VFIO passthrough). The
+        host's checks (bound to vfio-pci, IOMMU group viable) run at InstanceStart."""
+        body = _check(body, "VfioDevice")
+        if body["device_id"] != device_id:
+            raise ApiError("The id from the path does not match the id from the body!")
+        from kvmkit.vfio.sysfs import parse_bdf
+
+        try:
+            bdf = parse_bdf(body["bdf"])
+        except ValueError as err:
+            raise ApiError(f"bdf: {err}") from None
+        with self._mutating():
+            self._pre_boot()
+            for other in self.vfio_devices.values():
+                if other["device_id"] != device_id and parse_bdf(other["bdf"]) == bdf:
+                    raise ApiError(f"bdf {bdf} is already in use")
+            if device_id not in self.vfio_devices and len(self.vfio_devices) >= MAX_VFIO:
+                raise ApiError(f"at most {MAX_VFIO} VFIO devices")
+            self.vfio_devices[device_id] = dict(body)
+            self._configured = True
+
     def put_logger(self, body: Any) -> None:
         body = _check(body, "Logger")
         with self._mutating():
@@ -383,13 +409,15 @@ class Vmm:
                 cmdline=bs.get("boot_args"), vcpus=mc["vcpu_count"],
                 mem_mib=mc["mem_size_mib"], command=list(self.command or []),
                 drives=self._drive_configs(), nets=self._net_configs(),
-                vsock=self._vsock_config(), **_cpu_memory_options(mc),
+                vsock=self._vsock_config(), vfio=self._vfio_bdfs(),
+                **_cpu_memory_options(mc),
             )  # fmt: skip
         if self.command is not None:
             return MachineConfig(
                 vcpus=mc["vcpu_count"], mem_mib=mc["mem_size_mib"], command=list(self.command),
                 drives=self._drive_configs(), nets=self._net_configs(),
-                vsock=self._vsock_config(), **_cpu_memory_options(mc),
+                vsock=self._vsock_config(), vfio=self._vfio_bdfs(),
+                **_cpu_memory_options(mc),
             )
         raise ApiError("Cannot start microvm without kernel configuration.")
 
@@ -412,6 +440,9 @@ class Vmm:
         if self.vsock is None:
             return None
         return VsockConfig(self.vsock["guest_cid"], Path(self.vsock["uds_path"]))
+
+    def _vfio_bdfs(self) -> list[str]:
+        return [d["bdf"] for d in self.vfio_devices.values()]
 
     def attach_devices(self, machine: Machine) -> None:
         """Devices the Machine does not build from its MachineConfig plug in here; drives,
@@ -653,6 +684,8 @@ class Vmm:
             self.put_network_interface(iface["iface_id"], iface)
         if "vsock" in data:
             self.put_vsock(data["vsock"])
+        for device in data.get("vfio-devices", []):
+            self.put_vfio_device(device["device_id"], device)
 
     # -- metrics from the machine
     def _collect_metrics(self, metrics: Metrics) -> None:

@@ -146,6 +146,9 @@ class Router:
             if fn is not None:
                 fn(_parse_body(raw))
                 return 204, None
+            if len(parts) == 2 and (method, parts[0]) == ("PUT", "vfio-devices"):
+                vmm.put_vfio_device(_id(parts[1], "device_id"), _parse_body(raw))
+                return 204, None
             if len(parts) == 2 and parts[0] in ("drives", "network-interfaces"):
                 what = "drive_id" if parts[0] == "drives" else "iface_id"
                 ident = _id(parts[1], what)

@@ -37,6 +37,9 @@ def register(subparsers: Any) -> None:
                    help="also share DIR writable at the same path (repeatable)")
     p.add_argument("--module", action="append", default=[], metavar="NAME",
                    help="also load kernel module NAME (and its dependencies), e.g. vfio_pci")
+    p.add_argument("--device", action="append", default=[], metavar="NAME[,OPTIONS]",
+                   help="add QEMU PCI device NAME (e.g. edu) behind an emulated IOMMU and bind "
+                   "it to vfio-pci in the lane, for VFIO passthrough (repeatable; docs/lane.md)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="show the QEMU command line, the kernel console and timings")
     p.add_argument("--prepare", action="store_true",
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     opts = runner.LaneOptions(
         command=command, cpus=args.cpus, mem_mib=args.mem_mib, timeout=args.timeout,
         boot_timeout=args.boot_timeout, shares=[Path(s) for s in args.share],
-        verbose=args.verbose, extra_modules=tuple(args.module),
+        verbose=args.verbose, extra_modules=tuple(args.module), devices=tuple(args.device),
     )
     sys.stdout.flush()
     return runner.run(opts)

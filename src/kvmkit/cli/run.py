@@ -125,6 +125,11 @@ def register(sub: Any) -> None:
         "(Firecracker's CONNECT protocol, docs/virtio.md)",
     )  # fmt: skip
     p.add_argument(
+        "--vfio", action="append", default=[], metavar="DDDD:BB:DD.F",
+        help="give the guest this host PCI device (bound to vfio-pci; repeatable; "
+        "docs/vfio.md)",
+    )  # fmt: skip
+    p.add_argument(
         "--api-sock", metavar="PATH",
         help="serve kvmkit's Firecracker-compatible API on this Unix socket (docs/api.md); "
         "without a kernel, command or config file, wait for InstanceStart",
@@ -204,6 +209,8 @@ def _api_devices(args: argparse.Namespace) -> dict[str, Any]:
         ]  # fmt: skip
     if vsock is not None:
         out["vsock"] = {"guest_cid": vsock.cid, "uds_path": str(vsock.uds_path)}
+    if args.vfio:
+        out["vfio-devices"] = [{"device_id": f"vfio{i}", "bdf": b} for i, b in enumerate(args.vfio)]
     return out
 
 
@@ -246,6 +253,11 @@ def run(args: argparse.Namespace) -> int:
     config.rng = args.rng
     config.virtio_transport = args.virtio_transport
     _extension_options(config, args)
+    config.vfio = list(args.vfio)
+    if config.vfio and args.snapshot_after is not None:
+        from kvmkit.vmm.machine import VFIO_NO_SNAPSHOT
+
+        raise UserError(f"--snapshot-after: {VFIO_NO_SNAPSHOT}")
     config.validate()
     if config.nested or config.hyperv is not False:
         _check_extensions(config)  # before the PVM refusal: say what this host lacks

@@ -1,4 +1,5 @@
-"""The single error type of the KVM wrappers."""
+"""The error types of the ioctl wrappers: `KvmError` for KVM file descriptors, `VfioError`
+for VFIO ones; both are an `IoctlError` (an OSError carrying the operation's name)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import errno as _errno
 import os
 
 
-class KvmError(OSError):
-    """An ioctl on a KVM file descriptor failed: carries the operation name and errno."""
+class IoctlError(OSError):
+    """An ioctl failed: carries the operation name and errno."""
 
     def __init__(self, op: str, err: int, detail: str = "") -> None:
         msg = f"{op} failed: {os.strerror(err)} ({_errno.errorcode.get(err, err)})"
@@ -18,3 +19,11 @@ class KvmError(OSError):
 
     def __str__(self) -> str:
         return str(self.args[1])
+
+
+class KvmError(IoctlError):
+    """An ioctl on a KVM file descriptor failed."""
+
+
+class VfioError(IoctlError):
+    """An ioctl (or read, write, mmap) on a VFIO container, group or device failed."""

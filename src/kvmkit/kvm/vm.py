@@ -20,6 +20,7 @@ from kvmkit.abi.constants import (
     MemFlag,
 )
 from kvmkit.kvm._ioctl import close_fd, ioctl_int, ioctl_ptr
+from kvmkit.kvm.device import KvmDevice
 from kvmkit.kvm.errors import KvmError
 from kvmkit.kvm.vcpu import Vcpu
 
@@ -248,6 +249,14 @@ class Vm:
         for i, e in enumerate(entries):
             table.entries[i] = e
         ioctl_ptr(self.fd, "KVM_SET_GSI_ROUTING", ioctls.SET_GSI_ROUTING, table)
+
+    # -- devices
+    def create_device(self, device_type: int) -> KvmDevice:
+        """KVM_CREATE_DEVICE: an in-kernel device of `device_type` (KVM_DEV_TYPE_*)."""
+        req = structs.kvm_create_device()
+        req.type = device_type
+        ioctl_ptr(self.fd, "KVM_CREATE_DEVICE", ioctls.CREATE_DEVICE, req)
+        return KvmDevice(int(req.fd))
 
     # -- clock
     def get_clock(self) -> structs.kvm_clock_data:

@@ -13,8 +13,10 @@ kernel console, which the host always reads, because failures before virtio-seri
 can only be reported there.
 
 The per-run settings come from /kvmkit/run.sh, in a second cpio archive appended to the
-cached initramfs; it defines two shell functions (written by runner.run_script):
+cached initramfs; it defines three shell functions (written by runner.run_script):
   kvmkit_shares   calls `share TAG PATH` for each writable share
+  kvmkit_vfio     calls `bind_vfio BDF` (or PORT/DEVFN) for each passthrough device
+                  (--device)
   kvmkit_command  runs the command with the caller's environment (via `env -i`)
 """
 
@@ -113,6 +115,31 @@ exec 3>"$OUT" 4>"$ERR" 5<>"$CTL"
 # The loopback interface starts DOWN in a fresh kernel: without it anything on 127.0.0.1 (a
 # gdb stub, a TCP migration, a test server) fails with "Network is unreachable".
 $BB ip link set lo up || mark "fail net lo: cannot bring the loopback interface up"
+bind_vfio() {
+    # Give the device to vfio-pci (Documentation/driver-api/vfio.rst): whatever driver has
+    # it lets go, driver_override names the one that may take it, drivers_probe binds it.
+    # $1 is a BDF, or PORT/DEVFN for a device behind a root port (runner.lane_devices): the
+    # function DEVFN of the port's secondary bus, whose number the kernel chose; its sysfs
+    # directory is inside the port's.
+    b=$1
+    case $1 in */*)
+        b=
+        for f in /sys/bus/pci/devices/${1%/*}/0000:*:${1#*/}; do [ -e "$f" ] && b=${f##*/}; done
+        ;;
+    esac
+    d=/sys/bus/pci/devices/$b
+    if [ -z "$b" ] || [ ! -e "$d" ]; then
+        echo "kvmkit lane: --device $1: no such PCI device" >&4
+        return
+    fi
+    [ -e "$d/driver" ] && echo "$b" > "$d/driver/unbind"
+    echo vfio-pci > "$d/driver_override"
+    echo "$b" > /sys/bus/pci/drivers_probe
+    g=$($BB readlink "$d/iommu_group" 2>/dev/null)
+    [ -n "$g" ] && [ -e "/dev/vfio/${g##*/}" ] ||
+        echo "kvmkit lane: --device $1: not bound to vfio-pci (no /dev/vfio/${g##*/})" >&4
+}
+kvmkit_vfio
 mark stage run
 echo ready >&5
 kvmkit_command </dev/null >&3 2>&4 3>&- 4>&- 5>&-

@@ -86,6 +86,9 @@ class LaneOptions:
     shares: Sequence[Path] = ()
     verbose: bool = False
     extra_modules: Sequence[str] = ()
+    # QEMU devices to pass through (`NAME[,OPTIONS]`, e.g. "edu"): added behind an emulated
+    # IOMMU and bound to vfio-pci inside the lane (docs/lane.md, docs/vfio.md).
+    devices: Sequence[str] = ()
     cwd: Path | None = None
     env: Mapping[str, str] | None = None
     qemu: str | None = None
@@ -151,12 +154,98 @@ def lane_environment(env: Mapping[str, str], shares: Sequence[Path]) -> dict[str
     return out
 
 
+# Passthrough devices (--device): QEMU's VT-d with interrupt remapping, which VFIO needs for
+# MSI, and which QEMU allows only with the split irqchip; the lane kernel turns it on with
+# intel_iommu=on (CONFIG_INTEL_IOMMU_DEFAULT_ON is off in Debian's kernel).
+VFIO_MODULES = ("vfio_pci", "vfio_iommu_type1")
+FIRST_DEVICE_SLOT = 0x10  # free slots for --device functions, far from QEMU's own devices
+
+
+def _devfn(addr: str) -> tuple[int, int]:
+    """QEMU's PCI `addr` property: SLOT[.FN], hexadecimal (qdev_prop_pci_devfn)."""
+    slot_text, _, fn_text = addr.partition(".")
+    slot, fn = int(slot_text, 16), int(fn_text or "0", 16)
+    if not 0 <= slot < 32 or not 0 <= fn < 8:
+        raise ValueError(addr)
+    return slot, fn
+
+
+ROOT_PORT_OPTION = "root-port=on"  # kvmkit's, not QEMU's: the device behind a root port
+
+
+@dataclass(frozen=True)
+class LaneDevice:
+    """One `--device`: its QEMU -device arguments and what the lane's init binds to vfio-pci,
+    a BDF (bus 0) or PORT/DEVFN (function DEVFN on the secondary bus of the root port at
+    BDF PORT, whose number the lane's kernel chooses)."""
+
+    qemu: tuple[str, ...]
+    bind: str
+
+
+def lane_devices(specs: Sequence[str]) -> list[LaneDevice]:
+    """The QEMU devices and lane addresses of each `--device` NAME[,OPTIONS]: a device
+    without `addr=` gets the next free slot from 0x10 on bus 0; with `root-port=on` it sits
+    alone behind a PCI Express root port (QEMU's pcie-root-port) in that slot, so a PCIe
+    device is a PCIe endpoint (function-level reset, as on real hosts) rather than an
+    integrated one on the root bus."""
+    taken: set[int] = set()
+    parsed: list[tuple[str, list[str], tuple[int, int] | None, bool]] = []
+    for spec in specs:
+        name, *opts = spec.split(",")
+        if not name or not all("=" in o for o in opts):
+            raise UserError(f"--device {spec!r}: expected NAME[,KEY=VALUE...]")
+        port = ROOT_PORT_OPTION in opts
+        opts = [o for o in opts if o != ROOT_PORT_OPTION]
+        if any(o.startswith("root-port=") for o in opts):
+            raise UserError(f"--device {spec!r}: root-port takes only `on`")
+        addr = next((o.split("=", 1)[1] for o in opts if o.startswith("addr=")), None)
+        if any(o.startswith("bus=") for o in opts):
+            raise UserError(f"--device {spec!r}: bus 0 only (or root-port=on)")
+        try:
+            devfn = _devfn(addr) if addr is not None else None
+        except ValueError:
+            raise UserError(f"--device {spec!r}: addr must be SLOT[.FN] in hex") from None
+        if port and devfn is not None and devfn[1]:
+            raise UserError(f"--device {spec!r}: a root port takes a whole slot (addr=SLOT)")
+        if devfn is not None:
+            taken.add(devfn[0])
+        parsed.append((name, [o for o in opts if not o.startswith("addr=")], devfn, port))
+    out: list[LaneDevice] = []
+    next_slot = FIRST_DEVICE_SLOT
+    ports = 0
+    for name, opts, devfn, port in parsed:
+        if devfn is None:
+            while next_slot in taken:
+                next_slot += 1
+            if next_slot >= 32:
+                raise UserError("--device: no free PCI slot left on the lane's bus 0")
+            devfn = (next_slot, 0)
+            taken.add(next_slot)
+        at = f"0000:00:{devfn[0]:02x}.{devfn[1]}"
+        if port:
+            ports += 1
+            # chassis/slot must be unique per port (QEMU's pcie_chassis_add_slot).
+            port_id = f"kvmkit_rp{ports}"
+            qemu = (
+                f"pcie-root-port,id={port_id},chassis={ports},addr={devfn[0]:#x}.0",
+                ",".join([name, *opts, f"bus={port_id}", "addr=0x0.0"]),
+            )
+            out.append(LaneDevice(qemu, f"{at}/00.0"))
+        else:
+            device = ",".join([name, *opts, f"addr={devfn[0]:#x}.{devfn[1]}"])
+            out.append(LaneDevice((device,), at))
+    return out
+
+
 def run_script(command: Sequence[str], cwd: Path, env: Mapping[str, str],
-               shares: Sequence[Path]) -> str:
+               shares: Sequence[Path], vfio_bdfs: Sequence[str] = ()) -> str:
     """The per-run /kvmkit/run.sh sourced by both init stages."""
     q = shlex.quote
     lines = ["kvmkit_shares() {", "    :"]
     lines += [f"    share kvmkit{i} {q(str(p))}" for i, p in enumerate(shares)]
+    lines += ["}", "kvmkit_vfio() {", "    :"]
+    lines += [f"    bind_vfio {q(bdf)}" for bdf in vfio_bdfs]
     lines += ["}", "kvmkit_command() {"]
     # `env -i` drops the kernel's init environment; the host's /bin/sh (not busybox, whose
     # shell would prefer its own applets over the host's programs) changes directory and
@@ -189,11 +278,19 @@ def qemu_argv(qemu: str, opts: LaneOptions, kernel: assets.LaneKernel, initrd: P
     )
     if not opts.verbose:
         append += " quiet"
+    devices = lane_devices(opts.devices)
+    machine = "q35,accel=tcg"
+    iommu: list[str] = []
+    if devices:
+        machine += ",kernel-irqchip=split"
+        append += " intel_iommu=on"
+        # Before every other PCI device, so that all of them sit behind it.
+        iommu = ["-device", "intel-iommu,intremap=on"]
     argv = [
-        qemu, "-M", "q35,accel=tcg", "-cpu", "EPYC,+svm,+npt",
+        qemu, "-M", machine, "-cpu", "EPYC,+svm,+npt",
         "-smp", str(opts.cpus), "-m", str(opts.mem_mib),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        *_firmware(qemu),
+        *_firmware(qemu), *iommu,
         "-kernel", str(kernel.boot_image), "-initrd", str(initrd), "-append", append,
         "-chardev", f"socket,id=console,fd={fds['console']}", "-serial", "chardev:console",
         "-device", "virtio-serial-pci,id=vser",
@@ -204,6 +301,9 @@ def qemu_argv(qemu: str, opts: LaneOptions, kernel: assets.LaneKernel, initrd: P
     argv += ["-virtfs", _virtfs(Path("/"), "hostroot", readonly=True)]
     for i, path in enumerate(shares):
         argv += ["-virtfs", _virtfs(path, f"kvmkit{i}", readonly=False)]
+    for device in devices:
+        for arg in device.qemu:
+            argv += ["-device", arg]
     # For experiments and extra devices (e.g. `-device edu`) without a new option each time.
     argv += shlex.split(os.environ.get("KVMKIT_LANE_QEMU_ARGS", ""))
     return argv
@@ -374,8 +474,10 @@ def run(opts: LaneOptions) -> int:
     cwd = Path(os.path.realpath(opts.cwd or Path.cwd()))
     shares = writable_shares(cwd, [Path(p) for p in opts.shares])
     env = lane_environment(os.environ if opts.env is None else opts.env, shares)
-    kernel, base = prepare(opts.extra_modules)
-    script = run_script(opts.command, cwd, env, shares)
+    devices = lane_devices(opts.devices)
+    modules = (*opts.extra_modules, *(VFIO_MODULES if devices else ()))
+    kernel, base = prepare(modules)
+    script = run_script(opts.command, cwd, env, shares, [d.bind for d in devices])
 
     lane = _Lane(opts)
     with tempfile.TemporaryDirectory(prefix="kvmkit-lane-") as tmp:

@@ -76,7 +76,8 @@ class MemoryRegion:
             self.fd = -1
 
 
-def _host_address(mapping: mmap.mmap) -> int:
+def host_address(mapping: mmap.mmap) -> int:
+    """The address of a mapping in this process (what KVM and VFIO are given)."""
     # ctypes needs a writable buffer; from_buffer keeps an export on the mapping for as long
     # as the ctypes object lives, which is only for this call.
     anchor = ctypes.c_char.from_buffer(mapping)
@@ -95,7 +96,7 @@ def _check_size(gpa: int, size: int) -> None:
 def anonymous_region(gpa: int, size: int) -> MemoryRegion:
     _check_size(gpa, size)
     mapping = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return MemoryRegion(gpa, size, mapping, _host_address(mapping))
+    return MemoryRegion(gpa, size, mapping, host_address(mapping))
 
 
 class HugePagesError(GuestMemoryError):
@@ -139,7 +140,7 @@ def memfd_region(
         os.close(fd)
         raise
     return MemoryRegion(
-        gpa, size, mapping, _host_address(mapping), fd=fd, huge_page_size=huge_page_size
+        gpa, size, mapping, host_address(mapping), fd=fd, huge_page_size=huge_page_size
     )
 
 
@@ -165,4 +166,4 @@ def file_region(
     except BaseException:
         os.close(fd)
         raise
-    return MemoryRegion(gpa, size, mapping, _host_address(mapping), fd=fd)
+    return MemoryRegion(gpa, size, mapping, host_address(mapping), fd=fd)

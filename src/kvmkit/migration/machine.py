@@ -42,7 +42,7 @@ from kvmkit.migration.stream import (
 )
 from kvmkit.snapshot.core import VmSetup, prepare_vm
 from kvmkit.snapshot.format import SnapshotError
-from kvmkit.vmm.machine import Machine
+from kvmkit.vmm.machine import VFIO_NO_SNAPSHOT, Machine
 from kvmkit.vmm.persist import MachineState, config_from_dict, config_to_dict
 from kvmkit.vmm.placement import add_guest_ram
 from kvmkit.vmm.runstate import RunState
@@ -54,6 +54,10 @@ class MachineSource:
     """A running Machine as the sender's `Source`."""
 
     def __init__(self, machine: Machine) -> None:
+        # First, before anything reaches the destination: a passthrough device's state is in
+        # the hardware, which the destination cannot rebuild (docs/vfio.md).
+        if machine.config.vfio:
+            raise UserError(VFIO_NO_SNAPSHOT)
         if machine.vm is None or not machine.threads:
             raise UserError("the machine is not running: nothing to migrate")
         if machine.paused:

@@ -26,6 +26,7 @@ MIN_MEM_MIB = 32
 MAX_MEM_MIB = 1 << 20  # 1 TiB: anything above is a typo, not a microVM
 MAX_VIRTIO_DEVICES = 9  # one ISA IRQ each (arch/x86_64/layout.py VIRTIO_MMIO_IRQS)
 VIRTIO_TRANSPORTS = ("mmio", "pci")
+MAX_PCI_FUNCTIONS = 31  # bus 0's 32 slots less the host bridge (devices/pci/root.py)
 
 
 @dataclass
@@ -60,6 +61,9 @@ class MachineConfig:
     numa: list[NumaNode] = field(default_factory=list)
     huge_pages: str | None = None
     cpu_affinity: dict[int, frozenset[int]] = field(default_factory=dict)
+    # Host PCI devices given to the guest through VFIO, by address (DDDD:BB:DD.F), each
+    # bound to vfio-pci on the host (docs/vfio.md). Such a machine cannot be snapshotted.
+    vfio: list[str] = field(default_factory=list)
     # Nested virtualization (docs/nested.md): show the guest the host's VMX/SVM (hidden
     # otherwise) so it can run VMs of its own.
     nested: bool = False
@@ -139,6 +143,8 @@ class MachineConfig:
             raise UserError("--net: the same tap twice")
         if self.virtio_count > MAX_VIRTIO_DEVICES:
             raise UserError(f"at most {MAX_VIRTIO_DEVICES} virtio devices")
+        if self.vfio:
+            self._validate_vfio()
         if self.initrd is not None and self.kernel is None:
             raise UserError("--initrd needs --kernel (the default image brings its own)")
         self.validate_placement()
@@ -250,6 +256,22 @@ class MachineConfig:
                     f"{what}: host CPU {outside[0]} is not available to this process (it may "
                     f"run on {format_cpulist(allowed)})"
                 )
+
+
+    def _validate_vfio(self) -> None:
+        """Each device exists, is bound to vfio-pci and its IOMMU group is viable (sysfs;
+        kvmkit.vfio.sysfs), before anything is built."""
+        from kvmkit.vfio.sysfs import check_assignable
+
+        seen: set[str] = set()
+        for text in self.vfio:
+            bdf = check_assignable(text).bdf
+            if bdf in seen:
+                raise UserError(f"--vfio {bdf}: the same device twice")
+            seen.add(bdf)
+        virtio_pci = self.virtio_count if self.virtio_transport == "pci" else 0
+        if len(self.vfio) + virtio_pci > MAX_PCI_FUNCTIONS:
+            raise UserError(f"at most {MAX_PCI_FUNCTIONS} PCI devices (virtio-pci and --vfio)")
 
 
 def _host_memory_mib() -> int | None:

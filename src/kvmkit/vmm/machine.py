@@ -83,6 +83,7 @@ from kvmkit.vmm.persist import DeviceStates, MachineState, VirtioEntry
 from kvmkit.vmm.placement import add_guest_ram
 from kvmkit.vmm.runstate import Event, RunState
 from kvmkit.vmm.vcpu import VcpuThread
+from kvmkit.vmm.vfio import MachineVfio
 
 if TYPE_CHECKING:
     from kvmkit.migration.send import MigrationProgress, MigrationResult
@@ -103,6 +104,10 @@ PANIC_MARKER = b"Kernel panic - not syncing"
 # After the command reported its status the init powers off; if that takes longer than
 # this, the VM is stopped anyway (the status is already known).
 POWEROFF_GRACE = 10.0
+VFIO_NO_SNAPSHOT = (
+    "a machine with passthrough devices (--vfio) cannot be snapshotted or migrated: their "
+    "state is in the hardware, not in kvmkit"
+)
 # How long close() waits for the VM's threads in all before leaving stuck ones behind.
 CLOSE_TIMEOUT = 10.0
 PAUSE_TIMEOUT = 10.0
@@ -205,7 +210,8 @@ class Machine:
         # (base, irq, device); over PCI: (BAR address, -1: MSI-X, device)
         self.virtio: list[tuple[int, int, VirtioDevice]] = []
         self.virtio_transports: list[VirtioMmio | VirtioPci] = []  # in the order of self.virtio
-        self.pci: MachinePci | None = None  # the PCI bus, with virtio_transport="pci"
+        self.pci: MachinePci | None = None  # the PCI bus: virtio_transport="pci" or vfio
+        self.vfio: MachineVfio | None = None  # passthrough devices (config.vfio)
         # The virtio queue workers (devices/virtio/worker.py); pause parks them.
         self._virtio_workers: VirtioWorkers | None = None
         self._restored = False  # built by from_state: KVM_KVMCLOCK_CTRL before the vCPUs run
@@ -249,9 +255,14 @@ class Machine:
             workers.close()
         self.console.close(max(0.0, deadline - time.monotonic()))
         if stuck:
+            # A stuck vCPU thread may still serve a trapped BAR access through a passthrough
+            # device's fd: those stay open too (the process's exit releases them).
             log.warning("closing the VM with %s still running: its memory stays mapped",
                         ", ".join(stuck))  # fmt: skip
             return
+        if self.vfio is not None:  # before the VM: its slots and irqfds go first
+            self.vfio.close()
+            self.vfio = None
         if self.vm is not None:
             self.vm.close()
         for _, _, dev in self.virtio:
@@ -289,8 +300,10 @@ class Machine:
         return image.kernel, image.initrd, cmdline + extra
 
     def uses_pci(self) -> bool:
-        """virtio devices over PCI: the guest needs its PCI bus (no `pci=off`)."""
-        return self.config.virtio_transport == "pci" and self.config.virtio_count > 0
+        """virtio devices over PCI or passthrough devices: the guest needs its PCI bus (no
+        `pci=off`)."""
+        cfg = self.config
+        return (cfg.virtio_transport == "pci" and cfg.virtio_count > 0) or bool(cfg.vfio)
 
     def base_cmdline(self) -> str:
         return BASE_CMDLINE.replace(" pci=off", "") if self.uses_pci() else BASE_CMDLINE
@@ -328,6 +341,8 @@ class Machine:
             reset_port=AcpiPower.RESET_PORT,
             virtio_mmio=[(b, layout.VIRTIO_MMIO_SIZE, irq) for b, irq in self.virtio_slots()],
             pci_window=(layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE) if self.uses_pci() else None,
+            pci_io_window=(layout.PCI_IO_BASE, layout.PCI_IO_SIZE) if cfg.vfio else None,
+            pci_intx=bool(cfg.vfio),
             numa=numa_tables(cfg.numa, cfg.vcpus, mem_size) if cfg.numa else None,
         )  # fmt: skip
         # The MP table where it can describe the machine (8-bit APIC IDs, up to 40 vCPUs);
@@ -393,6 +408,15 @@ class Machine:
         )
         self.pio.insert(power, AcpiPower.BASE, AcpiPower.LENGTH, "acpi-power")
         self._add_virtio(vm)
+        if self.config.vfio:
+            self.vfio = MachineVfio(self.config.vfio, self.mem, self._pci_bus(vm))
+            self.vfio.open()
+
+    def _pci_bus(self, vm: Vm) -> MachinePci:
+        if self.pci is None:
+            self.pci = MachinePci(vm, self.mem, self.pio, self.mmio,
+                                  io_window=bool(self.config.vfio))  # fmt: skip
+        return self.pci
 
     def virtio_slots(self) -> list[tuple[int, int]]:
         """(MMIO base, IRQ) of each virtio-mmio device, in order: drives, the rng, nets, vsock."""
@@ -428,9 +452,9 @@ class Machine:
             return
         self._virtio_workers = worker = VirtioWorkers()
         if self.config.virtio_transport == "pci":
-            self.pci = MachinePci(vm, self.mem, self.pio, self.mmio)
+            pci = self._pci_bus(vm)
             for dev in devices:
-                function = self.pci.add_virtio(dev)
+                function = pci.add_virtio(dev)
                 worker.add(dev)
                 self.virtio.append((function.bar_address, -1, dev))
                 self.virtio_transports.append(function)
@@ -671,6 +695,8 @@ class Machine:
 
     def capture_state(self) -> MachineState:
         """The state of the paused machine, without guest memory (kvmkit.vmm.persist)."""
+        if self.config.vfio:  # snapshots and migration both start here
+            raise UserError(VFIO_NO_SNAPSHOT)
         if self.vm is None or self.kvm is None or not self.threads:
             raise UserError("the machine is not running: nothing to capture")
         if not self.paused:

@@ -246,14 +246,32 @@ def virtio_mmio_device_aml(index: int, base: int, size: int, irq: int) -> bytes:
 EISAID_PNP0A03 = 0x030AD041
 
 
-def pci_host_bridge_aml(window_base: int, window_size: int) -> bytes:
+def pci_routing_table_aml() -> bytes:
+    """_PRT (ACPI 6.5 §6.2.13) for every slot of bus 0: Package {Address (slot << 16 |
+    0xFFFF: any function), Pin (0 = INTA), Source (0: SourceIndex is a GSI), SourceIndex},
+    the GSIs of layout.pci_intx_gsi (level-triggered, active low, as _PRT GSIs are)."""
+    entries = []
+    for slot in range(32):
+        for pin in range(1, 5):
+            address, gsi = (slot << 16) | 0xFFFF, layout.pci_intx_gsi(slot, pin)
+            fields = [aml_integer(address), aml_integer(pin - 1), aml_integer(0), aml_integer(gsi)]
+            entries.append(aml_package(fields))
+    return aml_name("_PRT", aml_package(entries))
+
+
+def pci_host_bridge_aml(
+    window_base: int, window_size: int, *, io_window: tuple[int, int] | None = None,
+    intx: bool = False,
+) -> bytes:  # fmt: skip
     """\\_SB_.PCI0: the root of PCI segment 0, bus 0 (a conventional PCI host bridge, so _OSC
     is optional for Linux). Linux with ACPI finds PCI root buses only here (acpi_pci_root,
     "PNP0A03"); its _CRS gives the bus range and the memory window BARs live in (Linux
     keeps BARs inside a window and reassigns those outside). Config space is reached by
     mechanism #1 on 0xCF8 (no MCFG: no ECAM). Address space descriptors: 6.4.3.5.3 (Word,
     bus numbers) and 6.4.3.5.2 (DWord, memory); general flags 0x0C: producer, fixed
-    minimum and maximum, positive decode."""
+    minimum and maximum, positive decode. `io_window` (base, size) adds a Word I/O range
+    for I/O BARs; `intx` a _PRT routing the slots' INTx pins to GSIs (passthrough devices
+    use INTx; kvmkit's virtio-pci functions have none)."""
     if window_size <= 0 or window_base + window_size > 1 << 32:
         raise ValueError("PCI window must lie below 4 GiB")
     bus = struct.pack("<BHBBBHHHHH", 0x88, 13, 2, 0x0C, 0, 0, 0, 0, 0, 1)
@@ -262,7 +280,17 @@ def pci_host_bridge_aml(window_base: int, window_size: int) -> bytes:
         "<BHBBBIIIII", 0x87, 23, 0, 0x0C, 0x01, 0, window_base,
         window_base + window_size - 1, 0, window_size,
     )  # fmt: skip
-    crs = bus + mem + b"\x79\x00"
+    io = b""
+    if io_window is not None:
+        io_base, io_size = io_window
+        if io_size <= 0 or io_base + io_size > 0x10000:
+            raise ValueError("PCI I/O window must lie below 64 KiB")
+        # Resource type 1 (I/O), type-specific flags 0x03: ISA and non-ISA ranges.
+        io = struct.pack(
+            "<BHBBBHHHHH", 0x88, 13, 1, 0x0C, 0x03, 0, io_base, io_base + io_size - 1, 0,
+            io_size,
+        )  # fmt: skip
+    crs = bus + mem + io + b"\x79\x00"
     body = (
         aml_name("_HID", aml_integer(EISAID_PNP0A03))
         + aml_name("_UID", aml_integer(0))
@@ -270,17 +298,21 @@ def pci_host_bridge_aml(window_base: int, window_size: int) -> bytes:
         + aml_name("_BBN", aml_integer(0))
         + aml_name("_CRS", aml_buffer(crs))
     )
+    if intx:
+        body += pci_routing_table_aml()
     return aml_device("PCI0", body)
 
 
 def dsdt_aml(
     s5_sleep_type: int = S5_SLEEP_TYPE, virtio_mmio: list[tuple[int, int, int]] | None = None,
-    pci_window: tuple[int, int] | None = None,
+    pci_window: tuple[int, int] | None = None, pci_io_window: tuple[int, int] | None = None,
+    pci_intx: bool = False,
 ) -> bytes:  # fmt: skip
     """The DSDT's definition block. \\_S5_ (7.4.2): Package {SLP_TYPa, SLP_TYPb, reserved,
     reserved}; the OS writes SLP_TYPa into PM1a_CNT's SLP_TYP field. `virtio_mmio`: (base,
     size, irq) of virtio-mmio devices, described under \\_SB_; `pci_window`: (base, size)
-    of the PCI host bridge's memory window, when there is a PCI bus."""
+    of the PCI host bridge's memory window, when there is a PCI bus (`pci_io_window` and
+    `pci_intx`: see pci_host_bridge_aml)."""
     s5 = aml_package([aml_integer(s5_sleep_type)] * 2 + [aml_integer(0)] * 2)
     aml = aml_name("_S5_", s5)
     devices = b""
@@ -290,7 +322,7 @@ def dsdt_aml(
             for i, (base, size, irq) in enumerate(virtio_mmio)
         )
     if pci_window is not None:
-        devices += pci_host_bridge_aml(*pci_window)
+        devices += pci_host_bridge_aml(*pci_window, io_window=pci_io_window, intx=pci_intx)
     if devices:
         aml += aml_scope(b"\\_SB_", devices)
     return aml
@@ -464,6 +496,8 @@ def write_acpi_tables(
     addr: int = layout.ACPI_ADDR,
     virtio_mmio: list[tuple[int, int, int]] | None = None,
     pci_window: tuple[int, int] | None = None,
+    pci_io_window: tuple[int, int] | None = None,
+    pci_intx: bool = False,
     numa: NumaTables | None = None,
 ) -> int:
     """Write RSDP, XSDT, FADT, DSDT, MADT (and SRAT and SLIT when `numa` is given) from
@@ -495,7 +529,8 @@ def write_acpi_tables(
     fadt_addr = _align(xsdt_addr + xsdt_size)
     facs_addr = (fadt_addr + FADT_LENGTH + 63) & ~63  # the FACS must be 64-byte aligned
     dsdt_addr = _align(facs_addr + FACS_LENGTH)
-    dsdt = sdt(b"DSDT", DSDT_REVISION, dsdt_aml(s5_sleep_type, virtio_mmio, pci_window))
+    aml = dsdt_aml(s5_sleep_type, virtio_mmio, pci_window, pci_io_window, pci_intx)
+    dsdt = sdt(b"DSDT", DSDT_REVISION, aml)
     madt_addr = _align(dsdt_addr + len(dsdt))
     madt = build_madt(apic_ids)
     placed: list[tuple[int, bytes]] = []

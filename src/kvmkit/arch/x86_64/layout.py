@@ -59,10 +59,27 @@ VIRTIO_MMIO_SIZE = 0x1000  # one page of registers per virtio-mmio device, back 
 VIRTIO_MMIO_IRQS = (5, 6, 7, 10, 11, 12, 13, 14, 15)
 PCI_MMIO_BASE = 0xE000_0000
 PCI_MMIO_SIZE = 0x1000_0000 - 0x0100_0000  # stops short of 0xEF00_0000
+# Port window for the I/O BARs of passthrough devices (the host bridge's _CRS announces it);
+# far above the legacy ports kvmkit emulates (serial 0x3F8, ACPI PM 0x600, 0xCF8 config).
+PCI_IO_BASE = 0xC000
+PCI_IO_SIZE = 0x4000
+# PCI INTx lines: IOAPIC inputs 16-23, after the ISA IRQs, level-triggered and active low
+# as the DSDT's _PRT routes them (PCI Local Bus 3.0 §2.2.6; ACPI 6.5 §6.2.13).
+PCI_INTX_GSI_BASE = 16
+PCI_INTX_GSIS = 8
 
 # Identity-map the first GiB at boot: enough for the kernel, its page tables and the
 # zero page; Linux builds its own tables right away (boot protocol, 64-bit entry).
 BOOT_IDENTITY_MAP = 1 << 30
+
+
+def pci_intx_gsi(slot: int, pin: int) -> int:
+    """The GSI of INTx pin `pin` (1 = INTA .. 4 = INTD) of the device in bus-0 slot `slot`:
+    the pins rotate over the eight inputs by slot (the usual swizzle), so neighbouring
+    devices do not share a line."""
+    if not 0 <= slot < 32 or not 1 <= pin <= 4:
+        raise ValueError(f"no INTx line for slot {slot}, pin {pin}")
+    return PCI_INTX_GSI_BASE + (slot + pin - 1) % PCI_INTX_GSIS
 
 
 def ram_ranges(mem_size: int) -> list[tuple[int, int]]:

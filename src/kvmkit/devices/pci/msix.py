@@ -68,11 +68,13 @@ class MsiRouting(Protocol):
 
 class Msix:
     """MSI-X state of one function: `vectors` lines (one GSI each), the table and PBA in
-    BAR `bar` at `table_offset` / `pba_offset`."""
+    BAR `bar` at `table_offset` / `pba_offset`. The capability is added to `config`, or,
+    with `cap_offset`, is the one already there (a passthrough device's own)."""
 
     def __init__(
         self, config: PciConfigSpace, *, bar: int, table_offset: int, pba_offset: int,
         gsis: list[int], lines: list[IrqLine], routing: MsiRouting | None,
+        cap_offset: int | None = None,
     ) -> None:  # fmt: skip
         count = len(gsis)
         if not 1 <= count <= MAX_VECTORS or len(lines) != count:
@@ -93,7 +95,14 @@ class Msix:
         body = struct.pack("<HII", count - 1, table_offset | bar, pba_offset | bar)
         # Only the function mask and enable bits are writable (§6.8.2.3).
         wmask = struct.pack("<HII", CONTROL_FUNCTION_MASK | CONTROL_ENABLE, 0, 0)
-        self.cap_offset = config.add_capability(CAP_ID_MSIX, body, wmask)
+        if cap_offset is None:
+            self.cap_offset = config.add_capability(CAP_ID_MSIX, body, wmask)
+        else:
+            if config.data[cap_offset] != CAP_ID_MSIX or cap_offset + 12 > len(config.data):
+                raise ValueError(f"no MSI-X capability at {cap_offset:#x}")
+            self.cap_offset = cap_offset
+            config.data[cap_offset + 2 : cap_offset + 12] = body
+            config.wmask[cap_offset + 2 : cap_offset + 12] = wmask
 
     @property
     def count(self) -> int:

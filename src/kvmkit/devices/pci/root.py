@@ -9,10 +9,11 @@ a byte to 0xCFB first and expects the latch unchanged).
 
 BARs: one `PciMmioWindow` on the MMIO bus covers layout.PCI_MMIO_BASE..+PCI_MMIO_SIZE (the
 window the DSDT's host bridge announces) and forwards an access to the function whose
-enabled BAR holds it. The guest may move BARs (Linux reassigns them when it dislikes what
-firmware chose): a function recomputes its mappings after every write to its command
-register or a BAR, and a BAR that leaves the window, or whose memory decoding is off, is
-simply not served.
+enabled BAR holds it; with an I/O window, another one on the port bus does the same for
+I/O BARs (passthrough devices have them; kvmkit's own functions do not). The guest may move
+BARs (Linux reassigns them when it dislikes what firmware chose): a function recomputes its
+mappings after every write to its command register or a BAR, and a BAR that leaves the
+window, or whose memory decoding is off, is simply not served.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ class PciFunction:
     def __init__(self, config: PciConfigSpace) -> None:
         self.config = config
         self.lock = threading.RLock()
-        # (start, size, bar index) of each BAR the function answers right now.
+        # (start, size, bar index) of each memory BAR the function answers right now, and
+        # of each I/O BAR (ports).
         self.mapped: list[tuple[int, int, int]] = []
+        self.io_mapped: list[tuple[int, int, int]] = []
         self.window: tuple[int, int] = (0, 0)  # set by the root: (base, size)
 
     # -- configuration space
@@ -148,15 +151,20 @@ class PciRoot:
     """Bus 0. `pio` is the BusDevice for ports 0xCF8-0xCFF, `mmio` the one for the BAR
     window; `add(function)` puts a function in the next free slot."""
 
-    def __init__(self, window_base: int, window_size: int) -> None:
+    def __init__(
+        self, window_base: int, window_size: int, io_window: tuple[int, int] | None = None
+    ) -> None:
         self.window_base = window_base
         self.window_size = window_size
+        self.io_window = io_window
         self.slots: list[PciFunction | None] = [None] * SLOTS
         self._address = 0
         self._lock = threading.Lock()
         self._next_bar = window_base
+        self._next_io = io_window[0] if io_window else 0
         self.pio = PciConfigIo(self)
         self.mmio = PciMmioWindow(self)
+        self.io = PciMmioWindow(self, io=True) if io_window else None
         self.add(HostBridge())
 
     def add(self, function: PciFunction) -> int:
@@ -176,6 +184,17 @@ class PciRoot:
         if addr + size > self.window_base + self.window_size:
             raise ValueError("PCI MMIO window full")
         self._next_bar = addr + size
+        return addr
+
+    def allocate_io_bar(self, size: int) -> int:
+        """A port range of `size` for an I/O BAR in the I/O window, naturally aligned."""
+        if self.io_window is None:
+            raise ValueError("this PCI bus has no I/O window")
+        base, length = self.io_window
+        addr = (self._next_io + size - 1) & ~(size - 1)
+        if addr + size > base + length:
+            raise ValueError("PCI I/O window full")
+        self._next_io = addr + size
         return addr
 
     def function(self, bus: int, slot: int, fn: int) -> PciFunction | None:
@@ -219,11 +238,15 @@ class PciRoot:
                 function.config_write(reg, length, int.from_bytes(data, "little"))
 
     # -- BAR window
-    def find_bar(self, addr: int, length: int) -> tuple[PciFunction, int, int] | None:
+    def find_bar(
+        self, addr: int, length: int, *, io: bool = False
+    ) -> tuple[PciFunction, int, int] | None:
+        """(function, BAR index, offset in the BAR) of the enabled BAR holding all of
+        [addr, addr+length): a memory BAR, or with `io` an I/O BAR (ports)."""
         for function in self.slots:
             if function is None:
                 continue
-            for start, size, bar in function.mapped:
+            for start, size, bar in function.io_mapped if io else function.mapped:
                 if start <= addr and addr + length <= start + size:
                     return function, bar, addr - start
         return None
@@ -251,13 +274,20 @@ class PciConfigIo:
 
 
 class PciMmioWindow:
-    """The BAR window as a BusDevice: offsets are relative to the window base."""
+    """A BAR window as a BusDevice: offsets are relative to the window base. The memory
+    window by default; with `io`, the I/O window on the port bus."""
 
-    def __init__(self, root: PciRoot) -> None:
+    def __init__(self, root: PciRoot, *, io: bool = False) -> None:
         self.root = root
+        self.io = io
+        if io:
+            assert root.io_window is not None
+            self.base = root.io_window[0]
+        else:
+            self.base = root.window_base
 
     def read(self, offset: int, data: memoryview) -> None:
-        hit = self.root.find_bar(self.root.window_base + offset, len(data))
+        hit = self.root.find_bar(self.base + offset, len(data), io=self.io)
         if hit is None:
             data[:] = b"\xff" * len(data)  # nothing decodes it: all ones, as a PC bus reads
             return
@@ -265,7 +295,7 @@ class PciMmioWindow:
         function.bar_read(bar, off, data)
 
     def write(self, offset: int, data: memoryview) -> None:
-        hit = self.root.find_bar(self.root.window_base + offset, len(data))
+        hit = self.root.find_bar(self.base + offset, len(data), io=self.io)
         if hit is not None:
             function, bar, off = hit
             function.bar_write(bar, off, data)
