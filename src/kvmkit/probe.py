@@ -1,8 +1,10 @@
 """What this host's KVM can do: `kvmkit probe`.
 
 Reports the API version, the capabilities kvmkit uses, which KVM implementation is behind
-`/dev/kvm` (and so whether unmodified Linux guests can run), measured guest speed at CPL0 and
-CPL3, and two behaviours of the host kernel's LAPIC timer save/restore
+`/dev/kvm` (and so whether unmodified Linux guests can run), whether guests can have nested
+virtualization (kvmkit.vmm.nested) and which Hyper-V enlightenments the host offers
+(kvmkit.vmm.hyperv), measured guest speed at CPL0 and CPL3, and two behaviours of the host
+kernel's LAPIC timer save/restore
 (Documentation/virt/kvm/api.rst, KVM_GET_LAPIC; ../shared/KVM-BEHAVIOURS.md section 1).
 """
 
@@ -51,6 +53,10 @@ class ProbeResult:
     cpl3_ips: float | None = None
     lapic_tmcct_live: bool | None = None
     lapic_expired_oneshot_keeps_tmict: bool | None = None
+    nested: bool = False
+    nested_reason: str = ""  # why not, when `nested` is False
+    hyperv_features: list[str] = field(default_factory=list)  # what `--hyperv` gives
+    hyperv_reason: str = ""  # why none, when the host has no Hyper-V emulation
     errors: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
@@ -160,6 +166,13 @@ def probe(device: str = "/dev/kvm", *, measure: bool = True) -> ProbeResult:
             implementation_reason=why,
             capabilities={cap.name: kvm.check_extension(cap) for cap in CAPABILITIES},
         )
+        from kvmkit.vmm.hyperv import host_hyperv
+        from kvmkit.vmm.nested import nesting_problem
+
+        problem = nesting_problem(kvm)
+        result.nested, result.nested_reason = problem is None, problem or ""
+        hyperv = host_hyperv(kvm)
+        result.hyperv_features, result.hyperv_reason = list(hyperv.offered), hyperv.problem
         try:
             result.lapic_tmcct_live, result.lapic_expired_oneshot_keeps_tmict = _lapic_checks(kvm)
         except (KvmError, OSError) as err:

@@ -73,8 +73,14 @@ def expected_lines() -> dict[str, int]:
         want[f"ioctl {name}"] = value
     for cap in constants.Cap:
         want[f"const KVM_CAP_{cap.name}"] = int(cap)
-    for name in ("KVM_COALESCED_MMIO_PAGE_OFFSET", "KVM_PIT_SPEAKER_DUMMY", "KVM_DEV_TYPE_VFIO",
-                 "KVM_DEV_VFIO_GROUP", "KVM_DEV_VFIO_GROUP_ADD", "KVM_DEV_VFIO_GROUP_DEL",
+    for name in ("KVM_COALESCED_MMIO_PAGE_OFFSET", "KVM_PIT_SPEAKER_DUMMY",
+                 "KVM_STATE_NESTED_FORMAT_VMX", "KVM_STATE_NESTED_FORMAT_SVM",
+                 "KVM_STATE_NESTED_GUEST_MODE", "KVM_STATE_NESTED_RUN_PENDING",
+                 "KVM_STATE_NESTED_EVMCS", "KVM_STATE_NESTED_MTF_PENDING",
+                 "KVM_STATE_NESTED_GIF_SET", "KVM_EXIT_HYPERV_SYNIC", "KVM_EXIT_HYPERV_HCALL",
+                 "KVM_EXIT_HYPERV_SYNDBG",
+                 "KVM_DEV_TYPE_VFIO", "KVM_DEV_VFIO_GROUP", "KVM_DEV_VFIO_GROUP_ADD",
+                 "KVM_DEV_VFIO_GROUP_DEL",
                  "KVM_VCPU_TSC_CTRL", "KVM_VCPU_TSC_OFFSET"):
         want[f"const {name}"] = getattr(constants, name)
     for flag in constants.DirtyLogFlag:

@@ -121,6 +121,16 @@ def test_initramfs_contents(image: GuestImage, members: dict[str, Member]) -> No
                       ("crc32c_generic", "jbd2")]:
         if dep in loaded:
             assert loaded.index(dep) < loaded.index(user), (dep, user)
+    # KVM for --nested guests: its own list, loaded by /init only with svm/vmx in cpuinfo.
+    kvm_order = members[f"{moddir}/kvmkit-kvm.order"].data.decode().split()
+    assert kvm_order == manifest["kvm_module_files"]
+    kvm = manifest["kvm_modules"]
+    for dep, user in [("irqbypass", "kvm"), ("kvm", "kvm_amd"), ("ccp", "kvm_amd"),
+                      ("kvm", "kvm_intel")]:
+        assert kvm.index(dep) < kvm.index(user), (dep, user)
+    assert not set(kvm) & set(loaded)
+    for rel in kvm_order:
+        assert members[f"{moddir}/{rel}"].data[:4] == b"\x7fELF", rel
 
 
 def test_init_is_valid_sh(tmp_path: Path, busybox: str) -> None:

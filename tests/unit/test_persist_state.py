@@ -5,8 +5,10 @@ with a SnapshotError naming the field (what `kvmkit restore` prints, exit status
 
 from __future__ import annotations
 
+import base64
 import copy
 import ctypes
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,6 +17,8 @@ import pytest
 from virtio_mock import new_memory
 
 from kvmkit.abi import structs
+from kvmkit.abi.constants import Cap
+from kvmkit.arch.x86_64 import hyperv as hv
 from kvmkit.arch.x86_64 import layout
 from kvmkit.devices.irq import NoIrq
 from kvmkit.devices.legacy.serial import Serial8250
@@ -27,7 +31,8 @@ from kvmkit.snapshot.vcpu_state import VcpuState
 from kvmkit.snapshot.vm_state import CHIPS, IRQCHIP_SIZE, PIT_SIZE, VmState
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.console import CommandState
-from kvmkit.vmm.machine import SETUP
+from kvmkit.vmm.extensions import GuestExtensions
+from kvmkit.vmm.machine import SETUP, Machine
 from kvmkit.vmm.persist import DeviceStates, MachineState, VirtioEntry
 
 
@@ -165,3 +170,104 @@ def test_meta_config_keeps_the_drop_in_device_options(tmp_path: Any) -> None:
     net = got.nets[0]
     assert (net.mtu, net.rx_rate_limiter, net.tx_rate_limiter) == (1400, None, lim)
     assert got.rng and got.rng_rate_limiter == lim and got.boot_timer
+
+
+# --nested and --hyperv (docs/nested.md, docs/hyperv.md): what a nested Hyper-V guest's state
+# adds, and the refusals of damaged or inconsistent versions of it.
+def nested_blob(flags: int = 0x101, size: int = 4224) -> bytes:
+    """A KVM_GET_NESTED_STATE result as the lane's kvm_amd gives it while L2 runs: flags
+    GUEST_MODE | GIF_SET, format SVM, the header's size = the blob's."""
+    header = flags.to_bytes(2, "little") + (1).to_bytes(2, "little") + size.to_bytes(4, "little")
+    return header + bytes(size - 8)
+
+
+@pytest.fixture
+def nested_state(state: MachineState) -> MachineState:
+    vcpu = dataclasses.replace(state.kvm.vcpus[0], nested=nested_blob(),
+                               msrs=[(0x10, 5), (0x40000083, 0x1000)])  # fmt: skip
+    setup = dataclasses.replace(state.kvm.setup, nested=True, vcpu_caps=(199, 148),
+                                extra_msrs=(0x40000083, 0x400000B1))  # fmt: skip
+    config = dataclasses.replace(state.config, nested=True,
+                                 hyperv=frozenset({"vpindex", "synic"}))  # fmt: skip
+    kvm = dataclasses.replace(state.kvm, setup=setup, vcpus=[vcpu])
+    return dataclasses.replace(state, kvm=kvm, config=config)
+
+
+def test_nested_and_hyperv_state_round_trips(nested_state: MachineState) -> None:
+    data = payload(nested_state)
+    assert data["vcpus"][0]["nested_state"]["version"] == 1
+    assert data["meta"]["config"]["hyperv"] == ["synic", "vpindex"]
+    back = MachineState.from_dict(data)
+    assert back == nested_state
+    assert back.kvm.vcpus[0].nested == nested_blob()
+
+
+def _nested(d: dict[str, Any]) -> dict[str, Any]:
+    entry: dict[str, Any] = d["vcpus"][0]["nested_state"]
+    return entry
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+NESTED_CASES: list[tuple[Damage, str]] = [
+    (lambda d: _nested(d).update(version=2), r"nested_state: version 2, this kvmkit reads"),
+    (lambda d: _nested(d).update(data=_b64(nested_blob(size=4096) + bytes(128))),
+     "not a nested state KVM wrote"),
+    (lambda d: _nested(d).update(data=_b64(nested_blob(flags=0x8000))),
+     r"flags 0x8000"),
+    (lambda d: _nested(d).update(data=_b64(b"\0" * 64)), "shorter than its header"),
+    (lambda d: _nested(d).update(data=_b64(nested_blob(size=128 << 10))), "must be base64"),
+    (lambda d: d["vcpus"][0].pop("nested_state"), "nested state must be on every vCPU"),
+    (lambda d: d["setup"].update(nested=False), "nested state must be on every vCPU"),
+    (lambda d: d["meta"]["config"].update(nested=False), "config.nested does not match"),
+    (lambda d: d["setup"].update(vcpu_caps=[123]), r"setup\.vcpu_caps: only"),
+    (lambda d: d["setup"].update(extra_msrs=[0x10]), r"setup\.extra_msrs: only Hyper-V"),
+    (lambda d: d["meta"]["config"].update(hyperv=["synic"]), "synic needs vpindex"),
+    (lambda d: d["meta"]["config"].update(hyperv=["warp"]), "unknown Hyper-V feature 'warp'"),
+    (lambda d: d["meta"]["config"].update(hyperv=[]), "must be feature names"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("damage", "message"), NESTED_CASES)
+def test_damaged_nested_and_hyperv_state_is_refused(
+    nested_state: MachineState, damage: Damage, message: str
+) -> None:
+    data = copy.deepcopy(payload(nested_state))
+    damage(data)
+    with pytest.raises(SnapshotError, match=message):
+        MachineState.from_dict(data)
+
+
+def test_states_from_before_nested_and_hyperv_load_without_them(state: MachineState) -> None:
+    data = payload(state)
+    for key in ("nested", "vcpu_caps", "extra_msrs"):
+        del data["setup"][key]
+    for key in ("nested", "hyperv", "hyperv_kvm_leaves"):
+        del data["meta"]["config"][key]
+    back = MachineState.from_dict(data)
+    assert back == state and not back.config.nested and back.config.hyperv is False
+
+
+def test_a_machines_setup_and_config_carry_its_extensions() -> None:
+    """What a snapshot and a live migration's SETUP message take from a Machine
+    (`vm_setup()`, `state_config()`): the resolved --nested/--hyperv choices, so that the
+    destination enables the same vCPU capabilities, saves the same extra MSRs and knows the
+    vCPUs carry nested state."""
+    machine = Machine(MachineConfig(nested=True, hyperv=True))
+    try:
+        assert machine.vm_setup() == SETUP  # not built: nothing resolved yet
+        caps = (int(Cap.HYPERV_ENFORCE_CPUID), int(Cap.HYPERV_SYNIC2))
+        extra = hv.extra_msrs({"synic", "stimer"})
+        features = frozenset({"vpindex", "synic", "time", "stimer"})
+        machine.extensions = GuestExtensions(
+            nested=True, hyperv=hv.HvCpuid((), features), vcpu_caps=caps, extra_msrs=extra
+        )
+        setup = machine.vm_setup()
+        assert (setup.nested, setup.vcpu_caps, setup.extra_msrs) == (True, caps, extra)
+        assert type(SETUP).from_dict(setup.to_dict()) == setup
+        config, sizes = machine.state_config()
+        assert config.nested and config.hyperv == features and sizes == ()
+    finally:
+        machine.close()

@@ -13,6 +13,8 @@ import pytest
 
 from kvmkit.abi import structs
 from kvmkit.abi.constants import (
+    KVM_EXIT_HYPERV_HCALL,
+    KVM_EXIT_HYPERV_SYNIC,
     KVM_EXIT_IO_IN,
     KVM_EXIT_IO_OUT,
     ExitReason,
@@ -228,3 +230,21 @@ def test_a_triple_fault_reports_the_registers(run: Run, p: Peripherals) -> None:
     out = handle_exit(run.exit(ExitReason.SHUTDOWN), p)
     assert isinstance(out, Stopped) and out.kind is StopKind.SHUTDOWN
     assert out.detail.startswith("triple fault at rip=0x1234 ")
+
+
+def test_hyperv_exits_keep_the_vcpu_running(run: Run, p: Peripherals) -> None:
+    # A SynIC MSR write: KVM applied it, nothing for the VMM to do.
+    hv = run.run.hyperv
+    hv.type = KVM_EXIT_HYPERV_SYNIC
+    hv.u.synic.msr, hv.u.synic.control = 0x40000080, 1
+    exit_ = run.exit(ExitReason.HYPERV)
+    assert exit_.describe().startswith("HYPERV SYNIC msr=0x40000080 control=0x1")
+    assert handle_exit(exit_, p) is HANDLED
+    # A hypercall KVM hands over (HvPostMessage, code 0x5c): answered "invalid hypercall
+    # code" in the result the guest gets in RAX, the vCPU runs on.
+    hv.type = KVM_EXIT_HYPERV_HCALL
+    hv.u.hcall.input, hv.u.hcall.result = 0x5C, 0
+    exit_ = run.exit(ExitReason.HYPERV)
+    assert "code=0x5c" in exit_.describe()
+    assert handle_exit(exit_, p) is HANDLED
+    assert hv.u.hcall.result == 2  # HV_STATUS_INVALID_HYPERCALL_CODE (Hyper-V TLFS)

@@ -745,6 +745,44 @@ class _run_notify(KvmStruct):
     _fields_ = [("flags", c_uint32)]
 
 
+class _hyperv_synic(KvmStruct):
+    _fields_ = [
+        ("msr", c_uint32),
+        ("pad2", c_uint32),
+        ("control", c_uint64),
+        ("evt_page", c_uint64),
+        ("msg_page", c_uint64),
+    ]
+
+
+class _hyperv_hcall(KvmStruct):
+    _fields_ = [("input", c_uint64), ("result", c_uint64), ("params", c_uint64 * 2)]
+
+
+class _hyperv_syndbg(KvmStruct):
+    _fields_ = [
+        ("msr", c_uint32),
+        ("pad2", c_uint32),
+        ("control", c_uint64),
+        ("status", c_uint64),
+        ("send_page", c_uint64),
+        ("recv_page", c_uint64),
+        ("pending_page", c_uint64),
+    ]
+
+
+class _hyperv_exit_union(KvmUnion):
+    _fields_ = [("synic", _hyperv_synic), ("hcall", _hyperv_hcall), ("syndbg", _hyperv_syndbg)]
+
+
+class kvm_hyperv_exit(KvmStruct):
+    """`kvm_run.hyperv` (KVM_EXIT_HYPERV): a SynIC MSR write or a hypercall KVM left to
+    userspace (KVM API doc, KVM_EXIT_HYPERV)."""
+
+    _c_name_ = "struct kvm_hyperv_exit"
+    _fields_ = [("type", c_uint32), ("pad1", c_uint32), ("u", _hyperv_exit_union)]
+
+
 class _run_exit_union(KvmUnion):
     _fields_ = [
         ("hw", _run_hw),
@@ -760,6 +798,7 @@ class _run_exit_union(KvmUnion):
         ("eoi", _run_eoi),
         ("msr", _run_msr),
         ("notify", _run_notify),
+        ("hyperv", kvm_hyperv_exit),
         ("padding", c_char * 256),
     ]
 

@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
         ("implementation", f"{result.implementation} ({result.implementation_reason})"),
         ("unmodified Linux guests", "yes" if result.linux_guests else
             "no (use `kvmkit lane` to run them under emulated AMD-V)"),
+        ("nested virtualization", "yes (`kvmkit run --nested`)" if result.nested else
+            f"no ({result.nested_reason})"),
+        ("Hyper-V enlightenments", ", ".join(result.hyperv_features) if result.hyperv_features
+            else f"none ({result.hyperv_reason or 'no feature kvmkit knows'})"),
         ("guest speed CPL0", _fmt_ips(result.cpl0_ips)),
         ("guest speed CPL3", _fmt_ips(result.cpl3_ips)),
         ("KVM_GET_LAPIC live TMCCT", _yes_no(result.lapic_tmcct_live)),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmkit import seccomp
+from kvmkit.arch.x86_64 import hyperv as hv
 from kvmkit.arch.x86_64.numa import NumaNode
 from kvmkit.arch.x86_64.topology import MAX_VCPUS, Topology
 from kvmkit.devices.virtio.blk import DriveConfig
@@ -73,6 +74,21 @@ def register(sub: Any) -> None:
         "--cpu-affinity", action="append", default=[], metavar="[V=]CPUS",
         help="host CPUs for the vCPU threads: CPUS (a list like 0-3,6) for every vCPU, "
         "V=CPUS for vCPU V (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--nested", action="store_true",
+        help="let the guest run VMs of its own: expose the host's VMX/SVM (hidden otherwise); "
+        "the default image then loads kvm and kvm_amd/kvm_intel (docs/nested.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--hyperv", nargs="?", const="all", default=None, metavar="FEATURE,...",
+        help="Hyper-V enlightenments: every one the host offers, or those named ("
+        + ", ".join(hv.FEATURES) + "); KVM's own CPUID leaves are hidden (docs/hyperv.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--hyperv-kvm-leaves", action="store_true",
+        help="with --hyperv: keep KVM's CPUID leaves too, at 0x40000100 (Linux then uses KVM's "
+        "paravirtual interface, Windows Hyper-V's)",
     )  # fmt: skip
     p.add_argument(
         "--gdb", metavar="tcp:HOST:PORT|unix:PATH", help="serve GDB's remote protocol there"
@@ -259,6 +275,8 @@ def run(args: argparse.Namespace) -> int:
                 "--topology, --numa, --huge-pages and --cpu-affinity do not combine with "
                 "--api-sock/--config-file (use machine-config's smt and huge_pages)"
             )
+        if args.nested or args.hyperv is not None or args.hyperv_kvm_leaves:
+            raise UserError("--nested and --hyperv do not combine with --api-sock/--config-file")
         return run_api(
             api_sock=args.api_sock, config_file=args.config_file, kernel=args.kernel,
             initrd=args.initrd, cmdline=args.cmdline,
@@ -286,12 +304,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
     config.rng = args.rng
     config.virtio_transport = args.virtio_transport
+    _extension_options(config, args)
     config.vfio = list(args.vfio)
     if config.vfio and args.snapshot_after is not None:
         from kvmkit.vmm.machine import VFIO_NO_SNAPSHOT
 
         raise UserError(f"--snapshot-after: {VFIO_NO_SNAPSHOT}")
     config.validate()
+    if config.nested or config.hyperv is not False:
+        _check_extensions(config)  # before the PVM refusal: say what this host lacks
     implementation, why = detect_implementation()
     if not implementation.startswith("hardware-") and not os.environ.get("KVMKIT_FORCE_RUN"):
         raise UserError(
@@ -401,6 +422,32 @@ def _cpu_options(config: MachineConfig, args: argparse.Namespace) -> None:
             raise UserError(f"--numa {spec}: {err}") from None
     config.huge_pages = args.huge_pages
     config.cpu_affinity = parse_cpu_affinity(args.cpu_affinity)
+
+
+def _extension_options(config: MachineConfig, args: argparse.Namespace) -> None:
+    """--nested, --hyperv[=FEATURE,...] and --hyperv-kvm-leaves into `config`."""
+    config.nested = args.nested
+    if args.hyperv is not None:
+        try:
+            wanted = hv.parse_features(args.hyperv)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        config.hyperv = True if wanted is None else wanted
+    config.hyperv_kvm_leaves = args.hyperv_kvm_leaves
+
+
+def _check_extensions(config: MachineConfig) -> None:
+    """Refuse --nested / --hyperv the host cannot serve (one line, status 2)."""
+    from kvmkit.kvm import Kvm
+    from kvmkit.probe import device_from_env
+    from kvmkit.vmm.extensions import resolve
+
+    try:
+        kvm = Kvm(device_from_env())
+    except OSError as err:
+        raise UserError(str(err.strerror or err)) from None
+    with kvm:
+        resolve(config, kvm)
 
 
 def _print_stats(machine: Machine) -> None:

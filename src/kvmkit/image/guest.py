@@ -7,7 +7,8 @@ The kernel is the one the lane uses (`kvmkit.lane.assets.ensure_kernel`: Debian'
 `linux-image-<abi>-amd64-unsigned`, unpacked into the cache, never installed), so lane and
 guests share one download; `vmlinux` is its decompressed ELF for PVH boots.  The initramfs
 (uncompressed newc cpio) holds a static busybox with its applet symlinks, the virtio,
-vsock, console and ext4 modules with their dependencies in load order, and /init
+vsock, console and ext4 modules with their dependencies in load order, KVM's modules for
+`--nested` guests in a second list, and /init
 (`kvmkit.image.guest_init`).
 
 It is built once into `<cache>/image/<release>-<key>/` where the key hashes the inputs
@@ -60,10 +61,15 @@ IMAGE_MODULES = (
     "crc32c_generic",
     "ext4",
 )
+# The guest's own KVM, for `--nested` (docs/nested.md): kvm_amd needs kvm and ccp, kvm and
+# kvm_intel need irqbypass (resolved from .modinfo). They go in a second order file that /init
+# reads only when the CPU shows svm or vmx, so other guests do not spend boot time on them.
+KVM_MODULES = ("kvm_amd", "kvm_intel")
 LAYOUT_VERSION = "1"  # bump when the archive layout changes without the inputs changing
 MANIFEST = "manifest.json"
 INITRD = "initrd.cpio"
 ORDER_FILE = "kvmkit.order"  # in lib/modules/<release>/: module paths, one a line, load order
+KVM_ORDER_FILE = "kvmkit-kvm.order"  # the same for KVM_MODULES, loaded with svm/vmx only
 STALE_SECONDS = 3600
 
 Progress = Callable[[str], None]
@@ -118,6 +124,7 @@ def image_inputs(kernel: assets.LaneKernel, busybox: Path) -> dict[str, Any]:
         "busybox_sha256": _sha256_file(busybox),
         "init_sha256": hashlib.sha256(INIT.encode()).hexdigest(),
         "modules": list(IMAGE_MODULES),
+        "kvm_modules": list(KVM_MODULES),
     }
 
 
@@ -172,6 +179,14 @@ def build_initramfs(
     for name in missing:
         say(f"warning: module {name} is not in {kernel.package}; the image goes without it")
     order = assets.module_load_order(kernel, tuple(wanted))
+    in_order = {name for name, _ in order}
+    kvm_wanted = tuple(m for m in KVM_MODULES if m in index)
+    for name in KVM_MODULES:
+        if name not in index and name not in builtin:
+            say(f"warning: module {name} is not in {kernel.package}; --nested guests go "
+                "without it")
+    kvm_order = [(n, p) for n, p in assets.module_load_order(kernel, kvm_wanted)
+                 if n not in in_order]  # fmt: skip
     applets = bb.applet_paths(busybox)
     if "bin/sh" not in applets:
         raise ImageError(f"{busybox} has no sh applet")
@@ -196,16 +211,21 @@ def build_initramfs(
         w.file("etc/hostname", b"kvmkit\n")
         w.file("etc/hosts", b"127.0.0.1\tlocalhost\n127.0.1.1\tkvmkit\n")
         w.file("init", INIT.encode(), 0o755)
-        names = []
-        for _name, path in order:
-            rel = _archive_name(kernel, path)
-            w.dirs_for(f"{moddir}/{rel}")
-            w.file(f"{moddir}/{rel}", assets.read_module(path))
-            names.append(rel)
-        w.file(f"{moddir}/{ORDER_FILE}", "".join(f"{n}\n" for n in names).encode())
+        lists: list[list[str]] = []
+        for modules, order_file in ((order, ORDER_FILE), (kvm_order, KVM_ORDER_FILE)):
+            names = []
+            for _name, path in modules:
+                rel = _archive_name(kernel, path)
+                w.dirs_for(f"{moddir}/{rel}")
+                w.file(f"{moddir}/{rel}", assets.read_module(path))
+                names.append(rel)
+            w.file(f"{moddir}/{order_file}", "".join(f"{n}\n" for n in names).encode())
+            lists.append(names)
     details = {
         "modules": [name for name, _ in order],
-        "module_files": names,
+        "module_files": lists[0],
+        "kvm_modules": [name for name, _ in kvm_order],
+        "kvm_module_files": lists[1],
         "builtin_modules": [m for m in IMAGE_MODULES if m not in index and m in builtin],
         "missing_modules": missing,
         "applets": len(applets),

@@ -5,7 +5,8 @@ It is the guest side of the console protocol in `kvmkit.vmm.console`:
 
 1. mount proc, sysfs, devtmpfs, devpts, tmpfs on /tmp, /run and /dev/shm; set the hostname;
    load the kernel modules listed in /lib/modules/<release>/kvmkit.order (quietly: a module
-   that is missing or fails to load is skipped);
+   that is missing or fails to load is skipped), and those of kvmkit-kvm.order (KVM) when
+   /proc/cpuinfo shows svm or vmx (a `--nested` guest);
    with `root=` (/dev/..., PARTUUID=, UUID=, LABEL=; `ro`/`rw`, `rootfstype=`,
    `rootflags=`, `rootwait`, `rootdelay=` as the kernel reads them) wait for that device
    and mount it on /newroot (`ROOT_MOUNT`); without a command, `switch_root` into its
@@ -348,11 +349,15 @@ hostname kvmkit
 ip link set lo up 2>/dev/null
 
 KVER=$(uname -r)
-if [ -r "/lib/modules/$KVER/kvmkit.order" ]; then
+ORDERS=kvmkit.order
+# The CPU shows VMX or SVM only to a --nested guest: then load KVM too (/dev/kvm).
+grep -qwE 'svm|vmx' /proc/cpuinfo && ORDERS="$ORDERS kvmkit-kvm.order"
+for order in $ORDERS; do
+    [ -r "/lib/modules/$KVER/$order" ] || continue
     while read -r mod; do
         [ -n "$mod" ] && insmod "/lib/modules/$KVER/$mod" >/dev/null 2>&1
-    done < "/lib/modules/$KVER/kvmkit.order"
-fi
+    done < "/lib/modules/$KVER/$order"
+done
 
 NONCE= CMD= HAVE_CMD= PANIC_TEST= QUIET=
 ROOT= ROOTFSTYPE= ROOTFLAGS= ROOT_RO=1 ROOTWAIT= ROOTDELAY= NEW_INIT=/sbin/init

@@ -20,6 +20,9 @@ import mmap
 
 from kvmkit.abi import structs
 from kvmkit.abi.constants import (
+    KVM_EXIT_HYPERV_HCALL,
+    KVM_EXIT_HYPERV_SYNDBG,
+    KVM_EXIT_HYPERV_SYNIC,
     KVM_EXIT_IO_IN,
     KVM_EXIT_IO_OUT,
     ExitReason,
@@ -321,6 +324,44 @@ class HypercallExit(VmExit):
         self._run.hypercall.ret = value & (2**64 - 1)
 
 
+class HypervExit(VmExit):
+    """KVM_EXIT_HYPERV (KVM API doc, "KVM_EXIT_HYPERV"): with an active SynIC, KVM reports a
+    guest write of the SynIC control MSRs (`type` SYNIC: the MSR and the new control, event
+    and message page values; KVM has applied it already, the VMM only learns of it) and hands
+    over the hypercalls it does not implement itself (`type` HCALL: the input value and two
+    parameters; the VMM answers with `set_result`, which the guest sees in RAX)."""
+
+    reason = ExitReason.HYPERV
+    __slots__ = ()
+
+    @property
+    def type(self) -> int:
+        return int(self._run.hyperv.type)
+
+    @property
+    def msr(self) -> int:
+        return int(self._run.hyperv.u.synic.msr)
+
+    @property
+    def hcall_input(self) -> int:
+        return int(self._run.hyperv.u.hcall.input)
+
+    def set_result(self, value: int) -> None:
+        self._run.hyperv.u.hcall.result = value & (2**64 - 1)
+
+    def describe(self) -> str:
+        h = self._run.hyperv
+        if self.type == KVM_EXIT_HYPERV_SYNIC:
+            return (f"HYPERV SYNIC msr={self.msr:#x} control={int(h.u.synic.control):#x} "
+                    f"evt_page={int(h.u.synic.evt_page):#x} msg_page={int(h.u.synic.msg_page):#x}")
+        if self.type == KVM_EXIT_HYPERV_HCALL:
+            # Hypercall input value: call code in bits 15:0 (Hyper-V TLFS, "Hypercall Inputs")
+            return f"HYPERV HCALL input={self.hcall_input:#x} code={self.hcall_input & 0xFFFF:#x}"
+        if self.type == KVM_EXIT_HYPERV_SYNDBG:
+            return f"HYPERV SYNDBG msr={int(h.u.syndbg.msr):#x}"
+        return f"HYPERV type={self.type}"
+
+
 class MsrExit(VmExit):
     """KVM_EXIT_X86_RDMSR / WRMSR (with KVM_CAP_X86_USER_SPACE_MSR)."""
 
@@ -421,6 +462,7 @@ class ExitTable:
             ExitReason.INTERNAL_ERROR: InternalErrorExit(run, mem),
             ExitReason.FAIL_ENTRY: FailEntryExit(run, mem),
             ExitReason.HYPERCALL: HypercallExit(run, mem),
+            ExitReason.HYPERV: HypervExit(run, mem),
             ExitReason.X86_RDMSR: MsrExit(run, mem, is_write=False),
             ExitReason.X86_WRMSR: MsrExit(run, mem, is_write=True),
             ExitReason.EXCEPTION: ExceptionExit(run, mem),

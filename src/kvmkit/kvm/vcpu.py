@@ -285,6 +285,15 @@ class Vcpu:
             raise KvmError("KVM_GET_CPUID2", errno.EOVERFLOW, f"kernel reported {n} entries")
         return self.get_cpuid2(n)
 
+    def supported_hv_cpuid(self, max_entries: int = 64) -> list[CpuidEntry]:
+        """KVM_GET_SUPPORTED_HV_CPUID on this vCPU (KVM_CAP_HYPERV_CPUID): the Hyper-V leaves
+        KVM can offer. Kernels with KVM_CAP_SYS_HYPERV_CPUID also answer it on /dev/kvm
+        (`Kvm.supported_hv_cpuid`), which needs no vCPU."""
+        buf = structs.cpuid2_type(max_entries)()
+        buf.nent = max_entries
+        ioctl_ptr(self.fd, "KVM_GET_SUPPORTED_HV_CPUID", ioctls.GET_SUPPORTED_HV_CPUID, buf)
+        return from_kvm_cpuid2(buf)
+
     def get_mp_state(self) -> MpState:
         state = structs.kvm_mp_state()
         ioctl_ptr(self.fd, "KVM_GET_MP_STATE", ioctls.GET_MP_STATE, state)

@@ -3,7 +3,9 @@ them into a new VM (in this process or another).
 
 The state file (format.py) holds, as plain data:
     setup     how the VM was built (irqchip, PIT and its flags, TSS/identity-map addresses,
-              the KVM_CAP_X2APIC_API flags: they decide the LAPIC state's ID format)
+              the KVM_CAP_X2APIC_API flags: they decide the LAPIC state's ID format; whether
+              the vCPUs carry nested state; the Hyper-V vCPU capabilities and the synthetic
+              MSRs saved beyond KVM's list)
     vm        PIT, clock, PIC master/slave, IOAPIC (vm_state.py)
     vcpus     one entry per vCPU (vcpu_state.py)
     memory    the memory file's layout (memory.py)
@@ -28,13 +30,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvmkit.abi.constants import Cap, ClockFlag
+from kvmkit.arch.x86_64.hyperv import HV_MSR_RANGE
 from kvmkit.arch.x86_64.topology import MAX_VCPUS
 from kvmkit.kvm import IntrExit, Kvm, KvmError, Vcpu, Vm
 from kvmkit.memory import GuestMemory
 from kvmkit.snapshot.format import Fields, SnapshotError, read_state, write_state
 from kvmkit.snapshot.memory import MemoryState, restore_memory, write_memory
 from kvmkit.snapshot.vcpu_state import (
+    VCPU_CAPS,
     VcpuState,
+    check_nested_host,
     interrupts_unchanged,
     restore_vcpu,
     resume_vcpu,
@@ -56,11 +61,19 @@ class VmSetup:
     identity_map_addr: int | None = None
     # KVM_CAP_X2APIC_API flags enabled before the vCPUs were created (0: not enabled)
     x2apic_api: int = 0
+    # The guest sees VMX/SVM: every vCPU's nested state is saved (docs/nested.md)
+    nested: bool = False
+    # KVM_ENABLE_CAP on every vCPU before its state (Hyper-V: vcpu_state.VCPU_CAPS) and the
+    # synthetic MSRs saved beyond KVM_GET_MSR_INDEX_LIST (docs/hyperv.md)
+    vcpu_caps: tuple[int, ...] = ()
+    extra_msrs: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"irqchip": self.irqchip, "pit": self.pit, "pit_flags": self.pit_flags,
                 "tss_addr": self.tss_addr, "identity_map_addr": self.identity_map_addr,
-                "x2apic_api": self.x2apic_api}  # fmt: skip
+                "x2apic_api": self.x2apic_api, "nested": self.nested,
+                "vcpu_caps": list(self.vcpu_caps),
+                "extra_msrs": list(self.extra_msrs)}  # fmt: skip
 
     @classmethod
     def from_dict(cls, obj: Any) -> VmSetup:
@@ -75,7 +88,27 @@ class VmSetup:
             identity_map_addr=ident,
             # absent in snapshots from before topologies: not enabled
             x2apic_api=f.get_int("x2apic_api", 0, 3) if f.has("x2apic_api") else 0,
+            # absent in snapshots from before nested and Hyper-V support: neither
+            nested=f.get_bool("nested") if f.has("nested") else False,
+            vcpu_caps=_vcpu_caps(f) if f.has("vcpu_caps") else (),
+            extra_msrs=_extra_msrs(f) if f.has("extra_msrs") else (),
         )
+
+
+def _vcpu_caps(f: Fields) -> tuple[int, ...]:
+    caps = tuple(f.get_ints("vcpu_caps", len(VCPU_CAPS), width=32))
+    if not set(caps) <= set(VCPU_CAPS) or len(set(caps)) != len(caps):
+        raise SnapshotError(f"snapshot state: {f.path}.vcpu_caps: only "
+                            f"{', '.join(map(str, VCPU_CAPS))}, each once")  # fmt: skip
+    return caps
+
+
+def _extra_msrs(f: Fields) -> tuple[int, ...]:
+    msrs = tuple(f.get_ints("extra_msrs", 64, width=32))
+    if not all(m in HV_MSR_RANGE for m in msrs):
+        raise SnapshotError(f"snapshot state: {f.path}.extra_msrs: only Hyper-V synthetic MSRs "
+                            f"({HV_MSR_RANGE.start:#x}-{HV_MSR_RANGE.stop - 1:#x})")  # fmt: skip
+    return msrs
 
 
 @dataclass
@@ -110,6 +143,9 @@ class KvmState:
             raise SnapshotError("snapshot state: VM state does not match its setup")
         if setup.irqchip and any(v.lapic is None for v in vcpus):
             raise SnapshotError("snapshot state: vCPU without LAPIC state in an irqchip VM")
+        if any((v.nested is not None) != setup.nested for v in vcpus):
+            raise SnapshotError("snapshot state: nested state must be on every vCPU of a "
+                                "nested VM and on no other")  # fmt: skip
         return cls(setup, vm, vcpus)
 
 
@@ -148,11 +184,12 @@ def capture_kvm_state(
     thread (a VcpuControl's `call_held`); the default runs it here, which works but makes KVM
     switch the vCPU's task (a synchronize_rcu) twice. `msr_indices`: `saveable_msrs` found
     before (it does not change for a VM; finding it costs an ioctl per refused MSR)."""
-    msrs = saveable_msrs(kvm, vcpus[0]) if msr_indices is None else msr_indices
+    msrs = saveable_msrs(kvm, vcpus[0], setup.extra_msrs) if msr_indices is None else msr_indices
     if setup.irqchip:
         for v in vcpus:
             deliver_pending_timers(v, on_vcpu)
-    vcpu_states = [save_vcpu(v, msrs, irqchip=setup.irqchip) for v in vcpus]
+    vcpu_states = [save_vcpu(v, msrs, irqchip=setup.irqchip, nested=setup.nested)
+                   for v in vcpus]  # fmt: skip
     for _ in range(SETTLE_ROUNDS if setup.irqchip else 0):
         changed = []
         for i, v in enumerate(vcpus):
@@ -162,7 +199,8 @@ def capture_kvm_state(
         if not changed:
             break
         for i in changed:
-            vcpu_states[i] = save_vcpu(vcpus[i], msrs, irqchip=setup.irqchip)
+            vcpu_states[i] = save_vcpu(vcpus[i], msrs, irqchip=setup.irqchip,
+                                       nested=setup.nested)  # fmt: skip
     return KvmState(setup, save_vm(vm, irqchip=setup.irqchip, pit=setup.pit), vcpu_states)
 
 
@@ -279,6 +317,12 @@ def build_vm(kvm: Kvm, state: KvmState, mem: GuestMemory, *, advance_clock: bool
     `advance_clock` (live migration): the guest's clocks move on by the time since the state
     was taken instead of continuing from it: kvmclock (vm_state.py), and the TSC of every
     vCPU where both hosts gave the host TSC with the clock (`advance_tsc`)."""
+    try:
+        check_nested_host(kvm, state.vcpus)  # before any vCPU: one line where KVM cannot
+    except BaseException:
+        if prepared is not None:
+            prepared.close()
+        raise
     vm = prepared if prepared is not None else prepare_vm(kvm, state.setup, mem)
     try:
         if vm.check_extension(Cap.MAX_VCPU_ID) and any(
@@ -288,7 +332,7 @@ def build_vm(kvm: Kvm, state: KvmState, mem: GuestMemory, *, advance_clock: bool
         vcpus = []
         for vcpu_state in state.vcpus:
             vcpu = vm.create_vcpu(vcpu_state.id)
-            restore_vcpu(vcpu, vcpu_state)
+            restore_vcpu(vcpu, vcpu_state, state.setup.vcpu_caps)
             vcpus.append(vcpu)
         restore_vm(vm, state.vm, advance=advance_clock)
         if advance_clock:

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmkit.arch.x86_64 import hyperv as hv
 from kvmkit.arch.x86_64.numa import NumaNode, check_nodes
 from kvmkit.arch.x86_64.topology import MAX_VCPUS as MAX_VCPUS  # kvmkit's one vCPU limit
 from kvmkit.arch.x86_64.topology import (
@@ -69,6 +70,24 @@ class MachineConfig:
     # Host PCI devices given to the guest through VFIO, by address (DDDD:BB:DD.F), each
     # bound to vfio-pci on the host (docs/vfio.md). Such a machine cannot be snapshotted.
     vfio: list[str] = field(default_factory=list)
+    # Nested virtualization (docs/nested.md): show the guest the host's VMX/SVM (hidden
+    # otherwise) so it can run VMs of its own.
+    nested: bool = False
+    # Hyper-V enlightenments (docs/hyperv.md): False, True (every feature the host offers) or
+    # the feature names (kvmkit.arch.x86_64.hyperv.FEATURES); KVM's own CPUID leaves are
+    # hidden unless hyperv_kvm_leaves keeps them (at 0x40000100).
+    hyperv: bool | frozenset[str] = False
+    hyperv_kvm_leaves: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.hyperv, bool):  # any collection of names from Python
+            names = frozenset(self.hyperv)
+            self.hyperv = True if names == {hv.ALL} else names
+
+    @property
+    def hyperv_wanted(self) -> frozenset[str] | None:
+        """The features asked for: None for "every one the host offers" (hyperv=True)."""
+        return None if isinstance(self.hyperv, bool) else self.hyperv
 
     @property
     def cpu_topology(self) -> Topology:
@@ -171,6 +190,22 @@ class MachineConfig:
                 check_nodes(self.numa, self.vcpus, self.mem_mib, page_mib)
             except ValueError as err:
                 raise UserError(f"--numa: {err}") from None
+        self.validate_hyperv()
+
+    def validate_hyperv(self) -> None:
+        """--hyperv names known features with their requirements; the KVM-leaves option
+        only with --hyperv."""
+        wanted = self.hyperv_wanted
+        if wanted is not None:
+            try:
+                if not wanted:
+                    raise ValueError("--hyperv: no features named")
+                hv.parse_features(",".join(sorted(wanted)))
+                hv.check_requirements(wanted)
+            except ValueError as err:
+                raise UserError(str(err)) from None
+        if self.hyperv_kvm_leaves and self.hyperv is False:
+            raise UserError("--hyperv-kvm-leaves needs --hyperv")
 
     def validate_placement(self) -> None:
         """What this host must give the guest's memory: the host nodes --numa binds to, and

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvmkit.abi import structs
-from kvmkit.abi.constants import SystemEvent
+from kvmkit.abi.constants import KVM_EXIT_HYPERV_HCALL, SystemEvent
 from kvmkit.devices.bus import Bus
 from kvmkit.kvm import (
     DebugExit,
     FailEntryExit,
     HltExit,
+    HypervExit,
     InternalErrorExit,
     IntrExit,
     IoExit,
@@ -219,6 +220,22 @@ def _system_event(exit_: VmExit, p: Peripherals) -> Outcome:
     return HANDLED
 
 
+# Hyper-V TLFS, "Hypercall Status Codes": HV_STATUS_INVALID_HYPERCALL_CODE
+HV_STATUS_INVALID_HYPERCALL_CODE = 2
+
+
+def _hyperv(exit_: VmExit, p: Peripherals) -> Outcome:
+    """--hyperv (docs/hyperv.md). A SynIC MSR write: KVM has applied it; kvmkit has no VMBus
+    to route messages for, so there is nothing to do. A hypercall KVM leaves to userspace
+    (HvPostMessage, HvSignalEvent without an eventfd): kvmkit implements none, so the guest
+    gets HV_STATUS_INVALID_HYPERCALL_CODE, what a hypervisor answers for an unknown call."""
+    assert isinstance(exit_, HypervExit)
+    if exit_.type == KVM_EXIT_HYPERV_HCALL:
+        exit_.set_result(HV_STATUS_INVALID_HYPERCALL_CODE)
+    log.debug("%s", exit_.describe())
+    return HANDLED
+
+
 def _failed(exit_: VmExit, p: Peripherals) -> Outcome:
     return _at_rip(p.vcpu, exit_.describe())
 
@@ -236,6 +253,7 @@ HANDLERS: dict[type[VmExit], Handler] = {
     HltExit: _hlt,
     ShutdownExit: _shutdown,
     SystemEventExit: _system_event,
+    HypervExit: _hyperv,
     InternalErrorExit: _failed,
     FailEntryExit: _failed,
 }

@@ -45,6 +45,7 @@ from kvmkit.arch.x86_64 import layout, mptable
 from kvmkit.arch.x86_64 import regs as x86
 from kvmkit.arch.x86_64.acpi import write_acpi_tables
 from kvmkit.arch.x86_64.cpuid import guest_cpuid
+from kvmkit.arch.x86_64.hyperv import HV_X64_MSR_VP_INDEX
 from kvmkit.arch.x86_64.msrs import boot_msrs
 from kvmkit.arch.x86_64.numa import numa_tables
 from kvmkit.boot.loader import load_linux, setup_boot_vcpu
@@ -73,13 +74,14 @@ from kvmkit.kvm.kick import install_kick_handler
 from kvmkit.memory import GuestMemory
 from kvmkit.snapshot.core import VmSetup, build_vm, capture_kvm_state
 from kvmkit.snapshot.format import SnapshotError
-from kvmkit.snapshot.vcpu_state import resume_vcpu, saveable_msrs
+from kvmkit.snapshot.vcpu_state import enable_vcpu_caps, resume_vcpu, saveable_msrs
 from kvmkit.threads import ThreadKind, start_thread
 from kvmkit.unixsock import remove_stale_socket
 from kvmkit.vmm import cpus
 from kvmkit.vmm.config import MachineConfig
 from kvmkit.vmm.console import CommandOutput, ConsoleStream, new_nonce
 from kvmkit.vmm.dispatch import StopKind, Stopped
+from kvmkit.vmm.extensions import GuestExtensions, resolve
 from kvmkit.vmm.pci import MachinePci
 from kvmkit.vmm.persist import DeviceStates, MachineState, VirtioEntry
 from kvmkit.vmm.placement import add_guest_ram
@@ -236,6 +238,8 @@ class Machine:
         self._virtio_workers: VirtioWorkers | None = None
         self._restored = False  # built by from_state: KVM_KVMCLOCK_CTRL before the vCPUs run
         self.x2apic_api = 0  # KVM_CAP_X2APIC_API flags enabled (APIC IDs above 254)
+        # --nested and --hyperv as resolved against the host (kvmkit.vmm.extensions)
+        self.extensions = GuestExtensions()
         self.rebuild_ms: dict[str, float] = {}  # from_state's steps, in milliseconds
         # The MSRs a state of this machine holds, found before any vCPU runs (the vCPUs
         # would hold their mutex in KVM_RUN): saves the probing from a migration's downtime.
@@ -364,6 +368,8 @@ class Machine:
         except OSError as err:
             raise UserError(str(err.strerror or err)) from None
         cfg.validate(cpus.host_limits(kvm))
+        supported = kvm.supported_cpuid()
+        self.extensions = ext = resolve(cfg, kvm, supported)  # refuses what the host lacks
         topology = cfg.cpu_topology
         apic_ids = topology.apic_ids()
         try:
@@ -402,7 +408,6 @@ class Machine:
         )
 
         self._add_devices(vm)
-        supported = kvm.supported_cpuid()
         # KVM emulates the TSC-deadline timer but reports it through a capability, not in
         # KVM_GET_SUPPORTED_CPUID (KVM API doc). Without it Linux calibrates the LAPIC timer
         # against the PIT, which fails under nested emulation ("APIC timer disabled due to
@@ -411,15 +416,21 @@ class Machine:
         msrs = boot_msrs()
         for index in range(cfg.vcpus):
             vcpu = cpus.create_vcpu(vm, topology, index)
-            cpuid = guest_cpuid(supported, topology, index, tsc_deadline=tsc_deadline)
+            cpuid = guest_cpuid(supported, topology, index, tsc_deadline=tsc_deadline,
+                                nested=ext.nested, hyperv=ext.hyperv)  # fmt: skip
             vcpu.set_cpuid2(cpuid)
+            enable_vcpu_caps(vcpu, ext.vcpu_caps)  # after CPUID, before any Hyper-V MSR
             vcpu.set_msrs(msrs)
+            if "vpindex" in ext.hyperv_features:
+                # VP index = vCPU index, the number Linux gives the CPU (KVM's default is
+                # the creation order, the same here; set it so it does not depend on that).
+                vcpu.set_msrs([(HV_X64_MSR_VP_INDEX, index)])
             self._setup_lapic(vcpu)
             self._setup_fpu(vcpu)
             if index == 0:
                 setup_boot_vcpu(vcpu, self.boot, self.mem)
             self.threads.append(VcpuThread(vcpu, self.pio, self.mmio, self._on_vcpu_stopped))
-        self._msr_indices = saveable_msrs(kvm, self.threads[0].vcpu)
+        self._msr_indices = saveable_msrs(kvm, self.threads[0].vcpu, self.extensions.extra_msrs)
 
     def _add_devices(self, vm: Vm) -> None:
         serial_irq = EventFdIrq(SERIAL_IRQ)
@@ -730,7 +741,9 @@ class Machine:
 
     def vm_setup(self) -> VmSetup:
         """How this machine's VM was set up (what a state records and a rebuild repeats)."""
-        return dataclasses.replace(SETUP, x2apic_api=self.x2apic_api)
+        ext = self.extensions
+        return dataclasses.replace(SETUP, x2apic_api=self.x2apic_api, nested=ext.nested,
+                                   vcpu_caps=ext.vcpu_caps, extra_msrs=ext.extra_msrs)
 
     def state_config(self) -> tuple[MachineConfig, tuple[int, ...]]:
         """The configuration a state of this machine carries, with each drive's image size:
@@ -751,7 +764,10 @@ class Machine:
                 for _, _, dev in self.virtio if isinstance(dev, VirtioNet)]  # fmt: skip
         rng = next((_limits(dev.limiter.config) for _, _, dev in self.virtio
                     if isinstance(dev, VirtioRng)), None)  # fmt: skip
-        config = dataclasses.replace(cfg, drives=drives, nets=nets, rng_rate_limiter=rng)
+        ext = self.extensions  # with --hyperv: the features the guest got on this host
+        hyperv = ext.hyperv_features if ext.hyperv is not None else self.config.hyperv
+        config = dataclasses.replace(cfg, drives=drives, nets=nets, rng_rate_limiter=rng,
+                                     hyperv=hyperv)  # fmt: skip
         return config, tuple(os.fstat(dev.fd).st_size for dev in blks)
 
     def capture_state(self) -> MachineState:
@@ -877,7 +893,10 @@ class Machine:
             restored = build_vm(kvm, state.kvm, memory, advance_clock=advance_clock,
                                 prepared=vm)  # fmt: skip
             machine.vm = restored.vm
-            machine.x2apic_api = state.kvm.setup.x2apic_api
+            setup = state.kvm.setup
+            machine.x2apic_api = setup.x2apic_api
+            machine.extensions = GuestExtensions(
+                nested=setup.nested, vcpu_caps=setup.vcpu_caps, extra_msrs=setup.extra_msrs)
             t1 = time.monotonic()
             machine._add_devices(restored.vm)
             t2 = time.monotonic()
@@ -895,7 +914,8 @@ class Machine:
                 machine.threads.append(
                     VcpuThread(vcpu, machine.pio, machine.mmio, machine._on_vcpu_stopped)
                 )
-            machine._msr_indices = saveable_msrs(kvm, restored.vcpus[0])
+            machine._msr_indices = saveable_msrs(kvm, restored.vcpus[0],
+                                                 machine.extensions.extra_msrs)
         except BaseException:
             if prepared is not None:
                 prepared[1].close()

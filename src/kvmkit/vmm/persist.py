@@ -8,10 +8,10 @@ One capture and one apply of state, two transports. `Machine.capture_state()` re
     devices   the serial port; every virtio device with its transport (virtio-mmio or
               virtio-pci: config space, MSI-X table); the PCI root's address latch
     meta      the configuration (the CPU topology, guest NUMA nodes and huge pages, so the
-              machine is rebuilt the same; drives with their image sizes, cache types and
-              rate limiters, nets with the MAC the guest knows, MTU and rate limiters, the
-              rng's rate limiter, the boot timer, vsock), the console nonce, where the
-              command-output parser was
+              machine is rebuilt the same; --nested and the Hyper-V features; drives with
+              their image sizes, cache types and rate limiters, nets with the MAC the guest
+              knows, MTU and rate limiters, the rng's rate limiter, the boot timer, vsock),
+              the console nonce, where the command-output parser was
 
 Guest memory is not in it: each transport carries memory its own way. The snapshot file pair
 (`kvmkit.vmm.snapshot`) writes the state file and a sparse memory file beside it; a
@@ -177,6 +177,8 @@ class MachineState:
             raise SnapshotError(f"snapshot state: vCPU ids are not the APIC IDs of {topology}")
         if topology.needs_x2apic and not kvm.setup.x2apic_api:
             raise SnapshotError("snapshot state: APIC IDs above 254 without KVM_CAP_X2APIC_API")
+        if config.nested != kvm.setup.nested:
+            raise SnapshotError("snapshot state: meta.config.nested does not match setup.nested")
         command = None
         if meta.has("command"):
             command = CommandState.from_dict(meta.obj["command"], "meta.command")
@@ -313,6 +315,38 @@ def _save_cpu_memory(cfg: MachineConfig) -> dict[str, Any]:
         "numa": [{"cpus": sorted(n.cpus), "mem_mib": n.mem_mib, "host_node": n.host_node}
                  for n in cfg.numa],
         "huge_pages": cfg.huge_pages,
+        **_save_extensions(cfg),
+    }  # fmt: skip
+
+
+def _save_extensions(cfg: MachineConfig) -> dict[str, Any]:
+    """--nested and --hyperv in meta.config: the Hyper-V features the guest got (resolved
+    against the host when the machine was built), or None."""
+    hyperv: list[str] | str | None = None
+    if cfg.hyperv is True:
+        hyperv = "all"
+    elif cfg.hyperv:
+        hyperv = sorted(cfg.hyperv)
+    return {"nested": cfg.nested, "hyperv": hyperv, "hyperv_kvm_leaves": cfg.hyperv_kvm_leaves}
+
+
+def _load_extensions(cfg: Fields) -> dict[str, Any]:
+    """`_save_extensions`'s fields, checked (MachineConfig.validate_hyperv checks the names);
+    absent in states from before them: neither."""
+    hyperv: bool | frozenset[str] = False
+    raw = cfg.obj.get("hyperv")
+    if raw == "all":
+        hyperv = True
+    elif raw is not None:
+        names = cfg.get_list("hyperv", 64)
+        if not names or not all(isinstance(n, str) and len(n) <= 64 for n in names):
+            raise SnapshotError("snapshot state: meta.config.hyperv must be feature names")
+        hyperv = frozenset(names)
+    return {
+        "nested": cfg.get_bool("nested") if cfg.has("nested") else False,
+        "hyperv": hyperv,
+        "hyperv_kvm_leaves": (cfg.get_bool("hyperv_kvm_leaves")
+                              if cfg.has("hyperv_kvm_leaves") else False),
     }  # fmt: skip
 
 
@@ -333,4 +367,4 @@ def _load_cpu_memory(cfg: Fields) -> dict[str, Any]:
         cpus = n.get_ints("cpus", MAX_VCPUS, width=16)
         numa.append(NumaNode(frozenset(cpus), n.get_int("mem_mib", 1, 1 << 20), host))
     huge = cfg.get_str("huge_pages", 16) if cfg.obj.get("huge_pages") is not None else None
-    return {"topology": topology, "numa": numa, "huge_pages": huge}
+    return {"topology": topology, "numa": numa, "huge_pages": huge, **_load_extensions(cfg)}

@@ -37,16 +37,25 @@ new group (nested virtualization bits, Hyper-V leaves) is one more pass in `PASS
   0x8000001D EAX[25:14] NumSharingCache - 1; 0x8000001E EAX extended APIC ID, EBX[15:8]
   threads per core - 1, EBX[7:0] core ID in the package, ECX[10:8] nodes (dies) per package
   - 1, ECX[7:0] node ID;
+- `nested_pass`, the hardware virtualization extension (docs/nested.md): leaf 0x1 ECX[5] VMX
+  (SDM vol. 2A table 3-10) and 0x80000001 ECX[2] SVM (APM vol. 3 E.4.2) stay as KVM reports
+  them only with `nested` (KVM reports its vendor's bit only when its `nested` module
+  parameter is on); otherwise both are cleared and the SVM feature leaf 0x8000000A (APM
+  E.4.9, meaningful only with SVM) is zeroed, as QEMU does without `+svm`;
 - `hypervisor_pass`, 0x40000000 (Linux Documentation/virt/kvm/x86/cpuid.rst): EAX = highest
   hypervisor leaf, EBX/ECX/EDX = "KVMKVMKVM\\0\\0\\0"; 0x40000001 (KVM paravirtual features
-  such as kvmclock) as KVM supports them.
+  such as kvmclock) as KVM supports them;
+- `hyperv_pass`, with `--hyperv` (docs/hyperv.md, kvmkit.arch.x86_64.hyperv): Hyper-V's
+  leaves 0x40000000-0x40000005 take the base; KVM's leaves are left out, or with
+  `kvm_leaves` moved to 0x40000100-0x40000101 (its signature leaf's EAX moved with them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from kvmkit.arch.x86_64 import hyperv as hv
 from kvmkit.arch.x86_64.topology import CpuLocation, Topology
 from kvmkit.kvm.cpuid import CpuidEntry
 
@@ -60,8 +69,11 @@ LEAF1_EDX_HTT = 1 << 28
 # Leaf 0x6 (SDM vol. 2A, Thermal and Power Management leaf)
 LEAF6_EAX_TURBO = 1 << 1
 LEAF6_ECX_EPB = 1 << 3
+LEAF1_ECX_VMX = 1 << 5
 # Leaf 0x80000001 ECX (APM vol. 3, E.4.2)
 EXT1_ECX_CMP_LEGACY = 1 << 1
+EXT1_ECX_SVM = 1 << 2
+SVM_FEATURES_LEAF = 0x8000000A
 EXT1_ECX_TOPOEXT = 1 << 22
 
 # Extended topology level types (SDM vol. 2A, CPUID leaf 1FH, ECX[15:8])
@@ -100,6 +112,8 @@ class CpuidContext:
     vendor: bytes
     tsc_deadline: bool | None = None
     topology_leaves: bool = False  # AMD's 0x8000001D and 0x8000001E are both supported
+    nested: bool = False  # expose VMX/SVM (docs/nested.md)
+    hyperv: hv.HvCpuid | None = None  # Hyper-V leaves (docs/hyperv.md)
 
     @property
     def intel(self) -> bool:
@@ -255,6 +269,25 @@ def topology_pass(entries: list[CpuidEntry], ctx: CpuidContext) -> list[CpuidEnt
     return out
 
 
+# -- nested virtualization
+def _leaf1_nested(e: CpuidEntry, ctx: CpuidContext) -> list[CpuidEntry]:
+    return [e if ctx.nested else e.with_regs(ecx=e.ecx & ~LEAF1_ECX_VMX)]
+
+
+def _ext1_nested(e: CpuidEntry, ctx: CpuidContext) -> list[CpuidEntry]:
+    return [e if ctx.nested else e.with_regs(ecx=e.ecx & ~EXT1_ECX_SVM)]
+
+
+def _svm_features(e: CpuidEntry, ctx: CpuidContext) -> list[CpuidEntry]:
+    return [e if ctx.nested else e.with_regs(eax=0, ebx=0, ecx=0, edx=0)]
+
+
+def nested_pass(entries: list[CpuidEntry], ctx: CpuidContext) -> list[CpuidEntry]:
+    return _per_leaf(entries, ctx, {
+        0x1: _leaf1_nested, 0x80000001: _ext1_nested, SVM_FEATURES_LEAF: _svm_features,
+    })  # fmt: skip
+
+
 # -- hypervisor leaves
 def hypervisor_pass(entries: list[CpuidEntry], ctx: CpuidContext) -> list[CpuidEntry]:
     out: list[CpuidEntry] = []
@@ -278,7 +311,26 @@ def hypervisor_pass(entries: list[CpuidEntry], ctx: CpuidContext) -> list[CpuidE
     return out
 
 
-PASSES: tuple[Pass, ...] = (features_pass, topology_pass, hypervisor_pass)
+def hyperv_pass(entries: list[CpuidEntry], ctx: CpuidContext) -> list[CpuidEntry]:
+    if ctx.hyperv is None:
+        return entries
+    base = KVM_CPUID_SIGNATURE
+    kvm = [e for e in entries if base <= e.function < base + 0x100]
+    out = [e for e in entries if not base <= e.function < base + 0x100]
+    out.extend(hv.leaves(list(ctx.hyperv.supported), ctx.hyperv.features))
+    if ctx.hyperv.kvm_leaves:
+        shift = hv.KVM_LEAVES_MOVED - base
+        for e in kvm:
+            moved = replace(e, function=e.function + shift)
+            if e.function == base:
+                moved = moved.with_regs(eax=e.eax + shift)  # the highest KVM leaf moves too
+            out.append(moved)
+    return out
+
+
+PASSES: tuple[Pass, ...] = (
+    features_pass, topology_pass, nested_pass, hypervisor_pass, hyperv_pass,
+)  # fmt: skip
 
 
 def guest_cpuid(
@@ -287,6 +339,8 @@ def guest_cpuid(
     index: int,
     *,
     tsc_deadline: bool | None = None,
+    nested: bool = False,
+    hyperv: hv.HvCpuid | None = None,
     passes: tuple[Pass, ...] = PASSES,
 ) -> list[CpuidEntry]:
     """The CPUID entries of vCPU `index` (0-based, Linux's CPU number) of a machine with
@@ -294,11 +348,12 @@ def guest_cpuid(
 
     `tsc_deadline`: None keeps leaf 1 ECX[24] as `supported` says; True/False force it (a VMM
     that checked KVM_CAP_TSC_DEADLINE_TIMER may set it: older kernels do not report it).
+    `nested`: keep VMX/SVM as KVM reports them (hidden otherwise). `hyperv`: Hyper-V leaves.
     """
     leaves = {e.function for e in supported}
     ctx = CpuidContext(
         topology, topology.location(index), vendor(supported), tsc_deadline,
-        topology_leaves={0x8000001D, 0x8000001E} <= leaves,
+        topology_leaves={0x8000001D, 0x8000001E} <= leaves, nested=nested, hyperv=hyperv,
     )  # fmt: skip
     entries = list(supported)
     for step in passes:
