@@ -169,15 +169,17 @@ def run_lane(
 # Seconds a test file took in a one-vCPU lane (CI of 2026-12-03), used only to balance the
 # default lane's tests across the concurrent lanes; a file not listed counts DEFAULT_WEIGHT.
 WEIGHTS = {
-    "tests/hwvirt/test_linux_boot.py": 520.0,
+    "tests/hwvirt/test_linux_boot.py": 600.0,  # + the --rootfs test, 80 s
     "tests/hwvirt/test_gdb_linux.py": 150.0,
     "tests/hwvirt/test_topology_linux.py": 120.0,
     "tests/hwvirt/test_net_vsock_linux.py": 120.0,
     "tests/hwvirt/test_snapshot_linux.py": 100.0,
-    "tests/hwvirt/test_migration_linux.py": 400.0,
+    "tests/hwvirt/test_migration_linux.py": 500.0,  # 524-573 s under a load of 20
     "tests/hwvirt/test_vfio_linux.py": 280.0,
     # pytest 367 and 440 s in two one-vCPU lanes (3 guest boots, 2 restores, kvmkit probe)
     "tests/hwvirt/test_nested_hyperv_linux.py": 400.0,
+    "tests/hwvirt/test_firecracker_dropin_linux.py": 210.0,  # 104 + 103 s, loaded
+    "tests/hwvirt/test_mmds_linux.py": 115.0,
 }
 DEFAULT_WEIGHT = 80.0
 
