@@ -13,6 +13,7 @@ the guest runs at the destination and the VMM behind SOCK has ended; 1: the migr
 from __future__ import annotations
 
 import argparse
+import http.client
 import sys
 import threading
 import time
@@ -79,7 +80,7 @@ def migrate(args: argparse.Namespace) -> int:
     def put() -> None:
         try:
             answer["reply"] = request(args.api_sock, "PUT", "/migration", body, timeout=None)
-        except OSError as err:
+        except (OSError, http.client.HTTPException) as err:
             answer["error"] = err
 
     worker = threading.Thread(target=put, name="migrate-put", daemon=True)
@@ -90,8 +91,10 @@ def migrate(args: argparse.Namespace) -> int:
         worker.join(POLL)
         try:
             status, info = request(args.api_sock, "GET", "/migration", timeout=10)
-        except OSError:
-            continue  # the VMM ends as the migration completes
+        except (OSError, http.client.HTTPException):
+            # The source VMM ends as the migration completes, possibly halfway through this
+            # answer (IncompleteRead): the PUT's answer says how it went.
+            continue
         if status != 200 or not isinstance(info, dict):
             continue
         now = time.monotonic()
