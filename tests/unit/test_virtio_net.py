@@ -605,7 +605,9 @@ def test_a_throttled_tx_queue_holds_up_neither_rx_nor_a_patch(
     # Bounds of 20 s, a third of the limiter's minute: a loaded host is slow, not that slow.
     wait_for(lambda: g.dev.tx_limiter.throttled >= 1, 20)
     assert g.dev.tx_frames == 1
-    g.give_rx(4)
+    # Room for the host's own frames on the new tap too (IPv6 MLD and router solicitations
+    # took two of four buffers in one failed run, leaving the third frame waiting).
+    g.give_rx(16)
     inbound = [frame(g.dev.mac, b"\x02\x00\x00\x00\x00\x01", bytes([i]) * 80) for i in range(3)]
     t0 = time.monotonic()
     for f in inbound:
