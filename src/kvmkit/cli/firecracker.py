@@ -65,15 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="API body size limit in bytes (default 51200)")  # fmt: skip
     p.add_argument("--enable-pci", action="store_true",
                    help="virtio devices on PCI (virtio-pci with MSI-X) instead of MMIO")
-    p.add_argument(
-        "--seccomp", action=argparse.BooleanOptionalAction, default=None,
-        help="run every thread under its seccomp filter (kvmkit's default for now: off, "
-        "on with --seccomp-filter; docs/security.md says why)",
-    )  # fmt: skip
-    p.add_argument(
-        "--seccomp-filter", type=Path, metavar="FILE",
-        help="seccomp filters from FILE, in Firecracker's seccompiler JSON (docs/security.md)",
-    )  # fmt: skip
+    from kvmkit.cli.run import add_seccomp_options
+
+    add_seccomp_options(p)
     p.add_argument("--start-time-us", type=_u64, metavar="US",
                    help="process start (CLOCK_MONOTONIC, µs) as the launcher saw it: "
                    "api_server.process_startup_time_us counts from there")  # fmt: skip

@@ -167,8 +167,8 @@ def add_seccomp_options(p: argparse.ArgumentParser) -> None:
     """`--seccomp/--no-seccomp` and `--seccomp-filter FILE` (docs/security.md)."""
     p.add_argument(
         "--seccomp", action=argparse.BooleanOptionalAction, default=None,
-        help="run every VMM thread under its seccomp filter (default: off, on with "
-        "--seccomp-filter; kvmkit-firecracker's default is on; docs/security.md)",
+        help="run every VMM thread under its seccomp filter (default for now: off, on with "
+        "--seccomp-filter; docs/security.md says why)",
     )  # fmt: skip
     p.add_argument(
         "--seccomp-filter", type=Path, metavar="FILE",
