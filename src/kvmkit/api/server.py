@@ -289,6 +289,10 @@ class ApiServer:
             self._server = _UnixServer(path, Router(vmm))
         except OSError as err:
             raise OSError(err.errno, f"cannot listen on {path}: {err.strerror}") from None
+        # close() removes this socket file, not one somebody put at the path after ours
+        # was deleted (docs/security.md: the API socket file deleted while the VMM runs).
+        st = os.stat(path)
+        self._sock_id = (st.st_dev, st.st_ino)
         self._thread: threading.Thread | None = None
 
     def start(self) -> ApiServer:
@@ -303,4 +307,6 @@ class ApiServer:
         self._server.shutdown()
         self._server.server_close()
         with contextlib.suppress(OSError):
-            os.unlink(self.path)
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._sock_id:
+                os.unlink(self.path)
