@@ -200,6 +200,9 @@ class Soak:
         deadline = time.monotonic() + 60
         while not os.path.exists(sock):
             if proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
                 raise RuntimeError(f"vm{slot.index}: the API socket did not appear: "
                                    f"{err.read_text(errors='replace')[-500:]}")  # fmt: skip
             time.sleep(0.05)
@@ -211,8 +214,25 @@ class Soak:
             raise RuntimeError(f"vm{vmm.slot}.{vmm.generation}: {method} {path}: {status} {value}")
         return value
 
+    def _abandon(self, vmm: Vmm) -> None:
+        """A VMM whose start or restore failed (reported by the caller): killed, not left
+        holding its slot's sockets."""
+        if vmm.proc.poll() is None:
+            vmm.proc.kill()
+            vmm.proc.wait(10)
+        self.finished.append(vmm)
+
     def boot(self, slot: Slot) -> None:
         vmm = self.spawn(slot, "boot")
+        try:
+            self._configure(slot, vmm)
+        except BaseException:
+            self._abandon(vmm)
+            raise
+        slot.vmm = vmm
+        self._running(slot)
+
+    def _configure(self, slot: Slot, vmm: Vmm) -> None:
         self.api(vmm, "PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 32})
         self.api(vmm, "PUT", "/boot-source", {
             "kernel_image_path": str(self.kernel),
@@ -222,16 +242,19 @@ class Soak:
                                               "path_on_host": str(slot.dir / "disk.img")})
         self.api(vmm, "PUT", "/vsock", {"guest_cid": 3, "uds_path": str(slot.dir / "v.sock")})
         self.api(vmm, "PUT", "/actions", {"action_type": "InstanceStart"})
-        slot.vmm = vmm
-        self._running(slot)
 
     def restore(self, slot: Slot) -> None:
         vmm = self.spawn(slot, "restore")
-        self.api(vmm, "PUT", "/snapshot/load", {
-            "snapshot_path": str(slot.dir / "snap.state"),
-            "mem_backend": {"backend_type": "File", "backend_path": str(slot.dir / "snap.mem")},
-            "resume_vm": True,
-        })  # fmt: skip
+        try:
+            self.api(vmm, "PUT", "/snapshot/load", {
+                "snapshot_path": str(slot.dir / "snap.state"),
+                "mem_backend": {"backend_type": "File",
+                                "backend_path": str(slot.dir / "snap.mem")},
+                "resume_vm": True,
+            })  # fmt: skip
+        except BaseException:
+            self._abandon(vmm)
+            raise
         slot.vmm = vmm
         self._running(slot)
 
