@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_proc import VmmProcess
+from api_proc import VmmProcess, grows
 
 from kvmkit.api.client import request
 from kvmkit.testing import pvh
@@ -186,3 +186,38 @@ def test_stdout_gone_does_not_stop_the_vmm(tmp_path: Path, how: str) -> None:
             proc.kill()
             proc.wait(10)
         err.close()
+
+
+def test_snapshot_of_a_restored_vm_onto_its_own_memory_file(tmp_path: Path) -> None:
+    """A restored VM maps its memory file MAP_PRIVATE; a snapshot written to that same path
+    goes to a new file renamed into place, so the pages the guest never wrote (its code) are
+    still read from the old file and land in the new one. (Written in place, the truncation
+    zeroed them and the next restore ran zeros.)"""
+    kernel = pvh.serial_loop_kernel(tmp_path / "loop.elf")
+    code = kernel.read_bytes()
+    body = {"snapshot_path": str(tmp_path / "vm.state"), "mem_file_path": str(tmp_path / "vm.mem")}
+    load = {"snapshot_path": body["snapshot_path"], "resume_vm": True,
+            "mem_backend": {"backend_type": "File", "backend_path": body["mem_file_path"]}}
+    vmm = VmmProcess(tmp_path, "--no-seccomp", name="a", entry="firecracker")
+    try:
+        vmm.ok("PUT", "/machine-config", MACHINE)
+        vmm.ok("PUT", "/boot-source", {"kernel_image_path": str(kernel)})
+        vmm.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+        assert grows(vmm), vmm.stderr()
+        vmm.ok("PATCH", "/vm", {"state": "Paused"})
+        vmm.ok("PUT", "/snapshot/create", body)
+    finally:
+        vmm.close()
+    for name in ("b", "c"):
+        vmm = VmmProcess(tmp_path, "--no-seccomp", name=name, entry="firecracker")
+        try:
+            vmm.ok("PUT", "/snapshot/load", load)
+            assert grows(vmm), vmm.stderr()
+            vmm.ok("PATCH", "/vm", {"state": "Paused"})
+            vmm.ok("PUT", "/snapshot/create", body)  # onto the file this VM runs from
+        finally:
+            vmm.close()
+        mem = (tmp_path / "vm.mem").read_bytes()
+        # the guest's code (at 1 MiB, never written by the guest) is in the new file
+        text = code[code.index(b"\x66\xba\xf8\x03") :][:16]  # movw $0x3f8, %dx ...
+        assert text in mem[0x100000 : 0x100000 + 4096], name
