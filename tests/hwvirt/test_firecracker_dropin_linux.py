@@ -8,9 +8,10 @@ the root drive; InstanceStart; the guest's own init runs from the root file syst
 guest checks the entropy device (/dev/hwrng gives random bytes; a limit of 2 KiB/s holds)
 and a block rate limiter (a `dd` to a second drive at 1 MiB/s), then the host PATCHes that
 drive after boot (a bigger image: the guest sees the new size; no limiter: the next `dd`
-is not throttled, by the metrics), and the guest reboots: the process exits 0. A vsock device
-answers a host connection to a port where the guest listens on nothing (the guest's RST
-closes it).
+is not throttled, by the metrics). A vsock device answers a host connection to a port where
+the guest listens on nothing (the guest's RST closes it). Then the VM is paused and
+snapshotted, its process ends, and a new `kvmkit-firecracker` loads the snapshot: the guest
+ticks on there and reboots, and that process exits 0.
 
 Both run under kvmkit-firecracker's default seccomp filters (as Firecracker's): every thread
 of the VMM shows `Seccomp: 2` while the guest does its I/O, and the guest runs to its end.
@@ -79,7 +80,8 @@ t0=$(up); dd if=/dev/zero of=/dev/vdb bs=65536 count=48 oflag=direct 2>/dev/null
 t1=$(up)
 echo "FCT BLK2 $rc $((t1 - t0))"
 echo "FCT DONE"
-sleep 5
+i=0
+while [ $i -lt 40 ]; do usleep 500000; i=$((i + 1)); echo "FCT TICK $i"; done
 reboot -f
 """
 
@@ -131,9 +133,9 @@ class Firecracker:
     """A `kvmkit-firecracker --api-sock` process (in a network namespace when given); the
     guest's `FCT ...` console lines are collected as they come."""
 
-    def __init__(self, tmp_path: Path, netns: str | None = None) -> None:
-        self.sock = str(tmp_path / "fc.sock")  # /tmp: a tmpfs in the lane
-        self.err = tmp_path / "fc.stderr"
+    def __init__(self, tmp_path: Path, netns: str | None = None, name: str = "fc") -> None:
+        self.sock = str(tmp_path / f"{name}.sock")  # /tmp: a tmpfs in the lane
+        self.err = tmp_path / f"{name}.stderr"
         argv = [sys.executable, "-m", "kvmkit.cli.firecracker", "--api-sock", self.sock]
         if netns is not None:
             argv = ["ip", "netns", "exec", netns, *argv]
@@ -271,10 +273,27 @@ def test_getting_started_rootfs_entropy_and_block_limits(tmp_path: Path) -> None
         print(f"entropy 8 KiB {cs / 100} s; blk 3 MiB limited {blk1 / 100} s, "
               f"unlimited {blk2 / 100} s")
         assert_filtered(fc.proc.pid)
-        # The guest's `reboot -f` ends the process, with Firecracker's status for it.
-        assert fc.proc.wait(300) == 0, fc.why()
+        # Snapshot the ticking guest, end this process, load the snapshot into a new one.
+        fc.expect("TICK")
+        fc.put("PATCH", "/vm", {"state": "Paused"})
+        state, mem = tmp_path / "vm.state", tmp_path / "vm.mem"
+        fc.put("PUT", "/snapshot/create", {"snapshot_path": str(state),
+                                           "mem_file_path": str(mem)})  # fmt: skip
     finally:
         fc.close()
+    assert "seccomp" not in fc.err.read_text(), fc.why()
+    loaded = Firecracker(tmp_path, name="loaded")
+    try:
+        loaded.put("PUT", "/snapshot/load", {"snapshot_path": str(state),
+                                             "mem_backend": {"backend_type": "File",
+                                                             "backend_path": str(mem)},
+                                             "resume_vm": True})  # fmt: skip
+        loaded.expect("TICK")  # the guest runs on in the new process
+        assert_filtered(loaded.proc.pid)
+        # The guest's `reboot -f` ends the process, with Firecracker's status for it.
+        assert loaded.proc.wait(300) == 0, loaded.why()
+    finally:
+        loaded.close()
 
 
 @pytest.fixture
