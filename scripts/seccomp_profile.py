@@ -61,6 +61,11 @@ KINDS = CATEGORIES
 # (kvm/kick.py: pthread_kill, i.e. tgkill).
 EXTRA = {"vcpu": ("tgkill",)}
 
+# KVM ioctls numbered in linux/kvm.h's vCPU range that act on the VM's fd only (kvm.h and the
+# KVM API doc, section 4): not added to the vcpu filter unless a vCPU thread was seen making
+# them.
+VM_FD_ONLY = ("KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_CREATE_DEVICE", "KVM_CLEAR_DIRTY_LOG")
+
 LINE = re.compile(r"^(\d+)\s+(?:<\.\.\. (\w+) resumed>(.*)|(\w+)\((.*))$")
 NAME = re.compile(r'PR_SET_NAME, "([^"]*)"')
 IOCTL_REQ = re.compile(r"^\s*(?:0x[0-9a-f]+|\d+),\s*(0x[0-9a-f]+|\d+)")
@@ -151,8 +156,9 @@ def build(dirs: list[Path], base: Path | None = None) -> dict[str, object]:
     # anywhere or defined in kvmkit/abi in linux/kvm.h's vCPU range (nr 0x80 and up). Their
     # creators' filters (vmm, api), which the kernel stacks under theirs, allow them too.
     vcpu_range = {
-        r for r in every_req | set(names) if (r >> 8) & 0xFF == KVMIO and r & 0xFF >= 0x80
-    }
+        r for r in every_req | set(names)
+        if (r >> 8) & 0xFF == KVMIO and r & 0xFF >= 0x80 and names.get(r) not in VM_FD_ONLY
+    }  # fmt: skip
     out: dict[str, object] = {}
     for k in KINDS:
         if k in ("vmm", "api"):
