@@ -308,6 +308,7 @@ _policy: Policy | None = None
 _libc: ctypes.CDLL | None = None
 _handler_ref: Any = None
 _state = threading.local()
+_reporting = threading.Lock()
 
 
 def active() -> bool:
@@ -320,6 +321,9 @@ def _on_sigsys(signum: int, info: int | None, context: int | None) -> None:
 
     Runs in the offending thread, whose call did not happen. Only writes and _exit follow, so
     the handler needs nothing beyond what every filter allows."""
+    # One line per process: when two threads trap at once (two vCPUs' first KVM_RUN), the
+    # second waits here (a futex, which every filter allows) while the first ends the process.
+    _reporting.acquire()
     nr = ctypes.c_int.from_address(info + SI_SYSCALL_OFFSET).value if info else -1
     policy = _policy
     name = policy.names.get(nr, "?") if policy is not None else "?"
