@@ -14,8 +14,6 @@ LOG_FILE = scratch_dir() / "api.log"
 LOG_FILE.touch()
 METRICS_FILE = scratch_dir() / "metrics.json"
 METRICS_FILE.touch()
-# Keep the targets' log lines (and the fuzzed paths they show) off the terminal.
-logging.getLogger("kvmkit").setLevel(logging.CRITICAL)
 
 
 class Crash(BaseException):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import resource
 import subprocess
@@ -39,6 +40,8 @@ def fuzz_one(target: str, options: list[str]) -> None:
     """Fuzz `target` in this process (atheris exits the process when it is done)."""
     import atheris
 
+    # kvmkit's log lines about refused input (every few inputs) would flood the terminal.
+    logging.getLogger("kvmkit").setLevel(logging.CRITICAL)
     sys.path.insert(0, str(HERE))
     # Coverage feedback from kvmkit's code (instrumenting the standard library too costs
     # seconds per start and adds little: its parsers are not what is under test).
