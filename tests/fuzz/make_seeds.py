@@ -9,6 +9,7 @@ needs /dev/kvm for the snapshot and migration seeds); the files are committed, a
                          (virtio-mmio and virtio-pci), written by snapshot_machine
     migration            the stream a real migration of that machine sends (its PAGES
                          frames cut down to a few pages)
+    mmds                 requests as curl and wget send them to the MMDS (V1, V2 tokens)
     api_http, api_json   requests as tests/kvm/test_api.py sends them
     gdb_rsp              packets as gdb sends them
     loader               a PVH ELF built by kvmkit.testing.pvh, a bzImage header
@@ -121,6 +122,24 @@ def virtio_seeds() -> None:
             ([pkt(4, flags=3)], [], False)],
         2: [([], [8], False)],
     }))
+
+
+def mmds_seeds() -> None:
+    from mmds import _frame
+
+    save("mmds", "v1-get", b"\x00\x40GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254"
+                          b"\r\nAccept: */*\r\n\r\n")
+    save("mmds", "v2-token", b"\x01\x40PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254"
+                            b"\r\nX-metadata-token-ttl-seconds: 21600\r\n\r\n")
+    save("mmds", "v2-get-json", b"\x01\x20GET /latest/meta-data HTTP/1.1\r\nAccept: "
+                               b"application/json\r\nX-metadata-token: @TOKEN@\r\n\r\n")
+    mac, ip, mmds_ip = bytes.fromhex("06000a000002"), bytes([10, 0, 0, 2]), bytes([169, 254, 169,
+                                                                                   254])
+    arp = (b"\xff" * 6 + mac + b"\x08\x06" + struct.pack(">HHBBH", 1, 0x0800, 6, 4, 1) + mac
+           + ip + bytes(6) + mmds_ip)  # fmt: skip
+    frames = [arp, _frame(5, 0, 0x02), _frame(6, 1, 0x10, b"GET / HTTP/1.0\r\n\r\n")]
+    save("mmds", "raw-frames", b"\x04\x00" + b"".join(struct.pack("<H", len(f)) + f
+                                                     for f in frames))
 
 
 def snapshot_and_migration_seeds() -> None:
@@ -310,6 +329,7 @@ def main() -> None:
     gdb_seeds()
     loader_seeds()
     writer_seeds()
+    mmds_seeds()
     if "--no-kvm" not in sys.argv:
         snapshot_and_migration_seeds()
 
