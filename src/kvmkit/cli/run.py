@@ -19,6 +19,7 @@ from kvmkit import seccomp
 from kvmkit.arch.x86_64 import hyperv as hv
 from kvmkit.arch.x86_64.numa import NumaNode
 from kvmkit.arch.x86_64.topology import MAX_VCPUS, Topology
+from kvmkit.cli.seccomp_options import add_seccomp_options, seccomp_wanted
 from kvmkit.devices.virtio.blk import DriveConfig
 from kvmkit.devices.virtio.net import NetConfig
 from kvmkit.devices.virtio.vsock import VsockConfig
@@ -153,27 +154,6 @@ def register(sub: Any) -> None:
     add_seccomp_options(p)
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=run)
-
-
-def seccomp_wanted(args: argparse.Namespace) -> bool:
-    """`kvmkit run`/`restore`: filters with --seccomp or --seccomp-filter, not by default
-    (docs/security.md says why), never with --no-seccomp."""
-    if args.seccomp is None:
-        return args.seccomp_filter is not None
-    return bool(args.seccomp)
-
-
-def add_seccomp_options(p: argparse.ArgumentParser) -> None:
-    """`--seccomp/--no-seccomp` and `--seccomp-filter FILE` (docs/security.md)."""
-    p.add_argument(
-        "--seccomp", action=argparse.BooleanOptionalAction, default=None,
-        help="run every VMM thread under its seccomp filter (default for now: off, on with "
-        "--seccomp-filter; docs/security.md says why)",
-    )  # fmt: skip
-    p.add_argument(
-        "--seccomp-filter", type=Path, metavar="FILE",
-        help="seccomp filters from FILE (Firecracker's seccompiler JSON) instead of kvmkit's",
-    )  # fmt: skip
 
 
 def _progress(line: str) -> None:

@@ -28,10 +28,8 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +221,8 @@ def load_filter_file(path: Path) -> dict[str, Filter]:
 
 def default_filters() -> dict[str, Filter]:
     """kvmkit's own filters: default.json beside this module, measured (docs/security.md)."""
+    from importlib import resources  # here: not part of every process's start-up
+
     text = resources.files("kvmkit.seccomp").joinpath("default.json").read_text()
     return parse_filters(json.loads(text), "kvmkit/seccomp/default.json")
 
@@ -270,6 +270,8 @@ def compile_filter(f: Filter) -> bytes:
             raise SeccompError(
                 f"seccomp: libseccomp refused the rule for {rule.syscall}: {err.strerror or err}"
             ) from None
+    import tempfile  # here: not part of every process's start-up (bench/startup.py)
+
     with tempfile.TemporaryFile() as out:
         ctx.export_bpf(out)
         out.seek(0)
