@@ -6,7 +6,8 @@ For each contestant a run starts the process and polls its Unix socket (a connec
 
 - `kvmkit-firecracker --api-sock S` (the console script of this checkout's venv, as a
   Firecracker-style orchestrator launches it): ready when `GET /` over the socket has its
-  HTTP answer;
+  HTTP answer; and the same with `--seccomp` (every thread filtered; the filters come from
+  the cache of compiled programs that the first run fills, docs/security.md);
 - QEMU: `qemu-system-x86_64 -S -nodefaults -display none -qmp unix:S,server=on,wait=off`
   (the issue's command: QEMU's default machine and accelerator, stopped before the first
   instruction, no devices): ready when the QMP greeting (`{"QMP": ...}`) arrives;
@@ -14,6 +15,8 @@ For each contestant a run starts the process and polls its Unix socket (a connec
   it exits), and `-I` with a 10-line standard-library HTTP answer on a Unix socket (socket and
   json only): the least any Python API server can cost here.
 
+kvmkit's modules are byte-compiled first (compileall), as a `pip install` leaves them: an
+editable checkout under PYTHONDONTWRITEBYTECODE would compile them from source at every start.
 At the answer the benchmark reads the process's VmRSS from /proc, then kills it and takes
 its CPU time (user + system, all threads) from wait4's rusage. Figures are medians over
 --runs runs; contestants are interleaved and their order rotated each run. CPU time is the
@@ -185,6 +188,8 @@ def contestants(qemu: str) -> list[Contestant]:
     return [
         Contestant("kvmkit-firecracker", lambda p: [fc, "--api-sock", p],
                    b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", http_ok),
+        Contestant("kvmkit-fc --seccomp", lambda p: [fc, "--api-sock", p, "--seccomp"],
+                   b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", http_ok),
         Contestant("qemu -S (QMP)", lambda p: [
             qemu, "-S", "-nodefaults", "-display", "none", "-qmp",
             f"unix:{p},server=on,wait=off"], None, b'{"QMP"'),
@@ -205,6 +210,14 @@ def main() -> int:
     if qemu is None:
         sys.exit(f"bench/startup.py: {args.qemu} not found")
     version = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
+    # kvmkit's bytecode as `pip install` leaves it (a non-editable install compiles every
+    # module): with PYTHONDONTWRITEBYTECODE set, as in some shells here, an editable
+    # checkout would otherwise compile ~50 modules from source at every start (~25 ms).
+    import compileall
+
+    import kvmkit
+
+    compileall.compile_dir(str(Path(kvmkit.__file__).parent), quiet=1)
     cs = contestants(qemu)
     with tempfile.TemporaryDirectory(prefix="kvmkit-startup-") as tmp:
         path = os.path.join(tmp, "api.sock")
@@ -225,8 +238,8 @@ def main() -> int:
         note = "" if c.socket else "  (ready: exited)"
         print(f"{c.name:<24}{c.median('ready_ms'):>10.1f}{c.median('cpu_ms'):>10.1f}{rss}"
               f"   {lo:.1f}-{hi:.1f}{note}")
-    q = cs[1]
-    for c in (cs[0], cs[2]):
+    q = cs[2]
+    for c in (cs[0], cs[1], cs[3]):
         print(f"{c.name} / QEMU: ready x{c.median('ready_ms') / q.median('ready_ms'):.2f}, "
               f"CPU x{c.median('cpu_ms') / q.median('cpu_ms'):.2f}, "
               f"RSS x{c.median('rss_kib') / q.median('rss_kib'):.2f}")
