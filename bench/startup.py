@@ -8,6 +8,10 @@ For each contestant a run starts the process and polls its Unix socket (a connec
   Firecracker-style orchestrator launches it): ready when `GET /` over the socket has its
   HTTP answer; and the same with `--seccomp` (every thread filtered; the filters come from
   the cache of compiled programs that the first run fills, docs/security.md);
+- `kvmkit serve --control C` started before the runs (not measured): a run asks it over C
+  for a VMM with `--api-sock S` (kvmkit.cli.serve.spawn) and is ready when that forked
+  VMM answers `GET /` on S. Its RSS counts the pages it shares with the serve process;
+  "private" (Private_Clean + Private_Dirty from smaps_rollup) is what it alone holds;
 - QEMU: `qemu-system-x86_64 -S -nodefaults -display none -qmp unix:S,server=on,wait=off`
   (the issue's command: QEMU's default machine and accelerator, stopped before the first
   instruction, no devices): ready when the QMP greeting (`{"QMP": ...}`) arrives;
@@ -42,6 +46,7 @@ figure: compare the two VMMs measured the same way, not against this script's nu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -79,6 +84,7 @@ class Sample:
     ready_ms: float
     cpu_ms: float
     rss_kib: int
+    private_kib: int = 0
 
 
 @dataclass
@@ -88,6 +94,7 @@ class Contestant:
     greeting: bytes | None  # bytes to send once connected (None: read a greeting)
     answer: bytes  # the answer starts with this
     socket: bool = True  # False: ready when the process exits
+    spawn: Callable[[list[str]], int] | None = None  # start through `kvmkit serve`: -> pid
     samples: list[Sample] = field(default_factory=list)
 
     def median(self, attr: str) -> float:
@@ -103,6 +110,17 @@ def vm_rss_kib(pid: int) -> int:
     return 0
 
 
+def private_kib(pid: int) -> int:
+    """Private_Clean + Private_Dirty (proc(5) smaps_rollup): the memory only this process
+    holds; a process forked by `kvmkit serve` shares the rest with its parent."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    return total
+
+
 def kill_cpu_ms(proc: subprocess.Popen[bytes]) -> float:
     """SIGKILL `proc` and reap it: its CPU time in ms (user + system, every thread), from
     wait4's rusage (finer than /proc's clock ticks)."""
@@ -115,13 +133,18 @@ def kill_cpu_ms(proc: subprocess.Popen[bytes]) -> float:
 def measure_socket(c: Contestant, path: str) -> Sample:
     with open(os.devnull, "wb") as null:
         t0 = time.monotonic()
-        proc = subprocess.Popen(c.argv(path), stdin=subprocess.DEVNULL, stdout=null,
-                                stderr=null)  # fmt: skip
+        if c.spawn is not None:
+            proc = None
+            pid = c.spawn(c.argv(path))
+        else:
+            proc = subprocess.Popen(c.argv(path), stdin=subprocess.DEVNULL, stdout=null,
+                                    stderr=null)  # fmt: skip
+            pid = proc.pid
     try:
         deadline = t0 + TIMEOUT
         while True:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"{c.name}: no answer on {path} (exit {proc.returncode})")
+            if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+                raise RuntimeError(f"{c.name}: no answer on {path}")
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.connect(path)
@@ -144,13 +167,32 @@ def measure_socket(c: Contestant, path: str) -> Sample:
             ready = time.monotonic() - t0
             if not data.startswith(c.answer):
                 raise RuntimeError(f"{c.name}: unexpected answer {data[:80]!r}")
-            rss = vm_rss_kib(proc.pid)
-            return Sample(ready * 1000, kill_cpu_ms(proc), rss)
+            rss, private = vm_rss_kib(pid), private_kib(pid)
+            if proc is None:  # a child of `kvmkit serve`: its CPU time is in /proc
+                cpu = proc_cpu_ms(pid)
+                os.kill(pid, signal.SIGKILL)
+                return Sample(ready * 1000, cpu, rss, private)
+            return Sample(ready * 1000, kill_cpu_ms(proc), rss, private)
     finally:
-        if proc.returncode is None:
+        if proc is not None and proc.returncode is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+        elif proc is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            while os.path.exists(f"/proc/{pid}"):  # reaped by `kvmkit serve`
+                time.sleep(0.001)
         with_suppress_unlink(path)
+
+
+def proc_cpu_ms(pid: int) -> float:
+    """CPU time of a process that is not this one's child: the sum over its threads of the
+    first field of /proc/PID/task/TID/schedstat (time on a CPU, ns)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total / 1e6
 
 
 def measure_exit(c: Contestant) -> Sample:
@@ -181,7 +223,9 @@ def kvmkit_firecracker() -> str:
     return found
 
 
-def contestants(qemu: str) -> list[Contestant]:
+def contestants(qemu: str, control: str) -> list[Contestant]:
+    from kvmkit.cli.serve import spawn
+
     fc = kvmkit_firecracker()
     py = sys.executable
     http_ok = b"HTTP/1.1 200"
@@ -190,6 +234,9 @@ def contestants(qemu: str) -> list[Contestant]:
                    b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", http_ok),
         Contestant("kvmkit-fc --seccomp", lambda p: [fc, "--api-sock", p, "--seccomp"],
                    b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", http_ok),
+        Contestant("kvmkit serve (fork)", lambda p: ["--api-sock", p],
+                   b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", http_ok,
+                   spawn=lambda args: spawn(control, args)),
         Contestant("qemu -S (QMP)", lambda p: [
             qemu, "-S", "-nodefaults", "-display", "none", "-qmp",
             f"unix:{p},server=on,wait=off"], None, b'{"QMP"'),
@@ -218,31 +265,49 @@ def main() -> int:
     import kvmkit
 
     compileall.compile_dir(str(Path(kvmkit.__file__).parent), quiet=1)
-    cs = contestants(qemu)
     with tempfile.TemporaryDirectory(prefix="kvmkit-startup-") as tmp:
         path = os.path.join(tmp, "api.sock")
-        for run in range(args.runs):
-            k = run % len(cs)
-            for c in cs[k:] + cs[:k]:  # interleaved, the order rotated each run
-                c.samples.append(measure_socket(c, path) if c.socket else measure_exit(c))
+        control = os.path.join(tmp, "serve.sock")
+        kvmkit_cli = str(Path(kvmkit_firecracker()).with_name("kvmkit"))
+        server = subprocess.Popen([kvmkit_cli, "serve", "--control", control],
+                                  stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(control):  # `kvmkit serve` warming up (not measured)
+                if server.poll() is not None or time.monotonic() > deadline:
+                    sys.exit("bench/startup.py: kvmkit serve did not start")
+                time.sleep(0.01)
+            cs = contestants(qemu, control)
+            for run in range(args.runs):
+                k = run % len(cs)
+                for c in cs[k:] + cs[:k]:  # interleaved, the order rotated each run
+                    c.samples.append(measure_socket(c, path) if c.socket else measure_exit(c))
+        finally:
+            server.terminate()
+            server.wait()
     load = os.getloadavg()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"start-up, {args.runs} runs, medians; {when}; {os.cpu_count()} CPUs, "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"python {sys.version.split()[0]} ({sys.executable}); {version.splitlines()[0]}")
-    print(f"{'':<24}{'ready ms':>10}{'CPU ms':>10}{'RSS MiB':>10}   ready min-max")
+    print(f"{'':<24}{'ready ms':>10}{'CPU ms':>10}{'RSS MiB':>10}{'private':>10}"
+          "   ready min-max")
     for c in cs:
         lo = min(s.ready_ms for s in c.samples)
         hi = max(s.ready_ms for s in c.samples)
-        rss = f"{c.median('rss_kib') / 1024:>10.1f}" if c.socket else f"{'-':>10}"
+        rss = (f"{c.median('rss_kib') / 1024:>10.1f}{c.median('private_kib') / 1024:>10.1f}"
+               if c.socket else f"{'-':>10}{'-':>10}")
         note = "" if c.socket else "  (ready: exited)"
         print(f"{c.name:<24}{c.median('ready_ms'):>10.1f}{c.median('cpu_ms'):>10.1f}{rss}"
               f"   {lo:.1f}-{hi:.1f}{note}")
-    q = cs[2]
-    for c in (cs[0], cs[1], cs[3]):
+    q = next(c for c in cs if c.name.startswith("qemu"))
+    for c in cs:
+        if c is q or not c.socket:
+            continue
         print(f"{c.name} / QEMU: ready x{c.median('ready_ms') / q.median('ready_ms'):.2f}, "
               f"CPU x{c.median('cpu_ms') / q.median('cpu_ms'):.2f}, "
-              f"RSS x{c.median('rss_kib') / q.median('rss_kib'):.2f}")
+              f"RSS x{c.median('rss_kib') / q.median('rss_kib'):.2f}, "
+              f"private x{c.median('private_kib') / q.median('private_kib'):.2f}")
     return 0
 
 
