@@ -11,7 +11,8 @@ For each contestant a run starts the process and polls its Unix socket (a connec
 - `kvmkit serve --control C` started before the runs (not measured): a run asks it over C
   for a VMM with `--api-sock S` (kvmkit.cli.serve.spawn) and is ready when that forked
   VMM answers `GET /` on S. Its RSS counts the pages it shares with the serve process;
-  "private" (Private_Clean + Private_Dirty from smaps_rollup) is what it alone holds;
+  "private" (Private_Dirty from smaps_rollup, for every contestant) is the written memory it
+  alone holds;
 - QEMU: `qemu-system-x86_64 -S -nodefaults -display none -qmp unix:S,server=on,wait=off`
   (the issue's command: QEMU's default machine and accelerator, stopped before the first
   instruction, no devices): ready when the QMP greeting (`{"QMP": ...}`) arrives;
@@ -111,14 +112,15 @@ def vm_rss_kib(pid: int) -> int:
 
 
 def private_kib(pid: int) -> int:
-    """Private_Clean + Private_Dirty (proc(5) smaps_rollup): the memory only this process
-    holds; a process forked by `kvmkit serve` shares the rest with its parent."""
-    total = 0
+    """Private_Dirty (proc(5) smaps_rollup): the written memory only this process holds (its
+    heap, its stacks). A process forked by `kvmkit serve` shares the rest with its parent;
+    clean file pages (the executable, libraries) are left out because they count as private
+    only while no other process maps the same file (QEMU's binary beside a running lane)."""
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
-            if line.startswith(("Private_Clean:", "Private_Dirty:")):
-                total += int(line.split()[1])
-    return total
+            if line.startswith("Private_Dirty:"):
+                return int(line.split()[1])
+    return 0
 
 
 def kill_cpu_ms(proc: subprocess.Popen[bytes]) -> float:
