@@ -15,8 +15,9 @@ reads one line back: `{"pid": N}` or `{"error": "..."}`. The VMM is then started
 socket serves moments later (poll it, as after starting Firecracker). `spawn()` below is that
 client.
 
-The serve process stays single-threaded (fork copies only the calling thread), reaps its
-children and never runs a VM itself. Each VMM is its own session (setsid): signals to the
+The serve process stays single-threaded (fork copies only the calling thread) and serves one
+request at a time (a client has 5 s to send its line), lets the kernel reap its children and
+never runs a VM itself. Each VMM is its own session (setsid): signals to the
 serve process do not reach the VMMs.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import fcntl
 import json
 import os
 import signal
@@ -115,22 +117,25 @@ def _read_request(conn: socket.socket) -> tuple[bytes, list[int]]:
     data = b""
     fds: list[int] = []
     anc_size = socket.CMSG_SPACE(3 * array.array("i").itemsize)
-    while b"\n" not in data:
-        chunk, ancdata, _flags, _addr = conn.recvmsg(4096, anc_size)
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
-                fds.extend(got)
-        if not chunk:
-            break
-        data += chunk
-        if len(data) > MAX_REQUEST:
-            raise ValueError(f"request longer than {MAX_REQUEST} bytes")
-    if fds and len(fds) != 3:
-        for fd in fds:
+    try:
+        while b"\n" not in data:
+            chunk, ancdata, _flags, _addr = conn.recvmsg(4096, anc_size)
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+                    fds.extend(got)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > MAX_REQUEST:
+                raise ValueError(f"request longer than {MAX_REQUEST} bytes")
+        if fds and len(fds) != 3:
+            raise ValueError("pass no file descriptors or three (stdin, stdout, stderr)")
+    except BaseException:
+        for fd in fds:  # nothing received stays open in the serve process
             os.close(fd)
-        raise ValueError("pass no file descriptors or three (stdin, stdout, stderr)")
+        raise
     return data.split(b"\n", 1)[0], fds
 
 
@@ -160,7 +165,11 @@ def _child(argv: list[str], fds: list[int]) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if fds:
-        for target, fd in enumerate(fds):
+        # Above 2 first, so that no received descriptor is overwritten before it is used.
+        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3) for fd in fds]
+        for fd in fds:
+            os.close(fd)
+        for target, fd in enumerate(moved):
             os.dup2(fd, target)
             os.close(fd)
     else:
