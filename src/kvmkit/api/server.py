@@ -143,7 +143,7 @@ class _Handler(socketserver.StreamRequestHandler):
     """HTTP/1.1 requests of one connection (RFC 9112): a request line, header fields, a
     Content-Length body; keep-alive unless the client says `Connection: close` or speaks
     HTTP/1.0. Written here rather than taken from http.server, whose imports (http.client,
-    email, ssl and OpenSSL) cost the API ~20 ms and ~2 MiB of RSS at start-up
+    email, ssl and OpenSSL's libraries) cost the API ~20 ms and megabytes of RSS at start-up
     (bench/startup.py); its limits are kept (request and header lines of 64 KiB, 100 header
     fields) and every malformed request gets a JSON 4xx and the connection closed."""
 
