@@ -296,12 +296,37 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     block_on_close = False
     request_queue_size = MAX_CONNECTIONS
     router: Router
+    _paths: tuple[str, str]  # (bound as, renamed to once listening)
 
     def __init__(self, path: str, router: Router) -> None:
         self.router = router
         self.active = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.busy = _InFlight()
         super().__init__(path, _Handler)
+
+    def server_bind(self) -> None:
+        # Bound under a temporary name and renamed into place once listening
+        # (server_activate): a client that waits for the path to exist, as Firecracker's
+        # clients do, never meets a socket that refuses connections (bind before listen).
+        final = str(self.server_address)
+        tmp = f"{final}.{os.getpid()}.tmp"
+        if len(os.fsencode(tmp)) >= 108:  # sockaddr_un.sun_path (unix(7)): bind in place
+            tmp = final
+        elif os.path.lexists(tmp):
+            os.unlink(tmp)
+        self._paths = (tmp, final)
+        self.socket.bind(tmp)
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        tmp, final = self._paths
+        if tmp != final:
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.active.acquire(blocking=False):
