@@ -12,6 +12,7 @@ traceback), never a 5xx.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -291,42 +292,20 @@ class _Handler(socketserver.StreamRequestHandler):
             self._reply(status, value)
 
 
+_SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path), unix(7)
+
+
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     block_on_close = False
     request_queue_size = MAX_CONNECTIONS
     router: Router
-    _paths: tuple[str, str]  # (bound as, renamed to once listening)
 
     def __init__(self, path: str, router: Router) -> None:
         self.router = router
         self.active = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.busy = _InFlight()
         super().__init__(path, _Handler)
-
-    def server_bind(self) -> None:
-        # Bound under a temporary name and renamed into place once listening
-        # (server_activate): a client that waits for the path to exist, as Firecracker's
-        # clients do, never meets a socket that refuses connections (bind before listen).
-        final = str(self.server_address)
-        tmp = f"{final}.{os.getpid()}.tmp"
-        if len(os.fsencode(tmp)) >= 108:  # sockaddr_un.sun_path (unix(7)): bind in place
-            tmp = final
-        elif os.path.lexists(tmp):
-            os.unlink(tmp)
-        self._paths = (tmp, final)
-        self.socket.bind(tmp)
-
-    def server_activate(self) -> None:
-        super().server_activate()
-        tmp, final = self._paths
-        if tmp != final:
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.active.acquire(blocking=False):
@@ -376,10 +355,37 @@ class ApiServer:
     def __init__(self, vmm: Vmm, path: str) -> None:
         self.path = path
         remove_stale_socket(path)
+        # Bind and listen under a temporary name, then rename it to `path`: the file appears
+        # only once connections are accepted. Bound at `path` directly, a client that waits
+        # for the file (as Firecracker's clients do) could connect between bind(2) and
+        # listen(2) and get ECONNREFUSED (the soak, bench/soak.py, did under load), and so
+        # could another VMM's stale-socket probe, which would then remove a live socket.
+        # rename(2), not link(2): the seccomp filters allow it (src/kvmkit/seccomp); a file
+        # created at `path` since the probe above is refused rather than replaced.
+        # (A temporary name beyond sun_path's 108 bytes: bound at `path` directly.)
+        head, tail = os.path.split(path)
+        tmp = os.path.join(head, f".{tail}.{os.getpid()}.tmp")
+        if len(os.fsencode(tmp)) >= _SUN_PATH_MAX:
+            tmp = path
         try:
-            self._server = _UnixServer(path, Router(vmm))
+            self._server = _UnixServer(tmp, Router(vmm))
+            if tmp != path:
+                try:
+                    if os.path.lexists(path):
+                        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+                    os.rename(tmp, path)
+                except OSError:
+                    self._server.server_close()
+                    raise
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
         except OSError as err:
             raise OSError(err.errno, f"cannot listen on {path}: {err.strerror}") from None
+        # close() removes this socket file, not one somebody put at the path after ours
+        # was deleted (docs/security.md: the API socket file deleted while the VMM runs).
+        st = os.stat(path)
+        self._sock_id = (st.st_dev, st.st_ino)
         self._thread: threading.Thread | None = None
 
     def start(self) -> ApiServer:
@@ -394,4 +400,6 @@ class ApiServer:
         self._server.shutdown()
         self._server.server_close()
         with contextlib.suppress(OSError):
-            os.unlink(self.path)
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._sock_id:
+                os.unlink(self.path)
