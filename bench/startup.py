@@ -6,8 +6,9 @@ For each contestant a run starts the process and polls its Unix socket (a connec
 
 - `kvmkit-firecracker --api-sock S` (the console script of this checkout's venv, as a
   Firecracker-style orchestrator launches it): ready when `GET /` over the socket has its
-  HTTP answer; and the same with `--seccomp` (every thread filtered; the filters come from
-  the cache of compiled programs that the first run fills, docs/security.md);
+  HTTP answer (every thread under its seccomp filter, the default; the filters come from the
+  cache of compiled programs that the first run fills, docs/security.md); and the same with
+  `--no-seccomp`;
 - `kvmkit serve --control C` started before the runs (not measured): a run asks it over C
   for a VMM with `--api-sock S` (kvmkit.cli.serve.spawn) and is ready when that forked
   VMM answers `GET /` on S. Its RSS counts the pages it shares with the serve process;
@@ -234,7 +235,7 @@ def contestants(qemu: str, control: str) -> list[Contestant]:
     return [
         Contestant("kvmkit-firecracker", lambda p: [fc, "--api-sock", p],
                    b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", http_ok),
-        Contestant("kvmkit-fc --seccomp", lambda p: [fc, "--api-sock", p, "--seccomp"],
+        Contestant("kvmkit-fc --no-seccomp", lambda p: [fc, "--api-sock", p, "--no-seccomp"],
                    b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", http_ok),
         Contestant("kvmkit serve (fork)", lambda p: ["--api-sock", p],
                    b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", http_ok,

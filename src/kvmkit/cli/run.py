@@ -227,9 +227,7 @@ def _api_devices(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    trace = seccomp.strace_argv()
-    if trace is not None:  # KVMKIT_SECCOMP_STRACE: list this process's calls (security.md)
-        os.execvp(trace[0], trace)
+    seccomp.start_strace()  # KVMKIT_SECCOMP_STRACE: list this process's calls (security.md)
     dump = StateDump()
     # A bad --seccomp-filter is refused first, in one line, before anything starts.
     filters = seccomp.cli_filters(seccomp_wanted(args), args.seccomp_filter)
