@@ -81,7 +81,7 @@ def net_configs(res: Resources) -> list[NetConfig]:
     return [
         NetConfig(i["host_dev_name"], i.get("guest_mac"), i.get("mtu"),
                   rate_limiter(i.get("rx_rate_limiter")), rate_limiter(i.get("tx_rate_limiter")),
-                  mmds=mmds if i["iface_id"] in serving else None)
+                  mmds=mmds if i["iface_id"] in serving else None, iface_id=i["iface_id"])
         for i in res.ifaces.values()
     ]  # fmt: skip
 
