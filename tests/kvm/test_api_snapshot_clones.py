@@ -99,7 +99,8 @@ def netns() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def golden(netns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
     """A snapshot of a running guest with a network interface (eth0 on tap `kcg0`, serving
-    the MMDS, V2), a vsock device and a metrics-free process that is gone afterwards."""
+    the MMDS, V2) and a vsock device, from a process that is gone afterwards, and so is the
+    directory its vsock socket was in (a clone's `vsock_override` must not need it)."""
     work = tmp_path_factory.mktemp("golden")
     kernel = pvh.dirty_loop_kernel(work / "dirty.elf", pages=PAGES)
     state, mem = work / "golden.state", work / "golden.mem"
@@ -109,7 +110,8 @@ def golden(netns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
         vmm.ok("PUT", "/boot-source", {"kernel_image_path": str(kernel)})
         vmm.ok("PUT", "/network-interfaces/eth0", {"iface_id": "eth0",
                                                     "host_dev_name": "kcg0"})  # fmt: skip
-        vmm.ok("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(work / "g.vsock")})
+        (work / "gone").mkdir()
+        vmm.ok("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(work / "gone" / "g.vsock")})
         vmm.ok("PUT", "/mmds/config", {"version": "V2", "network_interfaces": ["eth0"],
                                         "ipv4_address": "169.254.170.2"})  # fmt: skip
         vmm.ok("PUT", "/mmds", {"k": "v"})
@@ -120,6 +122,7 @@ def golden(netns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
                                             "mem_file_path": str(mem)})  # fmt: skip
     finally:
         vmm.close()
+    shutil.rmtree(work / "gone")
     assert counter(mem) > 0
     yield state, mem
 
@@ -152,7 +155,7 @@ def test_two_clones_share_one_memory_file_and_each_keeps_its_own_writes(
         assert tun_ifaces(b.proc.pid) == ["kcb0"], tun_ifaces(b.proc.pid)
         assert is_listening_socket(tmp_path / "a.vsock")
         assert is_listening_socket(tmp_path / "b.vsock")
-        assert not is_listening_socket(state.parent / "g.vsock")
+        assert not (state.parent / "gone").exists()
         # The MMDS configuration came back with the snapshot, the data store did not.
         config = a.ok("GET", "/vm/config")
         assert config["mmds-config"]["version"] == "V2", config

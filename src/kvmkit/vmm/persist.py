@@ -10,7 +10,8 @@ One capture and one apply of state, two transports. `Machine.capture_state()` re
     meta      the configuration (the CPU topology, guest NUMA nodes and huge pages, so the
               machine is rebuilt the same; --nested and the Hyper-V features; drives with
               their image sizes, cache types and rate limiters, nets with the MAC the guest
-              knows, MTU and rate limiters, the rng's rate limiter, the boot timer, vsock),
+              knows, MTU, rate limiters and API iface id, the MMDS configuration (not its
+              store), the rng's rate limiter, the boot timer, vsock),
               the console nonce, where the command-output parser was
 
 Guest memory is not in it: each transport carries memory its own way. The snapshot file pair
