@@ -29,11 +29,6 @@ DEFAULT = Path(seccomp.__file__).with_name("default.json")
 MEASURING = bool(os.environ.get("KVMKIT_SECCOMP_STRACE"))
 
 
-# default.json was measured before main's vfio/migration merge: the filters now stop these
-# VMMs on a path not yet re-measured (docs/security.md, "Not done yet").
-STALE = pytest.mark.xfail(strict=True, reason="default.json predates the vfio/migration merge")
-
-
 def check_threads(pid: int, kinds: set[str]) -> None:
     """Every thread of `pid` is filtered, threads of `kinds` among them, and a vCPU thread
     (a leaf) has more filters than the main thread: its creators' plus its own."""
@@ -92,7 +87,6 @@ def test_every_thread_is_filtered_while_waiting_for_its_api(tmp_path: Path) -> N
     assert "seccomp" not in vmm.stderr()
 
 
-@STALE
 def test_vm_with_drive_and_vsock_runs_pauses_and_snapshots_under_the_filters(
     kernel: Path, tmp_path: Path
 ) -> None:
