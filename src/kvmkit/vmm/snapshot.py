@@ -44,16 +44,20 @@ from kvmkit.vmm.placement import bind_numa_nodes
 
 def snapshot_machine(
     machine: Machine, state_path: str | os.PathLike[str], mem_path: str | os.PathLike[str],
-    *, diff: bool = False,
+    *, diff: bool = False, cancel: Callable[[], bool] | None = None,
 ) -> None:  # fmt: skip
     """Write a snapshot of a paused machine. After a full snapshot KVM dirty logging is on, so
-    the next one can be a diff."""
-    _check_not_backing(machine, state_path, mem_path)
+    the next one can be a diff.
+
+    Each file is written under a temporary name and renamed when complete (memory first,
+    then state), so a failure or a kill half-way never leaves a partial file under either
+    name. `cancel` (polled while memory is written) gives the snapshot up: SnapshotCancelled,
+    nothing written under the final names."""
     state = machine.capture_state()  # refuses a machine that is not paused
     assert machine.vm is not None
     if diff and not all(r.log_dirty for r in machine.mem.regions):
         raise UserError("a diff snapshot needs a full snapshot of this machine first")
-    memory = write_memory(machine.mem, mem_path, vm=machine.vm, diff=diff)
+    memory = write_memory(machine.mem, mem_path, vm=machine.vm, diff=diff, cancel=cancel)
     write_state(state_path, {**state.to_dict(), "memory": memory.to_dict()})
     if not diff:
         enable_dirty_log(machine.mem, machine.vm)
@@ -114,28 +118,6 @@ def read_snapshot(
         overrides.apply(payload)
     state = MachineState.from_dict(payload)
     return state, MemoryState.from_dict(payload.get("memory"))
-
-
-def _same_file(path: str | os.PathLike[str], fd: int) -> bool:
-    try:
-        a, b = os.stat(path), os.fstat(fd)
-    except OSError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-def _check_not_backing(machine: Machine, *paths: str | os.PathLike[str]) -> None:
-    """Refuse to write a snapshot over the memory file this machine was restored from: it
-    is mapped MAP_PRIVATE, so truncating it would take the pages the guest never wrote
-    (here and in every other clone of it) from under the mapping (mmap(2): SIGBUS past the
-    end of the file). Firecracker's docs ask the same: the loaded memory file "must be
-    considered immutable"."""
-    for path in paths:
-        if any(r.fd >= 0 and _same_file(path, r.fd) for r in machine.mem.regions):
-            raise UserError(
-                f"{os.fspath(path)} is the memory file this microVM was loaded from (its "
-                "pages back the guest): write the snapshot elsewhere"
-            )
 
 
 def restore_machine(
