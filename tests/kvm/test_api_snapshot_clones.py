@@ -141,15 +141,17 @@ def test_two_clones_share_one_memory_file_and_each_keeps_its_own_writes(
 ) -> None:
     state, mem = golden
     before = sha256(mem)
-    # Clone A runs under kvmkit's seccomp filters (the load path's mmap of the memory file,
-    # the tap and the socket must all be allowed); clone B without.
-    a = VmmProcess(tmp_path, "--seccomp", name="a", entry="firecracker", netns=netns)
-    b = VmmProcess(tmp_path, name="b", entry="firecracker", netns=netns)
+    # Clone A runs under kvmkit-firecracker's default seccomp filters (the load path's mmap
+    # of the memory file, the tap and the socket must all be allowed); clone B without them.
+    a = VmmProcess(tmp_path, name="a", entry="firecracker", netns=netns)
+    b = VmmProcess(tmp_path, "--no-seccomp", name="b", entry="firecracker", netns=netns)
     try:
         load(a, state, mem, "kca0", tmp_path / "a.vsock", resume_vm=True)
         load(b, state, mem, "kcb0", tmp_path / "b.vsock")
         assert a.ok("GET", "/")["state"] == "Running"
         assert b.ok("GET", "/")["state"] == "Paused"
+        assert "Seccomp:\t2" in Path(f"/proc/{a.proc.pid}/status").read_text()
+        assert "Seccomp:\t0" in Path(f"/proc/{b.proc.pid}/status").read_text()
         # Each clone on its own tap and socket; the snapshot's tap and socket are not used.
         assert tun_ifaces(a.proc.pid) == ["kca0"], tun_ifaces(a.proc.pid)
         assert tun_ifaces(b.proc.pid) == ["kcb0"], tun_ifaces(b.proc.pid)
