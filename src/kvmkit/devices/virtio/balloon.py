@@ -166,11 +166,11 @@ class VirtioBalloon(VirtioDevice):
         features = (VIRTIO_BALLOON_F_DEFLATE_ON_OOM if deflate_on_oom else 0) | (
             VIRTIO_BALLOON_F_STATS_VQ if stats else 0
         )
+        self.stats_enabled = stats  # before the base class asks for worker_groups
         # The statistics queue exists only when statistics are on (as in Firecracker): the
         # queue count follows the features (§5.5.2).
         super().__init__(name, [QUEUE_SIZE] * (3 if stats else 2), features)
         self.deflate_on_oom = deflate_on_oom
-        self.stats_enabled = stats
         self.stats_interval = stats_polling_interval_s
         self.num_pages = mib_to_pages(amount_mib)  # §5.5.4: the target, set by the host
         self.actual = 0  # §5.5.4: what the driver says it holds (guest-written)
