@@ -176,7 +176,10 @@ class VirtioBalloon(VirtioDevice):
         self.actual = 0  # §5.5.4: what the driver says it holds (guest-written)
         self.stats: dict[int, int] = {}
         self._stats_head: int | None = None  # the stats buffer the device holds
-        self._timer = -1
+        # The polling timer, made here (the thread building the machine) and watched by
+        # the stats worker once the first buffer comes: a vCPU thread (DRIVER_OK) makes no
+        # timer calls.
+        self._timer = timerfd_open() if stats else -1
         self._timer_watched = False
         # Firecracker's `balloon` metrics group.
         self.inflate_count = 0
@@ -240,15 +243,6 @@ class VirtioBalloon(VirtioDevice):
                 f"{self.discarded_bytes >> 20} MiB given back")  # fmt: skip
 
     # -- device life
-    def activate(self) -> None:
-        if self.stats_enabled:
-            if self._timer < 0:
-                self._timer = timerfd_open()
-            watcher = self.queue_watcher(STATSQ)
-            if watcher is not None:
-                watcher.watch(self, self._timer, selectors.EVENT_READ, self._timer_fired)
-                self._timer_watched = True
-
     def stop_host_io(self) -> None:
         watcher = self.queue_watcher(STATSQ) if self.stats_enabled else None
         if self._timer_watched and watcher is not None and self._timer >= 0:
@@ -335,8 +329,12 @@ class VirtioBalloon(VirtioDevice):
             self.stats.update(values)
             self.stats_updates_count += 1
             self._stats_head = chain.head
-            if self._timer >= 0:
-                timerfd_arm(self._timer, self.stats_interval * 1_000_000_000)
+            if self._timer < 0:
+                continue
+            if not self._timer_watched and (watcher := self.queue_watcher(STATSQ)) is not None:
+                watcher.watch(self, self._timer, selectors.EVENT_READ, self._timer_fired)
+                self._timer_watched = True
+            timerfd_arm(self._timer, self.stats_interval * 1_000_000_000)
 
     def _timer_fired(self, events: int) -> None:
         """The polling interval passed (stats worker, serve lock held): give the buffer
