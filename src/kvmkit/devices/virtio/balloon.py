@@ -176,11 +176,12 @@ class VirtioBalloon(VirtioDevice):
         self.actual = 0  # §5.5.4: what the driver says it holds (guest-written)
         self.stats: dict[int, int] = {}
         self._stats_head: int | None = None  # the stats buffer the device holds
-        # The polling timer, made here (the thread building the machine) and watched by
-        # the stats worker once the first buffer comes: a vCPU thread (DRIVER_OK) makes no
-        # timer calls.
-        self._timer = timerfd_open() if stats else -1
+        # The polling timer: made, armed and watched by the stats worker only, so that the
+        # vCPU threads (DRIVER_OK) and the API threads (PATCH) make no timer calls (their
+        # seccomp filters need none; docs/security.md).
+        self._timer = -1
         self._timer_watched = False
+        self._rearm = False  # a new interval: give the held buffer back at once
         # Firecracker's `balloon` metrics group.
         self.inflate_count = 0
         self.deflate_count = 0
@@ -220,11 +221,11 @@ class VirtioBalloon(VirtioDevice):
     def set_stats_interval(self, seconds: int) -> None:
         """PATCH /balloon/statistics (statistics on at boot, `seconds` > 0: the API checks):
         the held buffer goes back at once (the first update now, as Firecracker's spec says),
-        then every `seconds`."""
-        with self.serve_locks[-1]:
+        then every `seconds`. The stats worker does it (woken through the queue's eventfd)."""
+        with self.lock:
             self.stats_interval = seconds
-            if self._stats_head is not None and self._timer >= 0:
-                timerfd_arm(self._timer, 1)
+            self._rearm = True
+        self.notify_queue(STATSQ)
 
     def statistics(self) -> dict[str, int]:
         """GET /balloon/statistics: the sizes from the config space, then the latest values
@@ -310,6 +311,10 @@ class VirtioBalloon(VirtioDevice):
     def _serve_stats(self, budget: Budget) -> None:
         assert self.mem is not None
         queue = self.queues[STATSQ]
+        if self._rearm:
+            self._rearm = False
+            if self._stats_head is not None:
+                self._give_back_stats()
         while budget.take():
             chain = queue.pop(self.mem)
             if chain is None:
@@ -330,7 +335,7 @@ class VirtioBalloon(VirtioDevice):
             self.stats_updates_count += 1
             self._stats_head = chain.head
             if self._timer < 0:
-                continue
+                self._timer = timerfd_open()
             if not self._timer_watched and (watcher := self.queue_watcher(STATSQ)) is not None:
                 watcher.watch(self, self._timer, selectors.EVENT_READ, self._timer_fired)
                 self._timer_watched = True
@@ -343,8 +348,11 @@ class VirtioBalloon(VirtioDevice):
             os.read(self._timer, 8)
         except BlockingIOError:
             return
-        if self._stats_head is None or self.mem is None:
-            return
+        if self._stats_head is not None and self.mem is not None:
+            self._give_back_stats()
+
+    def _give_back_stats(self) -> None:
+        assert self._stats_head is not None
         head, self._stats_head = self._stats_head, None
         self.complete(STATSQ, head, 0)
         self.signal_used(STATSQ)
