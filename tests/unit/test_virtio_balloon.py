@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from virtio_mock import MEM_SIZE, MmioGuest, wait_for
@@ -283,3 +286,45 @@ def test_balloon_api_before_boot() -> None:
         assert other.get_balloon()["stats_polling_interval_s"] == 2
     finally:
         other.close()
+
+
+# The device's threads under kvmkit's default seccomp filters (docs/security.md): the main
+# thread under `vmm`, the workers under `virtio`; a forbidden call ends the process (148).
+UNDER_FILTERS = """
+import struct, sys
+sys.path.insert(0, sys.argv[1])
+from virtio_mock import MmioGuest, wait_for
+from kvmkit import seccomp
+from kvmkit.devices.virtio import mmio as r
+from kvmkit.devices.virtio.balloon import INFLATEQ, DEFLATEQ, STATSQ, VirtioBalloon
+from kvmkit.devices.virtio.worker import VirtioWorkers
+
+seccomp.install(seccomp.default_filters())
+dev = VirtioBalloon(1, stats_polling_interval_s=1)
+w = VirtioWorkers()
+w.start()
+g = MmioGuest(dev, 3)
+w.add(dev)
+g.init()
+for q, data in ((INFLATEQ, struct.pack("<2I", 0xC0, 0xC1)), (DEFLATEQ, struct.pack("<I", 0xC0)),
+                (STATSQ, struct.pack("<HQ", 4, 99))):
+    g.q[q].add_chain([data], [])
+    g.wr(r.QUEUE_NOTIFY, q)
+    wait_for(lambda: dev.inflate_count + dev.deflate_count + dev.stats_updates_count > q)
+wait_for(lambda: dev.stats_updates_count == 1 and dev.deflate_count == 1)
+wait_for(lambda: g.q[STATSQ].used(), timeout=5)  # the timer
+g.q[STATSQ].add_chain([struct.pack("<HQ", 4, 98)], [])
+g.wr(r.QUEUE_NOTIFY, STATSQ)
+wait_for(lambda: dev.stats_updates_count == 2)
+dev.set_stats_interval(5)
+wait_for(lambda: g.q[STATSQ].used(), timeout=5)
+w.close()
+print("OK", dev.inflate_count, dev.deflate_count, dev.stats_updates_count, dev.errors)
+"""
+
+
+def test_the_balloon_runs_under_the_default_seccomp_filters() -> None:
+    run = subprocess.run([sys.executable, "-c", UNDER_FILTERS, str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("OK 1 1 2 "), run.stdout
