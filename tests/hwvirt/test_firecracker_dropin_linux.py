@@ -191,14 +191,15 @@ def vmm_memory(pid: int) -> tuple[int, int]:
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
         if line.startswith("Rss:"):
             rss = int(line.split()[1])
-    held = 0
+    held: dict[tuple[int, int], int] = {}  # by inode: the memfd may be open twice
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             if "kvmkit-guest-ram" in os.readlink(f"/proc/{pid}/fd/{fd}"):
-                held += os.stat(f"/proc/{pid}/fd/{fd}").st_blocks // 2
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+                held[(st.st_dev, st.st_ino)] = st.st_blocks // 2
         except OSError:
             continue
-    return rss, held
+    return rss, sum(held.values())
 
 
 def wait_actual(fc: Firecracker, pages: int, timeout: float = 300) -> dict[str, Any]:
