@@ -143,16 +143,12 @@ BAD_REQUESTS: list[tuple[str, str, Any, str]] = [
     ("PUT", "/actions", {"action_type": "FlushMetrics"}, "metrics"),
     ("PUT", "/actions", {"action_type": "SendCtrlAltDel"}, "before starting"),
     ("PUT", "/snapshot/load", {"snapshot_path": "s"}, "mem_file_path"),
-    # snapshot-load options kvmkit does not take yet (docs/api.md, differences)
-    ("PUT", "/snapshot/load", {"snapshot_path": "s", "mem_file_path": "m",
-                               "network_overrides": [{"iface_id": "eth0",
-                                                      "host_dev_name": "tap1"}]},
-     "unknown field `network_overrides`"),
-    ("PUT", "/snapshot/load", {"snapshot_path": "s", "mem_file_path": "m",
-                               "vsock_override": {"uds_path": "/tmp/v2.sock"}},
-     "unknown field `vsock_override`"),
+    # the snapshot-load option kvmkit does not implement (docs/api.md, differences)
     ("PUT", "/snapshot/load", {"snapshot_path": "s", "mem_backend": {
-        "backend_type": "Uffd", "backend_path": "/tmp/uffd.sock"}}, "unknown variant `Uffd`"),
+        "backend_type": "Uffd", "backend_path": "/tmp/uffd.sock"}}, "is not implemented"),
+    ("PUT", "/snapshot/load", {"snapshot_path": "s", "mem_file_path": "m",
+                               "network_overrides": [{"iface_id": "eth0"}]},
+     "missing field `host_dev_name`"),
     # endpoints kvmkit does not implement, and unknown ones
     ("PATCH", "/balloon/hinting/start", {}, "does not implement PATCH /balloon/hinting/start"),
     ("GET", "/serial", None, "does not implement GET /serial"),
@@ -328,6 +324,10 @@ def test_oversized_body_is_refused(idle: VmmProcess) -> None:
 def test_malformed_http(idle: VmmProcess) -> None:
     for junk in (b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"\x00\x01\x02\r\n\r\n",
                  b"PUT /vm HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+                 # str.isdigit() digits int() refuses, and more than int() parses (the
+                 # handler raised ValueError and the client got no answer; tests/fuzz)
+                 b"PUT /vm HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n",
+                 b"PUT /vm HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
                  b"PUT /vm HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
                  b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"):  # fmt: skip
         reply = idle.raw(junk)
