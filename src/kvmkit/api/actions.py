@@ -199,7 +199,7 @@ class Vmm:
         self, *, instance_id: str = "anonymous-instance",
         console_output: Callable[[bytes], None] | None = None,
         command_output: Callable[[bytes], None] | None = None, kvm_device: str = "/dev/kvm",
-        virtio_transport: str = "mmio", boot_timer: bool = False,
+        virtio_transport: str = "mmio", boot_timer: bool = False, nested: bool = False,
     ) -> None:  # fmt: skip
         self.instance_id = instance_id
         self.console_output = console_output
@@ -209,6 +209,9 @@ class Vmm:
         # Firecracker's boot timer device.
         self.virtio_transport = virtio_transport
         self.boot_timer = boot_timer
+        # `kvmkit run --nested --api-sock`: the guest sees the host's VMX/SVM (docs/nested.md;
+        # the API itself has no such setting).
+        self.nested = nested
         self.state = State.NOT_STARTED
         self.res = resources.Resources(machine={
             "vcpu_count": DEFAULT_VCPUS, "mem_size_mib": DEFAULT_MEM_MIB, "smt": False,
@@ -699,12 +702,14 @@ class Vmm:
         if self.res.boot_source is None and self.command is None:
             raise ApiError("Cannot start microvm without kernel configuration.")
         try:
-            return resources.machine_config(
+            config = resources.machine_config(
                 self.res, command=self.command, virtio_transport=self.virtio_transport,
                 boot_timer=self.boot_timer,
             )  # fmt: skip
         except ValueError as err:
             raise ApiError(str(err)) from None
+        config.nested = self.nested
+        return config
 
     def _instance_start(self) -> None:
         config = self._machine_config()

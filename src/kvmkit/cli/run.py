@@ -253,15 +253,17 @@ def run(args: argparse.Namespace) -> int:
                 "--topology, --numa, --huge-pages and --cpu-affinity do not combine with "
                 "--api-sock/--config-file (use machine-config's smt and huge_pages)"
             )
-        if args.nested or args.hyperv is not None or args.hyperv_kvm_leaves:
-            raise UserError("--nested and --hyperv do not combine with --api-sock/--config-file")
+        if args.hyperv is not None or args.hyperv_kvm_leaves:
+            raise UserError("--hyperv does not combine with --api-sock/--config-file")
+        if args.nested:  # what this host lacks, in one line, before the API serves
+            _check_extensions(MachineConfig(nested=True))
         return run_api(
             api_sock=args.api_sock, config_file=args.config_file, kernel=args.kernel,
             initrd=args.initrd, cmdline=args.cmdline,
             vcpus=args.vcpus if args.vcpus is not None else 1, mem_mib=args.mem_mib,
             command=command, timeout=args.timeout, virtio_transport=args.virtio_transport,
             extra_config=_api_devices(args) or None,
-            seccomp_filters=filters,
+            seccomp_filters=filters, nested=args.nested,
         )  # fmt: skip
     config = MachineConfig(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
