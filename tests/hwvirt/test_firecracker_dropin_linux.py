@@ -25,10 +25,19 @@ rx and tx rate limiters of 64 KiB/s and an MTU of 1400; an HTTP download and an 
 throttled, then a PATCH lifts the tx limit and the next upload is not throttled (by the
 metrics: under a loaded lane an unlimited upload was seen nearly as slow as the limited one,
 so times only bound the limited transfers).
+
+clones: a golden snapshot of a guest with a read-only root drive, a network interface serving
+the MMDS and a vsock listener, taken through the API and the golden process ended; then two
+new processes load it at once from the one memory file, each with `network_overrides` (its
+own tap, in a namespace of its own) and `vsock_override` (its own socket): each guest reads
+who it is from its MMDS, says so over its tap (each namespace's HTTP server sees only its
+clone) and echoes what the host sends on its vsock socket; the memory file is unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import http.server
 import json
 import os
@@ -43,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vsock_probe import drive_image
 
 from kvmkit.api.client import request
 from kvmkit.image.guest import default_image
@@ -510,3 +520,147 @@ def test_vmlinux_partuuid_root_and_net_rate_limits(tmp_path: Path, netns: str) -
         fc.close()
         server.shutdown()
         server.server_close()
+
+
+# The golden guest: eth0 up (MMDS route), a vsock listener for one connection, then it polls
+# the MMDS for `clone` until a clone's host puts it there (the golden VM's store stays empty,
+# so the snapshot is taken in this loop); the clone says who it is over its tap.
+# `timeout N wget`, never `wget -T N`: Debian's busybox (1.35, the lane's) is built without
+# FEATURE_WGET_TIMEOUT and its wget segfaults on -T (a NULL write in its option parsing).
+CLONE_INIT = PROLOGUE + r"""
+ip addr add 10.0.78.2/24 dev eth0; ip link set eth0 up
+ip route add 169.254.169.254 dev eth0
+mount -t tmpfs tmpfs /tmp
+/bin/vp serve 5000 1 > /tmp/vs.log &
+echo "FCT READY"
+until id=$(timeout 2 wget -q -O - http://169.254.169.254/clone 2>/dev/null); do usleep 200000; done
+echo "FCT ID $id"
+timeout 60 wget -q -O /dev/null "http://10.0.78.1:8000/hello/$id"; echo "FCT HTTP $?"
+wait
+echo "FCT VSOCK $(grep ECHOED /tmp/vs.log)"
+echo "FCT DONE"
+sleep 2
+reboot -f
+"""
+
+
+def test_golden_snapshot_cloned_twice_with_network_and_vsock_overrides(tmp_path: Path) -> None:
+    """A golden snapshot loaded into two new processes at once, each with its own tap (in a
+    namespace of its own, as network-for-clones.md does it) and vsock socket, both from one
+    memory file: each guest gets its identity from its MMDS (the configuration came with the
+    snapshot, the store is the clone's), then talks on its own tap and vsock."""
+    if not os.path.exists("/dev/net/tun"):
+        pytest.fail("no /dev/net/tun: run the lane with `--module tun`")
+    image = default_image()
+    tree = disks.busybox_tree(tmp_path / "tree", CLONE_INIT)
+    vp = drive_image(tmp_path)  # the guest's AF_VSOCK tool, built static
+    (tree / "bin" / "vp").write_bytes(vp.read_bytes())
+    (tree / "bin" / "vp").chmod(0o755)
+    rootfs = tmp_path / "rootfs.ext4"
+    disks.ext4(rootfs, tree, 32)
+    state, mem = tmp_path / "golden.state", tmp_path / "golden.mem"
+    for c in "gab":
+        (tmp_path / c).mkdir()
+    with contextlib.ExitStack() as stack:
+        spaces = {c: stack.enter_context(temp_netns(f"kvmkit-clone{c}")) for c in "ab"}
+        t0 = time.monotonic()
+        golden = Firecracker(tmp_path / "g", spaces["a"])
+        try:
+            golden.put("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 256})
+            golden.put("PUT", "/boot-source", {"kernel_image_path": str(image.kernel),
+                                               "initrd_path": str(image.initrd),
+                                               "boot_args": BOOT_ARGS})  # fmt: skip
+            golden.put("PUT", "/drives/rootfs", {"drive_id": "rootfs",
+                                                 "path_on_host": str(rootfs),
+                                                 "is_root_device": True,
+                                                 "is_read_only": True})  # fmt: skip
+            golden.put("PUT", "/network-interfaces/eth0", {"iface_id": "eth0",
+                                                           "host_dev_name": "fcgold0"})
+            golden.put("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(tmp_path / "g.v")})
+            golden.put("PUT", "/mmds/config", {"network_interfaces": ["eth0"]})
+            golden.put("PUT", "/actions", {"action_type": "InstanceStart"})
+            golden.expect("READY")
+            time.sleep(2)  # the guest is in its MMDS loop
+            golden.put("PATCH", "/vm", {"state": "Paused"})
+            golden.put("PUT", "/snapshot/create", {"snapshot_path": str(state),
+                                                   "mem_file_path": str(mem)})  # fmt: skip
+        finally:
+            golden.close()  # Firecracker's secure use: the golden VM never runs on
+        booted = time.monotonic() - t0
+        digest = hashlib.sha256(mem.read_bytes()).hexdigest()
+
+        seen: dict[str, list[str]] = {"a": [], "b": []}
+        servers = []
+        for c in "ab":
+            setup = subprocess.run(
+                ["ip", "netns", "exec", spaces[c], sys.executable, "-m", "kvmkit", "net",
+                 "setup", f"fcclone{c}", "--address", "10.0.78.1/24"],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert setup.returncode == 0, setup.stderr
+
+            class Handler(http.server.BaseHTTPRequestHandler):
+                paths = seen[c]
+
+                def do_GET(self) -> None:
+                    self.paths.append(self.path)
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+
+                def log_message(self, *args: object) -> None:
+                    pass
+
+            server = in_netns(spaces[c], lambda h=Handler: http.server.ThreadingHTTPServer(
+                ("10.0.78.1", 8000), h))  # fmt: skip
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            servers.append(server)
+        clones = {c: Firecracker(tmp_path / c, spaces[c]) for c in "ab"}
+        try:
+            t1 = time.monotonic()
+
+            def load(c: str) -> None:
+                clones[c].put("PUT", "/snapshot/load", {
+                    "snapshot_path": str(state),
+                    "mem_backend": {"backend_type": "File", "backend_path": str(mem)},
+                    "network_overrides": [{"iface_id": "eth0", "host_dev_name": f"fcclone{c}"}],
+                    "vsock_override": {"uds_path": str(tmp_path / f"{c}.v")},
+                    "resume_vm": True,
+                })  # fmt: skip
+                clones[c].put("PUT", "/mmds", {"clone": c})
+
+            loaders = [threading.Thread(target=load, args=(c,)) for c in "ab"]
+            for t in loaders:
+                t.start()
+            for t in loaders:
+                t.join(300)
+            for c, fc in clones.items():
+                assert fc.expect("ID") == c, fc.why()
+                assert fc.expect("HTTP") == "0", fc.why()
+                # The host connects to the guest's listener through this clone's socket.
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(120)
+                s.connect(str(tmp_path / f"{c}.v"))
+                s.sendall(b"CONNECT 5000\n")
+                assert s.makefile("rb").readline().startswith(b"OK "), fc.why()
+                s.sendall(f"from host to {c}".encode())
+                s.shutdown(socket.SHUT_WR)
+                echoed = b""
+                while chunk := s.recv(4096):
+                    echoed += chunk
+                s.close()
+                assert echoed == f"from host to {c}".encode(), (echoed, fc.why())
+                assert fc.expect("VSOCK") == f"ECHOED {len(echoed)}", fc.why()
+                fc.expect("DONE")
+                assert fc.proc.wait(300) == 0, fc.why()
+            # Each tap's host side saw its own clone only.
+            assert seen == {"a": ["/hello/a"], "b": ["/hello/b"]}, seen
+            assert hashlib.sha256(mem.read_bytes()).hexdigest() == digest
+            print(f"golden boot + snapshot {booted:.1f} s; two clones loaded, run and done in "
+                  f"{time.monotonic() - t1:.1f} s")
+        finally:
+            for fc in clones.values():
+                fc.close()
+            for server in servers:
+                server.shutdown()
+                server.server_close()
