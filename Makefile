@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-host test-hwvirt lint clean bench-migration
+.PHONY: setup demo test test-host test-hwvirt lint clean bench-migration soak
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ lint: $(VENV)/.installed
 # unless the host has VMX/SVM; about an hour with the defaults.
 bench-migration: $(VENV)/.installed
 	$(VPY) -m kvmkit lane --cpus 2 --mem-mib 8192 --timeout 7200 -- $(VPY) bench/migration.py $(BENCH_ARGS)
+
+# Soak (bench/soak.py): 50 tiny-guest microVMs through the API for 10 minutes of traffic
+# and lifecycle, watched for failures and resource growth; not in CI. SOAK_ARGS="--vms 10
+# --duration 120" for a shorter one.
+soak: $(VENV)/.installed
+	$(VPY) bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

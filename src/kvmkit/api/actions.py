@@ -59,6 +59,7 @@ MAX_DRIVES = 64
 MAX_IFACES = 64
 MAX_VFIO = 31  # PCI bus 0's slots less the host bridge (vmm/config.py MAX_PCI_FUNCTIONS)
 BUSY_TIMEOUT = 60.0  # a request waits this long for another one to finish, then 400
+CLOSE_WAIT = 10.0  # close() waits this long for the request in progress to end
 NOT_AFTER_START = "The requested operation is not supported after starting the microVM."
 NOT_BEFORE_START = "The requested operation is not supported before starting the microVM."
 BAD_BODY = "An error occurred when deserializing the json body of a request: "
@@ -219,6 +220,8 @@ class Vmm:
         self.result: MachineResult | None = None
         self.ended = threading.Event()
         self._lock = threading.Lock()
+        # Set by close() (SIGTERM): a snapshot being written gives up (docs/security.md).
+        self._closing = threading.Event()
         self._log_handler: logging.Handler | None = None
         self._configured = False  # anything boot-specific set (snapshot load then refused)
         self._drive_ids: list[str] = []  # device order of the started VM
@@ -769,12 +772,13 @@ class Vmm:
         assert self.machine is not None
         t0 = time.monotonic()
         from kvmkit.kvm import KvmError
+        from kvmkit.snapshot.memory import SnapshotCancelled
         from kvmkit.vmm.snapshot import snapshot_machine
 
         try:
             snapshot_machine(self.machine, body["snapshot_path"], body["mem_file_path"],
-                             diff=diff)  # fmt: skip
-        except (UserError, KvmError, OSError) as err:
+                             diff=diff, cancel=self._closing.is_set)  # fmt: skip
+        except (UserError, KvmError, OSError, SnapshotCancelled) as err:
             raise ApiError(f"Cannot create a snapshot: {err}") from None
         self._latency("diff_create_snapshot" if diff else "full_create_snapshot", t0)
         log.info("snapshot written to %s and %s", body["snapshot_path"],
@@ -906,8 +910,18 @@ class Vmm:
                               self._iface_ids)  # fmt: skip
 
     def close(self) -> None:
-        if self.machine is not None:
-            self.machine.close()
+        # A request in progress (a snapshot being written from guest memory) must leave the
+        # machine before it is torn down: ask it to give up, then wait for the request lock
+        # (bounded: a request stuck in the kernel, e.g. on a hung file system, does not keep
+        # the process from ending; its temporary file is left then).
+        self._closing.set()
+        held = self._lock.acquire(timeout=CLOSE_WAIT)
+        try:
+            if self.machine is not None:
+                self.machine.close()
+        finally:
+            if held:
+                self._lock.release()
         self.metrics.close()
         if self._log_handler is not None:
             logging.getLogger("kvmkit").removeHandler(self._log_handler)

@@ -12,6 +12,7 @@ traceback), never a 5xx.
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.server
 import json
 import logging
@@ -225,6 +226,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._reply(status, value)
 
 
+_SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path), unix(7)
+
+
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     block_on_close = False
@@ -285,10 +289,37 @@ class ApiServer:
     def __init__(self, vmm: Vmm, path: str) -> None:
         self.path = path
         remove_stale_socket(path)
+        # Bind and listen under a temporary name, then rename it to `path`: the file appears
+        # only once connections are accepted. Bound at `path` directly, a client that waits
+        # for the file (as Firecracker's clients do) could connect between bind(2) and
+        # listen(2) and get ECONNREFUSED (the soak, bench/soak.py, did under load), and so
+        # could another VMM's stale-socket probe, which would then remove a live socket.
+        # rename(2), not link(2): the seccomp filters allow it (src/kvmkit/seccomp); a file
+        # created at `path` since the probe above is refused rather than replaced.
+        # (A temporary name beyond sun_path's 108 bytes: bound at `path` directly.)
+        head, tail = os.path.split(path)
+        tmp = os.path.join(head, f".{tail}.{os.getpid()}.tmp")
+        if len(os.fsencode(tmp)) >= _SUN_PATH_MAX:
+            tmp = path
         try:
-            self._server = _UnixServer(path, Router(vmm))
+            self._server = _UnixServer(tmp, Router(vmm))
+            if tmp != path:
+                try:
+                    if os.path.lexists(path):
+                        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+                    os.rename(tmp, path)
+                except OSError:
+                    self._server.server_close()
+                    raise
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
         except OSError as err:
             raise OSError(err.errno, f"cannot listen on {path}: {err.strerror}") from None
+        # close() removes this socket file, not one somebody put at the path after ours
+        # was deleted (docs/security.md: the API socket file deleted while the VMM runs).
+        st = os.stat(path)
+        self._sock_id = (st.st_dev, st.st_ino)
         self._thread: threading.Thread | None = None
 
     def start(self) -> ApiServer:
@@ -303,4 +334,6 @@ class ApiServer:
         self._server.shutdown()
         self._server.server_close()
         with contextlib.suppress(OSError):
-            os.unlink(self.path)
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._sock_id:
+                os.unlink(self.path)

@@ -73,9 +73,13 @@ def run_api(
         # a filter (docs/security.md).
         seccomp.install_for_cli(seccomp_filters, prog)
 
-    stdout = sys.stdout.buffer
+    # Started with descriptor 1 closed, Python has no sys.stdout: the console then goes
+    # nowhere (as to a closed pipe: EPIPE/EBADF drop it), and the VM runs on.
+    stdout = sys.stdout.buffer if sys.stdout is not None else None
 
     def write_out(data: bytes) -> None:
+        if stdout is None:
+            return
         try:
             stdout.write(data)
             stdout.flush()

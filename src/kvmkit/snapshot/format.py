@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
 import struct
@@ -111,11 +112,17 @@ def write_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """Write atomically (temporary file, fsync, rename): a crash never leaves half a file."""
     data = encode(state)
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # ENOSPC, EIO, a signal: the temporary file goes, nothing is under `path`
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ hugetlbfs): its regions are new hugetlb memfds and the file's data is copied in 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -140,11 +141,19 @@ def data_ranges(region: MemoryRegion) -> list[tuple[int, int]]:
     return ranges
 
 
-def _write_full(fd: int, region: MemoryRegion, offset: int) -> None:
+class SnapshotCancelled(Exception):
+    """A snapshot being written was given up (the VMM is closing: SIGTERM); its temporary
+    file is removed and nothing exists under the final name."""
+
+
+def _write_full(fd: int, region: MemoryRegion, offset: int,
+                cancel: Callable[[], bool] | None = None) -> None:  # fmt: skip
     view = memoryview(region.mapping)
     try:
         for start, end in data_ranges(region):
             for at in range(start, end, _CHUNK):
+                if cancel is not None and cancel():
+                    raise SnapshotCancelled("the snapshot was cancelled")
                 n = min(_CHUNK, end - at)
                 chunk = view[at : at + n]
                 if chunk.tobytes() == _ZERO_CHUNK[:n]:
@@ -155,11 +164,17 @@ def _write_full(fd: int, region: MemoryRegion, offset: int) -> None:
 
 
 def write_memory(
-    mem: GuestMemory, path: str | os.PathLike[str], *, vm: Vm | None = None, diff: bool = False
-) -> MemoryState:
+    mem: GuestMemory, path: str | os.PathLike[str], *, vm: Vm | None = None, diff: bool = False,
+    cancel: Callable[[], bool] | None = None,
+) -> MemoryState:  # fmt: skip
     """Write guest memory (the VM must be paused). Full: every region; diff: the pages dirtied
     since the last snapshot (needs dirty logging, see `enable_dirty_log`). Either way the
-    dirty log is reset, so the next diff starts from this snapshot."""
+    dirty log is reset, so the next diff starts from this snapshot.
+
+    The file is written under a temporary name beside `path` (`path.tmpPID`), synced, then
+    renamed: a process killed or failing half-way (ENOSPC, EIO, SIGTERM) leaves no partial
+    file under `path`; the temporary one is removed on any error. `cancel` is polled between
+    chunks of a full snapshot: when it returns True the write stops (SnapshotCancelled)."""
     layout = _layout(mem)
     dirty_gpas: list[int] = []
     if diff:
@@ -168,7 +183,9 @@ def write_memory(
         if not all(r.log_dirty for r in mem.regions):
             raise ValueError("a diff snapshot needs dirty logging (enable_dirty_log) first")
         dirty_gpas = list(mem.dirty_pages(vm))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    done = False
     try:
         os.ftruncate(fd, layout[-1].offset + layout[-1].size if layout else 0)
         if diff:
@@ -184,13 +201,18 @@ def write_memory(
                 entry.dirty = bytes(bitmap)
         else:
             for region, entry in zip(mem.regions, layout, strict=True):
-                _write_full(fd, region, entry.offset)
+                _write_full(fd, region, entry.offset, cancel)
             if vm is not None and any(r.log_dirty for r in mem.regions):
                 for _ in mem.dirty_pages(vm):  # reset the log: the next diff starts here
                     pass
         os.fsync(fd)
+        os.replace(tmp, path)
+        done = True
     finally:
         os.close(fd)
+        if not done:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return MemoryState(layout, diff)
 
 

@@ -41,15 +41,20 @@ from kvmkit.vmm.placement import bind_numa_nodes
 
 def snapshot_machine(
     machine: Machine, state_path: str | os.PathLike[str], mem_path: str | os.PathLike[str],
-    *, diff: bool = False,
+    *, diff: bool = False, cancel: Callable[[], bool] | None = None,
 ) -> None:  # fmt: skip
     """Write a snapshot of a paused machine. After a full snapshot KVM dirty logging is on, so
-    the next one can be a diff."""
+    the next one can be a diff.
+
+    Each file is written under a temporary name and renamed when complete (memory first,
+    then state), so a failure or a kill half-way never leaves a partial file under either
+    name. `cancel` (polled while memory is written) gives the snapshot up: SnapshotCancelled,
+    nothing written under the final names."""
     state = machine.capture_state()  # refuses a machine that is not paused
     assert machine.vm is not None
     if diff and not all(r.log_dirty for r in machine.mem.regions):
         raise UserError("a diff snapshot needs a full snapshot of this machine first")
-    memory = write_memory(machine.mem, mem_path, vm=machine.vm, diff=diff)
+    memory = write_memory(machine.mem, mem_path, vm=machine.vm, diff=diff, cancel=cancel)
     write_state(state_path, {**state.to_dict(), "memory": memory.to_dict()})
     if not diff:
         enable_dirty_log(machine.mem, machine.vm)
