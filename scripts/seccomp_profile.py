@@ -8,12 +8,20 @@ Measure, then generate (docs/security.md):
     .venv/bin/python scripts/seccomp_profile.py /tmp/kvmkit-strace [more dirs...] \\
         > src/kvmkit/seccomp/default.json
 
-Under KVMKIT_SECCOMP_STRACE=DIR every `kvmkit run`/`kvmkit-firecracker` process re-runs itself
-under `strace -f` (without filters) and logs to DIR/kvmkit.PID.strace. This script attributes
-each call to a thread kind: a thread's kind is the prefix of the name it gives itself
-(prctl(PR_SET_NAME, "vcpu-0"): threads.name_thread); until then it is its creator's, whose
-filter it runs under; the main thread is `vmm`. Calls of the main thread are counted from
-the mark seccomp.install_for_cli leaves where the filters would be installed. The filters:
+or, to add a new code path's calls to the lists in the tree, measure only the tests of that
+path and keep the rest (`--merge`; write to another file first: the shell truncates the
+output before the script reads it):
+
+    .venv/bin/python scripts/seccomp_profile.py --merge src/kvmkit/seccomp/default.json \\
+        /tmp/kvmkit-strace > /tmp/default.json && mv /tmp/default.json src/kvmkit/seccomp/
+
+Under KVMKIT_SECCOMP_STRACE=DIR every `kvmkit run`/`restore`/`kvmkit-firecracker` process has
+`strace -f` attach to it (it runs without filters) and log to DIR/kvmkit.PID.strace. This
+script attributes each call to a thread kind: a thread's kind is the prefix of the name it
+gives itself (prctl(PR_SET_NAME, "vcpu-0"): threads.name_thread); until then it is its
+creator's, whose filter it runs under; the main thread is `vmm`. Calls of the main thread
+are counted from the mark seccomp.install_for_cli leaves where the filters would be
+installed. The filters:
 each leaf kind (vcpu, virtio, console, drain, watch, input) allows the calls seen in its
 threads plus BASE; `vmm` and `api`, whose threads create all the others (a thread starts
 under its creator's filter, and the kernel stacks filters), allow the union of everything.
@@ -22,6 +30,7 @@ under its creator's filter, and the kernel stacks filters), allow the union of e
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -30,9 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from kvmkit.abi import ioctls, tun
 from kvmkit.abi.constants import KVMIO
-from kvmkit.seccomp import CATEGORIES, INSTALL_MARK
+from kvmkit.seccomp import CATEGORIES, INSTALL_MARK, ioctl_names
 
 # What any Python thread may call at any moment, whether a test run saw it in that kind of
 # thread or not: the allocator (brk, mmap, munmap, mremap, madvise, mprotect), the GIL and
@@ -53,19 +61,15 @@ KINDS = CATEGORIES
 # (kvm/kick.py: pthread_kill, i.e. tgkill).
 EXTRA = {"vcpu": ("tgkill",)}
 
+# KVM ioctls numbered in linux/kvm.h's vCPU range that act on the VM's fd only (kvm.h and the
+# KVM API doc, section 4): not added to the vcpu filter unless a vCPU thread was seen making
+# them.
+VM_FD_ONLY = ("KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_CREATE_DEVICE", "KVM_CLEAR_DIRTY_LOG")
+
 LINE = re.compile(r"^(\d+)\s+(?:<\.\.\. (\w+) resumed>(.*)|(\w+)\((.*))$")
 NAME = re.compile(r'PR_SET_NAME, "([^"]*)"')
 IOCTL_REQ = re.compile(r"^\s*(?:0x[0-9a-f]+|\d+),\s*(0x[0-9a-f]+|\d+)")
 RESULT = re.compile(r"=\s+(\d+)(?:\s|$)")
-
-
-def ioctl_names() -> dict[int, str]:
-    names: dict[int, str] = {}
-    for module, prefix in ((tun, ""), (ioctls, "KVM_")):
-        for attr, value in vars(module).items():
-            if attr.isupper() and isinstance(value, int) and value > 0xFFFF:
-                names.setdefault(value, prefix + attr)
-    return names
 
 
 def parse(path: Path, calls: dict[str, set[str]], reqs: dict[str, set[int]]) -> None:
@@ -123,34 +127,48 @@ def parse(path: Path, calls: dict[str, set[str]], reqs: dict[str, set[int]]) -> 
             reqs[k].add(int(r.group(1), 0))
 
 
-def build(dirs: list[Path]) -> dict[str, object]:
+def merge(path: Path, calls: dict[str, set[str]], reqs: dict[str, set[int]]) -> None:
+    """Count the rules of an existing filter file (default.json) as seen: a new measurement
+    of a new code path then adds to the lists instead of replacing them."""
+    data = json.loads(path.read_text())
+    for k, body in data.items():
+        for rule in body["filter"]:
+            calls[k].add(rule["syscall"])
+            if rule["syscall"] == "ioctl":
+                reqs[k].add(rule["args"][0]["val"])
+
+
+def build(dirs: list[Path], base: Path | None = None) -> dict[str, object]:
     calls: dict[str, set[str]] = defaultdict(set)
     reqs: dict[str, set[int]] = defaultdict(set)
     files = [p for d in dirs for p in sorted(d.glob("kvmkit.*.strace"))]
     if not files:
         raise SystemExit(f"no kvmkit.*.strace files in {', '.join(map(str, dirs))}")
+    if base is not None:
+        merge(base, calls, reqs)
     for path in files:
         parse(path, calls, reqs)
     every = set().union(*calls.values())
     every_req = set().union(*reqs.values())
     names = ioctl_names()
+    # A paused vCPU's state is read and written on its own thread (snapshots, restore),
+    # which a run shows or not by timing: the vCPU threads may make every KVM ioctl seen
+    # anywhere or defined in kvmkit/abi in linux/kvm.h's vCPU range (nr 0x80 and up). Their
+    # creators' filters (vmm, api), which the kernel stacks under theirs, allow them too.
+    vcpu_range = {
+        r for r in every_req | set(names)
+        if (r >> 8) & 0xFF == KVMIO and r & 0xFF >= 0x80 and names.get(r) not in VM_FD_ONLY
+    }  # fmt: skip
     out: dict[str, object] = {}
     for k in KINDS:
         if k in ("vmm", "api"):
-            allowed, allowed_reqs = every | set(BASE) | set(SPAWNER), every_req
+            allowed = every | set(BASE) | set(SPAWNER) | {c for e in EXTRA.values() for c in e}
+            allowed_reqs = every_req | vcpu_range
         elif k in calls:
             allowed, allowed_reqs = calls[k] | set(BASE) | set(EXTRA.get(k, ())), reqs[k]
             if k == "vcpu":
-                # A paused vCPU's state is read and written on its own thread (snapshots,
-                # restore), which a run shows or not by timing: every KVM ioctl seen
-                # anywhere or defined in kvmkit/abi in linux/kvm.h's vCPU range (nr 0x80
-                # and up) is allowed.
-                defined = {v for v in ioctl_names() if (v >> 8) & 0xFF == KVMIO}
-                allowed_reqs = allowed_reqs | {
-                    r for r in every_req | defined if (r >> 8) & 0xFF == KVMIO and r & 0xFF >= 0x80
-                }
-                if allowed_reqs:
-                    allowed.add("ioctl")
+                allowed_reqs = allowed_reqs | vcpu_range
+                allowed.add("ioctl")
         else:
             continue  # never seen: the kind falls back to vmm's filter
         rules: list[dict[str, object]] = []
@@ -167,9 +185,13 @@ def build(dirs: list[Path]) -> dict[str, object]:
 
 
 def main() -> None:
-    if len(sys.argv) < 2:
-        raise SystemExit(__doc__)
-    data = build([Path(a) for a in sys.argv[1:]])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="directories of kvmkit.*.strace")
+    parser.add_argument("--merge", type=Path, metavar="FILE",
+                        help="keep FILE's rules (e.g. the current default.json) and add the "
+                        "calls the traces show")  # fmt: skip
+    args = parser.parse_args()
+    data = build(args.dirs, args.merge)
     text = json.dumps(data, indent=1)
     # One rule per line: the file diffs well when a call is added.
     text = re.sub(r"\{\s+\"syscall\": \"(\w+)\"\s+\}", r'{"syscall": "\1"}', text)

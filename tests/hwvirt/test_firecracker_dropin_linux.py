@@ -8,7 +8,13 @@ the root drive; InstanceStart; the guest's own init runs from the root file syst
 guest checks the entropy device (/dev/hwrng gives random bytes; a limit of 2 KiB/s holds)
 and a block rate limiter (a `dd` to a second drive at 1 MiB/s), then the host PATCHes that
 drive after boot (a bigger image: the guest sees the new size; no limiter: the next `dd`
-is not throttled, by the metrics), and the guest reboots: the process exits 0.
+is not throttled, by the metrics). A vsock device answers a host connection to a port where
+the guest listens on nothing (the guest's RST closes it). Then the VM is paused and
+snapshotted, its process ends, and a new `kvmkit-firecracker` loads the snapshot: the guest
+ticks on there and reboots, and that process exits 0.
+
+Both run under kvmkit-firecracker's default seccomp filters (as Firecracker's): every thread
+of the VMM shows `Seccomp: 2` while the guest does its I/O, and the guest runs to its end.
 
 net: an ELF vmlinux without a PVH note (booted through the 64-bit boot protocol) with the
 root file system on a partition found by `root=PARTUUID=`, a tap in a network namespace with
@@ -24,6 +30,7 @@ import http.server
 import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -73,7 +80,8 @@ t0=$(up); dd if=/dev/zero of=/dev/vdb bs=65536 count=48 oflag=direct 2>/dev/null
 t1=$(up)
 echo "FCT BLK2 $rc $((t1 - t0))"
 echo "FCT DONE"
-sleep 5
+i=0
+while [ $i -lt 40 ]; do usleep 500000; i=$((i + 1)); echo "FCT TICK $i"; done
 reboot -f
 """
 
@@ -98,13 +106,36 @@ reboot -f
 """
 
 
+# Under the measurement of docs/security.md (KVMKIT_SECCOMP_STRACE) the VMMs run unfiltered.
+MEASURING = bool(os.environ.get("KVMKIT_SECCOMP_STRACE"))
+
+
+def assert_filtered(pid: int) -> None:
+    """Every thread of the VMM runs under a seccomp filter (docs/security.md), the vCPU and
+    virtio worker threads among them."""
+    if MEASURING:
+        return
+    seen: dict[str, str] = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            comm = Path(f"/proc/{pid}/task/{task}/comm").read_text().strip()
+            status = Path(f"/proc/{pid}/task/{task}/status").read_text()
+        except FileNotFoundError:
+            continue  # a thread that just ended
+        mode = [line.split()[1] for line in status.splitlines() if line.startswith("Seccomp:")]
+        seen[f"{comm}/{task}"] = mode[0]
+    kinds = {name.split("-", 1)[0] for name in seen}
+    assert {"vcpu", "virtio", "api"} <= kinds, seen
+    assert set(seen.values()) == {"2"}, seen
+
+
 class Firecracker:
     """A `kvmkit-firecracker --api-sock` process (in a network namespace when given); the
     guest's `FCT ...` console lines are collected as they come."""
 
-    def __init__(self, tmp_path: Path, netns: str | None = None) -> None:
-        self.sock = str(tmp_path / "fc.sock")  # /tmp: a tmpfs in the lane
-        self.err = tmp_path / "fc.stderr"
+    def __init__(self, tmp_path: Path, netns: str | None = None, name: str = "fc") -> None:
+        self.sock = str(tmp_path / f"{name}.sock")  # /tmp: a tmpfs in the lane
+        self.err = tmp_path / f"{name}.stderr"
         argv = [sys.executable, "-m", "kvmkit.cli.firecracker", "--api-sock", self.sock]
         if netns is not None:
             argv = ["ip", "netns", "exec", netns, *argv]
@@ -189,6 +220,8 @@ def test_getting_started_rootfs_entropy_and_block_limits(tmp_path: Path) -> None
         })  # fmt: skip
         fc.put("PUT", "/entropy", {"rate_limiter": {"bandwidth": {"size": 2048,
                                                                   "refill_time": 1000}}})
+        uds = tmp_path / "v.sock"
+        fc.put("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(uds)})
         fc.put("PUT", "/actions", {"action_type": "InstanceStart"})
 
         # The root file system's own init runs, with the root device kvmkit put there.
@@ -196,6 +229,14 @@ def test_getting_started_rootfs_entropy_and_block_limits(tmp_path: Path) -> None
         assert "root=/dev/vda rw" in cmdline and cmdline.startswith(BOOT_ARGS), cmdline
         dev, opts = fc.expect("ROOT").split()
         assert dev == "/dev/vda" and opts.split(",")[0] == "rw", fc.why()
+        assert_filtered(fc.proc.pid)
+        # A host connection to a vsock port where nothing listens: the guest's driver
+        # answers the request with a RST, which closes the host's connection.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as host:
+            host.settimeout(120)
+            host.connect(str(uds))
+            host.sendall(b"CONNECT 52\n")
+            assert host.recv(64) == b"", fc.why()
         # /dev/hwrng: 8 KiB of random bytes at no more than 2 KiB/s (+ the 2 KiB bucket)
         size, distinct, cs = map(int, fc.expect("RNG").split())
         assert size == 8192 and distinct > 200, fc.why()
@@ -231,10 +272,28 @@ def test_getting_started_rootfs_entropy_and_block_limits(tmp_path: Path) -> None
         assert m["block_scratch"]["write_bytes"] >= 3 << 20, m["block_scratch"]
         print(f"entropy 8 KiB {cs / 100} s; blk 3 MiB limited {blk1 / 100} s, "
               f"unlimited {blk2 / 100} s")
-        # The guest's `reboot -f` ends the process, with Firecracker's status for it.
-        assert fc.proc.wait(300) == 0, fc.why()
+        assert_filtered(fc.proc.pid)
+        # Snapshot the ticking guest, end this process, load the snapshot into a new one.
+        fc.expect("TICK")
+        fc.put("PATCH", "/vm", {"state": "Paused"})
+        state, mem = tmp_path / "vm.state", tmp_path / "vm.mem"
+        fc.put("PUT", "/snapshot/create", {"snapshot_path": str(state),
+                                           "mem_file_path": str(mem)})  # fmt: skip
     finally:
         fc.close()
+    assert "seccomp" not in fc.err.read_text(), fc.why()
+    loaded = Firecracker(tmp_path, name="loaded")
+    try:
+        loaded.put("PUT", "/snapshot/load", {"snapshot_path": str(state),
+                                             "mem_backend": {"backend_type": "File",
+                                                             "backend_path": str(mem)},
+                                             "resume_vm": True})  # fmt: skip
+        loaded.expect("TICK")  # the guest runs on in the new process
+        assert_filtered(loaded.proc.pid)
+        # The guest's `reboot -f` ends the process, with Firecracker's status for it.
+        assert loaded.proc.wait(300) == 0, loaded.why()
+    finally:
+        loaded.close()
 
 
 @pytest.fixture
@@ -315,6 +374,7 @@ def test_vmlinux_partuuid_root_and_net_rate_limits(tmp_path: Path, netns: str) -
         dev, opts = fc.expect("ROOT").split()
         assert dev == "/dev/vda1" and opts.split(",")[0] == "rw", fc.why()
         assert fc.expect("MTU") == "1400"
+        assert_filtered(fc.proc.pid)
         # 512 KB each way at 64 KiB/s (+ the 64 KiB bucket): at least 6.8 s, and not 10x that
         rc, got, rx = map(int, fc.expect("RX").split())
         assert rc == 0 and got == SIZE, fc.why()
@@ -342,6 +402,7 @@ def test_vmlinux_partuuid_root_and_net_rate_limits(tmp_path: Path, netns: str) -
         assert m["net_eth0"]["tx_bytes_count"] >= SIZE, m["net_eth0"]
         print(f"net 512 KB at 64 KiB/s: rx {rx / 100} s, tx {tx1 / 100} s; tx unlimited "
               f"{tx2 / 100} s")
+        assert_filtered(fc.proc.pid)
         assert fc.proc.wait(300) == 0, fc.why()
     finally:
         fc.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -67,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="virtio devices on PCI (virtio-pci with MSI-X) instead of MMIO")
     from kvmkit.cli.run import add_seccomp_options
 
-    add_seccomp_options(p)
+    add_seccomp_options(p, default=True)
     p.add_argument("--start-time-us", type=_u64, metavar="US",
                    help="process start (CLOCK_MONOTONIC, µs) as the launcher saw it: "
                    "api_server.process_startup_time_us counts from there")  # fmt: skip
@@ -92,9 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kvmkit.cli.api_run import run_api
     from kvmkit.cli.run import seccomp_wanted
 
-    trace = seccomp.strace_argv()
-    if trace is not None:  # KVMKIT_SECCOMP_STRACE: list this process's calls (security.md)
-        os.execvp(trace[0], trace)
+    seccomp.start_strace()  # KVMKIT_SECCOMP_STRACE: list this process's calls (security.md)
     args = build_parser().parse_args(argv)
     prog = "kvmkit-firecracker"
     if args.version:
@@ -113,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"--id {args.id!r}: 1 to 64 characters, alphanumeric or '-'")
         if args.no_api and args.config_file is None:
             raise UserError("--no-api needs --config-file")
-        filters = seccomp.cli_filters(seccomp_wanted(args), args.seccomp_filter)
+        filters = seccomp.cli_filters(seccomp_wanted(args, default=True), args.seccomp_filter)
         metadata = None if args.metadata is None else _check_json(args.metadata, "--metadata")
     except UserError as err:
         print(f"{prog}: {err}", file=sys.stderr)

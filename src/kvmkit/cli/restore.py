@@ -52,6 +52,9 @@ def register(sub: Any) -> None:
         help="host CPUs for the vCPU threads, as for kvmkit run (the snapshot or migration "
         "does not carry the host's CPUs)",
     )  # fmt: skip
+    from kvmkit.cli.run import add_seccomp_options
+
+    add_seccomp_options(p)
     p.set_defaults(func=restore)
 
 
@@ -65,9 +68,13 @@ def _check_host(how: str) -> None:
 
 
 def restore(args: argparse.Namespace) -> int:
-    from kvmkit.cli.run import StateDump
+    from kvmkit import seccomp
+    from kvmkit.cli.run import StateDump, seccomp_wanted
     from kvmkit.vmm.config import parse_cpu_affinity
 
+    seccomp.start_strace()  # KVMKIT_SECCOMP_STRACE: list this process's calls (security.md)
+    # A bad --seccomp-filter is refused first, in one line, before anything starts.
+    args.filters = seccomp.cli_filters(seccomp_wanted(args), args.seccomp_filter)
     dump = StateDump()  # kill -USR1 prints the VM's state (kvmkit run's)
     args.affinity = parse_cpu_affinity(args.cpu_affinity)
     if args.incoming is not None:
@@ -82,11 +89,22 @@ def restore(args: argparse.Namespace) -> int:
     # is reported before anything else: one line, exit status 2, no VM.
     read_snapshot(args.state)
     _check_host(f"--state {args.state} --mem {args.mem}")
+    _filter(args)
     write_out = _stdout_writer()
     machine = restore_machine(
         args.state, args.mem, base_mem=args.base_mem, command_output=write_out
     )
     return _run(args, machine, write_out, dump)
+
+
+def _filter(args: argparse.Namespace) -> None:
+    """Put the process under its seccomp filters (docs/security.md) once the snapshot file
+    is checked and before the VM, the API or the migration listener exists: from here on
+    every thread kvmkit restore starts runs under its kind's filter."""
+    if args.filters is not None:
+        from kvmkit import seccomp
+
+        seccomp.install_for_cli(args.filters, "kvmkit restore")
 
 
 def _stdout_writer() -> Callable[[bytes], None]:
@@ -106,6 +124,7 @@ def _incoming(args: argparse.Namespace, dump: StateDump) -> int:
     from kvmkit.migration import Incoming
 
     _check_host(f"--incoming {args.incoming}")
+    _filter(args)
     write_out = _stdout_writer()
     server, vmm = _api(args)
     try:

@@ -155,20 +155,22 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def seccomp_wanted(args: argparse.Namespace) -> bool:
-    """`kvmkit run`/`restore`: filters with --seccomp or --seccomp-filter, not by default
-    (docs/security.md says why), never with --no-seccomp."""
+def seccomp_wanted(args: argparse.Namespace, default: bool = False) -> bool:
+    """--seccomp/--no-seccomp/--seccomp-filter: whether to run under filters. `default` is
+    the command's own (on for kvmkit-firecracker, as in Firecracker; off for kvmkit run and
+    restore, docs/security.md says why); --seccomp-filter turns them on."""
     if args.seccomp is None:
-        return args.seccomp_filter is not None
+        return default or args.seccomp_filter is not None
     return bool(args.seccomp)
 
 
-def add_seccomp_options(p: argparse.ArgumentParser) -> None:
+def add_seccomp_options(p: argparse.ArgumentParser, default: bool = False) -> None:
     """`--seccomp/--no-seccomp` and `--seccomp-filter FILE` (docs/security.md)."""
     p.add_argument(
         "--seccomp", action=argparse.BooleanOptionalAction, default=None,
-        help="run every VMM thread under its seccomp filter (default for now: off, on with "
-        "--seccomp-filter; docs/security.md says why)",
+        help="run every VMM thread under its seccomp filter (default: "
+        + ("on" if default else "off, on with --seccomp-filter; docs/security.md says why")
+        + ")",
     )  # fmt: skip
     p.add_argument(
         "--seccomp-filter", type=Path, metavar="FILE",
@@ -247,9 +249,7 @@ def _api_devices(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    trace = seccomp.strace_argv()
-    if trace is not None:  # KVMKIT_SECCOMP_STRACE: list this process's calls (security.md)
-        os.execvp(trace[0], trace)
+    seccomp.start_strace()  # KVMKIT_SECCOMP_STRACE: list this process's calls (security.md)
     dump = StateDump()
     # A bad --seccomp-filter is refused first, in one line, before anything starts.
     filters = seccomp.cli_filters(seccomp_wanted(args), args.seccomp_filter)

@@ -27,9 +27,9 @@ import ctypes
 import json
 import logging
 import os
-import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -55,6 +55,10 @@ SIGSYS = 31
 SA_SIGINFO = 4
 SI_SYSCALL_OFFSET = 24  # siginfo_t: signo, errno, code, pad (4 x int), then _sigsys._call_addr
 SYS_SECCOMP_CODE = 1  # si_code of a seccomp SIGSYS
+SYS_IOCTL = 16
+# ucontext_t on x86-64 (glibc <sys/ucontext.h>): uc_flags, uc_link, uc_stack (24 bytes), then
+# mcontext's gregs[], in which REG_RSI is 9: the offset of the second system call argument.
+UC_GREG_RSI = 8 + 8 + 24 + 9 * 8
 
 # libseccomp's actions (<seccomp.h>): the values of SCMP_ACT_*.
 ACT_KILL_PROCESS = 0x80000000
@@ -297,6 +301,7 @@ _HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p
 class Policy:
     programs: dict[str, bytes]
     names: dict[int, str]
+    ioctls: dict[int, str] = field(default_factory=dict)
     buffers: dict[str, Any] = field(default_factory=dict)
 
     def category(self, kind: str) -> str:
@@ -307,6 +312,7 @@ _policy: Policy | None = None
 _libc: ctypes.CDLL | None = None
 _handler_ref: Any = None
 _state = threading.local()
+_reporting = threading.Lock()
 
 
 def active() -> bool:
@@ -319,9 +325,18 @@ def _on_sigsys(signum: int, info: int | None, context: int | None) -> None:
 
     Runs in the offending thread, whose call did not happen. Only writes and _exit follow, so
     the handler needs nothing beyond what every filter allows."""
+    # One line per process: when two threads trap at once (two vCPUs' first KVM_RUN), the
+    # second waits here (a futex, which every filter allows) while the first ends the process.
+    _reporting.acquire()
     nr = ctypes.c_int.from_address(info + SI_SYSCALL_OFFSET).value if info else -1
     policy = _policy
     name = policy.names.get(nr, "?") if policy is not None else "?"
+    if nr == SYS_IOCTL and context:
+        # Which request: the filters allow ioctl per request number, so the number is what
+        # a developer extending the lists needs (the call's second argument, in rsi).
+        req = ctypes.c_ulong.from_address(context + UC_GREG_RSI).value & DWORD_MASK
+        known = policy.ioctls.get(req) if policy is not None else None
+        name += f" request {req:#x}" + (f" {known}" if known else "")
     thread = threading.current_thread().name
     category = getattr(_state, "category", None)
     # A thread that loaded no filter of its own (an API connection, metrics) runs under
@@ -356,8 +371,24 @@ def install(filters: dict[str, Filter]) -> None:
     if _libc.sigaction(SIGSYS, ctypes.byref(act), None) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"sigaction(SIGSYS): {os.strerror(err)}")
-    _policy = Policy(programs, {nr: name for name, nr in numbers.items()})
+    _policy = Policy(programs, {nr: name for name, nr in numbers.items()}, ioctl_names())
     enter("vmm")
+
+
+def ioctl_names() -> dict[int, str]:
+    """The ioctl request numbers kvmkit knows (kvmkit/abi) -> their names, for the SIGSYS
+    line and scripts/seccomp_profile.py's comments."""
+    from kvmkit.abi import ioctls, tun
+    from kvmkit.abi.constants import KVMIO
+
+    names: dict[int, str] = {}
+    # An ioctl number carries its type in bits 8..15 (<asm-generic/ioctl.h>): KVMIO for
+    # KVM's, 'T' for the tun driver's; other constants of those modules are not requests.
+    for module, prefix, kind in ((tun, "", ord("T")), (ioctls, "KVM_", KVMIO)):
+        for attr, value in vars(module).items():
+            if attr.isupper() and isinstance(value, int) and (value >> 8) & 0xFF == kind:
+                names.setdefault(value & DWORD_MASK, prefix + attr)
+    return names
 
 
 def enter(kind: str) -> None:
@@ -392,6 +423,10 @@ def cli_filters(enabled: bool, filter_file: Path | None) -> Filters | None:
     if not enabled:
         if filter_file is not None:
             raise SeccompError("--seccomp-filter and --no-seccomp exclude each other")
+        if os.environ.get("KVMKIT_SECCOMP_STRACE_ACTIVE"):
+            # Measured all the same: install_for_cli only marks the trace where the filters
+            # would go (the process stays unfiltered), so runs without filters count too.
+            return default_filters()
         return None
     return load_filter_file(filter_file) if filter_file is not None else default_filters()
 
@@ -409,13 +444,38 @@ def install_for_cli(filters: Filters, prog: str) -> None:
         raise UserError(f"cannot install the seccomp filters: {err}") from None
 
 
-def strace_argv() -> list[str] | None:
-    """Under KVMKIT_SECCOMP_STRACE=DIR, the command line that re-runs this process under
-    `strace -f` writing DIR/kvmkit.PID.strace (scripts/seccomp_profile.py reads it)."""
+def start_strace() -> None:
+    """Under KVMKIT_SECCOMP_STRACE=DIR (the measurement of docs/security.md), attach
+    `strace -f` to this process, writing DIR/kvmkit.PID.strace for scripts/seccomp_profile.py,
+    and return once it is attached; otherwise do nothing.
+
+    strace runs as a child that attaches to this process (rather than this process re-running
+    itself under strace), so the VMM keeps its pid: the signals a test or a launcher sends
+    reach it, and strace ends when it does."""
     out = os.environ.get("KVMKIT_SECCOMP_STRACE")
     if not out or os.environ.get("KVMKIT_SECCOMP_STRACE_ACTIVE"):
-        return None
+        return
     os.environ["KVMKIT_SECCOMP_STRACE_ACTIVE"] = "1"
-    path = os.path.join(out, f"kvmkit.{os.getpid()}.strace")
-    return ["strace", "-f", "-qq", "-e", "raw=ioctl", "-s", "32", "-o", path, "--",
-            sys.executable, *sys.orig_argv[1:]]  # fmt: skip
+    me = os.getpid()
+    path = os.path.join(out, f"kvmkit.{me}.strace")
+    argv = ["strace", "-f", "-qq", "-e", "raw=ioctl", "-s", "32", "-o", path, "-p", str(me)]
+    # Yama's ptrace_scope 1 lets only an ancestor trace a process unless it names its tracer.
+    PR_SET_PTRACER, PR_SET_PTRACER_ANY = 0x59616D61, -1  # <linux/prctl.h>
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PTRACER, ctypes.c_ulong(PR_SET_PTRACER_ANY & (1 << 64) - 1), 0, 0, 0)
+    child = os.fork()
+    if child == 0:
+        try:
+            os.execvp(argv[0], argv)
+        finally:
+            os._exit(127)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = Path("/proc/self/status").read_text()
+        if any(line.startswith("TracerPid:") and line.split()[1] != "0"
+               for line in status.splitlines()):  # fmt: skip
+            return
+        if os.waitpid(child, os.WNOHANG) != (0, 0):
+            break
+        time.sleep(0.01)
+    raise UserError(f"KVMKIT_SECCOMP_STRACE: strace did not attach ({' '.join(argv)})")
