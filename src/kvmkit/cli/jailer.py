@@ -252,7 +252,10 @@ def run(plan: Plan, vmm_argv: list[str]) -> int:
             jail.unshare(jail.CLONE_NEWPID)
             child = os.fork()  # the first child in the new namespace is its pid 1
             if child:
-                Path(f"/{plan.name}.pid").write_text(f"{child}\n")
+                # Written whole under a temporary name, then renamed: a reader never sees
+                # the file empty.
+                Path(f"/{plan.name}.pid.tmp").write_text(f"{child}\n")
+                os.rename(f"/{plan.name}.pid.tmp", f"/{plan.name}.pid")
                 os._exit(0)
         jail.drop_privileges(plan.uid, plan.gid, last_cap)
         os.execve(vmm_argv[0], vmm_argv, plan.env)
