@@ -8,12 +8,12 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-host test-hwvirt lint clean bench-migration soak
+.PHONY: setup demo test test-host test-hwvirt lint clean bench-migration soak fuzz
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet -e '.[dev]'
+	$(VPY) -m pip install --quiet -e '.[dev,fuzz]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -39,6 +39,12 @@ lint: $(VENV)/.installed
 bench-migration: $(VENV)/.installed
 	$(VPY) -m kvmkit lane --cpus 2 --mem-mib 8192 --timeout 7200 -- $(VPY) bench/migration.py $(BENCH_ARGS)
 
+# Coverage-guided fuzzing (docs/security.md): each target FUZZ_SECONDS with atheris, one
+# after the other, stopping at the first crash; new inputs go to .fuzz/ (not committed).
+FUZZ_SECONDS ?= 120
+fuzz: $(VENV)/.installed
+	$(VPY) tests/fuzz/run.py --all --seconds $(FUZZ_SECONDS) $(if $(FUZZ_TARGETS),--targets $(FUZZ_TARGETS))
+
 # Soak (bench/soak.py): 50 tiny-guest microVMs through the API for 10 minutes of traffic
 # and lifecycle, watched for failures and resource growth; not in CI. SOAK_ARGS="--vms 10
 # --duration 120" for a shorter one.
@@ -46,4 +52,4 @@ soak: $(VENV)/.installed
 	$(VPY) bench/soak.py $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .fuzz

@@ -438,3 +438,32 @@ def test_extract_errors() -> None:
         extract_vmlinux(bzimage_with_payload(_sized(gzip.compress(b"x" * 100), 100)))
     with pytest.raises(BootError, match="does not describe its payload"):
         extract_vmlinux(bzimage_with_payload(b""))
+
+
+# -- the boot page tables' reach, the same rule for both 64-bit ways in
+
+
+def _elf64_segment_at(paddr: int, memsz: int) -> bytes:
+    """An x86-64 ELF executable of one PT_LOAD segment (no PVH note), entry at its start."""
+    header = b"\x7fELF\x02\x01\x01" + bytes(9) + struct.pack(
+        "<HHIQQQIHHHHHH", 2, 62, 1, paddr, 64, 0, 0, 64, 56, 1, 0, 0, 0
+    )
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0x1000, paddr, paddr, 16, memsz, 0x1000)
+    return (header + phdr).ljust(0x1000, b"\0") + b"\x90" * 16
+
+
+@pytest.mark.parametrize("kind", ["elf", "bzimage"])
+def test_a_kernel_beyond_the_boot_identity_map_is_refused(kind: str, tmp_path: Path) -> None:
+    from test_boot_bzimage import make_bzimage
+
+    mem = GuestMemory()
+    mem.add_anonymous(0, 2 << 30)
+    path = tmp_path / kind
+    if kind == "elf":
+        path.write_bytes(_elf64_segment_at(layout.BOOT_IDENTITY_MAP - 0x1000, 0x2000))
+    else:
+        path.write_bytes(make_bzimage(init_size=layout.BOOT_IDENTITY_MAP))
+    with pytest.raises(BootError, match=r"kernel needs 1\d\d\d MiB identity-mapped, the boot "
+                                        r"page tables map 1024 MiB"):  # fmt: skip
+        load_linux(mem, path, initrd=None, cmdline="", mem_size=2 << 30)
+    mem.close()

@@ -46,7 +46,9 @@ def test_addresses(text: str, want: str) -> None:
 
 @pytest.mark.parametrize(
     "text", ["", "unix:", "tcp:host", "tcp::80", "tcp:h:99999", "tcp:h:x", "http://h:1",
-             "unix:" + "x" * 200],
+             "unix:" + "x" * 200,
+             # digits str.isdigit() takes and int() refuses (ValueError, not UserError)
+             "tcp:h:²", "tcp:h:" + "9" * 5000, "tcp:h:" + "0" * 5000 + "99999"],
 )  # fmt: skip
 def test_bad_addresses(text: str) -> None:
     with pytest.raises(UserError):

@@ -137,6 +137,9 @@ def test_descriptor_loop_is_an_error() -> None:
         ("head", None),
         ("next", (0x20000, 4, VIRTQ_DESC_F_NEXT, 99)),
         ("outside", (MEM_SIZE - 2, 4, 0, 0)),
+        # An empty buffer outside guest memory (found by tests/fuzz: devices read it as
+        # given, and GuestMemory refuses even a zero-length access there).
+        ("empty outside", (MEM_SIZE + 0x1000, 0, 0, 0)),
         ("readable after", None),
         ("indirect+next", (0x20000, 16, VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT, 1)),
         ("indirect len", (0x20000, 17, VIRTQ_DESC_F_INDIRECT, 0)),

@@ -232,6 +232,31 @@ def _cmdline_bytes(cmdline: str, limit: int) -> bytes:
     return raw
 
 
+def _check_identity_mapped(end: int) -> None:
+    """boot.rst "64-bit Boot Protocol": the kernel, from its load address to its end
+    (init_size for a bzImage, the last segment for an ELF), must be identity-mapped by the
+    boot page tables."""
+    if end > layout.BOOT_IDENTITY_MAP:
+        raise BootError(
+            f"kernel needs {end // MIB} MiB identity-mapped, the boot page tables map "
+            f"{layout.BOOT_IDENTITY_MAP // MIB} MiB"
+        )
+
+
+def _cmdline_and_initrd(
+    mem: GuestMemory, cmd: bytes, initrd: Path | None, memmap: MemMap, mem_size: int,
+    low: int, high: int,
+) -> tuple[int, int] | None:  # fmt: skip
+    """What every way in does after the kernel is in place: the command line at
+    CMDLINE_ADDR, the initrd (if any) at the top of RAM in [low, high). The initrd's
+    (start, end), or None."""
+    mem.write(layout.CMDLINE_ADDR, cmd + b"\0")
+    if initrd is None:
+        return None
+    addr, size = _load_initrd(mem, initrd, memmap, mem_size, low, high)
+    return addr, addr + size
+
+
 # -- the public API
 
 
@@ -264,20 +289,9 @@ def load_linux(
     image = parse_bzimage(data)
     cmd = _cmdline_bytes(cmdline, image.cmdline_size)
     start, end = load_bzimage(mem, image, ram_end)
-    if end > layout.BOOT_IDENTITY_MAP:
-        # boot.rst "64-bit Boot Protocol": init_size from the load address must be mapped.
-        raise BootError(
-            f"kernel needs {end // MIB} MiB identity-mapped, the boot page tables map "
-            f"{layout.BOOT_IDENTITY_MAP // MIB} MiB"
-        )
-    mem.write(layout.CMDLINE_ADDR, cmd + b"\0")
-
-    initrd_range = None
-    if initrd is not None:
-        high = min(image.initrd_addr_max + 1, ram_end)
-        addr, size = _load_initrd(mem, initrd, memmap, mem_size, end, high)
-        initrd_range = (addr, addr + size)
-
+    _check_identity_mapped(end)
+    initrd_range = _cmdline_and_initrd(mem, cmd, initrd, memmap, mem_size, end,
+                                       min(image.initrd_addr_max + 1, ram_end))  # fmt: skip
     _write_zero_page(mem, image.setup_header_bytes(), image.version, memmap, initrd_range,
                      rsdp_addr)  # fmt: skip
     return BootSetup(
@@ -354,16 +368,13 @@ def _load_elf(
     start, end = load_elf_kernel(mem, elf, ram_end)
     if not start <= entry < end:
         raise BootError(f"corrupt kernel: PVH entry {entry:#x} is outside the kernel")
-    mem.write(layout.CMDLINE_ADDR, cmd + b"\0")
-    initrd_range = None
-    if initrd is not None:
-        addr, size = _load_initrd(mem, initrd, memmap, mem_size, end, ram_end)
-        initrd_range = (addr, addr + size)
+    initrd_range = _cmdline_and_initrd(mem, cmd, initrd, memmap, mem_size, end, ram_end)
     params = write_start_info(
         mem,
         cmdline_addr=layout.CMDLINE_ADDR,
         memmap=memmap,
-        initrd=None if initrd_range is None else (addr, size),
+        initrd=None if initrd_range is None else (initrd_range[0],
+                                                  initrd_range[1] - initrd_range[0]),
         rsdp_addr=rsdp_addr,
     )
     return BootSetup(
@@ -400,16 +411,8 @@ def _load_elf_linux64(
     entry = elf.entry
     if not any(s.paddr <= entry < s.paddr + s.memsz for s in elf.load_segments):
         raise BootError(f"corrupt kernel: ELF entry {entry:#x} is outside its loaded segments")
-    if end > layout.BOOT_IDENTITY_MAP:
-        raise BootError(
-            f"kernel ends at {end // MIB} MiB; the boot page tables identity-map "
-            f"{layout.BOOT_IDENTITY_MAP // MIB} MiB"
-        )
-    mem.write(layout.CMDLINE_ADDR, cmd + b"\0")
-    initrd_range = None
-    if initrd is not None:
-        addr, size = _load_initrd(mem, initrd, memmap, mem_size, end, ram_end)
-        initrd_range = (addr, addr + size)
+    _check_identity_mapped(end)
+    initrd_range = _cmdline_and_initrd(mem, cmd, initrd, memmap, mem_size, end, ram_end)
     # boot.rst "Details of Header Fields": the fields a boot loader writes; the kernel reads
     # cmd_line_ptr, the ramdisk fields and the E820 table from the zero page.
     hdr = setup_header(

@@ -119,9 +119,13 @@ def parse_address(text: str) -> Address:
         host, sep, port_text = rest.rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        # ASCII digits, few enough for int(): str.isdigit() also takes "²", and int()
+        # refuses more than 4300 digits (both raised ValueError from here).
+        digits = port_text.lstrip("0") or "0"
+        port_ok = port_text.isascii() and port_text.isdigit() and len(digits) <= 5
+        if not sep or not host or not port_ok or not 0 <= int(digits) <= 65535:
             raise UserError(f"{text!r}: expected tcp:HOST:PORT (PORT 0-65535)")
-        return Address("tcp", host=host, port=int(port_text))
+        return Address("tcp", host=host, port=int(digits))
     raise UserError(f"{text!r}: a migration address is unix:PATH or tcp:HOST:PORT")
 
 

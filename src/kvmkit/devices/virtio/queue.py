@@ -357,14 +357,14 @@ class SplitQueue:
                 in_indirect = True
                 continue
             # The buffer must lie in guest RAM (one region): the device touches it through
-            # GuestMemory views only.
-            if length:
-                try:
-                    region_for(addr, length)
-                except GuestMemoryError:
-                    raise QueueError(
-                        f"buffer {addr:#x}+{length:#x} is outside guest memory"
-                    ) from None
+            # GuestMemory views only. An empty buffer too: GuestMemory refuses even a
+            # zero-length access outside RAM, and devices read and write buffers as given
+            # (a fuzzed chain of one empty buffer at 0xb0000 made virtio-blk's header read
+            # raise GuestMemoryError out of the worker).
+            try:
+                region_for(addr, length)
+            except GuestMemoryError:
+                raise QueueError(f"buffer {addr:#x}+{length:#x} is outside guest memory") from None
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.append(Buffer(addr, length, True))
             else:
