@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-host test-hwvirt lint clean bench-migration soak fuzz
+.PHONY: setup demo test test-host test-hwvirt lint clean bench-migration bench-startup bench-exits soak fuzz
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ lint: $(VENV)/.installed
 # unless the host has VMX/SVM; about an hour with the defaults.
 bench-migration: $(VENV)/.installed
 	$(VPY) -m kvmkit lane --cpus 2 --mem-mib 8192 --timeout 7200 -- $(VPY) bench/migration.py $(BENCH_ARGS)
+
+# Start-up (API socket ready, RSS) and port-I/O exit cost against QEMU, on the host (no lane):
+# a quiet machine, a minute or two each (bench/startup.py, bench/exits.py).
+bench-startup: $(VENV)/.installed
+	$(VPY) bench/startup.py $(BENCH_ARGS)
+
+bench-exits: $(VENV)/.installed
+	$(VPY) bench/exits.py $(BENCH_ARGS)
 
 # Coverage-guided fuzzing (docs/security.md): each target FUZZ_SECONDS with atheris, one
 # after the other, stopping at the first crash; new inputs go to .fuzz/ (not committed).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from kvmkit.api.client import request
 
 
 class VmmProcess:
-    def __init__(self, workdir: Path, *args: str, name: str = "api", entry: str = "run") -> None:
+    def __init__(self, workdir: Path, *args: str, name: str = "api", entry: str = "run",
+                 netns: str | None = None) -> None:  # fmt: skip
         self.sock = str(workdir / f"{name}.sock")
         self.out_path = workdir / f"{name}.out"
         self.err_path = workdir / f"{name}.err"
@@ -23,9 +25,11 @@ class VmmProcess:
             argv = [sys.executable, "-m", "kvmkit.cli.firecracker", "--api-sock", self.sock]
         else:
             argv = [sys.executable, "-m", "kvmkit", "run", "--api-sock", self.sock]
+        if netns is not None:  # the process (and the taps it opens) in that namespace
+            argv = ["ip", "netns", "exec", netns, *argv]
         self.proc = subprocess.Popen(
             [*argv, *args], stdout=self.out_path.open("wb"), stderr=self.err_path.open("wb"),
-            stdin=subprocess.DEVNULL, env=env, cwd=workdir,
+            stdin=subprocess.DEVNULL, env=env, cwd=workdir, start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + 30
         while not os.path.exists(self.sock):
@@ -88,6 +92,12 @@ class VmmProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        # What it started and left (the VMM below `ip netns exec`, or below strace under
+        # the seccomp measurement of docs/security.md): its own session, ended with it.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         return self.proc.returncode
 
 

@@ -164,7 +164,7 @@ def test_entropy_drive_patch_and_metrics_groups(tmp_path: Path) -> None:
         )
         vmm.ok("PUT", "/actions", {"action_type": "FlushMetrics"})
         line = json.loads(metrics.read_text().splitlines()[-1])
-        for group in ("block", "block_data", "net", "vsock", "entropy", "vmm", "vcpu",
+        for group in ("block", "block_data", "net", "vsock", "entropy", "mmds", "vmm", "vcpu",
                       "latencies_us"):  # fmt: skip
             assert group in line, group
         assert line["block_data"]["update_count"] == 1 and line["block"]["update_count"] == 1

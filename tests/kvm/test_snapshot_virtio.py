@@ -274,7 +274,9 @@ def test_net_and_vsock_are_saved_and_restored(
     saved = read_state(state)
     config = saved["meta"]["config"]
     assert config["nets"] == [{"tap": TAP, "mac": mac, "mtu": None, "rx_rate_limiter": None,
-                               "tx_rate_limiter": None}]  # fmt: skip
+                               "tx_rate_limiter": None, "iface_id": None,
+                               "mmds": False}]  # fmt: skip
+    assert config["mmds_config"] is None
     assert config["vsock"] == {"cid": 5, "uds_path": str(uds)}
     virtio = saved["devices"]["virtio"]
     assert [v["device"]["device_id"] for v in virtio] == [1, 19]

@@ -447,3 +447,30 @@ def test_checksum_rfc1071_example() -> None:
     assert stack.checksum(bytes.fromhex("0001f203f4f5f6f7")) == 0x220D
     assert stack.checksum(b"\x01") == 0xFEFF
     assert MMDS_IP == bytes([169, 254, 169, 254]) and PSH == 0x08
+
+
+def test_stack_counts_firecracker_mmds_metrics() -> None:
+    s = new_stack()
+    assert set(s.metrics()) == {
+        "rx_accepted", "rx_accepted_err", "rx_accepted_unusual", "tx_frames", "tx_bytes",
+        "tx_errors", "connections_created", "connections_destroyed",
+    }  # fmt: skip
+    assert not any(s.metrics().values())
+    answer_bytes = Guest(s).request("GET /latest/meta-data/ami-id HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer_bytes.endswith(b"ami-87654321")
+    Guest(s, port=40001).connect()  # left open
+    s.intercept(ipv4(b"\x08\x00" + bytes(30), proto=1))  # ICMP: unusual
+    s.intercept(ipv4(b"x" * 40, ihl=2))  # malformed
+    for _ in range(stack.MAX_PENDING + 3):  # ARP replies beyond the queue: lost
+        s.intercept(arp_request())
+    m = s.metrics()
+    assert m["connections_created"] == 2 and m["connections_destroyed"] == 1, m
+    assert m["rx_accepted_unusual"] == 1 and m["rx_accepted_err"] == 1, m
+    assert m["tx_errors"] == 3, m
+    sent = list(iter(s.next_frame, None))
+    after = s.metrics()
+    assert after["tx_frames"] == m["tx_frames"] + len(sent) == m["tx_frames"] + stack.MAX_PENDING
+    assert after["tx_bytes"] == m["tx_bytes"] + sum(map(len, sent))
+    # Every frame the guest sent the MMDS counts: the request's segments, the SYN, the ICMP,
+    # the malformed one and the ARP requests.
+    assert after["rx_accepted"] >= 4 + 1 + 2 + stack.MAX_PENDING + 3, after

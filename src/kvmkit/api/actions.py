@@ -192,7 +192,7 @@ class Vmm:
         self, *, instance_id: str = "anonymous-instance",
         console_output: Callable[[bytes], None] | None = None,
         command_output: Callable[[bytes], None] | None = None, kvm_device: str = "/dev/kvm",
-        virtio_transport: str = "mmio", boot_timer: bool = False,
+        virtio_transport: str = "mmio", boot_timer: bool = False, nested: bool = False,
     ) -> None:  # fmt: skip
         self.instance_id = instance_id
         self.console_output = console_output
@@ -202,6 +202,9 @@ class Vmm:
         # Firecracker's boot timer device.
         self.virtio_transport = virtio_transport
         self.boot_timer = boot_timer
+        # `kvmkit run --nested --api-sock`: the guest sees the host's VMX/SVM (docs/nested.md;
+        # the API itself has no such setting).
+        self.nested = nested
         self.state = State.NOT_STARTED
         self.res = resources.Resources(machine={
             "vcpu_count": DEFAULT_VCPUS, "mem_size_mib": DEFAULT_MEM_MIB, "smt": False,
@@ -664,12 +667,14 @@ class Vmm:
         if self.res.boot_source is None and self.command is None:
             raise ApiError("Cannot start microvm without kernel configuration.")
         try:
-            return resources.machine_config(
+            config = resources.machine_config(
                 self.res, command=self.command, virtio_transport=self.virtio_transport,
                 boot_timer=self.boot_timer,
             )  # fmt: skip
         except ValueError as err:
             raise ApiError(str(err)) from None
+        config.nested = self.nested
+        return config
 
     def _instance_start(self) -> None:
         config = self._machine_config()
@@ -788,6 +793,11 @@ class Vmm:
         has_file, has_backend = "mem_file_path" in body, "mem_backend" in body
         if has_file == has_backend:
             raise ApiError("exactly one of mem_file_path and mem_backend is required")
+        if not has_file and body["mem_backend"]["backend_type"] == "Uffd":
+            raise ApiError(
+                "Cannot load the snapshot: the Uffd memory backend (a userfaultfd page-fault "
+                "handler process) is not implemented by kvmkit; use backend_type File"
+            )
         mem = body["mem_file_path"] if has_file else body["mem_backend"]["backend_path"]
         res = self.res
         if self._configured or res.drives or res.ifaces or res.vsock or res.entropy:
@@ -796,21 +806,38 @@ class Vmm:
                 "resources."
             )
         self._check_host()
+        from kvmkit.kvm import KvmError
         from kvmkit.snapshot.format import SnapshotError
-        from kvmkit.vmm.snapshot import restore_machine
+        from kvmkit.vmm.snapshot import Overrides, restore_machine
 
+        taps: dict[str, str] = {}
+        for entry in body.get("network_overrides", []):
+            if entry["iface_id"] in taps:
+                raise ApiError(f"Cannot load the snapshot: network_overrides names "
+                               f"{entry['iface_id']!r} twice")  # fmt: skip
+            taps[entry["iface_id"]] = entry["host_dev_name"]
+        vsock = body.get("vsock_override")
+        overrides = Overrides(taps, None if vsock is None else vsock["uds_path"])
+        # enable_diff_snapshots is the deprecated name of track_dirty_pages (the API spec).
+        track = bool(body.get("track_dirty_pages") or body.get("enable_diff_snapshots"))
         t0 = time.monotonic()
         try:
             machine = restore_machine(
                 body["snapshot_path"], mem, command_output=self.command_output,
-                kvm_device=self.kvm_device,
+                kvm_device=self.kvm_device, overrides=overrides, mmds=res.mmds,
+                track_dirty=track, merged=True,
             )  # fmt: skip
-        except (SnapshotError, UserError, OSError, ValueError) as err:
+        except (SnapshotError, UserError, OSError, ValueError, KvmError) as err:
             raise ApiError(f"Cannot load the snapshot: {err}") from None
         cfg = machine.config
-        res.machine.update(vcpu_count=cfg.vcpus, mem_size_mib=cfg.mem_mib)
-        if body.get("track_dirty_pages") or body.get("enable_diff_snapshots"):
-            res.machine["track_dirty_pages"] = True
+        res.machine.update(vcpu_count=cfg.vcpus, mem_size_mib=cfg.mem_mib,
+                           track_dirty_pages=track)  # fmt: skip
+        # The API ids the snapshot keeps (the drive id is the drive's serial), for metrics
+        # and PATCH after the load; a state from before iface ids has none.
+        serials = [d.serial for d in cfg.drives]
+        self._drive_ids = serials if all(serials) else []
+        ids = [n.iface_id for n in cfg.nets]
+        self._iface_ids = [i for i in ids if i is not None] if None not in ids else []
         try:
             self._run(machine, paused=True)
             if body.get("resume_vm"):

@@ -81,7 +81,7 @@ def net_configs(res: Resources) -> list[NetConfig]:
     return [
         NetConfig(i["host_dev_name"], i.get("guest_mac"), i.get("mtu"),
                   rate_limiter(i.get("rx_rate_limiter")), rate_limiter(i.get("tx_rate_limiter")),
-                  mmds=mmds if i["iface_id"] in serving else None)
+                  mmds=mmds if i["iface_id"] in serving else None, iface_id=i["iface_id"])
         for i in res.ifaces.values()
     ]  # fmt: skip
 
@@ -180,6 +180,14 @@ def collect(metrics: Metrics, machine: Machine, result: MachineResult | None,
             "tx_rate_limiter_event_count": d.tx_limiter.timer_events,
         }) for iface_id, d in zip(_ids(iface_ids, nets, "eth"), nets, strict=True)
     ])  # fmt: skip
+    # The MMDS: one group summing every interface that serves it (Firecracker's is global).
+    mmds: dict[str, int] = {}
+    for net in nets:
+        if net.mmds is not None:
+            for name, value in net.mmds.metrics().items():
+                mmds[name] = mmds.get(name, 0) + value
+    for name, value in mmds.items():
+        metrics.set("mmds", name, value)
     for _, _, dev in machine.virtio:
         if isinstance(dev, VirtioVsock):
             for name, value in (

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-from importlib import resources
 from typing import Any
 
 
@@ -23,6 +22,10 @@ class SchemaError(ValueError):
 
 @functools.cache
 def spec() -> dict[str, Any]:
+    # Imported here: importlib.resources brings tempfile, shutil and the compressors, which the
+    # API's start-up does not need (bench/startup.py).
+    from importlib import resources
+
     text = resources.files("kvmkit.api").joinpath("openapi.json").read_text()
     data: dict[str, Any] = json.loads(text)
     return data

@@ -61,7 +61,7 @@ def run_api(
     boot_timer: bool = False,
     start_times: tuple[int | None, int | None, int | None] = (None, None, None),
     mmds_size_limit: int | None = None, mmds_data: Any = None, firecracker_exit: bool = False,
-    seccomp_filters: SeccompFilters | None = None,
+    seccomp_filters: SeccompFilters | None = None, nested: bool = False,
 ) -> int:  # fmt: skip
     """Serve the API (and boot what the arguments or config file describe) until the VM
     ends; returns the process's exit status: `kvmkit run`'s, or with `firecracker_exit`
@@ -89,7 +89,7 @@ def run_api(
     vmm = Vmm(
         instance_id=instance_id, console_output=None if command else write_out,
         command_output=write_out if command else None, virtio_transport=virtio_transport,
-        boot_timer=boot_timer,
+        boot_timer=boot_timer, nested=nested,
     )  # fmt: skip
     vmm.mmds_size_limit = mmds_size_limit
     server = None

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="API body size limit in bytes (default 51200)")  # fmt: skip
     p.add_argument("--enable-pci", action="store_true",
                    help="virtio devices on PCI (virtio-pci with MSI-X) instead of MMIO")
-    from kvmkit.cli.run import add_seccomp_options
+    from kvmkit.cli.seccomp_options import add_seccomp_options
 
     add_seccomp_options(p, default=True)
     p.add_argument("--start-time-us", type=_u64, metavar="US",
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from kvmkit import seccomp
     from kvmkit.cli.api_run import run_api
-    from kvmkit.cli.run import seccomp_wanted
+    from kvmkit.cli.seccomp_options import seccomp_wanted
 
     seccomp.start_strace()  # KVMKIT_SECCOMP_STRACE: list this process's calls (security.md)
     args = build_parser().parse_args(argv)

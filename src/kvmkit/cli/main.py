@@ -15,7 +15,7 @@ from kvmkit import __version__
 from kvmkit.errors import UserError
 
 # Subcommand modules, in the order `kvmkit --help` lists them.
-SUBCOMMANDS = ("run", "restore", "migrate", "ctl", "probe", "demo", "lane", "image", "net")
+SUBCOMMANDS = ("run", "restore", "migrate", "ctl", "serve", "probe", "demo", "lane", "image", "net")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,7 +52,7 @@ def register(sub: Any) -> None:
         help="host CPUs for the vCPU threads, as for kvmkit run (the snapshot or migration "
         "does not carry the host's CPUs)",
     )  # fmt: skip
-    from kvmkit.cli.run import add_seccomp_options
+    from kvmkit.cli.seccomp_options import add_seccomp_options
 
     add_seccomp_options(p)
     p.set_defaults(func=restore)
@@ -69,7 +69,8 @@ def _check_host(how: str) -> None:
 
 def restore(args: argparse.Namespace) -> int:
     from kvmkit import seccomp
-    from kvmkit.cli.run import StateDump, seccomp_wanted
+    from kvmkit.cli.run import StateDump
+    from kvmkit.cli.seccomp_options import seccomp_wanted
     from kvmkit.vmm.config import parse_cpu_affinity
 
     seccomp.start_strace()  # KVMKIT_SECCOMP_STRACE: list this process's calls (security.md)

@@ -19,6 +19,7 @@ from kvmkit import seccomp
 from kvmkit.arch.x86_64 import hyperv as hv
 from kvmkit.arch.x86_64.numa import NumaNode
 from kvmkit.arch.x86_64.topology import MAX_VCPUS, Topology
+from kvmkit.cli.seccomp_options import add_seccomp_options, seccomp_wanted
 from kvmkit.devices.virtio.blk import DriveConfig
 from kvmkit.devices.virtio.net import NetConfig
 from kvmkit.devices.virtio.vsock import VsockConfig
@@ -155,29 +156,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def seccomp_wanted(args: argparse.Namespace, default: bool = False) -> bool:
-    """--seccomp/--no-seccomp/--seccomp-filter: whether to run under filters. `default` is
-    the command's own (on for kvmkit-firecracker, as in Firecracker; off for kvmkit run and
-    restore, docs/security.md says why); --seccomp-filter turns them on."""
-    if args.seccomp is None:
-        return default or args.seccomp_filter is not None
-    return bool(args.seccomp)
-
-
-def add_seccomp_options(p: argparse.ArgumentParser, default: bool = False) -> None:
-    """`--seccomp/--no-seccomp` and `--seccomp-filter FILE` (docs/security.md)."""
-    p.add_argument(
-        "--seccomp", action=argparse.BooleanOptionalAction, default=None,
-        help="run every VMM thread under its seccomp filter (default: "
-        + ("on" if default else "off, on with --seccomp-filter; docs/security.md says why")
-        + ")",
-    )  # fmt: skip
-    p.add_argument(
-        "--seccomp-filter", type=Path, metavar="FILE",
-        help="seccomp filters from FILE (Firecracker's seccompiler JSON) instead of kvmkit's",
-    )  # fmt: skip
-
-
 def _progress(line: str) -> None:
     print(f"kvmkit: {line}", file=sys.stderr, flush=True)
 
@@ -275,15 +253,17 @@ def run(args: argparse.Namespace) -> int:
                 "--topology, --numa, --huge-pages and --cpu-affinity do not combine with "
                 "--api-sock/--config-file (use machine-config's smt and huge_pages)"
             )
-        if args.nested or args.hyperv is not None or args.hyperv_kvm_leaves:
-            raise UserError("--nested and --hyperv do not combine with --api-sock/--config-file")
+        if args.hyperv is not None or args.hyperv_kvm_leaves:
+            raise UserError("--hyperv does not combine with --api-sock/--config-file")
+        if args.nested:  # what this host lacks, in one line, before the API serves
+            _check_extensions(MachineConfig(nested=True))
         return run_api(
             api_sock=args.api_sock, config_file=args.config_file, kernel=args.kernel,
             initrd=args.initrd, cmdline=args.cmdline,
             vcpus=args.vcpus if args.vcpus is not None else 1, mem_mib=args.mem_mib,
             command=command, timeout=args.timeout, virtio_transport=args.virtio_transport,
             extra_config=_api_devices(args) or None,
-            seccomp_filters=filters,
+            seccomp_filters=filters, nested=args.nested,
         )  # fmt: skip
     config = MachineConfig(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,

@@ -125,8 +125,22 @@ class MmdsStack:
         # A virtio-net device calls intercept() on its tx worker thread and next_frame() on
         # its rx worker thread.
         self._lock = threading.Lock()
-        # What the guest sent the MMDS and what we sent back (Firecracker's `mmds` metrics).
-        self.rx_frames = self.tx_frames = self.dropped = self.resets = 0
+        # What the guest sent the MMDS and what we sent back (`metrics()`).
+        self.rx_frames = self.dropped = self.unusual = 0
+        self.tx_frames = self.tx_bytes = self.tx_errors = self.resets = 0
+        self.created = 0  # connections; those not in `conns` any more were destroyed
+
+    def metrics(self) -> dict[str, int]:
+        """The counters under Firecracker's `mmds` metrics names (src/vmm/src/logger/
+        metrics.rs MmdsMetrics; its dumbo counts the same events)."""
+        with self._lock:
+            return {
+                "rx_accepted": self.rx_frames, "rx_accepted_err": self.dropped,
+                "rx_accepted_unusual": self.unusual, "tx_frames": self.tx_frames,
+                "tx_bytes": self.tx_bytes, "tx_errors": self.tx_errors,
+                "connections_created": self.created,
+                "connections_destroyed": self.created - len(self.conns),
+            }  # fmt: skip
 
     def reset(self) -> None:
         """Forget every connection and queued frame (the guest's driver was reset)."""
@@ -190,9 +204,11 @@ class MmdsStack:
             or ihl < IP_HDR
             or not ihl <= total <= len(frame) - ETH_HDR
             or frag & 0x3FFF
-            or proto != IPPROTO_TCP
         ):
             self.dropped += 1
+            return
+        if proto != IPPROTO_TCP:  # well formed, but not TCP: "unusual" in Firecracker
+            self.unusual += 1
             return
         src_ip = frame[ETH_HDR + 12 : ETH_HDR + 16]
         self._tcp(frame[6:12], src_ip, frame[ETH_HDR + ihl : ETH_HDR + total])
@@ -327,6 +343,7 @@ class MmdsStack:
             oldest = min(self.conns, key=lambda k: self.conns[k].last_active)
             self._send_reset(self.conns.pop(oldest))
         conn = Connection(mac, key[0], key[1], seq, mss)
+        self.created += 1
         self._tick += 1
         conn.last_active = self._tick
         self.conns[key] = conn
@@ -335,11 +352,14 @@ class MmdsStack:
     def next_frame(self) -> bytes | None:
         """The next frame for the guest's receive queue, or None."""
         with self._lock:
-            return self._next_frame()
+            frame = self._next_frame()
+            if frame is not None:
+                self.tx_frames += 1
+                self.tx_bytes += len(frame)
+            return frame
 
     def _next_frame(self) -> bytes | None:
         if self.pending:
-            self.tx_frames += 1
             return self.pending.popleft()
         for key in list(self.conns):
             conn = self.conns[key]
@@ -350,7 +370,6 @@ class MmdsStack:
             del self.conns[key]
             if not conn.done():
                 self.conns[key] = conn
-            self.tx_frames += 1
             return frame
         return None
 
@@ -393,108 +412,49 @@ class MmdsStack:
         self, conn: Connection, seq: int, flags: int, payload: bytes, options: bytes = b""
     ) -> bytes:
         window = RCV_WINDOW - len(conn.rx)
-        return self._frame(
-            conn.mac,
-            conn.ip,
-            HTTP_PORT,
-            conn.port,
-            seq,
-            conn.rcv_nxt,
-            flags,
-            window,
-            payload,
-            options,
-        )
+        return self._frame(conn.mac, conn.ip, conn.port, seq, conn.rcv_nxt, flags, window,
+                           payload, options)  # fmt: skip
 
     def _send_reset(self, conn: Connection) -> None:
-        self.resets += 1
-        self._queue(
-            self._frame(
-                conn.mac,
-                conn.ip,
-                HTTP_PORT,
-                conn.port,
-                conn.snd_nxt,
-                conn.rcv_nxt,
-                RST | ACK,
-                0,
-                b"",
-            )
-        )
+        self._queue_reset(conn.mac, conn.ip, conn.port, conn.snd_nxt, conn.rcv_nxt, RST | ACK)
 
-    def _reset_reply(
-        self,
-        mac: bytes,
-        ip: bytes,
-        sport: int,
-        dport: int,
-        seq: int,
-        ack: int,
-        flags: int,
-        length: int,
-    ) -> None:
-        """RFC 9293 §3.10.7.1: the reset for a segment no connection takes."""
-        self.resets += 1
+    def _reset_reply(self, mac: bytes, ip: bytes, sport: int, dport: int, seq: int, ack: int,
+                     flags: int, length: int) -> None:  # fmt: skip
+        """RFC 9293 §3.10.7.1: the reset for a segment no connection takes (`dport` is the
+        port it was sent to: the reset comes from there)."""
         if flags & ACK:
-            frame = self._frame(mac, ip, dport, sport, ack, 0, RST, 0, b"")
+            self._queue_reset(mac, ip, sport, ack, 0, RST, src_port=dport)
         else:
             seg_len = length + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
-            frame = self._frame(
-                mac, ip, dport, sport, 0, (seq + seg_len) & SEQ_MASK, RST | ACK, 0, b""
-            )
-        self._queue(frame)
+            self._queue_reset(mac, ip, sport, 0, (seq + seg_len) & SEQ_MASK, RST | ACK,
+                              src_port=dport)  # fmt: skip
+
+    def _queue_reset(self, mac: bytes, ip: bytes, port: int, seq: int, ack: int, flags: int,
+                     *, src_port: int = HTTP_PORT) -> None:  # fmt: skip
+        """Queue a reset segment to the guest's `port` (a zero window, no data)."""
+        self.resets += 1
+        self._queue(self._frame(mac, ip, port, seq, ack, flags, 0, b"", src_port=src_port))
 
     def _queue(self, frame: bytes) -> None:
         if len(self.pending) >= MAX_PENDING:
-            self.dropped += 1  # like a frame lost on the wire: the guest sends again
+            self.tx_errors += 1  # like a frame lost on the wire: the guest sends again
             return
         self.pending.append(frame)
 
-    def _frame(
-        self,
-        mac: bytes,
-        ip: bytes,
-        sport: int,
-        dport: int,
-        seq: int,
-        ack: int,
-        flags: int,
-        window: int,
-        payload: bytes,
-        options: bytes = b"",
-    ) -> bytes:
+    def _frame(self, mac: bytes, ip: bytes, dport: int, seq: int, ack: int, flags: int,
+               window: int, payload: bytes, options: bytes = b"", *,
+               src_port: int = HTTP_PORT) -> bytes:  # fmt: skip
+        """An Ethernet frame from the MMDS (`src_port` on its address) to the guest's `mac`,
+        `ip` and `dport`."""
         tcp_len = TCP_HDR + len(options) + len(payload)
         self._ident = (self._ident + 1) & 0xFFFF
         # RFC 791: version 4, IHL 5, DF, TTL 64, TCP; RFC 9293 §3.1 for the TCP header.
-        iph = bytearray(
-            struct.pack(
-                "!BBHHHBBH4s4s",
-                0x45,
-                0,
-                IP_HDR + tcp_len,
-                self._ident,
-                0x4000,
-                64,
-                IPPROTO_TCP,
-                0,
-                self.ip,
-                ip,
-            )
-        )
+        iph = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, IP_HDR + tcp_len, self._ident,
+                                    0x4000, 64, IPPROTO_TCP, 0, self.ip, ip))  # fmt: skip
         struct.pack_into("!H", iph, 10, checksum(bytes(iph)))
-        tcp = bytearray(
-            struct.pack(
-                "!HHIIHHHH",
-                sport,
-                dport,
-                seq,
-                ack,
-                ((TCP_HDR + len(options)) // 4) << 12 | flags,
-                min(window, 0xFFFF),
-                0,
-                0,
-            )
-        )
+        offset_flags = ((TCP_HDR + len(options)) // 4) << 12 | flags
+        tcp = bytearray(struct.pack("!HHIIHHHH", src_port, dport, seq, ack, offset_flags,
+                                    min(window, 0xFFFF), 0, 0))  # fmt: skip
         tcp += options + payload
         pseudo = self.ip + ip + struct.pack("!BBH", 0, IPPROTO_TCP, tcp_len)
         struct.pack_into("!H", tcp, 16, checksum(pseudo + bytes(tcp)))

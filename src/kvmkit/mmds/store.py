@@ -20,10 +20,7 @@ lock makes each update whole (a guest reads the old store or the new one, never 
 
 from __future__ import annotations
 
-import base64
 import copy
-import hashlib
-import hmac
 import ipaddress
 import json
 import os
@@ -169,12 +166,22 @@ class Mmds:
             return _imds(node)
 
     def new_token(self, ttl: int) -> str:
+        # Imported here, not at the top: hashlib maps OpenSSL's libcrypto, RSS and start-up
+        # time that a VMM without MMDS tokens does not need (bench/startup.py).
+        import base64
+        import hashlib
+        import hmac
+
         expiry = int(time.monotonic() * 1000) + ttl * 1000
         raw = _EXPIRY.pack(expiry)
         mac = hmac.new(self._key, raw, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(raw + mac).decode()
 
     def token_valid(self, token: str) -> bool:
+        import base64
+        import hashlib
+        import hmac
+
         if len(token) > MAX_TOKEN_CHARS:
             return False
         try:

@@ -27,11 +27,9 @@ import ctypes
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +225,9 @@ def load_filter_file(path: Path) -> dict[str, Filter]:
 
 def default_filters() -> dict[str, Filter]:
     """kvmkit's own filters: default.json beside this module, measured (docs/security.md)."""
-    text = resources.files("kvmkit.seccomp").joinpath("default.json").read_text()
+    # Beside this file (package data; importlib.resources would cost the start-up its
+    # tempfile/shutil imports, bench/startup.py).
+    text = Path(__file__).with_name("default.json").read_text()
     return parse_filters(json.loads(text), "kvmkit/seccomp/default.json")
 
 
@@ -237,6 +237,10 @@ _names_cache: dict[str, int] = {}
 def _syscall_numbers() -> dict[str, int]:
     """Every x86-64 system call name libseccomp knows -> its number."""
     if not _names_cache:
+        cached = _bpf_cache().get("names")
+        if isinstance(cached, dict) and cached:
+            _names_cache.update(cached)
+            return _names_cache
         from kvmkit.seccomp.binding import load
 
         pyseccomp = load()
@@ -249,11 +253,122 @@ def _syscall_numbers() -> dict[str, int]:
                 continue
             if name:
                 _names_cache[name.decode()] = nr
+        _bpf_cache_store("names", dict(_names_cache))
     return _names_cache
 
 
+# The compiled programs and libseccomp's system call names, kept between processes: importing
+# pyseccomp runs ctypes.util.find_library twice (each an `ldconfig -p` subprocess), so
+# compiling kvmkit's filters at every start cost ~60-120 ms before the API socket listened
+# (bench/startup.py); with the cache, a start with filters on only reads one small JSON file.
+# Firecracker avoids the same cost by compiling its filters at build time (seccompiler).
+# An entry is keyed by the whole filter (its repr: every rule, condition and action), so it
+# can only stand for the same rules; the file is trusted only when this user owns it and no
+# one else may write it, and the names only while libseccomp's file is the one they came from.
+BPF_CACHE_VERSION = 1
+MAX_CACHE_FILE = 4 << 20
+MAX_BPF = 4096 * 8  # BPF_MAXINSNS instructions of 8 bytes (<linux/bpf_common.h>)
+_cache: dict[str, Any] | None = None
+
+
+def _bpf_cache_path() -> Path | None:
+    """None where the process has no cache directory: no $KVMKIT_CACHE, $XDG_CACHE_HOME or
+    $HOME and no passwd entry, as in kvmkit-jailer's jail (docs/security.md)."""
+    from kvmkit.cache import cache_dir
+
+    try:
+        return cache_dir(create=False) / f"seccomp-bpf-v{BPF_CACHE_VERSION}.json"
+    except RuntimeError:  # Path.home(): "Could not determine home directory"
+        return None
+
+
+def _libseccomp_identity() -> list[Any] | None:
+    """libseccomp's file as this process mapped it (path, size, mtime), None if not mapped."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                if "libseccomp" in line:
+                    path = line.split(None, 5)[-1].strip()
+                    st = os.stat(path)
+                    return [path, st.st_size, st.st_mtime_ns]
+    except (OSError, IndexError):
+        pass
+    return None
+
+
+def _bpf_cache() -> dict[str, Any]:
+    """The cache's contents ({} when absent, unusable, not this user's or stale)."""
+    global _cache
+    if _cache is not None:
+        return _cache
+    _cache = {}
+    path = _bpf_cache_path()
+    if path is None:
+        return _cache
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022 or st.st_size > MAX_CACHE_FILE:
+                return _cache
+            data = json.loads(f.read(MAX_CACHE_FILE))
+        lib = data["libseccomp"]
+        st = os.stat(lib[0])
+        if [lib[0], st.st_size, st.st_mtime_ns] != lib or not isinstance(data["programs"], dict):
+            return _cache
+        _cache = data
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pass
+    return _cache
+
+
+def _bpf_cache_store(key: str, value: Any) -> None:
+    """Record `value` under `key` (best effort: a cache that cannot be written only costs
+    the next start its compile)."""
+    lib = _libseccomp_identity()
+    if lib is None:
+        return
+    data = _bpf_cache()
+    if data.get("libseccomp") != lib:
+        data.clear()
+        data.update({"libseccomp": lib, "programs": {}})
+    if key == "names":
+        data["names"] = value
+    else:
+        data["programs"][key] = value
+    path = _bpf_cache_path()
+    if path is None:
+        return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW  # no one's planted link
+        fd = os.open(tmp, flags, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)  # atomic: a concurrent start reads the old file or this one
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 def compile_filter(f: Filter) -> bytes:
-    """The filter as a BPF program (struct sock_filter array), generated by libseccomp."""
+    """The filter as a BPF program (struct sock_filter array), generated by libseccomp (or
+    as libseccomp generated it for the same filter before: the cache above)."""
+    key = repr(f)
+    cached = _bpf_cache().get("programs", {}).get(key)
+    if isinstance(cached, str):
+        try:
+            program = bytes.fromhex(cached)
+        except ValueError:
+            program = b""
+        if program and len(program) % 8 == 0 and len(program) <= MAX_BPF:
+            return program
+    program = _compile_filter(f)
+    _bpf_cache_store(key, program.hex())
+    return program
+
+
+def _compile_filter(f: Filter) -> bytes:
     from kvmkit.seccomp.binding import load
 
     pyseccomp = load()
@@ -278,6 +393,8 @@ def compile_filter(f: Filter) -> bytes:
             raise SeccompError(
                 f"seccomp: libseccomp refused the rule for {rule.syscall}: {err.strerror or err}"
             ) from None
+    import tempfile  # here: not part of every process's start-up (bench/startup.py)
+
     with tempfile.TemporaryFile() as out:
         ctx.export_bpf(out)
         out.seek(0)

@@ -160,24 +160,21 @@ def _here(vcpu: Vcpu, fn: Callable[[], Any]) -> Any:
     return fn()
 
 
-def deliver_pending_timers(vcpu: Vcpu, on_vcpu: OnVcpu = _here, *, nested: bool = False) -> None:
+def deliver_pending_timers(vcpu: Vcpu, on_vcpu: OnVcpu = _here) -> None:
     """Move LAPIC timer interrupts KVM holds as pending into the vCPU's IRR, where
-    KVM_GET_LAPIC sees them (`Vcpu.inject_pending_timers`), on the vCPU's thread.
-
-    Not for a vCPU of a nested machine that is running its own guest (KVM's nested state in
-    guest mode): the KVM_RUN that delivers the timers also lets KVM deliver the guest's
-    pending interrupts, and a guest hypervisor intercepts those, so KVM leaves the nested
-    guest for them (a synthesized VM exit) and the snapshot never holds a running nested
-    guest (seen in the lane: 0 of 20 pauses). There a timer that expired during the pause
-    stays in KVM's own pending count and a snapshot loses it (docs/snapshot.md)."""
-    if nested and nested_flags(vcpu.get_nested_state()) & KVM_STATE_NESTED_GUEST_MODE:
-        return
+    KVM_GET_LAPIC sees them (`Vcpu.inject_pending_timers`), on the vCPU's thread."""
     exit_ = on_vcpu(vcpu, vcpu.inject_pending_timers)
     if not isinstance(exit_, IntrExit):
         raise SnapshotError(
             f"vcpu{vcpu.id}: KVM reported {exit_.describe()} for the paused vCPU; "
             "its state was not taken"
         )
+
+
+def runs_nested_guest(vcpu: Vcpu) -> bool:
+    """The vCPU was running its own guest when it was paused (KVM's nested state in guest
+    mode, KVM_STATE_NESTED_GUEST_MODE)."""
+    return bool(nested_flags(vcpu.get_nested_state()) & KVM_STATE_NESTED_GUEST_MODE)
 
 
 def capture_kvm_state(
@@ -193,17 +190,30 @@ def capture_kvm_state(
     expired during the read) is read again. `on_vcpu(vcpu, fn)` runs `fn` on the vCPU's own
     thread (a VcpuControl's `call_held`); the default runs it here, which works but makes KVM
     switch the vCPU's task (a synchronize_rcu) twice. `msr_indices`: `saveable_msrs` found
-    before (it does not change for a VM; finding it costs an ioctl per refused MSR)."""
+    before (it does not change for a VM; finding it costs an ioctl per refused MSR).
+
+    Not for a vCPU of a nested machine that is running its own guest (`runs_nested_guest`,
+    read once: only a KVM_RUN moves a vCPU in or out of guest mode, and those vCPUs get
+    none): the delivery KVM_RUN puts the timer interrupt in IRR, and the next KVM_RUN (the
+    second delivery) injects it, which the guest hypervisor intercepts, so KVM leaves the
+    nested guest (a synthesized #VMEXIT) and the snapshot would never hold a running nested
+    guest (seen in the lane: 0 of 20 pauses). What that costs depends on the LVT timer's
+    mode (docs/snapshot.md): in TSC-deadline mode nothing, the expired deadline is saved in
+    IA32_TSC_DEADLINE (KVM zeroes it only when it delivers) and fires at restore."""
     msrs = saveable_msrs(kvm, vcpus[0], setup.extra_msrs) if msr_indices is None else msr_indices
+    deliver = [False] * len(vcpus)
     if setup.irqchip:
-        for v in vcpus:
-            deliver_pending_timers(v, on_vcpu, nested=setup.nested)
+        deliver = [not (setup.nested and runs_nested_guest(v)) for v in vcpus]
+        for v, due in zip(vcpus, deliver, strict=True):
+            if due:
+                deliver_pending_timers(v, on_vcpu)
     vcpu_states = [save_vcpu(v, msrs, irqchip=setup.irqchip, nested=setup.nested)
                    for v in vcpus]  # fmt: skip
     for _ in range(SETTLE_ROUNDS if setup.irqchip else 0):
         changed = []
         for i, v in enumerate(vcpus):
-            deliver_pending_timers(v, on_vcpu, nested=setup.nested)
+            if deliver[i]:
+                deliver_pending_timers(v, on_vcpu)
             if not interrupts_unchanged(v, vcpu_states[i]):
                 changed.append(i)
         if not changed:

@@ -759,9 +759,11 @@ class Machine:
             )
             for d, dev in zip(cfg.drives, blks, strict=True)
         ]  # fmt: skip
+        net_devs = [dev for _, _, dev in self.virtio if isinstance(dev, VirtioNet)]
         nets = [NetConfig(dev.tap_name, format_mac(dev.mac), dev.mtu,
-                          _limits(dev.rx_limiter.config), _limits(dev.tx_limiter.config))
-                for _, _, dev in self.virtio if isinstance(dev, VirtioNet)]  # fmt: skip
+                          _limits(dev.rx_limiter.config), _limits(dev.tx_limiter.config),
+                          mmds=n.mmds, iface_id=n.iface_id)
+                for n, dev in zip(cfg.nets, net_devs, strict=True)]  # fmt: skip
         rng = next((_limits(dev.limiter.config) for _, _, dev in self.virtio
                     if isinstance(dev, VirtioRng)), None)  # fmt: skip
         ext = self.extensions  # with --hyperv: the features the guest got on this host

@@ -10,7 +10,8 @@ One capture and one apply of state, two transports. `Machine.capture_state()` re
     meta      the configuration (the CPU topology, guest NUMA nodes and huge pages, so the
               machine is rebuilt the same; --nested and the Hyper-V features; drives with
               their image sizes, cache types and rate limiters, nets with the MAC the guest
-              knows, MTU and rate limiters, the rng's rate limiter, the boot timer, vsock),
+              knows, MTU, rate limiters and API iface id, the MMDS configuration (not its
+              store), the rng's rate limiter, the boot timer, vsock),
               the console nonce, where the command-output parser was
 
 Guest memory is not in it: each transport carries memory its own way. The snapshot file pair
@@ -47,6 +48,7 @@ from kvmkit.devices.virtio.ratelimit import RateLimiterConfig
 from kvmkit.devices.virtio.rng import VirtioRng
 from kvmkit.devices.virtio.vsock import VirtioVsock, VsockConfig
 from kvmkit.errors import UserError
+from kvmkit.mmds.store import Mmds, MmdsConfig, check_ipv4
 from kvmkit.snapshot.core import KIND, KvmState
 from kvmkit.snapshot.format import Fields, SnapshotError
 from kvmkit.vmm.config import MAX_VCPUS, MAX_VIRTIO_DEVICES, VIRTIO_TRANSPORTS, MachineConfig
@@ -202,12 +204,42 @@ def config_to_dict(cfg: MachineConfig, drive_sizes: tuple[int, ...]) -> dict[str
         vsock = {"cid": cfg.vsock.cid, "uds_path": str(cfg.vsock.uds_path.absolute())}
     return {"vcpus": cfg.vcpus, "mem_mib": cfg.mem_mib, "command": list(cfg.command),
             "drives": drives, "rng": cfg.rng, "virtio_transport": cfg.virtio_transport,
-            "nets": [{"tap": n.tap, "mac": n.mac, "mtu": n.mtu,
+            "nets": [{"tap": n.tap, "mac": n.mac, "mtu": n.mtu, "iface_id": n.iface_id,
+                      "mmds": n.mmds is not None,
                       "rx_rate_limiter": _limiter_dict(n.rx_rate_limiter),
                       "tx_rate_limiter": _limiter_dict(n.tx_rate_limiter)}
                      for n in cfg.nets],
+            "mmds_config": _mmds_config_dict(cfg),
             "vsock": vsock, "rng_rate_limiter": _limiter_dict(cfg.rng_rate_limiter),
             "boot_timer": cfg.boot_timer, **_save_cpu_memory(cfg)}  # fmt: skip
+
+
+def _mmds_config_dict(cfg: MachineConfig) -> dict[str, Any] | None:
+    """The MMDS configuration the nets serve (Firecracker keeps it in the snapshot; the data
+    store is not kept: snapshot-support.md, "Firecracker Snapshotting characteristics")."""
+    for n in cfg.nets:
+        if n.mmds is not None and n.mmds.config is not None:
+            return n.mmds.config.to_api()
+    return None
+
+
+def _mmds_from(cfg: Fields) -> Mmds | None:
+    """`meta.config.mmds_config` as an empty store with that configuration (absent or null in
+    states from before it, or of a VM without MMDS: none)."""
+    if cfg.obj.get("mmds_config") is None:
+        return None
+    m = cfg.get_obj("mmds_config")
+    version = m.get_str("version", 8)
+    if version not in ("V1", "V2"):
+        raise SnapshotError(f"snapshot state: {m.path}.version {version!r}")
+    ifaces = m.get_list("network_interfaces", MAX_VIRTIO)
+    if not ifaces or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in ifaces):
+        raise SnapshotError(f"snapshot state: {m.path}.network_interfaces must be iface ids")
+    try:
+        address = check_ipv4(m.get_str("ipv4_address", 16))
+    except ValueError as err:
+        raise SnapshotError(f"snapshot state: {m.path}: {err}") from None
+    return Mmds(config=MmdsConfig(list(ifaces), version, address, m.get_bool("imds_compat")))
 
 
 def config_from_dict(obj: Any) -> tuple[MachineConfig, tuple[int, ...]]:
@@ -252,12 +284,19 @@ def _config_from(meta: Fields) -> tuple[MachineConfig, tuple[int, ...]]:
     if transport not in VIRTIO_TRANSPORTS:
         raise SnapshotError(f"snapshot state: meta.config.virtio_transport {transport!r}")
     nets = []
+    mmds = _mmds_from(cfg)
     for i, raw in enumerate(cfg.get_list("nets", MAX_VIRTIO) if cfg.has("nets") else []):
         n = Fields(raw, f"meta.config.nets[{i}]")
         mtu = n.get_int("mtu", 68, 65535) if n.obj.get("mtu") is not None else None
+        # States from before iface ids and the MMDS: no id, no MMDS.
+        iface_id = n.get_str("iface_id", 64) if n.obj.get("iface_id") is not None else None
+        serves = n.get_bool("mmds") if n.obj.get("mmds") is not None else False
+        if serves and mmds is None:
+            raise SnapshotError(f"snapshot state: {n.path} serves an MMDS without mmds_config")
         net = NetConfig(
             n.get_str("tap", 64), n.get_str("mac", 64), mtu,
             _limiter_from(n, "rx_rate_limiter"), _limiter_from(n, "tx_rate_limiter"),
+            mmds=mmds if serves else None, iface_id=iface_id,
         )  # fmt: skip
         try:
             net.check()
@@ -266,6 +305,9 @@ def _config_from(meta: Fields) -> tuple[MachineConfig, tuple[int, ...]]:
         nets.append(net)
     if len({n.tap for n in nets}) != len(nets):
         raise SnapshotError("snapshot state: meta.config.nets: the same tap twice")
+    ids = [n.iface_id for n in nets if n.iface_id is not None]
+    if len(set(ids)) != len(ids):
+        raise SnapshotError("snapshot state: meta.config.nets: the same iface_id twice")
     vsock = None
     if cfg.obj.get("vsock") is not None:
         v = cfg.get_obj("vsock")

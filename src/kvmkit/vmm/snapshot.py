@@ -27,11 +27,14 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from kvmkit.errors import UserError
 from kvmkit.kvm import KvmError
 from kvmkit.memory import HugePagesError
+from kvmkit.mmds.store import Mmds
 from kvmkit.snapshot.format import SnapshotError, read_state, write_state
 from kvmkit.snapshot.memory import MemoryState, enable_dirty_log, restore_memory, write_memory
 from kvmkit.vmm.machine import Machine
@@ -60,10 +63,59 @@ def snapshot_machine(
         enable_dirty_log(machine.mem, machine.vm)
 
 
-def read_snapshot(state_path: str | os.PathLike[str]) -> tuple[MachineState, MemoryState]:
-    """Read and check a state file completely (format, checksum, every state and device);
-    only SnapshotError escapes, and nothing has been created."""
+@dataclass(frozen=True)
+class Overrides:
+    """Host resources a snapshot load gives anew, so that several clones of one snapshot
+    run side by side (Firecracker's `network_overrides` and `vsock_override`,
+    snapshot-support.md and network-for-clones.md): the tap of a network interface by its
+    iface id, and the vsock device's Unix socket."""
+
+    taps: dict[str, str] = field(default_factory=dict)
+    vsock_uds: str | None = None
+
+    def apply(self, payload: dict[str, Any]) -> None:
+        """Put the new names into a state payload before it is checked (so the snapshot's
+        own socket directory need not exist here). SnapshotError in Firecracker's words for
+        an iface id or a vsock the snapshot does not have. A payload of another shape is
+        left as it is for `MachineState.from_dict` to refuse."""
+        meta = payload.get("meta")
+        cfg = meta.get("config") if isinstance(meta, dict) else None
+        if not isinstance(cfg, dict):
+            return
+        raw = cfg.get("nets")
+        nets: list[Any] = raw if isinstance(raw, list) else []
+        by_id = {n["iface_id"]: n for n in nets
+                 if isinstance(n, dict) and isinstance(n.get("iface_id"), str)}  # fmt: skip
+        renamed: dict[str, str] = {}
+        for iface_id, tap in self.taps.items():
+            if iface_id not in by_id:
+                known = ", ".join(repr(i) for i in by_id) or "none"
+                raise SnapshotError(f"Unknown Network Device: the snapshot has no network "
+                                    f"interface {iface_id!r} (its iface ids: {known})")  # fmt: skip
+            renamed[str(by_id[iface_id].get("tap"))] = tap
+            by_id[iface_id]["tap"] = tap
+        # The virtio-net device's own state names its tap too (checked at restore).
+        devices = payload.get("devices")
+        virtio = devices.get("virtio") if isinstance(devices, dict) else None
+        for dev in virtio if isinstance(virtio, list) else []:
+            part = dev.get("device") if isinstance(dev, dict) else None
+            part = part.get("device") if isinstance(part, dict) else None
+            if isinstance(part, dict) and part.get("tap") in renamed:
+                part["tap"] = renamed[part["tap"]]
+        if self.vsock_uds is not None:
+            if not isinstance(cfg.get("vsock"), dict):
+                raise SnapshotError("Unknown Vsock Device: the snapshot has no vsock device")
+            cfg["vsock"]["uds_path"] = self.vsock_uds
+
+
+def read_snapshot(
+    state_path: str | os.PathLike[str], overrides: Overrides | None = None
+) -> tuple[MachineState, MemoryState]:
+    """Read and check a state file completely (format, checksum, every state and device),
+    with `overrides` applied; only SnapshotError escapes, and nothing has been created."""
     payload = read_state(state_path)
+    if overrides is not None:
+        overrides.apply(payload)
     state = MachineState.from_dict(payload)
     return state, MemoryState.from_dict(payload.get("memory"))
 
@@ -72,12 +124,25 @@ def restore_machine(
     state_path: str | os.PathLike[str], mem_path: str | os.PathLike[str], *,
     base_mem: str | os.PathLike[str] | None = None,
     command_output: Callable[[bytes], None] | None = None, kvm_device: str = "/dev/kvm",
+    overrides: Overrides | None = None, mmds: Mmds | None = None, track_dirty: bool = False,
+    merged: bool = False,
 ) -> Machine:  # fmt: skip
     """A Machine built from a snapshot, ready to `start()` (it resumes where it was paused).
-    A bad state or memory file raises SnapshotError before any VM exists."""
-    state, layout = read_snapshot(state_path)
+    A bad state or memory file raises SnapshotError before any VM exists.
+
+    `overrides`: new taps and vsock socket (clones side by side). `mmds`: the store the
+    snapshot's MMDS configuration is served from (it takes that configuration; its data is
+    the caller's: Firecracker does not keep the data store in a snapshot). `track_dirty`:
+    dirty-page tracking on from the load, so a diff snapshot taken later holds the pages
+    written since the load and applies on top of `mem_path` (Firecracker's
+    `track_dirty_pages` / `enable_diff_snapshots` of a snapshot load). `merged`: the
+    state may be a diff's and `mem_path` is then its base with the diff folded in
+    (`merge_diff`; Firecracker's rule: load the state file of the layer merged last)."""
+    state, layout = read_snapshot(state_path, overrides)
     if layout.diff and base_mem is None:
-        raise SnapshotError("a diff snapshot restores on top of its base memory file")
+        if not merged:
+            raise SnapshotError("a diff snapshot restores on top of its base memory file")
+        layout = MemoryState([replace(r, dirty=None) for r in layout.regions], diff=False)
     layout.check_file(mem_path)
     config = state.config
     config.validate_placement()  # the huge pages and host nodes it names (UserError)
@@ -89,8 +154,20 @@ def restore_machine(
         )  # fmt: skip
     except HugePagesError as err:
         raise UserError(f"huge pages: {err}") from None
-    return Machine.from_state(state, memory, command_output=command_output,
-                              kvm_device=kvm_device)  # fmt: skip
+    if mmds is not None:
+        for net in config.nets:
+            if net.mmds is not None:
+                mmds.config, net.mmds = net.mmds.config, mmds
+    machine = Machine.from_state(state, memory, command_output=command_output,
+                                 kvm_device=kvm_device)  # fmt: skip
+    if track_dirty:
+        assert machine.vm is not None
+        try:
+            enable_dirty_log(machine.mem, machine.vm)
+        except BaseException:
+            machine.close()
+            raise
+    return machine
 
 
 def snapshot_after(

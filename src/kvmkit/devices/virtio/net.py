@@ -112,6 +112,8 @@ class NetConfig:
     tx_rate_limiter: RateLimiterConfig | None = None
     # The MMDS this interface serves (the API's /mmds/config names it), or None.
     mmds: Mmds | None = None
+    # The API's iface_id (kept in snapshots: a snapshot load's network_overrides name it).
+    iface_id: str | None = None
 
     @classmethod
     def parse(cls, spec: str) -> NetConfig:
