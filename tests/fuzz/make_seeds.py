@@ -92,6 +92,12 @@ def virtio_seeds() -> None:
         ([blk.pack(8, 0, 0)], [20, 1], False),
         ([blk.pack(11, 0, 0), struct.pack("<QII", 8, 8, 0)], [1], False),
     ]}))
+    # virtio-balloon: inflate PFNs inside guest RAM, one outside it, then a deflate (§5.5.6).
+    pfns = struct.Struct("<4I")
+    save("virtio_balloon", "inflate-deflate", device_input(2, 3, {
+        0: [([pfns.pack(8, 9, 10, 12)], [], False), ([struct.pack("<I", 0x90000)], [], False)],
+        1: [([pfns.pack(8, 9, 10, 12)], [], True)],
+    }))
     save("virtio_rng", "requests", device_input(1, 3, {0: [([], [64], False),
                                                           ([], [16, 16], True)]}))
 

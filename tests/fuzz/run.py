@@ -27,7 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus"
 TARGETS = (
-    "virtqueue", "virtio_blk", "virtio_net", "virtio_vsock", "virtio_rng", "mmds", "snapshot",
+    "virtqueue", "virtio_blk", "virtio_net", "virtio_vsock", "virtio_rng", "virtio_balloon",
+    "mmds", "snapshot",
     "migration", "api_http", "api_json", "gdb_rsp", "loader", "cpio", "acpi",
 )  # fmt: skip
 # libFuzzer options of every run: inputs up to 32 KiB (a ring, its chains and their

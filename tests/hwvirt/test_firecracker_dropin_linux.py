@@ -8,7 +8,10 @@ the root drive; InstanceStart; the guest's own init runs from the root file syst
 guest checks the entropy device (/dev/hwrng gives random bytes; a limit of 2 KiB/s holds)
 and a block rate limiter (a `dd` to a second drive at 1 MiB/s), then the host PATCHes that
 drive after boot (a bigger image: the guest sees the new size; no limiter: the next `dd`
-is not throttled, by the metrics). A vsock device answers a host connection to a port where
+is not throttled, by the metrics). Then the balloon: the guest touches and frees most of its
+memory, the host inflates the balloon by 64 MiB (the VMM's RSS and guest-RAM memfd shrink by
+most of it, the guest's MemTotal drops), reads the guest's statistics, deflates (MemTotal
+comes back). A vsock device answers a host connection to a port where
 the guest listens on nothing (the guest's RST closes it). Then the VM is paused and
 snapshotted, its process ends, and a new `kvmkit-firecracker` loads the snapshot: the guest
 ticks on there and reboots, and that process exits 0.
@@ -79,6 +82,25 @@ echo "FCT SIZE $(cat /sys/block/vdb/size)"
 t0=$(up); dd if=/dev/zero of=/dev/vdb bs=65536 count=48 oflag=direct 2>/dev/null; rc=$?
 t1=$(up)
 echo "FCT BLK2 $rc $((t1 - t0))"
+# The balloon: touch most of the free memory (the host gives the VMM those pages), free it,
+# then wait for the host's inflate (MemTotal drops: deflate_on_oom is off) and deflate.
+kb() { awk -v k="$1:" '$1 == k { print $2 }' /proc/meminfo; }
+mkdir -p /run/fill && mount -t tmpfs -o size=90% tmpfs /run/fill
+avail=$(kb MemAvailable)
+dd if=/dev/zero of=/run/fill/f bs=1M count=$((avail / 1024 - 24)) 2>/dev/null
+rm /run/fill/f
+total=$(kb MemTotal)
+echo "FCT BFREE $avail $total"
+i=0
+while [ "$(kb MemTotal)" -gt $((total - 65536)) ] && [ $i -lt 1200 ]; do
+    usleep 100000; i=$((i + 1))
+done
+echo "FCT BIN $(kb MemTotal)"
+i=0
+while [ "$(kb MemTotal)" -lt "$total" ] && [ $i -lt 1200 ]; do
+    usleep 100000; i=$((i + 1))
+done
+echo "FCT BOUT $(kb MemTotal)"
 echo "FCT DONE"
 i=0
 while [ $i -lt 40 ]; do usleep 500000; i=$((i + 1)); echo "FCT TICK $i"; done
@@ -188,10 +210,84 @@ class Firecracker:
             self.proc.wait(30)
 
 
+_METRICS_READ: dict[Path, int] = {}
+_LEVELS = ("latencies_us", "api_server")  # groups of levels, not counters
+
+
 def flush_metrics(fc: Firecracker, path: Path) -> dict[str, Any]:
+    """FlushMetrics, then the counters of every line written since the last call, summed:
+    the periodic flush (every 60 s) writes lines of its own in between, which split the
+    deltas (seen in the lane: the entropy bytes of one read split over two lines)."""
     fc.put("PUT", "/actions", {"action_type": "FlushMetrics"})
-    line: dict[str, Any] = json.loads(path.read_text().splitlines()[-1])
-    return line
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    new, _METRICS_READ[path] = lines[_METRICS_READ.get(path, 0) :], len(lines)
+    out: dict[str, Any] = dict(new[-1])
+    for group, values in out.items():
+        if isinstance(values, dict) and group not in _LEVELS:
+            out[group] = {k: sum(line.get(group, {}).get(k, 0) for line in new) for k in values}
+    return out
+
+
+def vmm_memory(pid: int) -> tuple[int, int]:
+    """The VMM's RSS (smaps_rollup) and the bytes its guest-RAM memfd holds, in KiB."""
+    rss = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            rss = int(line.split()[1])
+    held: dict[tuple[int, int], int] = {}  # by inode: the memfd may be open twice
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if "kvmkit-guest-ram" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+                held[(st.st_dev, st.st_ino)] = st.st_blocks // 2
+        except OSError:
+            continue
+    return rss, sum(held.values())
+
+
+def wait_actual(fc: Firecracker, pages: int, timeout: float = 300) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats: dict[str, Any] = fc.put("GET", "/balloon/statistics")
+        if stats["actual_pages"] == pages:
+            return stats
+        assert time.monotonic() < deadline, (stats, fc.why())
+        time.sleep(0.5)
+
+
+def check_balloon(fc: Firecracker) -> str:
+    """The guest touched and freed most of its memory: inflating the balloon by 64 MiB
+    gives most of it back to the host (the VMM's RSS and its guest-RAM memfd shrink), the
+    guest's MemTotal drops, deflating gives it back, and the guest's statistics arrive."""
+    avail_kb, total_kb = map(int, fc.expect("BFREE").split())
+    assert avail_kb > 100 * 1024, fc.why()
+    rss0, held0 = vmm_memory(fc.proc.pid)
+    assert fc.put("GET", "/balloon") == {"amount_mib": 0, "deflate_on_oom": False,
+                                         "stats_polling_interval_s": 1}  # fmt: skip
+    t0 = time.monotonic()
+    fc.put("PATCH", "/balloon", {"amount_mib": 64})
+    stats = wait_actual(fc, 64 * 256)
+    took = time.monotonic() - t0
+    rss1, held1 = vmm_memory(fc.proc.pid)
+    print(f"balloon: RSS {rss0} -> {rss1} KiB, memfd {held0} -> {held1} KiB")
+    assert stats["target_mib"] == stats["actual_mib"] == 64, stats
+    # "at least most of it": 48 of the 64 MiB, in the RSS and in the memfd itself (the pages
+    # are gone from the host, not only unmapped from the VMM).
+    assert rss0 - rss1 >= 48 * 1024, (rss0, rss1)
+    assert held0 - held1 >= 48 * 1024, (held0, held1)
+    inflated = int(fc.expect("BIN"))
+    assert total_kb - inflated == 64 * 1024, (total_kb, inflated)  # 16384 pages out
+    # Statistics from the guest's driver (every second), with its view of its memory.
+    assert 0 < stats["total_memory"] <= total_kb * 1024, stats
+    assert 0 < stats["free_memory"] <= stats["total_memory"], stats
+    fc.put("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 2})
+    fc.put("PATCH", "/balloon", {"amount_mib": 0})
+    wait_actual(fc, 0)
+    assert int(fc.expect("BOUT")) == total_kb, fc.why()
+    figures = (f"balloon 64 MiB in {took:.1f} s: RSS {rss0 >> 10} -> {rss1 >> 10} MiB, memfd "
+               f"{held0 >> 10} -> {held1 >> 10} MiB")
+    print(figures)
+    return figures
 
 
 def test_getting_started_rootfs_entropy_and_block_limits(tmp_path: Path) -> None:
@@ -222,6 +318,8 @@ def test_getting_started_rootfs_entropy_and_block_limits(tmp_path: Path) -> None
                                                                   "refill_time": 1000}}})
         uds = tmp_path / "v.sock"
         fc.put("PUT", "/vsock", {"guest_cid": 3, "uds_path": str(uds)})
+        fc.put("PUT", "/balloon", {"amount_mib": 0, "deflate_on_oom": False,
+                                   "stats_polling_interval_s": 1})  # fmt: skip
         fc.put("PUT", "/actions", {"action_type": "InstanceStart"})
 
         # The root file system's own init runs, with the root device kvmkit put there.
@@ -266,12 +364,16 @@ def test_getting_started_rootfs_entropy_and_block_limits(tmp_path: Path) -> None
         assert int(fc.expect("SIZE")) == (16 << 20) // 512, fc.why()
         rc, blk2 = map(int, fc.expect("BLK2").split())
         assert rc == 0, fc.why()
-        fc.expect("DONE")
         m = flush_metrics(fc, metrics)
         assert m["block_scratch"]["rate_limiter_throttled_events"] == 0, m["block_scratch"]
         assert m["block_scratch"]["write_bytes"] >= 3 << 20, m["block_scratch"]
+        balloon = check_balloon(fc)
+        fc.expect("DONE")
+        got = flush_metrics(fc, metrics)["balloon"]
+        assert got["inflate_count"] > 0 and got["deflate_count"] > 0, got
+        assert got["stats_updates_count"] > 0 and got["event_fails"] == 0, got
         print(f"entropy 8 KiB {cs / 100} s; blk 3 MiB limited {blk1 / 100} s, "
-              f"unlimited {blk2 / 100} s")
+              f"unlimited {blk2 / 100} s; {balloon}")
         assert_filtered(fc.proc.pid)
         # Snapshot the ticking guest, end this process, load the snapshot into a new one.
         fc.expect("TICK")

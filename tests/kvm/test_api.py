@@ -150,7 +150,7 @@ BAD_REQUESTS: list[tuple[str, str, Any, str]] = [
                                "network_overrides": [{"iface_id": "eth0"}]},
      "missing field `host_dev_name`"),
     # endpoints kvmkit does not implement, and unknown ones
-    ("PUT", "/balloon", {"amount_mib": 1}, "does not implement PUT /balloon"),
+    ("PATCH", "/balloon/hinting/start", {}, "does not implement PATCH /balloon/hinting/start"),
     ("GET", "/serial", None, "does not implement GET /serial"),
     ("PUT", "/cpu-config", {}, "does not implement PUT /cpu-config"),
     ("GET", "/no/such/path", None, "Invalid request method and/or path"),
@@ -492,8 +492,10 @@ def test_firecracker_entry_point(kernel: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "needle"),
     [("{", "not valid JSON"), ('{"boot-source": {}}', "kernel_image_path"),
+     ('{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "pmem": []}',
+      "unknown field `pmem`"),
      ('{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "balloon": {}}',
-      "unknown field `balloon`"),
+      "missing field `amount_mib` at balloon"),
      ('{"boot-source": {"kernel_image_path": "/nonexistent"}}', "No such file")],
 )  # fmt: skip
 def test_bad_config_file(tmp_path: Path, content: str, needle: str) -> None:

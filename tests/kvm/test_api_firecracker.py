@@ -294,3 +294,74 @@ def test_mmds_store_and_config_through_the_api(tmp_path: Path) -> None:
         assert vmm.ok("GET", "/mmds") == {"n": "3"}
     finally:
         vmm.close()
+
+
+def test_balloon_through_the_api_and_a_snapshot(tmp_path: Path) -> None:
+    """Firecracker's /balloon rules on a running tiny guest (it has no balloon driver: the
+    device stays inactive, as with a guest kernel without virtio_balloon), the balloon
+    metrics group, and the balloon carried by a snapshot into a new process. The guest side
+    (inflating, RSS, statistics) is tests/hwvirt/test_firecracker_dropin_linux.py's."""
+    kernel = pvh.serial_loop_kernel(tmp_path / "loop.elf")
+    metrics = tmp_path / "m.jsonl"
+    metrics.touch()
+    state, mem = tmp_path / "vm.state", tmp_path / "vm.mem"
+    vmm = VmmProcess(tmp_path, name="fc", entry="firecracker")
+    try:
+        assert vmm.fault("GET", "/balloon") == "No balloon device found."
+        vmm.ok("PUT", "/machine-config", MACHINE)
+        assert vmm.fault("PUT", "/balloon", {"amount_mib": 65, "deflate_on_oom": False}) == (
+            "Amount of pages requested is too large."
+        )
+        missing = vmm.fault("PUT", "/balloon", {"amount_mib": 1})
+        assert "missing field `deflate_on_oom`" in missing
+        body = {"amount_mib": 40, "deflate_on_oom": True, "stats_polling_interval_s": 1}
+        vmm.ok("PUT", "/balloon", body)
+        assert vmm.ok("GET", "/balloon") == body
+        assert "smaller than the previously set balloon" in vmm.fault(
+            "PATCH", "/machine-config", {"mem_size_mib": 32}
+        )
+        vmm.ok("PUT", "/metrics", {"metrics_path": str(metrics)})
+        vmm.ok("PUT", "/boot-source", {"kernel_image_path": str(kernel)})
+        vmm.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+        assert grows(vmm), vmm.stderr()
+        assert "after starting" in vmm.fault("PUT", "/balloon", body)
+        assert vmm.ok("GET", "/balloon") == body
+        assert vmm.ok("GET", "/balloon/statistics") == {
+            "target_pages": 40 * 256, "actual_pages": 0, "target_mib": 40, "actual_mib": 0,
+        }  # fmt: skip
+        assert vmm.fault("PATCH", "/balloon", {"amount_mib": 65}) == (
+            "Amount of pages requested is too large."
+        )
+        # No driver took the device: Firecracker's "inactive" answer.
+        assert "Device is inactive" in vmm.fault("PATCH", "/balloon", {"amount_mib": 8})
+        assert vmm.fault("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 0}) == (
+            "Cannot enable/disable the statistics after boot."
+        )
+        vmm.ok("PUT", "/actions", {"action_type": "FlushMetrics"})
+        line = json.loads(metrics.read_text().splitlines()[-1])
+        assert line["balloon"] == {"inflate_count": 0, "stats_updates_count": 0,
+                                   "stats_update_fails": 0, "deflate_count": 0,
+                                   "event_fails": 0}  # fmt: skip
+        vmm.ok("PATCH", "/vm", {"state": "Paused"})
+        vmm.ok("PUT", "/snapshot/create", {"snapshot_path": str(state),
+                                            "mem_file_path": str(mem)})  # fmt: skip
+    finally:
+        vmm.close()
+    second = VmmProcess(tmp_path, name="second", entry="firecracker")
+    try:
+        second.ok("PUT", "/snapshot/load", {"snapshot_path": str(state),
+                                             "mem_file_path": str(mem), "resume_vm": True})
+        assert second.ok("GET", "/balloon") == body
+        assert second.ok("GET", "/balloon/statistics")["target_mib"] == 40
+        assert grows(second), second.stderr()
+    finally:
+        second.close()
+    other = VmmProcess(tmp_path, name="noballoon", entry="firecracker")
+    try:
+        other.ok("PUT", "/machine-config", MACHINE)
+        other.ok("PUT", "/boot-source", {"kernel_image_path": str(kernel)})
+        other.ok("PUT", "/actions", {"action_type": "InstanceStart"})
+        assert other.fault("GET", "/balloon/statistics") == "No balloon device found."
+        assert other.fault("PATCH", "/balloon", {"amount_mib": 1}) == "No balloon device found."
+    finally:
+        other.close()

@@ -63,8 +63,8 @@ def test_run_refuses_what_the_host_cannot_do(kernel: Path, option: str) -> None:
 def test_nested_with_the_api_socket(kernel: Path, tmp_path: Path) -> None:
     """`--nested` combines with `--api-sock` (the API's pause, snapshot and migration then
     reach a nested guest; migrating one is not yet verified in the lane); a host that cannot
-    nest is refused as without the socket, before the API serves. `--hyperv` does not combine
-    with it: one line."""
+    nest is refused as without the socket, before
+    the API serves. `--hyperv` does not combine with it: one line."""
     sock = tmp_path / "api.sock"
     proc = run("--kernel", str(kernel), "--nested", "--api-sock", str(sock))
     expected = host_refusal("--nested")

@@ -65,8 +65,8 @@ def test_python_api_and_config_file_share_the_rules(tmp_path: Path) -> None:
     try:
         vmm.apply_config({"machine-config": {"vcpu_count": 2, "mem_size_mib": 64}})
         assert vmm.get_machine_config()["vcpu_count"] == 2
-        with pytest.raises(ApiError, match="unknown field `balloon`"):
-            vmm.apply_config({"balloon": {}})
+        with pytest.raises(ApiError, match="unknown field `memory-hotplug`"):
+            vmm.apply_config({"memory-hotplug": {}})
         with pytest.raises(ApiError, match="before starting"):
             vmm.patch_vm({"state": "Paused"})
         with pytest.raises(ApiError, match="without kernel"):

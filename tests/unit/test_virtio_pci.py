@@ -515,3 +515,24 @@ def test_hostile_accesses_are_ignored(guest: PciGuest) -> None:
     assert dev.errors == []
     assert not drv.c(vp.DEVICE_STATUS, 1) & STATUS_NEEDS_RESET
     assert drv.c(vp.DEVICE_STATUS, 1) & STATUS_DRIVER_OK
+
+
+def test_balloon_over_pci_inflates_and_hears_a_new_target(guest: PciGuest) -> None:
+    from kvmkit.devices.virtio.balloon import VirtioBalloon
+
+    dev = VirtioBalloon(1)
+    function = guest.add(dev)
+    drv = Driver(guest, 1)
+    drv.init()  # queue 0, the inflate queue
+    assert guest.rd(drv.device, 4) == 256  # num_pages: 1 MiB of 4 KiB pages
+    guest.mem.write(0xC0000, b"\x5a" * 8192)
+    head = drv.ring.add_chain([struct.pack("<II", 0xC0, 0xC1)], [])
+    drv.kick(0)
+    serve(dev)
+    assert drv.ring.used() == [(head, 0)] and dev.discarded_bytes == 8192
+    assert guest.mem.read(0xC0000, 8192) == bytes(8192)
+    guest.wr(drv.device + 4, 2, 4)  # the driver's `actual`
+    assert dev.actual == 2
+    dev.set_target(0)
+    assert guest.rd(drv.device, 4) == 0
+    assert irq_count(function.msix.lines[0]) == 1  # the configuration vector

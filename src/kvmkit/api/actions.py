@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmkit import __version__
+from kvmkit.api import balloon, resources
 from kvmkit.api import logger as api_logger
-from kvmkit.api import resources
 from kvmkit.api.metrics import Metrics
 from kvmkit.api.schema import SchemaError, validate
 from kvmkit.errors import UserError
@@ -136,6 +136,13 @@ ROUTES: tuple[Route, ...] = (
           "network", "PartialNetworkInterface", "iface_id"),
     Route("PUT", "/vsock", "_put_vsock", PRE_BOOT, "vsock", "Vsock"),
     Route("PUT", "/entropy", "_put_entropy", PRE_BOOT, "entropy", "EntropyDevice"),
+    # Firecracker's balloon (its docs/ballooning.md; kvmkit.api.balloon)
+    Route("GET", "/balloon", "get_balloon", ANY, "balloon"),
+    Route("PUT", "/balloon", "_put_balloon", PRE_BOOT, "balloon", "Balloon"),
+    Route("PATCH", "/balloon", "_patch_balloon", POST_BOOT, "balloon", "BalloonUpdate"),
+    Route("GET", "/balloon/statistics", "get_balloon_statistics", ANY, "balloon"),
+    Route("PATCH", "/balloon/statistics", "_patch_balloon_statistics", POST_BOOT, "balloon",
+          "BalloonStatsUpdate"),
     # kvmkit extension (docs/vfio.md)
     Route("PUT", "/vfio-devices/{id}", "_put_vfio_device", PRE_BOOT, "vfio", "VfioDevice",
           "device_id"),
@@ -336,6 +343,15 @@ class Vmm:
     def put_entropy(self, body: Any) -> None:
         self.request("PUT", "/entropy", body)
 
+    def put_balloon(self, body: Any) -> None:
+        self.request("PUT", "/balloon", body)
+
+    def patch_balloon(self, body: Any) -> None:
+        self.request("PATCH", "/balloon", body)
+
+    def patch_balloon_statistics(self, body: Any) -> None:
+        self.request("PATCH", "/balloon/statistics", body)
+
     def put_vfio_device(self, device_id: str, body: Any) -> None:
         self.request("PUT", "/vfio-devices/{id}", body, device_id)
 
@@ -419,6 +435,7 @@ class Vmm:
         if res.vfio_devices:
             out["vfio-devices"] = [copy.deepcopy(d) for d in res.vfio_devices.values()]
         for key, value in (("vsock", res.vsock), ("entropy", res.entropy),
+                           ("balloon", balloon.config(self)),
                            ("logger", self.logger), ("metrics", self.metrics_config)):
             if value is not None:
                 out[key] = copy.deepcopy(value)
@@ -441,6 +458,7 @@ class Vmm:
     def _set_machine_config(self, cfg: dict[str, Any]) -> None:
         from kvmkit.vmm.config import MachineConfig
 
+        balloon.check_machine_config(self.res, cfg)
         try:
             MachineConfig(vcpus=cfg["vcpu_count"], mem_mib=cfg["mem_size_mib"],
                           **resources.cpu_memory_options(cfg)).validate()  # fmt: skip
@@ -498,6 +516,23 @@ class Vmm:
     def _put_entropy(self, body: dict[str, Any]) -> None:
         self.res.entropy = dict(body)
         self._configured = True
+
+    # -- the balloon (kvmkit.api.balloon has the rules)
+    def get_balloon(self) -> dict[str, Any]:
+        return balloon.get(self)
+
+    def get_balloon_statistics(self) -> dict[str, Any]:
+        return balloon.statistics(self)
+
+    def _put_balloon(self, body: dict[str, Any]) -> None:
+        balloon.put(self.res, body)
+        self._configured = True
+
+    def _patch_balloon(self, body: dict[str, Any]) -> None:
+        balloon.patch(self, body)
+
+    def _patch_balloon_statistics(self, body: dict[str, Any]) -> None:
+        balloon.patch_statistics(self, body)
 
     def _put_vfio_device(self, device_id: str, body: dict[str, Any]) -> None:
         """kvmkit extension: give the guest host PCI device `bdf` (VFIO passthrough). The
@@ -800,7 +835,8 @@ class Vmm:
             )
         mem = body["mem_file_path"] if has_file else body["mem_backend"]["backend_path"]
         res = self.res
-        if self._configured or res.drives or res.ifaces or res.vsock or res.entropy:
+        if (self._configured or res.drives or res.ifaces or res.vsock or res.entropy
+                or res.balloon):  # fmt: skip
             raise ApiError(
                 "Loading a microVM snapshot not allowed after configuring boot-specific "
                 "resources."
@@ -838,6 +874,7 @@ class Vmm:
         self._drive_ids = serials if all(serials) else []
         ids = [n.iface_id for n in cfg.nets]
         self._iface_ids = [i for i in ids if i is not None] if None not in ids else []
+        res.balloon = balloon.from_machine(machine)
         try:
             self._run(machine, paused=True)
             if body.get("resume_vm"):
@@ -927,6 +964,8 @@ class Vmm:
             self.put_vsock(data["vsock"])
         if "entropy" in data:
             self.put_entropy(data["entropy"])
+        if "balloon" in data:
+            self.put_balloon(data["balloon"])
         for device in data.get("vfio-devices", []):
             self.put_vfio_device(device["device_id"], device)
 

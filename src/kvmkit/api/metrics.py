@@ -1,7 +1,7 @@
 """Metrics as JSON lines, in Firecracker's shape: one object per flush, counters grouped as
 Firecracker groups them (`api_server`, `get_api_requests`, `put_api_requests`,
 `patch_api_requests`, `vcpu`, `vmm`, `uart`, `block`, `net`, `vsock`, `entropy`, `mmds`,
-`latencies_us`). Counters are written as the change since the previous flush, as
+`balloon`, `latencies_us`). Counters are written as the change since the previous flush, as
 Firecracker's `SharedIncMetric`s are; the startup times and latencies are levels.
 
 `block` and `net` sum every drive and network interface; as Firecracker, each device also
@@ -55,6 +55,8 @@ GROUPS: dict[str, list[str]] = {
               "conns_added", "conns_killed", "conns_removed"],
     "entropy": ["entropy_event_count", "entropy_bytes", "entropy_rate_limiter_throttled",
                 "rate_limiter_event_count"],
+    "balloon": ["inflate_count", "stats_updates_count", "stats_update_fails",
+                "deflate_count", "event_fails"],
     "mmds": ["rx_accepted", "rx_accepted_err", "rx_accepted_unusual", "tx_frames", "tx_bytes",
              "tx_errors", "connections_created", "connections_destroyed"],
     "latencies_us": ["full_create_snapshot", "diff_create_snapshot", "load_snapshot",

@@ -16,6 +16,7 @@ from kvmkit.mmds.store import Mmds
 
 if TYPE_CHECKING:
     from kvmkit.api.metrics import Metrics
+    from kvmkit.devices.virtio.balloon import BalloonConfig
     from kvmkit.devices.virtio.blk import DriveConfig
     from kvmkit.devices.virtio.net import NetConfig
     from kvmkit.devices.virtio.ratelimit import RateLimiterConfig
@@ -33,6 +34,7 @@ class Resources:
     ifaces: dict[str, dict[str, Any]] = field(default_factory=dict)
     vsock: dict[str, Any] | None = None
     entropy: dict[str, Any] | None = None
+    balloon: dict[str, Any] | None = None  # the /balloon body as accepted
     vfio_devices: dict[str, dict[str, Any]] = field(default_factory=dict)  # kvmkit extension
     # The MMDS store and its configuration (kvmkit.mmds), shared with the devices serving it.
     mmds: Mmds = field(default_factory=Mmds)
@@ -50,6 +52,15 @@ def rate_limiter(body: dict[str, Any] | None) -> RateLimiterConfig | None:
     from kvmkit.devices.virtio.ratelimit import RateLimiterConfig
 
     return RateLimiterConfig.from_api(body)
+
+
+def balloon_config(body: dict[str, Any] | None) -> BalloonConfig | None:
+    if body is None:
+        return None
+    from kvmkit.devices.virtio.balloon import BalloonConfig
+
+    return BalloonConfig(body["amount_mib"], body["deflate_on_oom"],
+                         body.get("stats_polling_interval_s", 0))  # fmt: skip
 
 
 def drive_configs(res: Resources) -> list[DriveConfig]:
@@ -119,6 +130,7 @@ def machine_config(res: Resources, *, command: list[str] | None, virtio_transpor
         rng=res.entropy is not None, vfio=[d["bdf"] for d in res.vfio_devices.values()],
         rng_rate_limiter=rate_limiter((res.entropy or {}).get("rate_limiter")),
         virtio_transport=virtio_transport, boot_timer=boot_timer, **cpu_memory_options(mc),
+        balloon=balloon_config(res.balloon),
     )  # fmt: skip
     if res.boot_source is not None:
         bs = res.boot_source
@@ -133,6 +145,7 @@ def machine_config(res: Resources, *, command: list[str] | None, virtio_transpor
 def collect(metrics: Metrics, machine: Machine, result: MachineResult | None,
             drive_ids: list[str], iface_ids: list[str]) -> None:  # fmt: skip
     """Copy the machine's counters into `metrics` (called before each flush)."""
+    from kvmkit.devices.virtio.balloon import VirtioBalloon
     from kvmkit.devices.virtio.blk import VirtioBlk
     from kvmkit.devices.virtio.net import VirtioNet
     from kvmkit.devices.virtio.rng import VirtioRng
@@ -205,6 +218,14 @@ def collect(metrics: Metrics, machine: Machine, result: MachineResult | None,
                 ("rate_limiter_event_count", dev.limiter.timer_events),
             ):
                 metrics.set("entropy", name, value)
+        elif isinstance(dev, VirtioBalloon):
+            for name, value in (
+                ("inflate_count", dev.inflate_count),
+                ("stats_updates_count", dev.stats_updates_count),
+                ("stats_update_fails", dev.stats_update_fails),
+                ("deflate_count", dev.deflate_count), ("event_fails", dev.event_fails),
+            ):  # fmt: skip
+                metrics.set("balloon", name, value)
 
 
 def _ids(ids: list[str], devices: list[Any], prefix: str) -> list[str]:

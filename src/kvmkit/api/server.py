@@ -44,7 +44,7 @@ ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345
 MAX_ID = 64
 
 # Firecracker endpoints kvmkit does not implement: named in the 400 they get.
-NOT_IMPLEMENTED = ("/balloon", "/cpu-config", "/serial", "/hotplug", "/pmem")
+NOT_IMPLEMENTED = ("/balloon/hinting", "/cpu-config", "/serial", "/hotplug", "/pmem")
 
 Reply = tuple[int, Any]
 

@@ -56,6 +56,7 @@ IMAGE_MODULES = (
     "virtio_blk",
     "virtio_net",
     "virtio_rng",
+    "virtio_balloon",
     "vmw_vsock_virtio_transport",
     "virtio_console",
     "crc32c_generic",

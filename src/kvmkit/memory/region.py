@@ -33,6 +33,10 @@ class MemoryRegion:
     read_only: bool = False
     log_dirty: bool = False
     huge_page_size: int = 0  # hugetlbfs page size of the backing, 0 for base pages
+    # How the memory is backed, which decides how `discard` gives pages back to the host:
+    # "anonymous", "memfd" (shared, on shmem or hugetlbfs), "file-private" (MAP_PRIVATE of a
+    # file: a snapshot restored lazily) or "file-shared".
+    backing: str = "anonymous"
     # Pages written by the VMM itself (device emulation), which KVM's dirty log cannot see:
     # one bit per page, empty while nobody tracks them. Device threads set bits while a
     # migration takes them (`take_vmm_dirty`): the lock keeps a bit set between the two
@@ -65,6 +69,34 @@ class MemoryRegion:
             if taken:
                 self.vmm_dirty[:] = bytes(len(taken))
             return taken
+
+    def discard(self, offset: int, length: int) -> None:
+        """Give the host back the memory of [offset, offset+length) of this region (a
+        balloon's inflated pages, page-aligned); the guest may touch the range again later
+        and then reads zeros (or, for "file-private", the file's data). What frees the
+        memory depends on the backing (madvise(2)):
+
+        - anonymous and file-private: MADV_DONTNEED drops this process's pages (private
+          copies of file pages included; a file page read again comes from the page cache);
+        - memfd on shmem: MADV_DONTNEED would only unmap the pages, which stay in the memfd
+          (the RSS drops, the host's memory does not), so MADV_REMOVE punches a hole in the
+          memfd, freeing them;
+        - hugetlbfs: a huge page cannot be freed a base page at a time: refused (ValueError),
+          as Firecracker refuses a balloon with huge pages;
+        - file-shared: MADV_DONTNEED; the data stays in the file (never punched: it is the
+          user's file).
+
+        The range is recorded as written by the VMM (its content changed under KVM's dirty
+        log), so a migration or diff snapshot carries the change."""
+        if self.huge_page_size:
+            raise ValueError("huge pages cannot be discarded a base page at a time")
+        if not 0 <= offset < offset + length <= self.size or (offset | length) % PAGE_SIZE:
+            raise GuestMemoryError(
+                f"discard {offset:#x}+{length:#x}: outside the region or unaligned"
+            )
+        advice = mmap.MADV_REMOVE if self.backing == "memfd" else mmap.MADV_DONTNEED
+        self.mapping.madvise(advice, offset, length)
+        self.mark_dirty(offset, length)
 
     def close(self) -> None:
         try:
@@ -140,7 +172,8 @@ def memfd_region(
         os.close(fd)
         raise
     return MemoryRegion(
-        gpa, size, mapping, host_address(mapping), fd=fd, huge_page_size=huge_page_size
+        gpa, size, mapping, host_address(mapping), fd=fd, huge_page_size=huge_page_size,
+        backing="memfd",
     )
 
 
@@ -166,4 +199,5 @@ def file_region(
     except BaseException:
         os.close(fd)
         raise
-    return MemoryRegion(gpa, size, mapping, host_address(mapping), fd=fd)
+    return MemoryRegion(gpa, size, mapping, host_address(mapping), fd=fd,
+                        backing="file-private" if private else "file-shared")

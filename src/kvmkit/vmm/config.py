@@ -16,6 +16,7 @@ from kvmkit.arch.x86_64.topology import (
     format_cpulist,
     parse_cpulist,
 )
+from kvmkit.devices.virtio.balloon import BalloonConfig
 from kvmkit.devices.virtio.blk import CACHE_TYPES, DriveConfig
 from kvmkit.devices.virtio.net import NetConfig
 from kvmkit.devices.virtio.ratelimit import RateLimiterConfig
@@ -56,6 +57,8 @@ class MachineConfig:
     # host side is Unix sockets (docs/virtio.md).
     nets: list[NetConfig] = field(default_factory=list)
     vsock: VsockConfig | None = None
+    # Firecracker's balloon (virtio-balloon, after every other virtio device; docs/virtio.md).
+    balloon: BalloonConfig | None = None
     # Firecracker's boot timer (`--boot-timer`): a write of 123 to its MMIO byte at
     # layout.BOOT_TIMER_ADDR logs the guest's boot time; the virtio-mmio devices move up a
     # slot to make room, as in Firecracker.
@@ -104,8 +107,10 @@ class MachineConfig:
 
     @property
     def virtio_count(self) -> int:
-        """How many virtio devices: drives, the rng, nets, vsock (Machine's order)."""
-        return len(self.drives) + int(self.rng) + len(self.nets) + int(self.vsock is not None)
+        """How many virtio devices: drives, the rng, nets, vsock, the balloon (Machine's
+        order)."""
+        return (len(self.drives) + int(self.rng) + len(self.nets) + int(self.vsock is not None)
+                + int(self.balloon is not None))  # fmt: skip
 
     def validate(self, host: HostCpuLimits | None = None) -> None:
         """Every check of the configuration, one line each (UserError). `host`: also check
@@ -190,6 +195,16 @@ class MachineConfig:
                 check_nodes(self.numa, self.vcpus, self.mem_mib, page_mib)
             except ValueError as err:
                 raise UserError(f"--numa: {err}") from None
+        if self.balloon is not None:
+            # A balloon gives 4 KiB pages back; hugetlbfs frees whole huge pages only
+            # (Firecracker refuses the pair with this message).
+            if self.huge_pages:
+                raise UserError("Firecracker's huge pages support is incompatible with memory "
+                                "ballooning.")  # fmt: skip
+            try:
+                self.balloon.check(self.mem_mib)
+            except ValueError as err:
+                raise UserError(f"balloon: {err}") from None
         self.validate_hyperv()
 
     def validate_hyperv(self) -> None:

@@ -57,6 +57,7 @@ from kvmkit.devices.legacy.i8042 import I8042
 from kvmkit.devices.legacy.power import AcpiPower
 from kvmkit.devices.legacy.rtc import CmosRtc
 from kvmkit.devices.legacy.serial import Serial8250
+from kvmkit.devices.virtio.balloon import VirtioBalloon
 from kvmkit.devices.virtio.blk import VirtioBlk
 from kvmkit.devices.virtio.device import VirtioDevice
 from kvmkit.devices.virtio.mmio import MmioTransportState, VirtioMmio
@@ -474,7 +475,8 @@ class Machine:
         return self.pci
 
     def virtio_slots(self) -> list[tuple[int, int]]:
-        """(MMIO base, IRQ) of each virtio-mmio device, in order: drives, the rng, nets, vsock."""
+        """(MMIO base, IRQ) of each virtio-mmio device, in order: drives, the rng, nets, vsock,
+        the balloon."""
         c = self.config
         if c.virtio_transport != "mmio":
             return []
@@ -507,6 +509,9 @@ class Machine:
             if (vsock := self.config.vsock) is not None:
                 what = f"--vsock uds={vsock.uds_path}"
                 devices.append(VirtioVsock(vsock.cid, vsock.uds_path))
+            if (balloon := self.config.balloon) is not None:
+                devices.append(VirtioBalloon(balloon.amount_mib, balloon.deflate_on_oom,
+                                             balloon.stats_polling_interval_s))  # fmt: skip
         except OSError as err:  # no /dev/net/tun, no permission, a busy tap, a stale socket
             for dev in devices:
                 dev.close()

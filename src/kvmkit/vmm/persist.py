@@ -39,6 +39,7 @@ from kvmkit.arch.x86_64.numa import MAX_HOST_NODE, MAX_NODES, NumaNode
 from kvmkit.arch.x86_64.topology import LEVELS, Topology
 from kvmkit.devices.legacy.serial import SerialState
 from kvmkit.devices.pci.root import PciRootState
+from kvmkit.devices.virtio.balloon import BalloonConfig, VirtioBalloon
 from kvmkit.devices.virtio.blk import CACHE_TYPES, CACHE_WRITEBACK, DriveConfig, VirtioBlk
 from kvmkit.devices.virtio.device import VirtioDevice, VirtioState
 from kvmkit.devices.virtio.mmio import MmioTransportState
@@ -67,6 +68,7 @@ def virtio_classes(config: MachineConfig) -> list[type[VirtioDevice]]:
     return [
         *[VirtioBlk] * len(config.drives), *[VirtioRng] * int(config.rng),
         *[VirtioNet] * len(config.nets), *[VirtioVsock] * int(config.vsock is not None),
+        *[VirtioBalloon] * int(config.balloon is not None),
     ]  # fmt: skip
 
 
@@ -211,7 +213,9 @@ def config_to_dict(cfg: MachineConfig, drive_sizes: tuple[int, ...]) -> dict[str
                      for n in cfg.nets],
             "mmds_config": _mmds_config_dict(cfg),
             "vsock": vsock, "rng_rate_limiter": _limiter_dict(cfg.rng_rate_limiter),
-            "boot_timer": cfg.boot_timer, **_save_cpu_memory(cfg)}  # fmt: skip
+            "boot_timer": cfg.boot_timer,
+            "balloon": None if cfg.balloon is None else cfg.balloon.to_dict(),
+            **_save_cpu_memory(cfg)}  # fmt: skip
 
 
 def _mmds_config_dict(cfg: MachineConfig) -> dict[str, Any] | None:
@@ -316,6 +320,11 @@ def _config_from(meta: Fields) -> tuple[MachineConfig, tuple[int, ...]]:
             vsock.check(exists_ok=True)  # a file left at the path: Machine.from_state
         except ValueError as err:
             raise SnapshotError(f"snapshot state: {v.path}: {err}") from None
+    balloon = None
+    if cfg.obj.get("balloon") is not None:  # states from before the balloon have none
+        b = cfg.get_obj("balloon")
+        balloon = BalloonConfig(b.get_int("amount_mib", 0, 1 << 20), b.get_bool("deflate_on_oom"),
+                                b.get_int("stats_polling_interval_s", 0, 0xFFFF))  # fmt: skip
     config = MachineConfig(
         vcpus=cfg.get_int("vcpus", 1, MAX_VCPUS), mem_mib=cfg.get_int("mem_mib", 1, 1 << 20),
         command=command, drives=drives, rng=cfg.get_bool("rng") if cfg.has("rng") else False,
@@ -323,7 +332,7 @@ def _config_from(meta: Fields) -> tuple[MachineConfig, tuple[int, ...]]:
         rng_rate_limiter=_limiter_from(cfg, "rng_rate_limiter"),
         # The boot timer moves the virtio-mmio devices: it must come back with them.
         boot_timer=cfg.get_bool("boot_timer") if cfg.has("boot_timer") else False,
-        **_load_cpu_memory(cfg),
+        balloon=balloon, **_load_cpu_memory(cfg),
     )  # fmt: skip
     if config.virtio_count > MAX_VIRTIO_DEVICES:
         raise SnapshotError(f"snapshot state: more than {MAX_VIRTIO_DEVICES} virtio devices")

@@ -386,3 +386,14 @@ def _timerfd_settime(fd: int, delay_ns: int) -> None:
         raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
     # Setting a timer resets its expiration count (fs/timerfd.c timerfd_setup): an
     # expiry of an earlier arming that was not read yet does not wake the device early.
+
+
+def timerfd_open() -> int:
+    """A non-blocking CLOCK_MONOTONIC timerfd (other devices' timers: the balloon's
+    statistics interval)."""
+    return _timerfd_create()
+
+
+def timerfd_arm(fd: int, delay_ns: int) -> None:
+    """Arm `fd` to expire once, `delay_ns` from now."""
+    _timerfd_settime(fd, delay_ns)
