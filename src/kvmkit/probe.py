@@ -74,10 +74,20 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+# Set by kvmkit-jailer for the VMM it starts: "IMPLEMENTATION: why", its probe of the host.
+JAILED_KVM_ENV = "KVMKIT_JAILED_KVM"
+
+
 def detect_implementation(
     modules_dir: Path = Path("/sys/module"), flags: set[str] | None = None
 ) -> tuple[str, str]:
     """('hardware-vmx' | 'hardware-svm' | 'pvm' | 'unknown', why)."""
+    told = os.environ.get(JAILED_KVM_ENV)
+    if told and flags is None and modules_dir == Path("/sys/module") and not modules_dir.exists():
+        # Inside kvmkit-jailer's jail, which has no /sys or /proc: the jailer probed the
+        # host before the chroot and passed its answer on (docs/security.md, "The jailer").
+        implementation, _, why = told.partition(":")
+        return implementation, f"{why.strip()} (probed by kvmkit-jailer before the chroot)"
     flags = _cpu_flags() if flags is None else flags
     loaded = {m for m in ("kvm_pvm", "kvm_intel", "kvm_amd") if (modules_dir / m).exists()}
     if "kvm_pvm" in loaded:

@@ -241,7 +241,9 @@ def _syscall_numbers() -> dict[str, int]:
         if isinstance(cached, dict) and cached:
             _names_cache.update(cached)
             return _names_cache
-        import pyseccomp
+        from kvmkit.seccomp.binding import load
+
+        pyseccomp = load()
 
         arch = pyseccomp.system_arch()
         for nr in range(512):
@@ -269,10 +271,15 @@ MAX_BPF = 4096 * 8  # BPF_MAXINSNS instructions of 8 bytes (<linux/bpf_common.h>
 _cache: dict[str, Any] | None = None
 
 
-def _bpf_cache_path() -> Path:
+def _bpf_cache_path() -> Path | None:
+    """None where the process has no cache directory: no $KVMKIT_CACHE, $XDG_CACHE_HOME or
+    $HOME and no passwd entry, as in kvmkit-jailer's jail (docs/security.md)."""
     from kvmkit.cache import cache_dir
 
-    return cache_dir(create=False) / f"seccomp-bpf-v{BPF_CACHE_VERSION}.json"
+    try:
+        return cache_dir(create=False) / f"seccomp-bpf-v{BPF_CACHE_VERSION}.json"
+    except RuntimeError:  # Path.home(): "Could not determine home directory"
+        return None
 
 
 def _libseccomp_identity() -> list[Any] | None:
@@ -295,8 +302,11 @@ def _bpf_cache() -> dict[str, Any]:
     if _cache is not None:
         return _cache
     _cache = {}
+    path = _bpf_cache_path()
+    if path is None:
+        return _cache
     try:
-        with open(_bpf_cache_path(), "rb") as f:
+        with open(path, "rb") as f:
             st = os.fstat(f.fileno())
             if st.st_uid != os.geteuid() or st.st_mode & 0o022 or st.st_size > MAX_CACHE_FILE:
                 return _cache
@@ -326,6 +336,8 @@ def _bpf_cache_store(key: str, value: Any) -> None:
     else:
         data["programs"][key] = value
     path = _bpf_cache_path()
+    if path is None:
+        return
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -357,7 +369,9 @@ def compile_filter(f: Filter) -> bytes:
 
 
 def _compile_filter(f: Filter) -> bytes:
-    import pyseccomp
+    from kvmkit.seccomp.binding import load
+
+    pyseccomp = load()
 
     ctx = pyseccomp.SyscallFilter(f.default_action)
     # A call made with another architecture's ABI (int 0x80, x32) gets the default action.
