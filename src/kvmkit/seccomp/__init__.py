@@ -27,6 +27,7 @@ import ctypes
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -480,6 +481,10 @@ def install(filters: dict[str, Filter]) -> None:
         raise RuntimeError("seccomp filters are already installed")
     programs = {name: compile_filter(f) for name, f in filters.items()}
     numbers = _syscall_numbers()
+    # A module first imported after this point (kvmkit imports devices lazily) must not try
+    # to write its bytecode cache: the mkdir/openat of __pycache__ is not in the vcpu and
+    # virtio lists, and a jail's read-only library mounts refuse it anyway.
+    sys.dont_write_bytecode = True
     _libc = ctypes.CDLL(None, use_errno=True)
     _handler_ref = _HANDLER(_on_sigsys)
     act = _Sigaction()
